@@ -1,0 +1,45 @@
+# diffusion: `make train` and `make test` are all a newcomer needs. `make help` lists every target.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-dev
+BENCH_STAMP := $(VENV)/.installed-bench
+PYTEST_ARGS ?=
+CKPT ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help setup test lint bench train sample clean
+
+help:  ## Show this help
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-8s %s\n", $$1, $$2}'
+
+# The venv is rebuilt only when missing or older than pyproject.toml, so a second `make test` installs nothing.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	@touch $@
+
+setup: $(STAMP)  ## Create .venv and install the package with its dev extras (done by test/train too)
+
+test: $(STAMP)  ## Run the whole test suite (sets up .venv first if needed)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)  ## Run ruff over the code
+	$(VENV)/bin/ruff check .
+
+bench: $(BENCH_STAMP)  ## U-Net training/sampling throughput, ours vs diffusers (writes bench/results/)
+	$(PY) bench/unet_throughput.py
+
+train: $(STAMP)  ## Train on the bundled digits on CPU in minutes; prints the sample grid's path last
+	$(PY) train.py experiment=digits
+
+sample: $(STAMP)  ## Sample from a checkpoint: make sample CKPT=path/to/last.ckpt
+	$(PY) sample.py ckpt=$(CKPT)
+
+clean:  ## Remove run outputs (keeps .venv)
+	rm -rf outputs multirun .pytest_cache

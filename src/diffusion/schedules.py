@@ -1,0 +1,164 @@
+"""Beta schedules as pure functions returning float64 tensors of length T, and timestep respacing.
+
+Every schedule is built in float64 (a float32 cumprod over T=1000 steps loses digits that the
+variational bound needs); callers round once to the network's dtype.
+"""
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from diffusion.errors import UserError
+
+SPACINGS = ("linspace", "leading", "trailing")
+
+
+def _check_num_timesteps(num_timesteps: int) -> None:
+    if not isinstance(num_timesteps, int) or isinstance(num_timesteps, bool) or num_timesteps < 1:
+        raise UserError(
+            f"schedule.num_timesteps must be an integer >= 1, got {num_timesteps!r}; "
+            "try schedule.num_timesteps=1000"
+        )
+
+
+def _check_range(beta_start: float, beta_end: float) -> None:
+    if not 0.0 < beta_start < 1.0:
+        raise UserError(
+            f"schedule.beta_start must be in (0, 1), got {beta_start}; try schedule.beta_start=0.0001"
+        )
+    if not beta_start < beta_end < 1.0:
+        raise UserError(
+            f"schedule.beta_end must be in (beta_start={beta_start}, 1), got {beta_end}; "
+            "try schedule.beta_end=0.02"
+        )
+
+
+def check_betas(betas: torch.Tensor) -> torch.Tensor:
+    """Check a 1-D schedule lies in (0, 1) and return it as float64."""
+    betas = torch.as_tensor(betas, dtype=torch.float64)
+    if betas.ndim != 1 or betas.numel() < 1:
+        raise UserError(
+            f"betas must be a non-empty 1-D list, got shape {tuple(betas.shape)}; "
+            "try schedule.betas=[0.0001,0.02]"
+        )
+    bad = ((betas <= 0) | (betas >= 1) | ~torch.isfinite(betas)).nonzero()
+    if len(bad):
+        i = int(bad[0])
+        raise UserError(
+            f"every beta must be in (0, 1), got betas[{i}]={betas[i].item()}; "
+            "fix that entry of schedule.betas (the paper uses 1e-4 to 0.02)"
+        )
+    return betas
+
+
+def linear_beta_schedule(num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
+    """Linear betas from beta_start to beta_end, Ho et al. 2020 Sec. 4 (1e-4 to 0.02 for T=1000)."""
+    _check_num_timesteps(num_timesteps)
+    _check_range(beta_start, beta_end)
+    return torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
+
+
+def quadratic_beta_schedule(
+    num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02
+) -> torch.Tensor:
+    """Betas linear in sqrt(beta) from beta_start to beta_end (the 'quad' schedule of the paper's code)."""
+    _check_num_timesteps(num_timesteps)
+    _check_range(beta_start, beta_end)
+    return torch.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=torch.float64) ** 2
+
+
+def sigmoid_beta_schedule(
+    num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02, steepness: float = 6.0
+) -> torch.Tensor:
+    """Betas following a sigmoid over [-steepness, steepness], scaled to [beta_start, beta_end]."""
+    _check_num_timesteps(num_timesteps)
+    _check_range(beta_start, beta_end)
+    if not steepness > 0:
+        raise UserError(f"schedule.steepness must be > 0, got {steepness}; try schedule.steepness=6.0")
+    x = torch.linspace(-steepness, steepness, num_timesteps, dtype=torch.float64)
+    return torch.sigmoid(x) * (beta_end - beta_start) + beta_start
+
+
+def cosine_alphas_cumprod(t: torch.Tensor, s: float = 0.008) -> torch.Tensor:
+    """The cosine schedule's closed form f(t)/f(0), f(t) = cos²((t/T + s)/(1 + s)·π/2), t in [0, 1]."""
+    f = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
+    return f / math.cos(s / (1 + s) * math.pi / 2) ** 2
+
+
+def cosine_beta_schedule(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
+    """Cosine schedule, Nichol & Dhariwal 2021 Eq. 17: beta_t = 1 - ᾱ(t)/ᾱ(t-1), clipped at max_beta."""
+    _check_num_timesteps(num_timesteps)
+    if not s > 0:
+        raise UserError(f"schedule.s must be > 0, got {s}; try schedule.s=0.008")
+    if not 0 < max_beta < 1:
+        raise UserError(f"schedule.max_beta must be in (0, 1), got {max_beta}; try schedule.max_beta=0.999")
+    steps = torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps
+    alphas_cumprod = cosine_alphas_cumprod(steps, s)
+    betas = 1 - alphas_cumprod[1:] / alphas_cumprod[:-1]
+    return betas.clamp(max=max_beta)
+
+
+def explicit_beta_schedule(betas: Sequence[float]) -> torch.Tensor:
+    """A user-given list of betas, checked to lie in (0, 1)."""
+    return check_betas(torch.tensor(list(betas), dtype=torch.float64))
+
+
+BETA_SCHEDULES = {
+    "linear": linear_beta_schedule,
+    "cosine": cosine_beta_schedule,
+    "quadratic": quadratic_beta_schedule,
+    "sigmoid": sigmoid_beta_schedule,
+}
+
+
+def make_beta_schedule(name: str, num_timesteps: int, **kwargs) -> torch.Tensor:
+    """Build a named schedule ("linear", "cosine", "quadratic", "sigmoid") of num_timesteps float64 betas."""
+    if name not in BETA_SCHEDULES:
+        raise UserError(
+            f"unknown beta schedule {name!r}; choose one of {sorted(BETA_SCHEDULES)} or give explicit betas"
+        )
+    return BETA_SCHEDULES[name](num_timesteps, **kwargs)
+
+
+def space_timesteps(num_timesteps: int, spacing: str | Sequence[int], num_steps: int | None = None) -> list[int]:
+    """Pick the kept timestep indices (increasing, in [0, T-1]) for a K-step sampler.
+
+    linspace: round(linspace(0, T-1, K)); leading: 0, T//K, 2T//K, ...; trailing: T-1, T-1-T/K, ...
+    (the three spacings of Lin et al. 2024, Table 2); or an explicit increasing list of indices.
+    """
+    _check_num_timesteps(num_timesteps)
+    if not isinstance(spacing, str):
+        return _check_explicit_steps(list(spacing), num_timesteps)
+    if spacing not in SPACINGS:
+        raise UserError(f"unknown timestep spacing {spacing!r}; choose one of {list(SPACINGS)} or a list of steps")
+    if num_steps is None or not 1 <= num_steps <= num_timesteps:
+        raise UserError(
+            f"number of sampling steps must be in [1, {num_timesteps}], got {num_steps}; "
+            f"try steps={min(50, num_timesteps)}"
+        )
+    if spacing == "linspace":
+        steps = torch.linspace(0, num_timesteps - 1, num_steps, dtype=torch.float64).round()
+    elif spacing == "leading":
+        steps = torch.arange(num_steps, dtype=torch.float64) * (num_timesteps // num_steps)
+    else:
+        steps = (torch.arange(num_timesteps, 0, -num_timesteps / num_steps, dtype=torch.float64).round() - 1)
+    return sorted(int(s) for s in steps[:num_steps].tolist())
+
+
+def _check_explicit_steps(steps: list[int], num_timesteps: int) -> list[int]:
+    if not steps or any(not 0 <= int(s) < num_timesteps for s in steps):
+        raise UserError(
+            f"explicit sampling steps must be indices in [0, {num_timesteps - 1}], got {steps}; "
+            "give an increasing list such as [0, 250, 500, 750, 999]"
+        )
+    if any(b <= a for a, b in zip(steps, steps[1:], strict=False)):
+        raise UserError(f"explicit sampling steps must be strictly increasing, got {steps}; sort them and drop repeats")
+    return [int(s) for s in steps]
+
+
+def respace_betas(alphas_cumprod: torch.Tensor, kept_steps: Sequence[int]) -> torch.Tensor:
+    """Betas of the K-step process keeping ᾱ on kept_steps: β'_i = 1 - ᾱ_{k_i}/ᾱ_{k_{i-1}} (Nichol & Dhariwal 2021)."""
+    kept = alphas_cumprod.to(torch.float64)[torch.as_tensor(list(kept_steps), dtype=torch.long)]
+    prev = torch.cat([kept.new_ones(1), kept[:-1]])
+    return 1 - kept / prev
