@@ -1,0 +1,193 @@
+"""The DDPM U-Net of Ho et al. 2020 (`diffusion_tf/models/unet.py`): (x_t, t) -> eps (and variance).
+
+Module names follow the paper's code and its PyTorch port (`down[i].block[j]`, `mid.attn_1`,
+`up[i].upsample`, ...) so that checkpoints map one to one; only q, k, v are fused into `attn.qkv`.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffusion.errors import UserError
+from diffusion.nn.layers import (
+    AttnBlock,
+    Downsample,
+    ResnetBlock,
+    TimestepEmbedding,
+    Upsample,
+    conv3x3,
+    group_norm,
+)
+
+CONFIGS: dict[str, dict] = {
+    # Ho et al. 2020, CIFAR-10: 35.7M parameters.
+    "cifar10": dict(
+        in_channels=3, out_channels=3, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
+        attn_resolutions=(16,), dropout=0.1, image_size=32,
+    ),
+    # Ho et al. 2020, CelebA-HQ and LSUN at 256x256: 113.7M parameters.
+    "celebahq256": dict(
+        in_channels=3, out_channels=3, ch=128, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2,
+        attn_resolutions=(16,), dropout=0.0, image_size=256,
+    ),
+    "lsun256": dict(
+        in_channels=3, out_channels=3, ch=128, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2,
+        attn_resolutions=(16,), dropout=0.0, image_size=256,
+    ),
+    # 8x8 single-channel digits (sklearn): 1.1M parameters; a batch-128 training step takes ~0.13 s on
+    # 2 CPU cores (ch=64 would take ~0.45 s).
+    "digits": dict(
+        in_channels=1, out_channels=1, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1,
+        attn_resolutions=(4,), dropout=0.1, image_size=8, num_groups=8,
+    ),
+}  # fmt: skip
+
+
+def unet_config(name: str) -> dict:
+    """A copy of the keyword arguments of the named U-Net configuration."""
+    if name not in CONFIGS:
+        raise UserError(f"unknown U-Net config {name!r}; choose one of {sorted(CONFIGS)}")
+    return dict(CONFIGS[name])
+
+
+def _check_args(ch: int, ch_mult: tuple, attn_resolutions: tuple, image_size: int, num_groups: int) -> None:
+    """Raise a one-line UserError for a U-Net that cannot be built."""
+    total = 2 ** (len(ch_mult) - 1)
+    if image_size % total != 0:
+        raise UserError(
+            f"image_size {image_size} is not divisible by the U-Net's total downsampling {total} "
+            f"(ch_mult has {len(ch_mult)} levels); use an image size that is a multiple of {total} "
+            f"or fewer ch_mult levels"
+        )
+    if ch < 4 or ch % num_groups != 0:  # every channel count is a multiple of ch
+        raise UserError(
+            f"ch {ch} is not a multiple of num_groups {num_groups} (GroupNorm needs whole groups) or is "
+            f"below 4; use a ch that is a multiple of {num_groups} or lower num_groups"
+        )
+    resolutions = [image_size // 2**i for i in range(len(ch_mult))]
+    for r in attn_resolutions:
+        if r not in resolutions:
+            raise UserError(
+                f"attention resolution {r} never occurs in this U-Net, whose resolutions are "
+                f"{resolutions}; pick attn_resolutions from those"
+            )
+
+
+class Level(nn.Module):
+    """One resolution of the U-Net: residual blocks, attention after each when used, a resampler."""
+
+    def __init__(self, block: list, attn: list, resample: nn.Module | None, resample_name: str):
+        super().__init__()
+        self.block = nn.ModuleList(block)
+        self.attn = nn.ModuleList(attn)  # empty, or one AttnBlock per residual block
+        if resample is not None:
+            self.add_module(resample_name, resample)
+
+
+class UNet(nn.Module):
+    """The DDPM U-Net: x (B, C, H, W), t (B,) -> (B, out_channels * (2 if learned_variance else 1), H, W)."""
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        out_channels: int = 3,
+        ch: int = 128,
+        ch_mult: tuple[int, ...] = (1, 2, 2, 2),
+        num_res_blocks: int = 2,
+        attn_resolutions: tuple[int, ...] = (16,),
+        dropout: float = 0.0,
+        image_size: int = 32,
+        learned_variance: bool = False,
+        num_groups: int = 32,
+        resamp_with_conv: bool = True,
+        channels_last: bool = False,
+    ):
+        super().__init__()
+        ch_mult, attn_resolutions = tuple(ch_mult), tuple(attn_resolutions)
+        _check_args(ch, ch_mult, attn_resolutions, image_size, num_groups)
+        self.in_channels, self.image_size = in_channels, image_size
+        self.num_res_blocks = num_res_blocks
+        block_kw = dict(temb_ch=4 * ch, dropout=dropout, num_groups=num_groups)
+        self.temb = TimestepEmbedding(ch, 4 * ch)
+        self.conv_in = conv3x3(in_channels, ch)
+        self.down, skip_channels = self._build_down(ch, ch_mult, attn_resolutions, resamp_with_conv, block_kw)
+        c = ch * ch_mult[-1]
+        self.mid = nn.Module()
+        self.mid.block_1 = ResnetBlock(c, c, **block_kw)
+        self.mid.attn_1 = AttnBlock(c, num_groups)
+        self.mid.block_2 = ResnetBlock(c, c, **block_kw)
+        self.up = self._build_up(ch, ch_mult, attn_resolutions, resamp_with_conv, block_kw, skip_channels)
+        self.norm_out = group_norm(ch, num_groups)
+        self.conv_out = conv3x3(ch, out_channels * (2 if learned_variance else 1), scale=0.0)
+        # NHWC: cuDNN (tensor cores) and oneDNN run the big convolutions faster (bench/unet_throughput.py),
+        # but on a CPU, oneDNN's NHWC path is several times slower for small maps such as 8×8 digits.
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.to(memory_format=self.memory_format)
+
+    def _build_down(self, ch, ch_mult, attn_resolutions, resamp_with_conv, block_kw):
+        """Down path; also returns the channel count of every skip connection, in push order."""
+        levels, skips, c, res = nn.ModuleList(), [ch], ch, self.image_size
+        for i, mult in enumerate(ch_mult):
+            block, attn = [], []
+            for _ in range(self.num_res_blocks):
+                block.append(ResnetBlock(c, ch * mult, **block_kw))
+                c = ch * mult
+                if res in attn_resolutions:
+                    attn.append(AttnBlock(c, block_kw["num_groups"]))
+                skips.append(c)
+            last = i == len(ch_mult) - 1
+            levels.append(Level(block, attn, None if last else Downsample(c, resamp_with_conv), "downsample"))
+            if not last:
+                skips.append(c)
+                res //= 2
+        return levels, skips
+
+    def _build_up(self, ch, ch_mult, attn_resolutions, resamp_with_conv, block_kw, skip_channels):
+        """Up path, stored in resolution order (up[0] is the full-resolution level) as the paper's port."""
+        levels, skips = [], list(skip_channels)
+        c, res = ch * ch_mult[-1], self.image_size // 2 ** (len(ch_mult) - 1)
+        for i in reversed(range(len(ch_mult))):
+            block, attn = [], []
+            for _ in range(self.num_res_blocks + 1):
+                block.append(ResnetBlock(c + skips.pop(), ch * ch_mult[i], **block_kw))
+                c = ch * ch_mult[i]
+                if res in attn_resolutions:
+                    attn.append(AttnBlock(c, block_kw["num_groups"]))
+            levels.insert(0, Level(block, attn, Upsample(c, resamp_with_conv) if i else None, "upsample"))
+            res *= 2
+        return nn.ModuleList(levels)
+
+    def _check_input(self, x: torch.Tensor, t: torch.Tensor) -> None:
+        """Raise a one-line UserError for inputs of the wrong shape."""
+        expected = (self.in_channels, self.image_size, self.image_size)
+        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+            raise UserError(
+                f"U-Net input has shape {tuple(x.shape)}, expected (B, {', '.join(map(str, expected))}); "
+                f"resize the images or build the U-Net with matching in_channels/image_size"
+            )
+        if t.shape != (x.shape[0],):
+            raise UserError(f"timesteps t have shape {tuple(t.shape)}, expected ({x.shape[0]},): one per image")
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Predict from x_t (B, C, H, W) and timesteps t (B,) the (B, C_out, H, W) network output."""
+        self._check_input(x, t)
+        temb_act = F.silu(self.temb(t))  # (B, 4ch), shared by every residual block
+        # Down path: every block output and every downsampled map is kept for a skip connection.
+        hs = [self.conv_in(x.contiguous(memory_format=self.memory_format))]  # (B, ch, H, W)
+        for level in self.down:
+            for j, block in enumerate(level.block):
+                h = block(hs[-1], temb_act)
+                hs.append(level.attn[j](h) if level.attn else h)
+            if hasattr(level, "downsample"):
+                hs.append(level.downsample(hs[-1]))  # (B, C, H/2, W/2)
+        # Middle: ResNet, attention, ResNet at the lowest resolution.
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(hs[-1], temb_act)), temb_act)
+        # Up path: each block takes [h, skip] concatenated along channels.
+        for level in reversed(self.up):
+            for j, block in enumerate(level.block):
+                h = block(torch.cat([h, hs.pop()], dim=1), temb_act)  # from (B, C + C_skip, H, W)
+                h = level.attn[j](h) if level.attn else h
+            if hasattr(level, "upsample"):
+                h = level.upsample(h)  # (B, C, 2H, 2W)
+        h = self.conv_out(F.silu(self.norm_out(h)))  # (B, C_out, H, W)
+        return h.contiguous()
