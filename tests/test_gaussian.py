@@ -98,7 +98,8 @@ def test_conversions_round_trip(schedule, gen):
 
 
 def test_v_definition(diffusion64, gen):
-    x0, eps = torch.randn(5, 2, generator=gen, dtype=torch.float64), torch.randn(5, 2, generator=gen, dtype=torch.float64)
+    x0 = torch.randn(5, 2, generator=gen, dtype=torch.float64)
+    eps = torch.randn(5, 2, generator=gen, dtype=torch.float64)
     t = torch.tensor([0, 3, 99, 500, 999])
     ac, _ = reference_arrays(linear_beta_schedule(T).numpy())
     expected = np.sqrt(ac[t.numpy()])[:, None] * eps.numpy() - np.sqrt(1 - ac[t.numpy()])[:, None] * x0.numpy()
@@ -109,7 +110,8 @@ def test_eq11_mean_equals_eq7_mean_with_predicted_x0(diffusion64, gen):
     betas = linear_beta_schedule(T).numpy()
     ac, _ = reference_arrays(betas)
     t = torch.tensor([0, 1, 50, 999])
-    x_t, eps = torch.randn(4, 8, generator=gen, dtype=torch.float64), torch.randn(4, 8, generator=gen, dtype=torch.float64)
+    x_t = torch.randn(4, 8, generator=gen, dtype=torch.float64)
+    eps = torch.randn(4, 8, generator=gen, dtype=torch.float64)
     p = diffusion64.p_mean_variance(eps, x_t, t, clip_denoised=False)
     b, a = betas[t.numpy()][:, None], ac[t.numpy()][:, None]
     eq11 = (x_t.numpy() - b / np.sqrt(1 - a) * eps.numpy()) / np.sqrt(1 - b)

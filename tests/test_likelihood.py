@@ -21,8 +21,7 @@ BINS = torch.linspace(-1, 1, 256, dtype=torch.float64)  # the 256 values of 8-bi
 
 
 def test_normal_kl_closed_form(gen):
-    m1, m2 = torch.randn(100, generator=gen, dtype=torch.float64), torch.randn(100, generator=gen, dtype=torch.float64)
-    lv1, lv2 = torch.randn(100, generator=gen, dtype=torch.float64), torch.randn(100, generator=gen, dtype=torch.float64)
+    m1, m2, lv1, lv2 = torch.randn(4, 100, generator=gen, dtype=torch.float64)
     s1, s2 = np.exp(0.5 * lv1.numpy()), np.exp(0.5 * lv2.numpy())
     expected = np.log(s2 / s1) + (s1**2 + (m1.numpy() - m2.numpy()) ** 2) / (2 * s2**2) - 0.5
     np.testing.assert_allclose(normal_kl(m1, lv1, m2, lv2).numpy(), expected, rtol=1e-12, atol=1e-14)

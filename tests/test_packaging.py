@@ -1,8 +1,8 @@
 """Set-up files stay in step: environment.yml's pip list mirrors pyproject.toml's dependencies."""
 
-import tomllib
 from pathlib import Path
 
+import tomllib
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]

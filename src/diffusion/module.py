@@ -1,0 +1,123 @@
+"""The LightningModule: glue between the U-Net, the diffusion math, the optimizer and the loggers.
+
+Hyperparameters are plain Python values (the betas as a list of floats), so a checkpoint loads with
+`DiffusionModule.load_from_checkpoint(path)` under torch's `weights_only=True` without any config.
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+from torchmetrics import MeanMetric
+
+from diffusion.gaussian import GaussianDiffusion
+from diffusion.likelihood import variational_bound
+from diffusion.losses import make_timestep_sampler, training_losses
+from diffusion.nn import UNet
+
+
+class DiffusionModule(L.LightningModule):
+    """DDPM training (Ho et al. 2020 Algorithm 1) with validation loss at fixed t and bits/dim."""
+
+    def __init__(
+        self,
+        net: dict[str, Any],
+        betas: list[float],
+        parameterization: str = "eps",
+        variance: str = "fixed_large",
+        loss_type: str = "simple",
+        vlb_weight: float = 0.001,
+        min_snr_gamma: float | None = None,
+        timestep_sampler: str = "uniform",
+        val_timestep_fractions: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0),
+        val_bpd_images: int = 16,
+        loss_bins: int = 10,
+        optimizer: Callable | None = None,
+        lr_scheduler: Callable | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
+        self.net = UNet(**net, learned_variance=variance == "learned_range")
+        self.diffusion = GaussianDiffusion(torch.tensor(betas, dtype=torch.float64), parameterization, variance)
+        T = self.diffusion.num_timesteps
+        self.timestep_sampler = make_timestep_sampler(timestep_sampler, T)
+        self.val_timesteps = sorted({round(f * (T - 1)) for f in val_timestep_fractions})
+        self.loss_bins = min(loss_bins, T)
+        self.train_bin_loss = torch.nn.ModuleList(MeanMetric() for _ in range(self.loss_bins))
+
+    @property
+    def num_timesteps(self) -> int:
+        return self.diffusion.num_timesteps
+
+    def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
+        return self.net(x_t, t)
+
+    def training_step(self, x0: Tensor, batch_idx: int) -> Tensor:
+        # Algorithm 1: t ~ Uniform (or importance-sampled), ε ~ N(0, I), a gradient step on the loss.
+        t, weights = self.timestep_sampler.sample(x0.shape[0], x0.device)
+        noise = torch.randn_like(x0)
+        out = training_losses(self.net, self.diffusion, x0, t, noise, self.hparams.loss_type,
+                              self.hparams.vlb_weight, self.hparams.min_snr_gamma)
+        if out.vlb is not None:
+            self._update_timestep_sampler(t, out.vlb)
+        loss = (out.loss * weights).mean()
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/mse", out.mse.mean())
+        if out.vlb is not None:
+            self.log("train/vlb_bpd_term", out.vlb.mean())
+        self._log_binned(t, out.mse.detach())
+        return loss
+
+    def _update_timestep_sampler(self, t: Tensor, vlb: Tensor) -> None:
+        """Feed every rank's VLB terms to the importance sampler, so all ranks keep the same history."""
+        t_all, vlb_all = self.all_gather(t), self.all_gather(vlb.detach())
+        self.timestep_sampler.update(t_all.reshape(-1), vlb_all.reshape(-1))
+
+    def _log_binned(self, t: Tensor, mse: Tensor) -> None:
+        """L_simple averaged within `loss_bins` equal ranges of t, logged per epoch: where schedules differ."""
+        T, bins = self.num_timesteps, self.loss_bins
+        which = t * bins // T
+        for k, metric in enumerate(self.train_bin_loss):
+            mask = which == k
+            if mask.any():
+                metric.update(mse[mask])
+                lo, hi = k * T // bins, (k + 1) * T // bins - 1
+                self.log(f"train_loss_by_t/t{lo:04d}-{hi:04d}", metric, on_step=False, on_epoch=True)
+
+    def validation_step(self, x0: Tensor, batch_idx: int) -> None:
+        # L_simple at fixed t with noise fixed by (batch, t), so numbers are comparable across evaluations.
+        gen = torch.Generator(device=x0.device).manual_seed(batch_idx)
+        losses = []
+        for step in self.val_timesteps:
+            t = torch.full((x0.shape[0],), step, device=x0.device, dtype=torch.long)
+            noise = torch.randn(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)
+            mse = training_losses(self.net, self.diffusion, x0, t, noise).mse.mean()
+            self.log(f"val/loss_t{step:04d}", mse, batch_size=x0.shape[0])
+            losses.append(mse)
+        self.log("val/loss", torch.stack(losses).mean(), prog_bar=True, batch_size=x0.shape[0])
+        if batch_idx == 0 and self.hparams.val_bpd_images > 0:
+            self._log_bpd(x0[: self.hparams.val_bpd_images], gen)
+
+    def _log_bpd(self, x0: Tensor, gen: torch.Generator) -> None:
+        """The full variational bound (T network evaluations) on a small fixed batch, Ho et al. 2020 Table 2."""
+        bound = variational_bound(self.net, self.diffusion, x0, generator=gen)
+        self.log("val/bpd", bound.total_bpd.mean(), prog_bar=True, batch_size=x0.shape[0], sync_dist=True)
+        self.log("val/prior_bpd", bound.prior_bpd.mean(), batch_size=x0.shape[0], sync_dist=True)
+
+    def configure_optimizers(self):
+        factory = self.optimizer_factory or torch.optim.Adam
+        optimizer = factory(params=self.net.parameters())
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer=optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["timestep_sampler"] = self.timestep_sampler.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "timestep_sampler" in checkpoint:
+            self.timestep_sampler.load_state_dict(checkpoint["timestep_sampler"])

@@ -1,0 +1,159 @@
+"""train(cfg) and sample(cfg): build everything from a composed config and go. Entry points call these."""
+
+import os
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torchvision.utils import save_image
+
+from diffusion.callbacks import SampleGrid, generate
+from diffusion.callbacks.samples import image_grid, to_unit
+from diffusion.config import validate
+from diffusion.errors import UserError
+from diffusion.module import DiffusionModule
+
+
+def build_module(cfg: DictConfig, channels: int, image_size: int, betas: torch.Tensor) -> DiffusionModule:
+    """The LightningModule, with the network's channels and size taken from the data."""
+    net = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "_target_"}
+    net.update(in_channels=channels, out_channels=channels, image_size=image_size)
+    return DiffusionModule(
+        net=net,
+        betas=betas.tolist(),
+        parameterization=cfg.diffusion.parameterization,
+        variance=cfg.diffusion.variance,
+        loss_type=cfg.loss.type,
+        vlb_weight=cfg.loss.vlb_weight,
+        min_snr_gamma=cfg.loss.min_snr_gamma,
+        timestep_sampler=cfg.loss.timestep_sampler,
+        val_timestep_fractions=tuple(cfg.validation.timestep_fractions),
+        val_bpd_images=cfg.validation.bpd_images,
+        optimizer=instantiate(cfg.optim.optimizer),
+        lr_scheduler=instantiate(cfg.optim.lr_scheduler) if cfg.optim.lr_scheduler is not None else None,
+    )
+
+
+def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
+    """A checkpoint path as given, or for "last" the newest last.ckpt among this run name's earlier runs."""
+    if ckpt_path is None:
+        return None
+    if ckpt_path == "last":
+        found = sorted(output_dir.parent.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise UserError(f"ckpt_path=last found no */checkpoints/last.ckpt under {output_dir.parent}; "
+                            "give the checkpoint's path, e.g. ckpt_path=outputs/<name>/<time>/checkpoints/last.ckpt")
+        return str(found[-1])
+    if not Path(ckpt_path).is_file():
+        raise UserError(f"ckpt_path {ckpt_path} does not exist; give the path of a .ckpt file, or ckpt_path=last "
+                        "to resume the newest run of the same name")
+    return ckpt_path
+
+
+def _logger(cfg: DictConfig):
+    """The W&B logger (offline unless logger.offline=false), with the resolved config and the paper card."""
+    if cfg.logger is None:
+        return None
+    logger = instantiate(cfg.logger)
+    logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    if cfg.paper_card is not None:
+        logger.experiment.summary.update({f"paper/{k}": v for k, v in cfg.paper_card.items()})
+    return logger
+
+
+def _finish_wandb(logger) -> None:
+    """Close the W&B run so that the next job of a multirun starts its own (WandbLogger reuses an active run)."""
+    if logger is not None:
+        import wandb
+
+        wandb.finish()
+        os.environ.pop("WANDB_MODE", None)  # WandbLogger(offline=True) sets it for the whole process
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Train per the config; save checkpoints, sample grids and logs under the run directory."""
+    validate(cfg)
+    output_dir = Path(cfg.paths.output_dir)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    betas = instantiate(cfg.schedule)
+    datamodule = instantiate(cfg.data)
+    module = build_module(cfg, datamodule.channels, datamodule.image_size, betas)
+    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, output_dir)
+    logger = _logger(cfg)
+    # The LR monitor needs a logger; with logger=none it would stop the run, so it is left out.
+    callbacks = [instantiate(c) for name, c in cfg.callbacks.items() if c is not None
+                 and (logger is not None or name != "lr_monitor")]
+    try:
+        trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger if logger else False,
+                              default_root_dir=str(output_dir))
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        grid = next((c for c in callbacks if isinstance(c, SampleGrid)), None)
+        final = _final_grid(trainer, module, grid, output_dir) if grid is not None else None
+    finally:
+        _finish_wandb(logger)
+    if final is not None and trainer.is_global_zero:
+        print(f"samples: {final}")  # the last line `make train` prints
+    return metrics
+
+
+def _final_grid(trainer: L.Trainer, module: DiffusionModule, grid: SampleGrid, output_dir: Path) -> Path | None:
+    """After fit the module holds the EMA weights (EMA callback's on_train_end): sample them with the final sampler."""
+    if not trainer.is_global_zero:
+        return None
+    module.eval()
+    gen = torch.Generator(device=module.device).manual_seed(grid.seed)
+    c, s = module.net.in_channels, module.net.image_size
+    x_T = torch.randn(grid.num_samples, c, s, s, generator=gen, device=module.device)
+    x0 = generate(module.net, module.diffusion, x_T, grid.final_sampler, gen)
+    path = output_dir / "samples" / "final_ema.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(image_grid(x0), path)
+    for logger in trainer.loggers:
+        if hasattr(logger, "log_image"):
+            logger.log_image("samples/final_ema", [str(path)], step=trainer.global_step)
+    return path
+
+
+def load_module(ckpt: str, map_location: str | torch.device = "cpu", weights: str = "ema") -> DiffusionModule:
+    """A trained module from a checkpoint alone: EMA weights (the checkpoint's state_dict) or the raw ones."""
+    if not Path(ckpt).is_file():
+        raise UserError(f"ckpt {ckpt} does not exist; give the path of a .ckpt file from a training run")
+    if weights not in ("ema", "raw"):
+        raise UserError(f"weights must be 'ema' or 'raw', got {weights!r}; try weights=ema")
+    module = DiffusionModule.load_from_checkpoint(ckpt, map_location=map_location)
+    if weights == "raw":
+        state = torch.load(ckpt, map_location=map_location, weights_only=True)
+        if "current_model_state" not in state:
+            raise UserError(f"{ckpt} holds no raw weights (trained without EMA); use weights=ema")
+        module.load_state_dict(state["current_model_state"])
+    return module.eval()
+
+
+def sample(cfg: DictConfig) -> Path:
+    """Sample a checkpoint: a PNG grid and an .npz of uint8 NHWC images in the output directory."""
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    module = load_module(cfg.ckpt, device, cfg.weights)
+    sampler = {"name": cfg.sampler, "steps": cfg.steps, "spacing": cfg.spacing, "eta": cfg.eta,
+               "clip_denoised": cfg.clip_denoised}
+    if cfg.sampler not in ("ddpm", "ddim", "respaced"):
+        raise UserError(f"sampler must be ddpm, ddim or respaced, got {cfg.sampler!r}; try sampler=ddim steps=50")
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    c, s = module.net.in_channels, module.net.image_size
+    chunks = []
+    for start in range(0, cfg.num_samples, cfg.batch_size):
+        n = min(cfg.batch_size, cfg.num_samples - start)
+        x_T = torch.randn(n, c, s, s, generator=gen, device=device)
+        chunks.append(generate(module.net, module.diffusion, x_T, sampler, gen).cpu())
+    x0 = torch.cat(chunks)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    uint8 = (to_unit(x0) * 255).round().to(torch.uint8)  # (N, C, H, W)
+    np.savez_compressed(out / "samples.npz", samples=uint8.permute(0, 2, 3, 1).numpy())
+    grid_path = out / "samples.png"
+    save_image(image_grid(x0[:256]), grid_path)
+    print(f"samples: {grid_path} and {out / 'samples.npz'}")
+    return grid_path

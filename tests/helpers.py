@@ -1,0 +1,52 @@
+"""Compose the real configs through Hydra's compose API, as train.py would, writing under tmp_path."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+from diffusion.cli import CONF_DIR
+from diffusion.config import register_configs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def compose_cfg(config_name: str, overrides: list[str], output_dir: Path) -> DictConfig:
+    """The composed config with Hydra's runtime set and every output under output_dir."""
+    register_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(output_dir)
+        cfg.hydra.job.num = 0
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+def train_cfg(tmp_path: Path, *overrides: str) -> DictConfig:
+    return compose_cfg("train", ["debug=fast", *overrides], tmp_path)
+
+
+def run_script(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run an entry point (train.py, sample.py) of the repository as a user would."""
+    return subprocess.run([sys.executable, str(ROOT / args[0]), *args[1:]], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def wandb_records(run_dir: Path) -> list[dict]:
+    """The records of an offline W&B run, read back with wandb's own reader (`wandb leet inspect --json`)."""
+    wandb_dir = next(run_dir.glob("wandb/offline-run-*"))
+    exe = Path(sys.executable).parent / "wandb"
+    out = subprocess.run([str(exe), "leet", "inspect", "--json", str(wandb_dir)], capture_output=True, text=True,
+                         timeout=120, check=True)
+    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+
+
+def wandb_history(run_dir: Path) -> list[dict]:
+    return [r["history"]["item"] for r in wandb_records(run_dir) if r.get("type") == "history"]

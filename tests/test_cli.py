@@ -1,0 +1,63 @@
+"""Bad input through the real entry points: one line naming the value and the fix, exit status 2."""
+
+import pytest
+
+from helpers import run_script
+
+CASES = [
+    # (overrides, fragments the one-line message must contain)
+    (["trainer.max_stepz=3"], ["unknown config key 'trainer.max_stepz'", "did you mean trainer.max_steps?"]),
+    (["+trainer.foo=1"], ["unknown config key 'trainer.foo'", "'+' cannot add one"]),
+    (["schedule=cosin"], ["schedule=cosin is not an option of group 'schedule'", "'cosine'"]),
+    (["trainer.max_steps=abc"], ["trainer.max_steps must be of type", "got 'abc'"]),
+    (["data=image_folder"], ["data.root has no value and is required; set data.root="]),
+    (["schedule.beta_end=1.5"], ["schedule.beta_end must be in (beta_start=0.0001, 1), got 1.5",
+                                 "try schedule.beta_end=0.02"]),
+    (["schedule.num_timesteps=0"], ["schedule.num_timesteps must be an integer >= 1, got 0"]),
+    (["optim.optimizer.lr=-1"], ["optim.optimizer.lr must be > 0, got -1.0"]),
+    (["callbacks.ema.decay=1.5"], ["callbacks.ema.decay must be in [0, 1), got 1.5"]),
+    (["data=mnist", "data.image_size=30"], ["image_size 30", "not divisible"]),
+    (["ckpt_path=/nonexistent/last.ckpt"], ["ckpt_path /nonexistent/last.ckpt does not exist"]),
+]
+
+
+def check_one_line_error(result, fragments):
+    assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
+    assert "Traceback" not in result.stderr
+    last = [line for line in result.stderr.splitlines() if line.strip()][-1]
+    assert last.startswith("error: "), result.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in last, (fragment, last)
+
+
+@pytest.mark.parametrize("overrides, fragments", CASES, ids=[" ".join(c[0]) for c in CASES])
+def test_bad_input_is_one_line(overrides, fragments, tmp_path):
+    result = run_script("train.py", "debug=fast", "logger=none", *overrides, f"hydra.run.dir={tmp_path}",
+                        cwd=tmp_path)
+    check_one_line_error(result, fragments)
+
+
+def test_missing_dataset_names_path_and_download_switch(tmp_path):
+    result = run_script("train.py", "debug=fast", "logger=none", "data=mnist", f"data.root={tmp_path / 'nope'}",
+                        f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+    check_one_line_error(result, [str(tmp_path / "nope"), "data.download=true"])
+
+
+def test_multirun_sweep_values_are_checked_too(tmp_path):
+    result = run_script("train.py", "-m", "debug=fast", "schedule=linear,cosin", f"hydra.sweep.dir={tmp_path}",
+                        cwd=tmp_path)
+    check_one_line_error(result, ["not an option of group 'schedule'"])
+
+
+def test_full_traceback_on_request(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    env = {**os.environ, "HYDRA_FULL_ERROR": "1"}
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "schedule.beta_end=1.5", "debug=fast",
+                             "logger=none", f"hydra.run.dir={tmp_path}"], cwd=tmp_path, capture_output=True,
+                            text=True, env=env, timeout=300)
+    assert result.returncode != 0 and "Traceback" in result.stderr
