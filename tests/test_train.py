@@ -119,18 +119,57 @@ def test_resume_continues_step_count_optimizer_and_ema(tmp_path, trained):
     before = torch.load(ckpt, weights_only=True)
     resumed_dir = tmp_path / "resumed"
     run.train(train_cfg(resumed_dir, f"ckpt_path={ckpt}", "trainer.max_steps=6", "callbacks.samples=null",
-                        "callbacks.ema.decay=0.5", "callbacks.ema.warmup=false", "logger=none"))
+                        "callbacks.checkpoint.every_n_train_steps=1", "callbacks.ema.decay=0.5",
+                        "callbacks.ema.warmup=false", "logger=none"))
+    step5 = torch.load(resumed_dir / "checkpoints" / "step0000005.ckpt", weights_only=True)
     after = torch.load(resumed_dir / "checkpoints" / "last.ckpt", weights_only=True)
-    assert before["global_step"] == 4 and after["global_step"] == 6
-    assert after["callbacks"]  # EMA callback state present
-    # 2 more EMA updates with decay 0.5 from the restored average: ema6 = 0.25·ema4 + 0.25·raw5 + 0.5·raw6,
-    # so it must lie far closer to the restored EMA than a fresh EMA (= raw6 copy at first update) would.
-    key = next(k for k in before["state_dict"] if k.endswith("conv_in.weight"))
-    restored_part = after["state_dict"][key] - 0.5 * after["current_model_state"][key]
-    assert not torch.equal(after["state_dict"][key], after["current_model_state"][key])
-    assert torch.isfinite(restored_part).all()
-    ema_state = [v for v in after["callbacks"].values() if "latest_update_step" in v]
-    assert ema_state and ema_state[0]["latest_update_step"] == 6
+    assert before["global_step"] == 4 and step5["global_step"] == 5 and after["global_step"] == 6
+    # The optimizer continued: Adam's step count went on from the checkpoint's.
+    adam_steps = lambda c: c["optimizer_states"][0]["state"][0]["step"].item()  # noqa: E731
+    assert (adam_steps(before), adam_steps(step5)) == (4, 5)
+    # The EMA continued from the restored average: with decay 0.5, ema5 = 0.5·ema4 + 0.5·raw5.
+    # (A fresh EMA would start as a copy of raw5.)
+    for key in before["state_dict"]:
+        ema4, ema5, raw5 = before["state_dict"][key], step5["state_dict"][key], step5["current_model_state"][key]
+        torch.testing.assert_close(ema5, 0.5 * ema4 + 0.5 * raw5, rtol=1e-5, atol=1e-7)
+    assert any(not torch.equal(step5["state_dict"][k], step5["current_model_state"][k]) for k in before["state_dict"])
+
+
+def test_mnist_with_cosine_schedule_from_the_readme(tmp_path):
+    """`schedule=cosine schedule.num_timesteps=500 data=mnist` on MNIST idx files written here."""
+    import numpy as np
+
+    from test_data import write_idx
+
+    raw = tmp_path / "data" / "MNIST" / "raw"
+    rng = np.random.default_rng(0)
+    write_idx(raw, "train", rng.integers(0, 256, (40, 28, 28), dtype=np.uint8))
+    write_idx(raw, "t10k", rng.integers(0, 256, (8, 28, 28), dtype=np.uint8))
+    cfg = train_cfg(tmp_path / "run", "schedule=cosine", "schedule.num_timesteps=500", "data=mnist",
+                    f"data.root={tmp_path / 'data'}", "data.num_workers=0", "trainer.max_steps=2",
+                    "callbacks.samples=null", "logger=none")
+    assert cfg.model.attn_resolutions == [8]  # data=mnist picked the 32×32 model
+    metrics = run.train(cfg)
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+    assert len(torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt",
+                          weights_only=True)["hyper_parameters"]["betas"]) == 500
+    assert "val/loss_t0499" in metrics
+
+
+def test_paper_card_reaches_the_wandb_summary(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    run.train(train_cfg(tmp_path, "trainer.max_steps=1", "callbacks.samples=null",
+                        "+paper_card={fid_vs_train: 3.17, nll_bits_per_dim_upper_bound: 3.75}"))
+    exe = Path(sys.executable).parent / "wandb"
+    summary = json.loads(subprocess.run([str(exe), "leet", "inspect", "--summary", "--json",
+                                         str(next(tmp_path.glob("wandb/offline-run-*")))],
+                                        capture_output=True, text=True, check=True, timeout=120).stdout)
+    text = json.dumps(summary)
+    assert '"paper/fid_vs_train": 3.17' in text and '"paper/nll_bits_per_dim_upper_bound": 3.75' in text
 
 
 def test_ckpt_path_last_finds_the_newest_run(tmp_path, trained):

@@ -271,7 +271,7 @@ class TrainConfig:
     callbacks: CallbacksConfig = MISSING
     logger: WandbConfig | None = MISSING
     paths: PathsConfig = MISSING
-    paper_card: dict[str, Any] | None = None  # what the paper reports for this recipe, logged for comparison
+    paper_card: dict[str, Any] = field(default_factory=dict)  # what the paper reports for this recipe (logged)
 
 
 @dataclass

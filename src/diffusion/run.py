@@ -59,7 +59,7 @@ def _logger(cfg: DictConfig):
         return None
     logger = instantiate(cfg.logger)
     logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    if cfg.paper_card is not None:
+    if cfg.paper_card:
         logger.experiment.summary.update({f"paper/{k}": v for k, v in cfg.paper_card.items()})
     return logger
 
