@@ -1,0 +1,231 @@
+"""Checkpoints that are never half-written, and one-line errors for checkpoints that cannot be used.
+
+`AtomicCheckpointIO` writes each checkpoint to a temporary file beside its destination, fsyncs it and
+renames it onto the final name: a full disk or a crash leaves the previous checkpoint there whole.
+(Lightning's own writer stages the file in the system temp directory, which may lie on another disk,
+and then copies it under the final name, so a copy that fails part-way leaves a truncated checkpoint.)
+`check_checkpoint` loads a .ckpt the way resuming and sampling do and says in one line what is wrong.
+"""
+
+import contextlib
+import errno
+import inspect
+import math
+import os
+import pickle
+import re
+import struct
+import uuid
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from diffusion.errors import UserError
+from diffusion.module import DiffusionModule
+
+EXAMPLE = "e.g. outputs/<name>/<time>/checkpoints/last.ckpt"
+_FIXES = {
+    errno.ENOSPC: "free space on that disk",
+    errno.EDQUOT: "free space within your disk quota",
+    errno.EFBIG: "raise the file-size limit (ulimit -f) or use a filesystem that allows larger files",
+    errno.EACCES: "make that directory writable",
+    errno.EPERM: "make that directory writable",
+    errno.EROFS: "that disk is read-only; write elsewhere",
+}
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """torch.save into a temporary file in the destination's directory, fsync, then os.replace onto it."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None or not _is_local_file_protocol(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)  # remote stores: fsspec's own way
+        path = Path(path)
+        buffer = BytesIO()
+        torch.save(checkpoint, buffer)  # serialize first: a pickling bug is not a disk problem
+        existed = path.is_file()
+        tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _write_durably(tmp, buffer.getbuffer())
+            os.replace(tmp, path)
+        except OSError as err:
+            with contextlib.suppress(OSError):  # the write error below is the one to report
+                tmp.unlink()
+            raise UserError(_write_error(path, err, existed)) from err
+        _fsync_dir(path)
+
+
+def _write_durably(path: Path, data: memoryview) -> None:
+    """Write all of data to a new file (mode as the umask allows, like open()) and fsync it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        while data:
+            data = data[os.write(fd, data):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make the rename itself durable; filesystems that cannot fsync a directory are let be."""
+    fd = os.open(path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if err.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise UserError(f"checkpoint {path} was written but its directory could not be synced ({err.strerror}); "
+                            f"check that disk, then resume with ckpt_path={path}") from err
+    finally:
+        os.close(fd)
+
+
+def _write_error(path: Path, err: OSError, existed: bool) -> str:
+    """One line: the path, the OS error, what is left on disk, and how to go on."""
+    fix = _FIXES.get(err.errno, "check that disk")
+    last = path.parent / "last.ckpt"
+    resume = path if existed else (last if last.is_file() else None)
+    state = "the previous checkpoint there is intact" if existed else "no partial file was left"
+    go_on = f"resume with ckpt_path={resume}" if resume is not None else "start again"
+    return (f"could not write checkpoint {path} ({err.strerror or err}); {state}; {fix}, or set "
+            f"callbacks.checkpoint.dirpath=<a directory with room> and {go_on}")
+
+
+# What torch.load raises on a cut-off or garbled file (found by feeding it truncated and random bytes).
+_UNREADABLE = (RuntimeError, EOFError, pickle.UnpicklingError, KeyError, IndexError, ValueError, struct.error, OSError)
+_ZIP_MAGIC, _PICKLE_MAGIC = b"PK\x03\x04", b"\x80"
+LIGHTNING_KEYS = ("state_dict", "hyper_parameters", "global_step")
+_DEFAULTS = {k: p.default for k, p in inspect.signature(DiffusionModule).parameters.items()}
+
+
+def check_checkpoint(path, expected: dict | None = None) -> dict:
+    """Load a training checkpoint on the CPU (weights only); raise a one-line UserError if it cannot be used.
+
+    `expected` holds a DiffusionModule's hyperparameters (`module.hparams`): the checkpoint must have the
+    same network, betas, parameterization and variance, which are what give its weights their meaning.
+    """
+    path = Path(path)
+    head = _read_head(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except _UNREADABLE as err:
+        raise UserError(_unreadable(path, head, err)) from err
+    _check_kind(path, ckpt)
+    if expected is not None:
+        _check_matches(path, ckpt["hyper_parameters"], expected)
+    return ckpt
+
+
+def _read_head(path: Path) -> bytes:
+    if not path.exists():
+        raise UserError(f"checkpoint {path} does not exist; give the path of a .ckpt file from a training run, "
+                        f"{EXAMPLE}")
+    if path.is_dir():
+        raise UserError(f"checkpoint {path} is a directory; give a .ckpt file in it, e.g. {path / 'last.ckpt'}")
+    try:
+        with path.open("rb") as f:
+            return f.read(8)
+    except OSError as err:
+        raise UserError(f"checkpoint {path} cannot be read ({err.strerror}); check its permissions") from err
+
+
+def _unreadable(path: Path, head: bytes, err: Exception) -> str:
+    """Why torch.load failed, told apart by the file's first bytes: cut off, pickled objects, or not torch."""
+    earlier = f"resume from an earlier checkpoint (another step*.ckpt in {path.parent}) or start without ckpt_path"
+    if not head:
+        return f"checkpoint {path} is empty (0 bytes): its write never completed; {earlier}"
+    refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+    if refused:
+        return (f"{path} holds pickled Python objects ({refused.group(1)}) that a weights-only load refuses, so it "
+                f"is not a checkpoint written by train.py; give a .ckpt file from a training run, {EXAMPLE}")
+    if head.startswith((_ZIP_MAGIC, _PICKLE_MAGIC)):
+        size = path.stat().st_size
+        return f"checkpoint {path} is truncated or corrupt ({_reason(err)}; {size} bytes); {earlier}"
+    return (f"{path} is not a PyTorch checkpoint ({_describe(head)}); give a .ckpt file written by train.py, "
+            f"{EXAMPLE}")
+
+
+def _reason(err: Exception) -> str:
+    """The first sentence of torch's (often many-line) message, after the exception's name."""
+    first = str(err).strip().split("\n")[0].split(". ")[0]
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
+
+
+def _describe(head: bytes) -> str:
+    if head.startswith(b"\x89PNG"):
+        return "it is a PNG image"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "it is a JPEG image"
+    if all(32 <= c < 127 or c in b"\t\r\n" for c in head):
+        return f"it is text, starting {head.decode()!r}"
+    return f"it starts with the bytes {head!r}"
+
+
+def _check_kind(path: Path, ckpt: Any) -> None:
+    """A Lightning checkpoint (state, hyperparameters, step) of a DiffusionModule (net and betas)."""
+    missing = [k for k in LIGHTNING_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        held = f"a dict with keys {sorted(map(str, ckpt))[:5]}" if isinstance(ckpt, dict) else \
+            f"a {type(ckpt).__name__}"
+        raise UserError(f"{path} is not a Lightning training checkpoint: it holds {held}, without {missing}; "
+                        f"give a .ckpt file written by train.py, {EXAMPLE}")
+    hparams = ckpt["hyper_parameters"]
+    absent = [k for k in ("net", "betas") if not isinstance(hparams, dict) or k not in hparams]
+    if absent:
+        raise UserError(f"{path} is a Lightning checkpoint but not of a DiffusionModule (its hyper_parameters lack "
+                        f"{absent}); give a .ckpt file written by train.py, {EXAMPLE}")
+
+
+def _check_matches(path: Path, hparams: dict, expected: dict) -> None:
+    """The checkpoint's network, betas, parameterization and variance against this run's."""
+    if "net" in expected:
+        key, have, want = _first_net_difference(hparams["net"], expected["net"])
+        if key is not None:
+            hint = f"model.{key}={_fmt(have)}" if key not in ("in_channels", "out_channels", "image_size") \
+                else f"data whose images give {key}={_fmt(have)}"
+            raise UserError(f"checkpoint {path} was trained with net.{key}={_fmt(have)}, this run has "
+                            f"net.{key}={_fmt(want)}; use the same model config ({hint}) or start without ckpt_path")
+    if "betas" in expected:
+        _check_betas(path, hparams["betas"], [float(b) for b in expected["betas"]])
+    for key in ("parameterization", "variance"):
+        have = hparams.get(key, _DEFAULTS[key])
+        if key in expected and have != expected[key]:
+            raise UserError(f"checkpoint {path} was trained with diffusion.{key}={have}, this run has "
+                            f"diffusion.{key}={expected[key]}; use diffusion.{key}={have} or start without ckpt_path")
+
+
+# Keys of the net that leave the parameters' shapes and meaning alone: fine-tuning may change them.
+_FREE_NET_KEYS = ("dropout", "channels_last")
+
+
+def _first_net_difference(have: dict, want: dict) -> tuple[str | None, Any, Any]:
+    for key in [*want, *(k for k in have if k not in want)]:
+        a, b = _plain(have.get(key, "<unset>")), _plain(want.get(key, "<unset>"))
+        if key not in _FREE_NET_KEYS and a != b:
+            return key, a, b
+    return None, None, None
+
+
+def _check_betas(path: Path, have: list[float], want: list[float]) -> None:
+    if len(have) != len(want):
+        raise UserError(f"checkpoint {path} was trained with T={len(have)} timesteps, this run has T={len(want)}; "
+                        f"use schedule.num_timesteps={len(have)} (and its schedule) or start without ckpt_path")
+    i = next((i for i, (a, b) in enumerate(zip(have, want, strict=True))
+              if not math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-15)), None)
+    if i is not None:
+        raise UserError(f"checkpoint {path} was trained with other betas (T={len(have)} in both, betas[{i}]="
+                        f"{have[i]:.6g} there, {want[i]:.6g} here); use the schedule config of its run or start "
+                        "without ckpt_path")
+
+
+def _plain(value: Any) -> Any:
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def _fmt(value: Any) -> str:
+    """As a Hydra override would spell it: [1,2,2] rather than [1, 2, 2]."""
+    return "[" + ",".join(_fmt(v) for v in value) + "]" if isinstance(value, list) else str(value)
