@@ -16,6 +16,9 @@ CASES = [
     (["schedule.num_timesteps=0"], ["schedule.num_timesteps must be an integer >= 1, got 0"]),
     (["optim.optimizer.lr=-1"], ["optim.optimizer.lr must be > 0, got -1.0"]),
     (["callbacks.ema.decay=1.5"], ["callbacks.ema.decay must be in [0, 1), got 1.5"]),
+    (["data.batch_size=0"], ["data.batch_size must be >= 1, got 0"]),
+    (["loss.type=l1"], ["loss.type must be one of ['simple', 'vlb', 'hybrid'], got 'l1'"]),
+    (["trainer.accelerator=gpu"], ["no CUDA GPU is visible; use trainer=cpu"]),
     (["data=mnist", "data.image_size=30"], ["image_size 30", "not divisible"]),
     (["ckpt_path=/nonexistent/last.ckpt"], ["ckpt_path /nonexistent/last.ckpt does not exist"]),
 ]
@@ -61,3 +64,14 @@ def test_full_traceback_on_request(tmp_path):
                              "logger=none", f"hydra.run.dir={tmp_path}"], cwd=tmp_path, capture_output=True,
                             text=True, env=env, timeout=300)
     assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_readme_table_lists_every_case():
+    """docs/bad_inputs.md is generated from CASES by docs/bad_input_table.py: regenerate it when they change."""
+    from helpers import ROOT
+
+    table = (ROOT / "docs" / "bad_inputs.md").read_text()
+    for overrides, fragments in CASES:
+        row = next((line for line in table.splitlines() if line.startswith(f"| `{' '.join(overrides)}` |")), None)
+        assert row is not None, f"{overrides} missing: run docs/bad_input_table.py"
+        assert all(fragment.replace("|", "\\|") in row for fragment in fragments), row

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from diffusion.config import register_configs
-from diffusion.errors import UserError
+from diffusion.errors import Interrupted, UserError
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
@@ -155,6 +155,11 @@ def guarded(fn: Callable[[DictConfig], object], cfg: DictConfig):
     """Run fn(cfg); a UserError becomes one line on stderr and exit status 2 (HYDRA_FULL_ERROR=1: traceback)."""
     try:
         return fn(cfg)
+    except Interrupted as err:
+        overrides = [a for a in sys.argv[1:] if not a.startswith("ckpt_path=")]
+        print(f"error: {err}; resume with: python {Path(sys.argv[0]).name} {' '.join(overrides)} "
+              f"ckpt_path={err.checkpoint}", file=sys.stderr)
+        sys.exit(err.exit_code)
     except Exception as err:
         user_error = _user_error_in(err)
         if user_error is None or full_errors():

@@ -4,11 +4,13 @@ OmegaConf checks every key and type against these dataclasses while Hydra compos
 ranges and cross-group consistency before anything is built. YAML files in conf/ choose and override.
 """
 
+import os
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from diffusion.errors import UserError
 
@@ -75,6 +77,7 @@ class LossConfig:
     vlb_weight: float = 0.001
     min_snr_gamma: float | None = None
     timestep_sampler: str = "uniform"  # uniform | importance
+    on_nonfinite: str = "stop"  # stop: end the run (last good checkpoint kept) | skip: skip the step, counted
 
 
 @dataclass
@@ -187,6 +190,7 @@ class CheckpointConfig:
     every_n_train_steps: int = 10_000
     save_last: bool = True
     save_top_k: int = -1
+    enable_version_counter: bool = False  # a resumed run overwrites its own last.ckpt, not last-v1.ckpt
 
 
 @dataclass
@@ -227,6 +231,13 @@ class ScheduleLogConfig:
 
 
 @dataclass
+class RNGStateConfig:
+    """Every rank's torch/CUDA/numpy/Python RNG state in checkpoints: a resumed run continues bit for bit."""
+
+    _target_: str = "diffusion.callbacks.RNGState"
+
+
+@dataclass
 class CallbacksConfig:
     """Each callback may be switched off with `callbacks.<name>=null`."""
 
@@ -235,6 +246,7 @@ class CallbacksConfig:
     samples: SampleGridConfig | None = field(default_factory=SampleGridConfig)
     lr_monitor: LRMonitorConfig | None = field(default_factory=LRMonitorConfig)
     schedule_log: ScheduleLogConfig | None = field(default_factory=ScheduleLogConfig)
+    rng_state: RNGStateConfig | None = field(default_factory=RNGStateConfig)
 
 
 @dataclass
@@ -290,8 +302,19 @@ class SampleConfig:
     output_dir: str = "${hydra:runtime.output_dir}"
 
 
+def run_id() -> str:
+    """The run directory's name: the SLURM job (array task) id, stable across requeues, else the time."""
+    if os.environ.get("SLURM_ARRAY_JOB_ID"):
+        return f"slurm-{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID', '0')}"
+    if os.environ.get("SLURM_JOB_ID"):
+        return f"slurm-{os.environ['SLURM_JOB_ID']}"
+    return datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+
+
 def register_configs() -> None:
-    """Put every schema in Hydra's ConfigStore, as base_<group> or base_<group>_<option>."""
+    """Put every schema in Hydra's ConfigStore, as base_<group> or base_<group>_<option>; add ${run_id:}."""
+    if not OmegaConf.has_resolver("run_id"):
+        OmegaConf.register_new_resolver("run_id", run_id, use_cache=True)
     cs = ConfigStore.instance()
     cs.store(name="base_train", node=TrainConfig)
     cs.store(name="base_sample", node=SampleConfig)
@@ -334,6 +357,8 @@ def validate(cfg: DictConfig) -> None:
     _require(cfg.loss.timestep_sampler == "uniform" or cfg.loss.type != "simple", "loss.timestep_sampler",
              cfg.loss.timestep_sampler, "'uniform' with loss.type=simple (importance weights come from the bound)",
              "use loss.type=vlb or hybrid")
+    _require(cfg.loss.on_nonfinite in ("stop", "skip"), "loss.on_nonfinite", cfg.loss.on_nonfinite,
+             "'stop' or 'skip'", "try loss.on_nonfinite=stop")
     _require(cfg.loss.min_snr_gamma is None or cfg.loss.min_snr_gamma > 0, "loss.min_snr_gamma",
              cfg.loss.min_snr_gamma, "> 0 or null", "try loss.min_snr_gamma=5")
     _require(cfg.optim.optimizer.lr > 0, "optim.optimizer.lr", cfg.optim.optimizer.lr, "> 0",

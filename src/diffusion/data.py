@@ -4,6 +4,10 @@ Every split is first a dataset of uint8 (C, H, W) images; the loaders turn them 
 batches as x_uint8 / 127.5 - 1, so values lie exactly on the 256-level grid in [-1, 1] that the paper's
 discretized decoder assumes (Ho et al. 2020, Sec. 3.3). Labels are dropped. Nothing is downloaded unless
 ``download=True``; missing or empty data raise a one-line ``UserError`` before training starts.
+
+The train order and the flips are a function of (seed, epoch) alone (`EpochSampler`), and the train loader
+tells Lightning how far into the epoch it got (`ResumableLoader`), so a run resumed from a checkpoint taken in
+the middle of an epoch sees exactly the batches the uninterrupted run would have seen.
 """
 
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +21,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision import datasets
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms.v2.functional import pil_to_tensor
@@ -55,19 +59,76 @@ class _Images(Dataset):
 
 
 class _ModelInputs(Dataset):
-    """uint8 (C, H, W) images -> float32 in [-1, 1], each mirrored left-right with probability 1/2 if asked."""
+    """uint8 (C, H, W) images -> float32 in [-1, 1], by index or by (index, flip) as `EpochSampler` draws them."""
 
-    def __init__(self, images: Dataset, random_flip: bool):
-        self.images, self.random_flip = images, random_flip
+    def __init__(self, images: Dataset):
+        self.images = images
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> Tensor:
+    def __getitem__(self, key: int | tuple[int, bool]) -> Tensor:
+        index, flip = key if isinstance(key, tuple) else (key, False)
         x = self.images[index]  # (C, H, W) uint8
-        if self.random_flip and torch.rand(()) < 0.5:
-            x = x.flip(-1)
-        return to_model_range(x)
+        return to_model_range(x.flip(-1) if flip else x)
+
+
+class EpochSampler(DistributedSampler):
+    """This rank's share of a permutation drawn from (seed, epoch) alone, as (index, flip) pairs.
+
+    The flips (probability 1/2 each, if asked) come from the same draw, so they do not depend on which
+    process loads the image or on any global RNG. `start` skips this rank's first draws (a resumed epoch).
+    Ranks take every num_replicas-th draw; being a DistributedSampler, Lightning does not wrap it under DDP.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int, random_flip: bool, num_replicas: int = 1, rank: int = 0):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.random_flip, self.start = random_flip, 0
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        n = len(self.dataset)
+        order, flips = rng.permutation(n), (rng.random(n) < 0.5) & self.random_flip  # (N,), (N,)
+        mine = slice(self.rank + self.start * self.num_replicas, self.total_size, self.num_replicas)
+        return zip(order[mine].tolist(), flips[mine].tolist(), strict=True)
+
+
+class ResumableLoader(DataLoader):
+    """The train loader: Lightning saves its `state_dict` (epoch, batches served) in every checkpoint and
+    loads it on resume (its fit loop does so for any loader with state_dict/load_state_dict), so the resumed
+    epoch goes on with the batches the uninterrupted run would have drawn. Its sampler is an `EpochSampler`.
+
+    Batches are counted as they leave the loader, so workers fetching ahead do not shift the position.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._epoch, self._served, self._resuming = 0, 0, False  # the pass under way: its epoch, batches given
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self._epoch, "batches": self._served}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        epoch, served = state["epoch"], state["batches"]
+        if served >= len(self):  # saved after the epoch's last batch: the next epoch starts from its beginning
+            epoch, served = epoch + 1, 0
+        self._epoch, self._served, self._resuming = epoch, served, True
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        return self._batches()  # a generator: nothing is drawn before the first batch is asked for
+
+    def _batches(self):
+        if self._resuming:  # the restored position wins over the epoch Lightning set meanwhile
+            self.sampler.set_epoch(self._epoch)
+        else:
+            self._epoch, self._served = self.sampler.epoch, 0
+        self._resuming = False
+        self.sampler.start = self._served * self.batch_size
+        for batch in super().__iter__():
+            self._served += 1
+            yield batch
+        self.sampler.set_epoch(self._epoch + 1)  # a whole pass (outside Lightning, which sets it): a new order
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -82,6 +143,8 @@ class ImageDataModule(L.LightningDataModule):
             raise UserError(f"data.batch_size must be >= 1, got {batch_size}; try data.batch_size=128")
         if num_workers < 0:
             raise UserError(f"data.num_workers must be >= 0, got {num_workers}; try data.num_workers=0")
+        if seed < 0:
+            raise UserError(f"data.seed must be >= 0, got {seed}; try data.seed=0")
         self.root, self.batch_size, self.num_workers = Path(root).expanduser(), batch_size, num_workers
         self.download, self.seed, self.random_flip = download, seed, random_flip
         self.channels, self.image_size = channels, image_size
@@ -120,19 +183,22 @@ class ImageDataModule(L.LightningDataModule):
             self._splits[split] = images
         return self._splits[split]
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(_ModelInputs(self._split("train"), self.random_flip), train=True)
+    def train_dataloader(self) -> ResumableLoader:
+        """Shuffled and flipped as (seed, epoch) say, this rank's share under DDP, last partial batch dropped."""
+        trainer = self.trainer
+        dataset = _ModelInputs(self._split("train"))
+        sampler = EpochSampler(dataset, self.seed, self.random_flip, num_replicas=trainer.world_size if trainer else 1,
+                               rank=trainer.global_rank if trainer else 0)
+        return ResumableLoader(dataset, sampler=sampler, drop_last=True, **self._loader_kwargs())
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(_ModelInputs(self._split("val"), random_flip=False), train=False)
+        return DataLoader(_ModelInputs(self._split("val")), **self._loader_kwargs())
 
-    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
-        """Train: shuffled by a generator seeded with `seed` (reproducible), last partial batch dropped."""
-        return DataLoader(
-            dataset, batch_size=self.batch_size, shuffle=train, drop_last=train,
-            generator=torch.Generator().manual_seed(self.seed) if train else None,
-            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available())
+    def _loader_kwargs(self) -> dict:
+        # Each loader has its own generator, so starting an epoch never draws from the global RNG,
+        # which is the training noise's (DataLoader draws its workers' base seed from it otherwise).
+        return {"batch_size": self.batch_size, "num_workers": self.num_workers, "generator": torch.Generator(),
+                "persistent_workers": self.num_workers > 0, "pin_memory": torch.cuda.is_available()}
 
     def reference_images(self, split: str, max_images: int) -> Tensor:
         """The first `max_images` un-augmented images of `split` as uint8 (N, C, H, W), e.g. for FID."""
@@ -140,7 +206,8 @@ class ImageDataModule(L.LightningDataModule):
             raise UserError(f"max_images must be >= 1, got {max_images}; ask for at least one image")
         images = self._split(split)
         subset = Subset(images, range(min(len(images), max_images)))
-        return torch.cat(list(DataLoader(subset, batch_size=256, num_workers=self.num_workers)))
+        return torch.cat(list(DataLoader(subset, batch_size=256, num_workers=self.num_workers,
+                                         generator=torch.Generator())))  # leaves the global RNG alone
 
 
 class DigitsDataModule(ImageDataModule):

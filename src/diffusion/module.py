@@ -12,10 +12,15 @@ import torch
 from torch import Tensor
 from torchmetrics import MeanMetric
 
+from diffusion.errors import UserError
 from diffusion.gaussian import GaussianDiffusion
 from diffusion.likelihood import variational_bound
 from diffusion.losses import make_timestep_sampler, training_losses
 from diffusion.nn import UNet
+
+
+class NonFiniteLoss(UserError):
+    """The training loss became NaN or inf."""
 
 
 class DiffusionModule(L.LightningModule):
@@ -34,6 +39,7 @@ class DiffusionModule(L.LightningModule):
         val_timestep_fractions: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0),
         val_bpd_images: int = 16,
         loss_bins: int = 10,
+        on_nonfinite: str = "stop",
         optimizer: Callable | None = None,
         lr_scheduler: Callable | None = None,
     ):
@@ -47,6 +53,7 @@ class DiffusionModule(L.LightningModule):
         self.val_timesteps = sorted({round(f * (T - 1)) for f in val_timestep_fractions})
         self.loss_bins = min(loss_bins, T)
         self.train_bin_loss = torch.nn.ModuleList(MeanMetric() for _ in range(self.loss_bins))
+        self.nonfinite_skips = 0
 
     @property
     def num_timesteps(self) -> int:
@@ -64,12 +71,26 @@ class DiffusionModule(L.LightningModule):
         if out.vlb is not None:
             self._update_timestep_sampler(t, out.vlb)
         loss = (out.loss * weights).mean()
+        if not torch.isfinite(loss):
+            return self._nonfinite(loss)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/mse", out.mse.mean())
         if out.vlb is not None:
             self.log("train/vlb_bpd_term", out.vlb.mean())
         self._log_binned(t, out.mse.detach())
         return loss
+
+    def _nonfinite(self, loss: Tensor) -> None:
+        """A NaN/inf loss: skip the step (loss.on_nonfinite=skip, counted) or stop before anything is saved."""
+        if self.hparams.on_nonfinite == "skip":
+            self.nonfinite_skips += 1
+            self.log("train/nonfinite_skips", float(self.nonfinite_skips))
+            return None  # Lightning skips backward and the optimizer step
+        callback = self.trainer.checkpoint_callback if self._trainer is not None else None
+        last = getattr(callback, "last_model_path", "") or "none saved yet"
+        raise NonFiniteLoss(f"training loss is {loss.item()} at step {self.global_step}; nothing after the last "
+                            f"good checkpoint ({last}) was saved; lower optim.optimizer.lr, or set "
+                            "loss.on_nonfinite=skip to skip such steps")
 
     def _update_timestep_sampler(self, t: Tensor, vlb: Tensor) -> None:
         """Feed every rank's VLB terms to the importance sampler, so all ranks keep the same history."""
@@ -117,7 +138,9 @@ class DiffusionModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["timestep_sampler"] = self.timestep_sampler.state_dict()
+        checkpoint["nonfinite_skips"] = self.nonfinite_skips
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "timestep_sampler" in checkpoint:
             self.timestep_sampler.load_state_dict(checkpoint["timestep_sampler"])
+        self.nonfinite_skips = checkpoint.get("nonfinite_skips", 0)

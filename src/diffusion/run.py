@@ -10,8 +10,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torchvision.utils import save_image
 
-from diffusion.callbacks import SampleGrid, generate
+from diffusion.callbacks import GracefulInterrupt, SampleGrid, generate
 from diffusion.callbacks.samples import image_grid, to_unit
+from diffusion.checkpointing import AtomicCheckpointIO, check_checkpoint
 from diffusion.config import validate
 from diffusion.errors import UserError
 from diffusion.module import DiffusionModule
@@ -32,14 +33,23 @@ def build_module(cfg: DictConfig, channels: int, image_size: int, betas: torch.T
         timestep_sampler=cfg.loss.timestep_sampler,
         val_timestep_fractions=tuple(cfg.validation.timestep_fractions),
         val_bpd_images=cfg.validation.bpd_images,
+        on_nonfinite=cfg.loss.on_nonfinite,
         optimizer=instantiate(cfg.optim.optimizer),
         lr_scheduler=instantiate(cfg.optim.lr_scheduler) if cfg.optim.lr_scheduler is not None else None,
     )
 
 
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
-    """A checkpoint path as given, or for "last" the newest last.ckpt among this run name's earlier runs."""
+    """A checkpoint path as given, or for "last" the newest last.ckpt among this run name's earlier runs.
+
+    Without ckpt_path, a run directory that already holds checkpoints/last.ckpt (a requeued SLURM job:
+    its directory is keyed on the job id) resumes from it.
+    """
     if ckpt_path is None:
+        own = output_dir / "checkpoints" / "last.ckpt"
+        if own.is_file():
+            print(f"resuming from {own} (this run directory already has a checkpoint)")
+            return str(own)
         return None
     if ckpt_path == "last":
         found = sorted(output_dir.parent.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
@@ -73,7 +83,7 @@ def _finish_wandb(logger) -> None:
         os.environ.pop("WANDB_MODE", None)  # WandbLogger(offline=True) sets it for the whole process
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
+def train(cfg: DictConfig, extra_callbacks: tuple = ()) -> dict[str, float]:
     """Train per the config; save checkpoints, sample grids and logs under the run directory."""
     validate(cfg)
     output_dir = Path(cfg.paths.output_dir)
@@ -82,13 +92,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule = instantiate(cfg.data)
     module = build_module(cfg, datamodule.channels, datamodule.image_size, betas)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, output_dir)
+    if ckpt_path is not None:
+        check_checkpoint(ckpt_path, module.hparams)  # architecture, T, betas, parameterization, variance
     logger = _logger(cfg)
     # The LR monitor needs a logger; with logger=none it would stop the run, so it is left out.
     callbacks = [instantiate(c) for name, c in cfg.callbacks.items() if c is not None
                  and (logger is not None or name != "lr_monitor")]
+    callbacks = [GracefulInterrupt(), *callbacks, *extra_callbacks]  # first: its on_train_end precedes EMA's
     try:
-        trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger if logger else False,
-                              default_root_dir=str(output_dir))
+        trainer = instantiate(cfg.trainer, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
+                              logger=logger if logger else False, default_root_dir=str(output_dir))
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         grid = next((c for c in callbacks if isinstance(c, SampleGrid)), None)
@@ -124,9 +137,9 @@ def load_module(ckpt: str, map_location: str | torch.device = "cpu", weights: st
         raise UserError(f"ckpt {ckpt} does not exist; give the path of a .ckpt file from a training run")
     if weights not in ("ema", "raw"):
         raise UserError(f"weights must be 'ema' or 'raw', got {weights!r}; try weights=ema")
+    state = check_checkpoint(ckpt)
     module = DiffusionModule.load_from_checkpoint(ckpt, map_location=map_location)
     if weights == "raw":
-        state = torch.load(ckpt, map_location=map_location, weights_only=True)
         if "current_model_state" not in state:
             raise UserError(f"{ckpt} holds no raw weights (trained without EMA); use weights=ema")
         module.load_state_dict(state["current_model_state"])
