@@ -12,7 +12,8 @@ from diffusion.cli import guarded, precheck
 def main(cfg: DictConfig):
     from diffusion import run  # imported here so that `--help` and config errors stay fast
 
-    return guarded(run.train, cfg)
+    # The value of cfg.optimized_metric (what a sweeper such as Optuna optimizes), else None.
+    return guarded(lambda c: run.objective(c, run.train(c)), cfg)
 
 
 if __name__ == "__main__":

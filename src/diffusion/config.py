@@ -284,6 +284,7 @@ class TrainConfig:
     logger: WandbConfig | None = MISSING
     paths: PathsConfig = MISSING
     paper_card: dict[str, Any] = field(default_factory=dict)  # what the paper reports for this recipe (logged)
+    optimized_metric: str | None = None  # a logged metric train.py returns (a sweeper's objective), e.g. val/fid
 
 
 @dataclass

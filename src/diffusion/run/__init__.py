@@ -1,6 +1,6 @@
 """What the entry points run: train(cfg), sample(cfg), and the helpers tests reach for."""
 
 from diffusion.run.sampling import load_module, sample
-from diffusion.run.training import build_module, resolve_ckpt_path, train
+from diffusion.run.training import build_module, objective, resolve_ckpt_path, train
 
-__all__ = ["build_module", "load_module", "resolve_ckpt_path", "sample", "train"]
+__all__ = ["build_module", "load_module", "objective", "resolve_ckpt_path", "sample", "train"]

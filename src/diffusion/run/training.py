@@ -128,3 +128,13 @@ def _final_grid(trainer: L.Trainer, module: DiffusionModule, grid: SampleGrid, o
         if hasattr(logger, "log_image"):
             logger.log_image("samples/final_ema", [str(path)], step=trainer.global_step)
     return path
+
+
+def objective(cfg: DictConfig, metrics: dict[str, float]) -> float | None:
+    """The value of cfg.optimized_metric among the run's final metrics (what `train.py` returns to a sweeper)."""
+    if cfg.optimized_metric is None:
+        return None
+    if cfg.optimized_metric not in metrics:
+        raise UserError(f"optimized_metric={cfg.optimized_metric} was not logged by this run (logged: "
+                        f"{', '.join(sorted(metrics))}); pick one of those, e.g. optimized_metric=val/loss")
+    return metrics[cfg.optimized_metric]
