@@ -1,0 +1,167 @@
+"""FID (vs train and vs the held-out split), KID, IS and precision/recall of fresh samples during training.
+
+Every N steps and at the end, M samples are drawn with the EMA weights and scored by `SampleQuality`. The M
+samples are fixed chunks of `batch_size`; chunk k starts from a generator seeded seed + k, and under DDP rank
+r draws chunks r, r + W, ...: the union of the samples, and so the score, does not depend on the number of
+processes. The reference features are extracted at the first evaluation only.
+"""
+
+import sys
+from collections.abc import Mapping
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+
+from diffusion.callbacks.samples import generate
+from diffusion.errors import UserError
+from diffusion.metrics.quality import SampleQuality, describe, make_protocol, protocol_id, shard_chunks
+
+SCORES = ("fid", "kid", "kid_std", "precision", "recall")
+SHOWN = ("val/fid", "val/fid_test", "val/is", "val/kid", "val/precision", "val/recall")  # in the printed line
+
+
+def to_uint8(x: Tensor) -> Tensor:
+    """[-1, 1] -> uint8, rounding to the nearest level: what a saved PNG of the sample holds."""
+    return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def metric_names(scores: dict[str, float], splits: tuple[str, ...]) -> dict[str, float]:
+    """SampleQuality's keys -> logged names: vs train `val/fid`, vs val (the held-out split) `val/fid_test`."""
+    named = {}
+    for split in splits:
+        suffix = "" if split == "train" else "_test" if split == "val" else f"_{split}"
+        named.update({f"val/{score}{suffix}": scores[f"{score}_{split}"] for score in SCORES})
+    named.update({f"val/{key}": scores[key] for key in ("is", "is_std") if key in scores})
+    return named
+
+
+class SampleQualityCallback(L.Callback):
+    """Every `every_n_steps` steps (0: never) and at the end of training: sample, score, log, print one line."""
+
+    def __init__(self, every_n_steps: int = 10_000, num_samples: int = 1000, batch_size: int = 250,
+                 sampler: dict | None = None, seed: int = 0, feature_extractor="digits",
+                 reference_splits: tuple[str, ...] = ("train", "val"), max_reference_images: int | None = None,
+                 weights: str = "ema", at_train_end: bool = True):
+        if every_n_steps < 0:
+            raise UserError(f"callbacks.quality.every_n_steps must be >= 0, got {every_n_steps}; 0 turns it off")
+        if num_samples < 4:
+            raise UserError(f"callbacks.quality.num_samples must be >= 4, got {num_samples}; try 1000")
+        if batch_size < 1:
+            raise UserError(f"callbacks.quality.batch_size must be >= 1, got {batch_size}; try 250")
+        if weights not in ("ema", "raw"):
+            raise UserError(f"callbacks.quality.weights must be 'ema' or 'raw', got {weights!r}; try ema")
+        if not reference_splits:
+            raise UserError("callbacks.quality.reference_splits is empty; try [train,val]")
+        self.every_n_steps, self.num_samples, self.batch_size, self.seed = every_n_steps, num_samples, batch_size, seed
+        self.sampler = dict(sampler or {"name": "ddim", "steps": 50})
+        spec = feature_extractor
+        self.feature_extractor = dict(spec) if isinstance(spec, Mapping) else spec  # plain values, picklable
+        self.reference_splits, self.max_reference_images = tuple(reference_splits), max_reference_images
+        self.weights, self.at_train_end = weights, at_train_end
+        self.metric: SampleQuality | None = None
+        self.last_scores: dict[str, float] = {}
+        self.protocol: dict | None = None
+        self._last_step, self._logged_protocol = -1, None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+            self.evaluate(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.at_train_end and trainer.global_step != self._last_step:
+            self.evaluate(trainer, pl_module, at_end=True)
+
+    def _net(self, trainer: L.Trainer, pl_module: L.LightningModule, at_end: bool) -> tuple[torch.nn.Module, str]:
+        """The EMA network if asked for and there is one, else the raw one; and which it is.
+
+        At the end of training EMA's on_train_end may already have copied the average into pl_module; the
+        averaged copy is unchanged by that, so `ema` is never averaged twice, but `raw` may be gone.
+        """
+        ema = next((cb for cb in trainer.callbacks if hasattr(cb, "averaged_module")), None)
+        averaged = ema.averaged_module() if ema is not None else None
+        if self.weights == "ema" and averaged is not None:
+            return averaged.net, "ema"
+        if self.weights == "ema":
+            rank_zero_warn("callbacks.quality.weights=ema but there is no EMA callback: scoring the raw weights")
+        elif averaged is not None and at_end and all(
+                torch.equal(a, b) for a, b in zip(pl_module.net.parameters(), averaged.net.parameters(), strict=True)):
+            return pl_module.net, "ema"  # the raw weights were overwritten: say what is really scored
+        return pl_module.net, "raw"
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Before the first step: the data module and the extractor (a missing Inception file fails here)."""
+        if stage != "fit" or self.metric is not None or (self.every_n_steps == 0 and not self.at_train_end):
+            return  # switched off (every_n_steps=0, at_train_end=false): no extractor is built
+        if not hasattr(trainer.datamodule, "reference_images"):
+            raise UserError("callbacks.quality needs a data module with reference_images() (fit(datamodule=...)); "
+                            "or set callbacks.quality=null")
+        self.metric = SampleQuality(self.feature_extractor).to(pl_module.device)
+
+    def _set_references(self, trainer: L.Trainer) -> None:
+        """The real images' features, at the first evaluation only (every rank takes part)."""
+        for split in self.reference_splits:
+            images = trainer.datamodule.reference_images(split, self.max_reference_images or sys.maxsize)
+            self.metric.set_reference(split, images, batch_size=self.batch_size)
+
+    def generate_and_update(self, metric: SampleQuality, net, pl_module, rank: int, world_size: int) -> None:
+        """This rank's chunks of the M samples into the metric: chunk k from the generator seeded seed + k."""
+        c, s, device = pl_module.net.in_channels, pl_module.net.image_size, pl_module.device
+        chunks = shard_chunks(self.num_samples, self.batch_size, rank, world_size)
+        for k, start, stop in chunks:
+            gen = torch.Generator(device=device).manual_seed(self.seed + k)
+            x_T = torch.randn(stop - start, c, s, s, generator=gen, device=device)
+            x0 = generate(net, pl_module.diffusion, x_T, self.sampler, gen)
+            metric.update(to_uint8(x0), torch.arange(start, stop))
+        if not chunks:  # fewer chunks than ranks: this one still takes part in the gather
+            metric.update(torch.zeros(0, c, s, s, dtype=torch.uint8), torch.zeros(0, dtype=torch.int64))
+
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, at_end: bool = False) -> dict[str, float]:
+        """Sample, score against every reference split, log to every logger and print one line on rank 0."""
+        self._last_step = trainer.global_step
+        if self.metric is None:
+            self.setup(trainer, pl_module, "fit")
+        self.metric.to(pl_module.device)  # a no-op after the first time
+        if not self.metric.references:
+            self._set_references(trainer)
+        net, weights = self._net(trainer, pl_module, at_end)
+        modes = [(m, m.training) for m in (pl_module, net)]
+        pl_module.eval()
+        net.eval()
+        try:
+            self.metric.reset()
+            self.generate_and_update(self.metric, net, pl_module, trainer.global_rank, trainer.world_size)
+            scores = self.metric.compute()  # gathers every rank's features
+        finally:
+            for module, mode in reversed(modes):
+                module.train(mode)
+        self.last_scores = metric_names(scores, self.reference_splits)
+        self.protocol = self._protocol(pl_module, weights)
+        self._log(trainer, pl_module)
+        return self.last_scores
+
+    def _protocol(self, pl_module: L.LightningModule, weights: str) -> dict:
+        metric = self.metric
+        return make_protocol(
+            num_generated=self.num_samples, extractor=metric.extractor, sampler=self.sampler, weights=weights,
+            reference_sizes={split: len(ref.features) for split, ref in metric.references.items()},
+            num_timesteps=pl_module.diffusion.num_timesteps, variance=pl_module.diffusion.variance, seed=self.seed,
+            settings=metric.settings(self.num_samples))
+
+    def _log(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in self.last_scores.items()})
+        pid = protocol_id(self.protocol)
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(self.last_scores, step=trainer.global_step)
+                if pid != self._logged_protocol:
+                    logger.log_hyperparams({"quality_protocol": self.protocol, "quality_protocol_id": pid})
+                    if isinstance(logger, WandbLogger):
+                        logger.experiment.summary.update({"quality_protocol": self.protocol,
+                                                          "quality_protocol_id": pid})
+        self._logged_protocol = pid
+        shown = {k: self.last_scores[k] for k in SHOWN if k in self.last_scores} or self.last_scores
+        pl_module.print(describe(shown, self.protocol))  # rank 0 only

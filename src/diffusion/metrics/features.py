@@ -1,0 +1,273 @@
+"""Feature extractors for sample-quality metrics: uint8 images (N, C, H, W) -> (features (N, D), logits or None).
+
+Each extractor has a `name`, `num_features`, and `weights_sha256` (over its state_dict), so that a score can
+say exactly which network made it. `DigitsFeatures` is a small CNN trained once on the digits train split
+and cached; `InceptionFeatures` is the standard FID/IS network (torch-fidelity's port of the 2015 TF graph);
+`ModuleFeatures` wraps any user module.
+"""
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from torch import Tensor, nn
+
+from diffusion.data import SPLIT_SEED, to_model_range
+from diffusion.errors import UserError
+
+DIGITS_CNN_VERSION = "v1"  # bump when the architecture or the training recipe changes: a new cache file
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's name in the torch hub cache
+INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
+
+
+def state_sha256(module: nn.Module) -> str:
+    """sha256 over the module's state_dict: every tensor's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def default_cache_dir() -> Path:
+    """$XDG_CACHE_HOME/diffusion, or ~/.cache/diffusion."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "diffusion"
+
+
+class FeatureExtractor(nn.Module):
+    """Base: forward(uint8 (N, C, H, W)) -> (float features (N, D), logits (N, K) or None); never trains."""
+
+    name: str = "features"
+    num_features: int | None = None
+
+    def __init__(self):
+        super().__init__()
+        self.weights_sha256 = ""
+
+    def train(self, mode: bool = True) -> "FeatureExtractor":
+        return super().train(False)  # always in eval mode, whatever the caller's module does
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise UserError(f"{self.name} takes uint8 images (N, C, H, W), got {images.dtype} of shape "
+                            f"{tuple(images.shape)}; convert with ((x + 1) * 127.5).round().to(torch.uint8)")
+        with torch.no_grad():
+            return self.extract(images)
+
+    def extract(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
+        raise NotImplementedError
+
+
+class ModuleFeatures(FeatureExtractor):
+    """Any module mapping uint8 images to features, or to (features, logits)."""
+
+    def __init__(self, module: nn.Module, name: str):
+        super().__init__()
+        self.module, self.name = module.eval().requires_grad_(False), name
+        self.weights_sha256 = state_sha256(module)
+
+    def extract(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
+        out = self.module(images)
+        features, logits = out if isinstance(out, tuple | list) else (out, None)
+        self.num_features = features.shape[1]
+        return features.flatten(1), logits
+
+
+# --- digits: a small CNN trained on the train split ------------------------------------------------------
+class DigitsCNN(nn.Module):
+    """1x8x8 digit in [-1, 1] -> (64-d features before the last ReLU, 10 logits).
+
+    The features are divided by `feature_scale`, their RMS over the train split, so that they are O(1) like
+    Inception's and KID's cubic kernel (x.y / D + 1)^3 stays in a sensible range.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # (B, 32, 4, 4)
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # (B, 64, 2, 2)
+            nn.Flatten(), nn.Linear(256, 64))  # (B, 64): the features
+        self.head = nn.Sequential(nn.ReLU(), nn.Linear(64, 10))
+        self.register_buffer("feature_scale", torch.tensor(1.0))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        h = self.body(x)  # (B, 64)
+        return h / self.feature_scale, self.head(h)
+
+
+def labelled_digits(split: str, val_size: int = 297) -> tuple[Tensor, Tensor]:
+    """The digits split exactly as DigitsDataModule makes it, with labels: uint8 (N, 1, 8, 8), int64 (N,)."""
+    digits = load_digits()
+    images = np.rint(digits.images * 255 / 16).astype(np.uint8)
+    train_idx, val_idx = train_test_split(np.arange(len(images)), test_size=val_size, stratify=digits.target,
+                                          random_state=SPLIT_SEED)
+    index = np.sort(train_idx if split == "train" else val_idx)
+    return torch.from_numpy(images[index]).unsqueeze(1), torch.from_numpy(digits.target[index]).long()
+
+
+def _shifted(x: Tensor) -> Tensor:
+    """Every translation by -1, 0, +1 pixel in each direction, background filled: (9, N, C, H, W)."""
+    padded = nn.functional.pad(x, (1, 1, 1, 1), value=-1.0)
+    H, W = x.shape[-2:]
+    return torch.stack([padded[..., i:i + H, j:j + W] for i in range(3) for j in range(3)])
+
+
+def train_digits_cnn(seed: int = 0, epochs: int = 20, batch_size: int = 64) -> tuple[DigitsCNN, float]:
+    """Train on the digits train split (Adam, 1-pixel shifts); return the net and its val-split accuracy."""
+    images, labels = labelled_digits("train")
+    shifted = _shifted(to_model_range(images))  # (9, N, 1, 8, 8)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):  # the caller's global RNG is left as it was
+        torch.manual_seed(seed)
+        net = DigitsCNN()
+    opt = torch.optim.Adam(net.parameters(), lr=2e-3, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
+    n = len(labels)
+    for _ in range(epochs):
+        order, shift = torch.randperm(n, generator=gen), torch.randint(9, (n,), generator=gen)
+        for i in range(0, n - batch_size + 1, batch_size):
+            idx = order[i:i + batch_size]
+            loss = nn.functional.cross_entropy(net(shifted[shift[idx], idx])[1], labels[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        sched.step()
+    net.eval()
+    val_images, val_labels = labelled_digits("val")
+    with torch.no_grad():
+        net.feature_scale.copy_(net.body(to_model_range(images)).square().mean().sqrt())
+        accuracy = (net(to_model_range(val_images))[1].argmax(1) == val_labels).double().mean().item()
+    return net, accuracy
+
+
+class DigitsFeatures(FeatureExtractor):
+    """`DigitsCNN` trained on the digits train split at first use (~5 s), then loaded from the cache.
+
+    The val split stays held out: its accuracy (`val_accuracy`, ~98%) is stored with the weights. Training is
+    seeded and single-threaded, so it is reproducible on one machine; `weights_sha256` names the result.
+    """
+
+    num_features = 64
+
+    def __init__(self, cache_dir: str | Path | None = None):
+        super().__init__()
+        self.name = f"digits-cnn-{DIGITS_CNN_VERSION}"
+        self.cache_path = Path(cache_dir or default_cache_dir()).expanduser() / f"{self.name}.pt"
+        self.trained_now = not self.cache_path.is_file()
+        state = _train_and_cache(self.cache_path) if self.trained_now else _load_cache(self.cache_path)
+        self.net = DigitsCNN()
+        self.net.load_state_dict(state["state_dict"])
+        self.net.eval().requires_grad_(False)
+        self.val_accuracy = float(state["val_accuracy"])
+        self.weights_sha256 = state_sha256(self.net)
+
+    def extract(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        if tuple(images.shape[1:]) != (1, 8, 8):
+            raise UserError(f"{self.name} takes 1x8x8 digits, got images of shape {tuple(images.shape[1:])}; "
+                            "use callbacks.quality.feature_extractor.name=inception for other data")
+        return self.net(to_model_range(images))
+
+
+def _train_and_cache(path: Path) -> dict:
+    """Train the digits CNN on one thread (reproducible, and fast on a busy CPU); write it atomically."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        net, accuracy = train_digits_cnn()
+    finally:
+        torch.set_num_threads(threads)
+    state = {"version": DIGITS_CNN_VERSION, "state_dict": net.state_dict(), "val_accuracy": accuracy}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+        os.replace(tmp, path)  # other processes see the old file or the whole new one, never half of it
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return state
+
+
+def _load_cache(path: Path) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise UserError(f"cached digits classifier {path} is unreadable ({type(err).__name__}: {err}); "
+                        "delete it and it is trained again") from err
+    if not isinstance(state, dict) or state.get("version") != DIGITS_CNN_VERSION:
+        raise UserError(f"cached digits classifier {path} is not version {DIGITS_CNN_VERSION}; "
+                        "delete it and it is trained again")
+    return state
+
+
+class InceptionFeatures(FeatureExtractor):
+    """InceptionV3 as torchmetrics uses it for FID/IS: 2048-d pool features and 1008 unbiased logits.
+
+    Images are resized to 299x299 (bilinear, antialiased, as torchmetrics' default); grey ones repeated to
+    RGB. Without `weights_path`, the weights are read from the torch hub cache, where torch-fidelity puts
+    them; nothing is downloaded.
+    """
+
+    num_features = 2048
+
+    def __init__(self, weights_path: str | None = None):
+        super().__init__()
+        from torchmetrics.image.fid import NoTrainInceptionV3
+
+        self.name = "inception-v3-compat"
+        path = Path(weights_path).expanduser() if weights_path else inception_weights_path()
+        if not path.is_file():
+            raise UserError(_missing_inception(path, given=weights_path is not None))
+        try:
+            self.net = NoTrainInceptionV3(self.name, ["2048", "logits_unbiased"], str(path))
+        except Exception as err:
+            raise UserError(f"cannot load Inception weights {path} ({type(err).__name__}); fetch {INCEPTION_URL} "
+                            "again") from err
+        self.weights_sha256 = state_sha256(self.net)
+
+    def extract(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        if images.shape[1] == 1:
+            images = images.expand(-1, 3, -1, -1)  # grey -> RGB
+        features, logits = self.net._torch_fidelity_forward(images)  # (N, 2048), (N, 1008)
+        return features, logits
+
+
+def inception_weights_path() -> Path:
+    """Where torch-fidelity downloads its Inception weights: <torch hub dir>/checkpoints/<file>."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+
+
+def _missing_inception(path: Path, given: bool) -> str:
+    option = f"callbacks.quality.feature_extractor.weights_path=/path/to/{INCEPTION_FILE}"
+    if given:
+        return f"Inception weights {path} not found; fetch {INCEPTION_URL} and set {option}"
+    return (f"Inception weights not found: put {INCEPTION_FILE} in {path.parent}/ (fetch it from {INCEPTION_URL} "
+            f"on a machine with internet), or set {option}")
+
+
+def make_feature_extractor(spec) -> FeatureExtractor:
+    """'digits' | 'inception' | {'name', 'weights_path', 'cache_dir'} | an nn.Module -> a FeatureExtractor."""
+    if isinstance(spec, FeatureExtractor):
+        return spec
+    if isinstance(spec, nn.Module):
+        return ModuleFeatures(spec, type(spec).__name__)
+    options = dict(spec) if isinstance(spec, Mapping) else {"name": spec}
+    name = options.pop("name", None)
+    allowed = {"digits": {"cache_dir"}, "inception": {"weights_path"}}
+    if name not in allowed:
+        raise UserError(f"feature_extractor must be 'digits', 'inception' or an nn.Module, got {name!r}; "
+                        "try callbacks.quality.feature_extractor.name=digits")
+    options = {k: v for k, v in options.items() if v is not None}
+    if set(options) - allowed[name]:
+        raise UserError(f"feature_extractor {name} takes {sorted(allowed[name])}, got {sorted(options)}; "
+                        "remove the others")
+    return DigitsFeatures(**options) if name == "digits" else InceptionFeatures(**options)

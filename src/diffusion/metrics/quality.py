@@ -1,0 +1,209 @@
+"""FID, KID, Inception Score and precision/recall from ONE pass of a feature extractor over each image.
+
+torchmetrics' FrechetInceptionDistance, KernelInceptionDistance and InceptionScore each own an extractor and
+run it again on the same images (three passes per sample, and three over the reference set at every
+evaluation), and none computes precision/recall. So `SampleQuality` runs the extractor once, keeps the
+features, and reuses torchmetrics' functional math (`_compute_fid`, KID's `poly_mmd`) on them.
+
+Generated features are metric states reduced by concatenation, so torchmetrics gathers them from every DDP
+rank in `compute()`; each carries its sample index, and everything is computed in index order, so the scores
+do not depend on how the samples were spread over ranks. Reference features are computed once per run by
+`set_reference` and survive `reset()`.
+"""
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.image.fid import _compute_fid
+from torchmetrics.image.kid import poly_mmd
+from torchmetrics.utilities import dim_zero_cat
+from torchmetrics.utilities.distributed import gather_all_tensors
+
+from diffusion.errors import UserError
+from diffusion.metrics.features import FeatureExtractor, make_feature_extractor
+
+
+def shard_chunks(n: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[tuple[int, int, int]]:
+    """Chunks (k, start, stop) of range(n) in fixed blocks of batch_size; rank r takes k = r, r + W, ..."""
+    return [(k, k * batch_size, min(n, (k + 1) * batch_size)) for k in range(rank, -(-n // batch_size), world_size)]
+
+
+def knn_radii(features: Tensor, k: int, chunk: int = 1024) -> Tensor:
+    """Distance from each row to its k-th nearest other row (Kynkäänniemi et al. 2019, Eq. 1's radii)."""
+    return torch.cat([torch.cdist(features[i:i + chunk], features).kthvalue(k + 1, dim=1).values  # +1: itself
+                      for i in range(0, len(features), chunk)])
+
+
+def manifold_coverage(points: Tensor, centers: Tensor, radii: Tensor, chunk: int = 1024) -> float:
+    """Share of `points` inside at least one ball (center, radius): Kynkäänniemi et al. 2019, Eq. 1-3."""
+    inside = [(torch.cdist(points[i:i + chunk], centers) <= radii).any(dim=1) for i in range(0, len(points), chunk)]
+    return torch.cat(inside).double().mean().item()
+
+
+def inception_score(logits: Tensor, splits: int) -> tuple[float, float]:
+    """exp E_x KL(p(y|x) || p(y)) per split, mean and std over splits (Salimans et al. 2016)."""
+    log_p = logits.double().log_softmax(dim=1)  # (N, K)
+    scores = []
+    for part in log_p.chunk(splits):
+        log_marginal = part.exp().mean(dim=0).log()  # log p(y) over the split
+        scores.append((part.exp() * (part - log_marginal)).sum(dim=1).mean().exp())
+    scores = torch.stack(scores)
+    return scores.mean().item(), scores.std(unbiased=False).item()
+
+
+@dataclass
+class Reference:
+    """A real image set's features and the statistics every evaluation compares against."""
+
+    features: Tensor  # (N, D) float64
+    mu: Tensor  # (D,)
+    sigma: Tensor  # (D, D)
+    radii: Tensor  # (N,) k-NN radii for precision
+
+
+class SampleQuality(Metric):
+    """FID, KID, IS and precision/recall (k-NN, k=3) of generated uint8 images against named real sets."""
+
+    is_differentiable = False
+    higher_is_better = None
+    full_state_update = False
+
+    def __init__(self, feature_extractor="digits", k: int = 3, kid_subsets: int = 100, kid_subset_size: int = 1000,
+                 is_splits: int = 10, kid_seed: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        self.extractor: FeatureExtractor = make_feature_extractor(feature_extractor)
+        self.k, self.kid_subsets, self.kid_subset_size = k, kid_subsets, kid_subset_size
+        self.is_splits, self.kid_seed = is_splits, kid_seed
+        self.references: dict[str, Reference] = {}
+        self.add_state("gen_features", [], dist_reduce_fx="cat")
+        self.add_state("gen_logits", [], dist_reduce_fx="cat")
+        self.add_state("gen_index", [], dist_reduce_fx="cat")
+
+    def features(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
+        """One extractor pass: uint8 (N, C, H, W) -> float64 features (N, D), logits (N, K) or None."""
+        images = images.to(self.device)
+        if len(images) == 0:  # a rank without samples still sends (0, D) features when they are gathered
+            features, logits = self.extractor(images.new_zeros(1, *images.shape[1:]))
+            features, logits = features[:0], None if logits is None else logits[:0]
+        else:
+            features, logits = self.extractor(images)
+        return features.double(), None if logits is None else logits.double()
+
+    def update(self, images: Tensor, index: Tensor | None = None) -> None:
+        """Add generated uint8 images; `index` (N,) are their sample numbers (default: in order of arrival)."""
+        if index is None:
+            seen = sum(len(i) for i in self.gen_index)
+            index = torch.arange(seen, seen + len(images))
+        features, logits = self.features(images)
+        self.gen_features.append(features)
+        self.gen_index.append(index.to(self.device, torch.int64))
+        if logits is not None:
+            self.gen_logits.append(logits)
+
+    def set_reference(self, name: str, images: Tensor, batch_size: int = 256, shard: bool = True) -> None:
+        """Features and statistics of a real set, kept across reset(). Under DDP (with shard) every rank must
+        call it: each extracts fixed chunks k = rank, rank + W, ... and the chunks are gathered in order."""
+        if len(images) <= self.k:
+            raise UserError(f"reference {name!r} has {len(images)} images, need more than k={self.k}; "
+                            "raise max_reference_images")
+        distributed = shard and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+        mine = shard_chunks(len(images), batch_size, rank, world)
+        local = [self.features(images[start:stop])[0] for _, start, stop in mine]
+        local = torch.cat(local) if local else self.features(images[:0])[0]
+        gathered = gather_all_tensors(local, self.process_group) if distributed else [local]
+        chunks = {}
+        for r, part in enumerate(gathered):
+            ks = shard_chunks(len(images), batch_size, r, world)
+            chunks.update(zip([k for k, _, _ in ks], part.split([stop - start for _, start, stop in ks]), strict=True))
+        features = torch.cat([chunks[k] for k in sorted(chunks)])  # (N, D) in the images' order
+        self.references[name] = Reference(features, features.mean(0), torch.cov(features.T),
+                                          knn_radii(features, self.k))
+
+    def is_splits_for(self, n: int) -> int:
+        """IS splits: is_splits (10, the standard protocol) with at least 100 samples each, else fewer."""
+        return max(1, min(self.is_splits, n // 100))
+
+    def settings(self, num_generated: int) -> dict:
+        """How the numbers are computed (goes into the protocol)."""
+        kid = {"subsets": self.kid_subsets, "max_subset_size": self.kid_subset_size, "degree": 3, "seed": self.kid_seed}
+        return {"precision_recall_k": self.k, "kid": kid, "is_splits": self.is_splits_for(num_generated)}
+
+    def compute(self) -> dict[str, float]:
+        index = dim_zero_cat(self.gen_index)
+        order = index.argsort(stable=True)  # sample order, whatever rank made each sample
+        features = dim_zero_cat(self.gen_features)[order]  # (M, D) float64
+        if len(features) <= self.k:
+            raise UserError(f"sample quality needs more than k={self.k} generated samples, got {len(features)}; "
+                            "raise num_samples")
+        if not self.references:
+            raise UserError("sample quality has no reference set; call set_reference(name, images) first")
+        mu, sigma, radii = features.mean(0), torch.cov(features.T), knn_radii(features, self.k)
+        scores = {}
+        for name, ref in self.references.items():
+            ref_features = ref.features.to(features.device)
+            scores[f"fid_{name}"] = _compute_fid(ref.mu.to(mu.device), ref.sigma.to(mu.device), mu, sigma).item()
+            scores[f"kid_{name}"], scores[f"kid_std_{name}"] = self._kid(ref_features, features)
+            scores[f"precision_{name}"] = manifold_coverage(features, ref_features, ref.radii.to(features.device))
+            scores[f"recall_{name}"] = manifold_coverage(ref_features, features, radii)
+        if _nonempty(self.gen_logits):
+            logits = dim_zero_cat(self.gen_logits)[order]
+            scores["is"], scores["is_std"] = inception_score(logits, self.is_splits_for(len(logits)))
+        return scores
+
+    def _kid(self, real: Tensor, fake: Tensor) -> tuple[float, float]:
+        """KID (Binkowski et al. 2018): polynomial-kernel MMD² over random subsets, a fixed generator."""
+        m = min(self.kid_subset_size, len(real), len(fake))
+        gen = torch.Generator().manual_seed(self.kid_seed)
+        values = torch.stack([poly_mmd(real[torch.randperm(len(real), generator=gen)[:m].to(real.device)],
+                                       fake[torch.randperm(len(fake), generator=gen)[:m].to(fake.device)])
+                              for _ in range(self.kid_subsets)])
+        return values.mean().item(), values.std(unbiased=False).item()
+
+
+def _nonempty(state: list[Tensor] | Tensor) -> bool:
+    """A 'cat' state holds data: a non-empty list before sync, a non-empty tensor after."""
+    return len(state) > 0 if isinstance(state, list) else state.numel() > 0
+
+
+def make_protocol(*, num_generated: int, reference_sizes: dict[str, int], extractor: FeatureExtractor,
+                  sampler: dict, num_timesteps: int, variance: str, weights: str, seed: int,
+                  settings: dict | None = None) -> dict:
+    """Everything a score depends on besides the network: scores with different protocols are not comparable."""
+    name = sampler.get("name", "ddpm")
+    steps = num_timesteps if name == "ddpm" else sampler.get("steps") or num_timesteps
+    return {
+        "num_generated": num_generated,
+        "reference": {split: {"num_images": n, "augmentation": "none"} for split, n in reference_sizes.items()},
+        "extractor": extractor.name, "extractor_sha256": extractor.weights_sha256[:12],
+        "sampler": {"name": name, "steps": steps, "eta": sampler.get("eta", 0.0) if name == "ddim" else None,
+                    "spacing": sampler.get("spacing", "linspace") if name != "ddpm" else None,
+                    "clip_denoised": sampler.get("clip_denoised", True)},
+        "num_timesteps": num_timesteps, "variance": variance, "weights": weights, "seed": seed,
+        "settings": settings or {},
+    }
+
+
+def protocol_id(protocol: dict) -> str:
+    """A short stable hash of the protocol (8 hex digits of sha256 over its sorted JSON)."""
+    return hashlib.sha256(json.dumps(protocol, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def describe(scores: dict[str, float], protocol: dict) -> str:
+    """One line: 'val/fid 3.21 · val/is 8.90 ... [protocol ab12cd34: 1000 samples ddim-50 η=0 ema vs ...]'."""
+    values = " · ".join(f"{k} {_fmt(v)}" for k, v in scores.items())
+    s = protocol["sampler"]
+    sampler = f"{s['name']}-{s['steps']}" + (f" η={s['eta']:g}" if s["eta"] is not None else "")
+    refs = "/".join(f"{split} {r['num_images']}" for split, r in protocol["reference"].items())
+    return (f"{values} [protocol {protocol_id(protocol)}: {protocol['num_generated']} samples {sampler} "
+            f"{protocol['weights']} vs {refs}, {protocol['extractor']} sha {protocol['extractor_sha256'][:8]}]")
+
+
+def _fmt(value: float) -> str:
+    return "nan" if math.isnan(value) else f"{value:.4g}"

@@ -1,0 +1,304 @@
+"""Sample-quality metrics: FID/KID/IS against independent numpy/scipy math, precision/recall limits, the digits
+classifier and its cache, the Inception error, a real Trainer run, and DDP = one process."""
+
+import csv
+import os
+import socket
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import yaml
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+
+from diffusion.callbacks import EMA
+from diffusion.callbacks.quality import SampleQualityCallback, to_uint8
+from diffusion.data import DigitsDataModule
+from diffusion.errors import UserError
+from diffusion.metrics import DigitsFeatures, InceptionFeatures, ModuleFeatures, SampleQuality, make_feature_extractor
+from diffusion.metrics.features import INCEPTION_FILE, INCEPTION_URL, labelled_digits
+from diffusion.metrics.quality import make_protocol, protocol_id, shard_chunks
+from diffusion.module import DiffusionModule
+from diffusion.schedules import linear_beta_schedule
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small tensors on a shared 2-core machine: one thread is many times faster than two fighting."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def digits_cache(tmp_path_factory) -> Path:
+    """A cache dir holding the digits classifier, trained once for this module."""
+    path = tmp_path_factory.mktemp("cache")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    first = DigitsFeatures(cache_dir=path)
+    torch.set_num_threads(threads)
+    assert first.trained_now
+    return path
+
+
+def flat_metric(**kwargs) -> SampleQuality:
+    """The metric over raw pixels (features = the flattened uint8 image), so tests can choose the features."""
+    return SampleQuality(ModuleFeatures(nn.Flatten(), "pixels"), **kwargs)
+
+
+def random_images(gen: torch.Generator, n: int, low: int = 0, high: int = 256, size: int = 4) -> torch.Tensor:
+    return torch.randint(low, high, (n, 1, size, size), generator=gen, dtype=torch.uint8)
+
+
+# --- the math against independent computations ---------------------------------------------------------
+def test_fid_equals_scipy_sqrtm_in_float64(gen):
+    real, fake = random_images(gen, 300), random_images(gen, 200, 40, 220)
+    metric = flat_metric(kid_subsets=1)
+    metric.set_reference("r", real)
+    metric.update(fake)
+    x, y = real.flatten(1).numpy().astype(np.float64), fake.flatten(1).numpy().astype(np.float64)
+    s1, s2 = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+    expected = ((x.mean(0) - y.mean(0)) ** 2).sum() + np.trace(s1 + s2 - 2 * scipy.linalg.sqrtm(s1 @ s2).real)
+    assert metric.compute()["fid_r"] == pytest.approx(expected, rel=1e-9)
+
+
+def test_kid_with_whole_sets_equals_the_unbiased_mmd(gen):
+    real, fake = random_images(gen, 60), random_images(gen, 60, 30, 256)
+    metric = flat_metric(kid_subsets=3, kid_subset_size=60)
+    metric.set_reference("r", real)
+    metric.update(fake)
+    x, y = real.flatten(1).double().numpy(), fake.flatten(1).double().numpy()
+    def kernel(a, b):
+        return (a @ b.T / a.shape[1] + 1) ** 3  # Binkowski et al. 2018: the cubic polynomial kernel
+
+    m = len(x)
+    kxx, kyy, kxy = kernel(x, x), kernel(y, y), kernel(x, y)
+    expected = ((kxx.sum() - np.trace(kxx)) + (kyy.sum() - np.trace(kyy))) / (m * (m - 1)) - 2 * kxy.mean()
+    scores = metric.compute()
+    assert scores["kid_r"] == pytest.approx(expected, rel=1e-9)
+    assert scores["kid_std_r"] == pytest.approx(0, abs=1e-6 * abs(expected))  # every subset is the whole set
+
+
+def test_inception_score_equals_numpy(gen):
+    logits = torch.randn(400, 7, generator=gen, dtype=torch.float64) * 3
+    extractor = ModuleFeatures(_Logits(logits), "logits")
+    metric = SampleQuality(extractor, is_splits=4)
+    metric.set_reference("r", _numbered(range(100)))
+    metric.update(_numbered(range(400)))
+    p = torch.softmax(logits, 1).numpy()
+    per_split = [np.exp((q * (np.log(q) - np.log(q.mean(0)))).sum(1).mean()) for q in np.split(p, 4)]
+    scores = metric.compute()
+    assert scores["is"] == pytest.approx(np.mean(per_split), rel=1e-10)
+    assert scores["is_std"] == pytest.approx(np.std(per_split), rel=1e-8)
+
+
+def _numbered(numbers) -> torch.Tensor:
+    """Images (N, 1, 1, 2) holding the number i in two bytes."""
+    i = torch.tensor(list(numbers))
+    return torch.stack([i // 256, i % 256], 1).to(torch.uint8).view(-1, 1, 1, 2)
+
+
+class _Logits(nn.Module):
+    """Maps the image holding the number i to (two features of i, row i of fixed logits)."""
+
+    def __init__(self, logits: torch.Tensor):
+        super().__init__()
+        self.register_buffer("logits", logits)
+
+    def forward(self, images: torch.Tensor):
+        index = images[:, 0, 0, 0].long() * 256 + images[:, 0, 0, 1].long()
+        return torch.stack([index.double(), (index % 7).double()], 1), self.logits[index]
+
+
+def test_precision_recall_identical_sets_are_one_and_far_apart_sets_zero(gen):
+    images = random_images(gen, 80)
+    metric = flat_metric(kid_subsets=1)
+    metric.set_reference("same", images)
+    metric.set_reference("far", random_images(gen, 80, 0, 30))  # pixel values 0..29 vs ...
+    metric.update(images)
+    scores = metric.compute()
+    assert scores["precision_same"] == 1.0 and scores["recall_same"] == 1.0
+    metric.reset()
+    metric.update(random_images(gen, 80, 220, 256))  # ... 220..255: every distance far above every radius
+    scores = metric.compute()
+    assert scores["precision_far"] == 0.0 and scores["recall_far"] == 0.0
+
+
+def test_shard_chunks_cover_every_sample_once_whatever_the_world_size():
+    for world in (1, 2, 3, 8):
+        chunks = sorted(c for r in range(world) for c in shard_chunks(103, 10, r, world))
+        assert chunks == [(k, 10 * k, min(103, 10 * k + 10)) for k in range(11)]
+
+
+def test_protocol_id_is_stable_and_changes_with_the_protocol(digits_cache):
+    extractor = DigitsFeatures(cache_dir=digits_cache)
+    kwargs = dict(num_generated=1000, reference_sizes={"train": 1500, "val": 297}, extractor=extractor,
+                  sampler={"name": "ddim", "steps": 50}, num_timesteps=1000, variance="fixed_large", seed=0)
+    ema, raw = make_protocol(weights="ema", **kwargs), make_protocol(weights="raw", **kwargs)
+    assert protocol_id(ema) == protocol_id(make_protocol(weights="ema", **kwargs))
+    assert protocol_id(ema) != protocol_id(raw) and len(protocol_id(ema)) == 8
+    assert ema["extractor_sha256"] == extractor.weights_sha256[:12]
+    assert ema["reference"]["val"] == {"num_images": 297, "augmentation": "none"}
+
+
+# --- the digits classifier and real digits --------------------------------------------------------------
+def test_digits_classifier_is_cached_and_held_out_accuracy_high(digits_cache):
+    files = list(digits_cache.glob("*.pt"))
+    assert [f.name for f in files] == ["digits-cnn-v1.pt"]
+    again = DigitsFeatures(cache_dir=digits_cache)
+    assert not again.trained_now  # loaded, not retrained
+    assert again.val_accuracy >= 0.9
+    assert again.weights_sha256 == make_feature_extractor({"name": "digits", "cache_dir": str(digits_cache)}
+                                                          ).weights_sha256
+    # Trained on exactly the data module's train split: its val split is held out.
+    datamodule = DigitsDataModule()
+    assert torch.equal(labelled_digits("train")[0], datamodule.reference_images("train", 10**6))
+    assert torch.equal(labelled_digits("val")[0], datamodule.reference_images("val", 10**6))
+
+
+def test_real_digits_score_near_zero_and_noise_far(digits_cache, gen):
+    datamodule = DigitsDataModule()
+    metric = SampleQuality({"name": "digits", "cache_dir": str(digits_cache)})
+    metric.set_reference("train", datamodule.reference_images("train", 10**6))
+    metric.update(datamodule.reference_images("val", 10**6))  # held-out real digits
+    real = metric.compute()
+    metric.reset()
+    metric.update(torch.randint(0, 256, (297, 1, 8, 8), generator=gen, dtype=torch.uint8))
+    noise = metric.compute()
+    assert noise["fid_train"] > 50 * real["fid_train"]
+    assert noise["kid_train"] > 50 * abs(real["kid_train"])
+    assert real["precision_train"] > 0.8 and real["recall_train"] > 0.8 and noise["recall_train"] < 0.2
+    assert real["is"] > 7 and noise["is"] < 4  # ten balanced, well-recognised classes vs one blur of guesses
+
+
+def test_digits_extractor_rejects_other_shapes(digits_cache):
+    with pytest.raises(UserError, match="1x8x8"):
+        DigitsFeatures(cache_dir=digits_cache)(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
+
+
+def test_unknown_extractor_is_a_one_line_error():
+    with pytest.raises(UserError, match="got 'vgg'") as err:
+        make_feature_extractor("vgg")
+    assert "\n" not in str(err.value)
+
+
+# --- Inception -------------------------------------------------------------------------------------------
+def test_missing_inception_weights_are_a_one_line_error_naming_the_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(UserError) as err:
+        make_feature_extractor({"name": "inception", "weights_path": None, "cache_dir": None})
+    message = str(err.value)
+    assert "\n" not in message
+    assert f"put {INCEPTION_FILE} in {tmp_path / 'hub' / 'checkpoints'}/" in message
+    assert INCEPTION_URL in message and "feature_extractor.weights_path=" in message
+
+
+@pytest.mark.slow
+def test_inception_features_from_a_weights_file(tmp_path):
+    """Random Inception weights in the file format torch-fidelity reads; grey images are repeated to RGB."""
+    from torchmetrics.image.fid import NoTrainInceptionV3
+
+    class Unloaded(NoTrainInceptionV3):
+        def load_state_dict(self, state_dict, strict=True, assign=False):
+            return None  # keep the random init
+
+    torch.save({}, tmp_path / "empty.pth")
+    torch.manual_seed(0)
+    torch.save(Unloaded("x", ["2048"], str(tmp_path / "empty.pth")).state_dict(), tmp_path / INCEPTION_FILE)
+    extractor = InceptionFeatures(str(tmp_path / INCEPTION_FILE))
+    grey = torch.randint(0, 256, (2, 1, 8, 8), dtype=torch.uint8)
+    features, logits = extractor(grey)
+    assert features.shape == (2, 2048) and logits.shape == (2, 1008) and len(extractor.weights_sha256) == 64
+    torch.testing.assert_close(extractor(grey.repeat(1, 3, 1, 1))[0], features)
+
+
+# --- the callback: a real Trainer, and DDP = one process ------------------------------------------------
+def tiny_module() -> DiffusionModule:
+    """An untrained 1x8x8 U-Net (ch=8) over T=10 steps: the same weights in every process."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return DiffusionModule(net=dict(in_channels=1, out_channels=1, ch=8, ch_mult=(1, 2), num_res_blocks=1,
+                                        attn_resolutions=(), dropout=0.0, image_size=8, num_groups=4),
+                               betas=linear_beta_schedule(10).tolist())
+
+
+def quality_callback(cache: str, **kwargs) -> SampleQualityCallback:
+    return SampleQualityCallback(sampler={"name": "ddim", "steps": 3}, seed=1, max_reference_images=200,
+                                 feature_extractor={"name": "digits", "cache_dir": cache}, **kwargs)
+
+
+def test_callback_in_a_trainer_logs_every_n_steps_and_at_the_end(tmp_path, digits_cache, capsys):
+    module, callback = tiny_module(), quality_callback(str(digits_cache), every_n_steps=2, num_samples=40,
+                                                      batch_size=16)
+    trainer = L.Trainer(max_steps=5, accelerator="cpu", devices=1, logger=CSVLogger(tmp_path, name="run"),
+                        callbacks=[EMA(decay=0.9), callback], enable_checkpointing=False, enable_progress_bar=False,
+                        limit_val_batches=0, num_sanity_val_steps=0, log_every_n_steps=1, enable_model_summary=False)
+    trainer.fit(module, datamodule=DigitsDataModule(batch_size=32))
+    log_dir = Path(trainer.logger.log_dir)
+    rows = [r for r in csv.DictReader(open(log_dir / "metrics.csv")) if r.get("val/fid")]
+    assert [int(r["step"]) for r in rows] == [2, 4, 5]  # every 2 steps, and the end (step 5)
+    assert {"val/fid", "val/fid_test", "val/is", "val/kid", "val/precision", "val/recall"} <= set(rows[0])
+    assert float(rows[-1]["val/fid"]) == pytest.approx(callback.last_scores["val/fid"], rel=1e-6)
+    assert trainer.callback_metrics["val/fid_test"].item() == pytest.approx(callback.last_scores["val/fid_test"])
+    hparams = yaml.safe_load(open(log_dir / "hparams.yaml"))
+    assert hparams["quality_protocol_id"] == protocol_id(callback.protocol)
+    assert callback.protocol["weights"] == "ema" and callback.protocol["reference"]["val"]["num_images"] == 200
+    out = capsys.readouterr().out
+    assert out.count(f"[protocol {protocol_id(callback.protocol)}: 40 samples ddim-3 η=0 ema vs train 200/val 200") == 3
+    module.train()
+    callback.evaluate(trainer, module)
+    assert module.training  # put back as it was
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _scores(cache: str, rank: int, world: int) -> list[dict[str, float]]:
+    """The callback's sharded sampling + the synced metric, for uneven shards and for a rank with none."""
+    module, results = tiny_module(), []
+    reference = DigitsDataModule().reference_images("train", 200)
+    for num_samples, batch_size in ((50, 8), (6, 8)):  # chunks 4 + 3 over 2 ranks; 1 + 0
+        callback = quality_callback(cache, every_n_steps=0, num_samples=num_samples, batch_size=batch_size)
+        metric = SampleQuality(callback.feature_extractor)
+        metric.set_reference("train", reference, batch_size=batch_size)
+        callback.generate_and_update(metric, module.net.eval(), module, rank, world)
+        results.append(metric.compute())
+    return results
+
+
+def _ddp_worker(rank: int, world: int, port: int, cache: str, out: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        results = _scores(cache, rank, world)
+        torch.save(results, Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.ddp
+def test_two_processes_score_the_same_samples_as_one(tmp_path, digits_cache):
+    single = _scores(str(digits_cache), 0, 1)
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(digits_cache), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        for ddp, one in zip(torch.load(tmp_path / f"rank{rank}.pt"), single, strict=True):
+            assert ddp.keys() == one.keys()
+            for key in one:
+                assert ddp[key] == pytest.approx(one[key], rel=1e-6, abs=1e-12), key
+
+
+def test_to_uint8_inverts_the_data_range():
+    levels = torch.arange(256, dtype=torch.uint8)
+    assert torch.equal(to_uint8(levels.float() / 127.5 - 1), levels)
