@@ -63,6 +63,7 @@ class UNetConfig:
     num_groups: int = 32
     resamp_with_conv: bool = True
     channels_last: bool = False  # NHWC inside the net: faster for large maps (GPU, CIFAR-size CPU), not for 8×8
+    compile: bool = False  # torch.compile the net for training (first steps slower while it compiles)
 
 
 @dataclass
@@ -220,6 +221,47 @@ class SampleGridConfig:
 
 
 @dataclass
+class FeatureExtractorConfig:
+    # auto: digits for the digits data, else inception | digits: a small CNN trained on the digits train split
+    # at first use and cached | inception: torchmetrics' InceptionV3 (FID's network), weights from a local file
+    name: str = "auto"
+    weights_path: str | None = None  # inception: default <torch hub>/checkpoints/weights-inception-2015-12-05-*.pth
+    cache_dir: str | None = None  # digits: default $XDG_CACHE_HOME/diffusion or ~/.cache/diffusion
+
+
+@dataclass
+class SampleQualityConfig:
+    """FID/IS/KID/precision/recall of EMA samples every N steps and at the end (val/fid, val/is, ...)."""
+
+    _target_: str = "diffusion.callbacks.SampleQualityCallback"
+    every_n_steps: int = 10_000  # 0: only at the end (at_train_end) or never
+    num_samples: int = 1000  # generated images per evaluation, shared out over the ranks
+    batch_size: int = 250
+    sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(name="ddim", steps=50))
+    seed: int = 0
+    feature_extractor: FeatureExtractorConfig = field(default_factory=FeatureExtractorConfig)
+    reference_splits: list[str] = field(default_factory=lambda: ["train", "val"])  # val/fid, val/fid_test
+    max_reference_images: int | None = None  # None: the whole split
+    weights: str = "ema"  # ema | raw
+    at_train_end: bool = True
+
+
+@dataclass
+class PaperFiguresConfig:
+    """The paper's figures (forward/reverse chains, reconstructions, interpolation, rate-distortion) during
+    training, as PNGs in <run>/figures/ and W&B images. Off by default: at_train_end=true or every_n_steps=N."""
+
+    _target_: str = "diffusion.callbacks.PaperFigures"
+    every_n_steps: int = 0
+    at_train_end: bool = False
+    split: str = "val"
+    num_images: int = 8
+    num_samples: int = 64
+    rd_images: int = 64  # images for the rate-distortion curve (the full bound: T network passes each)
+    seed: int = 0
+
+
+@dataclass
 class LRMonitorConfig:
     _target_: str = "lightning.pytorch.callbacks.LearningRateMonitor"
     logging_interval: str = "step"
@@ -238,15 +280,26 @@ class RNGStateConfig:
 
 
 @dataclass
+class RanksInSyncConfig:
+    """Under DDP: compare every rank's weight checksums every N steps and at the end (logs ddp/ranks_in_sync)."""
+
+    _target_: str = "diffusion.callbacks.RanksInSync"
+    every_n_steps: int = 1000
+
+
+@dataclass
 class CallbacksConfig:
     """Each callback may be switched off with `callbacks.<name>=null`."""
 
     checkpoint: CheckpointConfig | None = field(default_factory=CheckpointConfig)
     ema: EMAConfig | None = field(default_factory=EMAConfig)
     samples: SampleGridConfig | None = field(default_factory=SampleGridConfig)
+    quality: SampleQualityConfig | None = field(default_factory=SampleQualityConfig)
+    figures: PaperFiguresConfig | None = field(default_factory=PaperFiguresConfig)
     lr_monitor: LRMonitorConfig | None = field(default_factory=LRMonitorConfig)
     schedule_log: ScheduleLogConfig | None = field(default_factory=ScheduleLogConfig)
     rng_state: RNGStateConfig | None = field(default_factory=RNGStateConfig)
+    ddp_check: RanksInSyncConfig | None = field(default_factory=RanksInSyncConfig)
 
 
 @dataclass
@@ -303,6 +356,76 @@ class SampleConfig:
     output_dir: str = "${hydra:runtime.output_dir}"
 
 
+@dataclass
+class FiguresConfig:
+    """figures.py: the paper's figures of a checkpoint (Figs. 5-9, Table 3); steps left null follow T."""
+
+    ckpt: str = MISSING
+    data: DataConfig = MISSING  # the data the model was trained on: its first images of `split` are drawn
+    model: UNetConfig | None = None  # unused (the checkpoint holds the net); set by data options' overrides
+    paths: PathsConfig = MISSING
+    split: str = "val"
+    num_images: int = 8  # data images in the forward, reconstruction, interpolation figures; chains in Fig. 6
+    num_samples: int = 64  # the sample grid
+    num_reconstructions: int = 6  # completions per x_t (Fig. 7)
+    num_lambdas: int = 9  # interpolation weights evenly spaced in [0, 1] (Fig. 8)
+    rd_images: int = 64  # images of the rate-distortion curve (T network passes over them)
+    forward_steps: list[int] | None = None  # default 0, T/10, T/4, T/2, 3T/4, T-1
+    reverse_steps: list[int] | None = None  # default 0, T/10, ..., T-1
+    reconstruction_steps: list[int] | None = None  # default as forward_steps
+    interpolation_steps: list[int] | None = None  # default T/2
+    seed: int = 0
+    weights: str = "ema"  # ema | raw
+    device: str = "auto"
+    output_dir: str = "${hydra:runtime.output_dir}"
+
+
+@dataclass
+class BpdConfig:
+    """NLL in bits/dim: the full variational bound (T network passes per image) on real held-out images."""
+
+    enabled: bool = True
+    split: str = "val"  # the data module's held-out split (the test set's role)
+    num_images: int | None = None  # None: the whole split
+    batch_size: int = 100
+
+
+@dataclass
+class SamplerTableConfig:
+    """Time and quality of several samplers on the same checkpoint: samplers.md and samplers.png."""
+
+    enabled: bool = False
+    num_samples: int | None = None  # None: evaluate's num_samples
+    samplers: list[SamplerConfig] = field(default_factory=lambda: [
+        SamplerConfig(name="ddpm"),
+        *(SamplerConfig(name="ddim", steps=k) for k in (10, 20, 50, 100)),
+        *(SamplerConfig(name="respaced", steps=k) for k in (50, 100, 250)),
+    ])
+
+
+@dataclass
+class EvaluateConfig:
+    name: str = "evaluate"
+    ckpt: str = MISSING
+    weights: str = "ema"  # ema | raw
+    num_samples: int | None = None  # None: 50,000 for CIFAR-10 (the paper's protocol), 1,000 otherwise
+    batch_size: int = 250
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)  # the paper's: ancestral, all T steps
+    seed: int = 0
+    feature_extractor: FeatureExtractorConfig = field(default_factory=FeatureExtractorConfig)
+    reference_splits: list[str] = field(default_factory=lambda: ["train", "val"])  # FID vs train (paper) and test
+    max_reference_images: int | None = None
+    bpd: BpdConfig = field(default_factory=BpdConfig)
+    sampler_table: SamplerTableConfig = field(default_factory=SamplerTableConfig)
+    accelerator: str = "auto"
+    devices: Any = "auto"  # auto: every GPU of the machine (else 1 CPU process)
+    progress_bar: bool = True
+    data: DataConfig = MISSING
+    logger: WandbConfig | None = MISSING
+    paths: PathsConfig = MISSING
+    output_dir: str = "${hydra:runtime.output_dir}"
+
+
 def run_id() -> str:
     """The run directory's name: the SLURM job (array task) id, stable across requeues, else the time."""
     if os.environ.get("SLURM_ARRAY_JOB_ID"):
@@ -319,6 +442,8 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="base_train", node=TrainConfig)
     cs.store(name="base_sample", node=SampleConfig)
+    cs.store(name="base_evaluate", node=EvaluateConfig)
+    cs.store(name="base_figures", node=FiguresConfig)
     for group, name, node in [
         ("schedule", "base_schedule_range", RangeScheduleConfig),
         ("schedule", "base_schedule_sigmoid", SigmoidScheduleConfig),
@@ -335,6 +460,9 @@ def register_configs() -> None:
         ("paths", "base_paths", PathsConfig),
     ]:
         cs.store(group=group, name=name, node=node)
+
+
+PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
 
 
 def _require(ok: bool, key: str, value: Any, rule: str, fix: str) -> None:
@@ -368,6 +496,13 @@ def validate(cfg: DictConfig) -> None:
     _require(0 <= cfg.model.dropout < 1, "model.dropout", cfg.model.dropout, "in [0, 1)", "try model.dropout=0.1")
     _require(cfg.trainer.max_steps >= 1, "trainer.max_steps", cfg.trainer.max_steps, ">= 1",
              "try trainer.max_steps=1000")
+    _require(str(cfg.trainer.precision) in PRECISIONS, "trainer.precision", cfg.trainer.precision,
+             f"one of {list(PRECISIONS)}", "try trainer.precision=bf16-mixed")
+    if str(cfg.trainer.precision) == "16-mixed" and cfg.trainer.accelerator == "cpu":
+        raise UserError("trainer.precision=16-mixed needs a CUDA GPU (fp16 autocast with gradient scaling), got "
+                        "trainer.accelerator=cpu; use trainer.precision=bf16-mixed on CPU")
+    _require(cfg.trainer.accumulate_grad_batches >= 1, "trainer.accumulate_grad_batches",
+             cfg.trainer.accumulate_grad_batches, ">= 1", "try trainer.accumulate_grad_batches=1")
     if cfg.trainer.accelerator in ("gpu", "cuda"):
         import torch
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.seed import reset_seed
 from torch import Tensor
 from torchmetrics import MeanMetric
 
@@ -40,6 +41,7 @@ class DiffusionModule(L.LightningModule):
         val_bpd_images: int = 16,
         loss_bins: int = 10,
         on_nonfinite: str = "stop",
+        compile: bool = False,
         optimizer: Callable | None = None,
         lr_scheduler: Callable | None = None,
     ):
@@ -52,8 +54,10 @@ class DiffusionModule(L.LightningModule):
         self.timestep_sampler = make_timestep_sampler(timestep_sampler, T)
         self.val_timesteps = sorted({round(f * (T - 1)) for f in val_timestep_fractions})
         self.loss_bins = min(loss_bins, T)
-        self.train_bin_loss = torch.nn.ModuleList(MeanMetric() for _ in range(self.loss_bins))
+        # No sync at compute: each rank already holds the global batch's values (see _log_binned).
+        self.train_bin_loss = torch.nn.ModuleList(MeanMetric(sync_on_compute=False) for _ in range(self.loss_bins))
         self.nonfinite_skips = 0
+        self._step_draw: tuple[Tensor, Tensor, Tensor] | None = None  # this optimizer step's (t, w, ε)
 
     @property
     def num_timesteps(self) -> int:
@@ -64,8 +68,7 @@ class DiffusionModule(L.LightningModule):
 
     def training_step(self, x0: Tensor, batch_idx: int) -> Tensor:
         # Algorithm 1: t ~ Uniform (or importance-sampled), ε ~ N(0, I), a gradient step on the loss.
-        t, weights = self.timestep_sampler.sample(x0.shape[0], x0.device)
-        noise = torch.randn_like(x0)
+        t, weights, noise = self._draw(x0, batch_idx)
         out = training_losses(self.net, self.diffusion, x0, t, noise, self.hparams.loss_type,
                               self.hparams.vlb_weight, self.hparams.min_snr_gamma)
         if out.vlb is not None:
@@ -73,12 +76,35 @@ class DiffusionModule(L.LightningModule):
         loss = (out.loss * weights).mean()
         if not torch.isfinite(loss):
             return self._nonfinite(loss)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/mse", out.mse.mean())
+        # Logged as the mean over ranks: the global batch's loss, comparable across device counts.
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
+        self.log("train/mse", out.mse.mean(), sync_dist=True)
         if out.vlb is not None:
             self.log("train/vlb_bpd_term", out.vlb.mean())
         self._log_binned(t, out.mse.detach())
         return loss
+
+    def _draw(self, x0: Tensor, batch_idx: int) -> tuple[Tensor, Tensor, Tensor]:
+        """t, importance weights and ε for this rank's images, drawn for the whole optimizer step and sliced.
+
+        Every rank seeds the same RNG and, at the first micro-batch of a step, draws (t, ε) for all
+        W ranks × A accumulated micro-batches × B images; micro-batch k of rank r keeps rows r, r + W, ...
+        of block k: the rows its images have in one big batch (`EpochSampler` deals images out the same
+        way). So ranks never share noise, and W devices × A micro-batches × B images train exactly as
+        1 device × W·A·B images (when an epoch's batch count is a multiple of A).
+        """
+        world, rank, accumulate = 1, 0, 1
+        if self._trainer is not None:
+            world, rank = self.trainer.world_size, self.trainer.global_rank
+            accumulate = self.trainer.accumulate_grad_batches
+        micro, B = batch_idx % accumulate, x0.shape[0]
+        if micro == 0 or self._step_draw is None or self._step_draw[2].shape[0] != world * accumulate * B:
+            n = world * accumulate * B
+            t, weights = self.timestep_sampler.sample(n, x0.device)  # (W·A·B,)
+            noise = torch.randn((n, *x0.shape[1:]), device=x0.device, dtype=x0.dtype)  # (W·A·B, C, H, W)
+            self._step_draw = (t, weights, noise)
+        rows = slice(micro * world * B + rank, (micro + 1) * world * B, world)
+        return tuple(x[rows] for x in self._step_draw)
 
     def _nonfinite(self, loss: Tensor) -> None:
         """A NaN/inf loss: skip the step (loss.on_nonfinite=skip, counted) or stop before anything is saved."""
@@ -94,12 +120,17 @@ class DiffusionModule(L.LightningModule):
 
     def _update_timestep_sampler(self, t: Tensor, vlb: Tensor) -> None:
         """Feed every rank's VLB terms to the importance sampler, so all ranks keep the same history."""
-        t_all, vlb_all = self.all_gather(t), self.all_gather(vlb.detach())
-        self.timestep_sampler.update(t_all.reshape(-1), vlb_all.reshape(-1))
+        t_all, vlb_all = self.all_gather(t), self.all_gather(vlb.detach())  # (W, B) under DDP, else (B,)
+        # rank-major (W, B) -> the global batch's own order (rows rank, rank + W, ...: see _draw)
+        self.timestep_sampler.update(t_all.T.reshape(-1), vlb_all.T.reshape(-1))
 
     def _log_binned(self, t: Tensor, mse: Tensor) -> None:
         """L_simple averaged within `loss_bins` equal ranges of t, logged per epoch: where schedules differ."""
         T, bins = self.num_timesteps, self.loss_bins
+        if self._trainer is not None and self.trainer.world_size > 1:
+            # Every rank bins the whole global batch (a few floats), so all ranks log the same bins: a bin
+            # logged on one rank only would leave the others waiting in its epoch-end sync.
+            t, mse = self.all_gather(t).reshape(-1), self.all_gather(mse).reshape(-1)
         which = t * bins // T
         for k, metric in enumerate(self.train_bin_loss):
             mask = which == k
@@ -135,6 +166,16 @@ class DiffusionModule(L.LightningModule):
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer=optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_fit_start(self) -> None:
+        # Lightning re-seeds every DDP rank from the run's seed when it sets up the process group (after the
+        # network was built); doing the same here in every case makes 1 device and N devices draw the same
+        # (t, ε) from step 0. A resumed run restores its saved RNG state at its first batch (RNGState).
+        reset_seed()
+        if self.hparams.compile:
+            # In place (nn.Module.compile): state_dict keys stay those of the plain net. Here, after the EMA
+            # callback copied the module in its setup, so the copy used for sampling is left uncompiled.
+            self.net.compile()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["timestep_sampler"] = self.timestep_sampler.state_dict()

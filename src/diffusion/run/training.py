@@ -5,21 +5,27 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 from torchvision.utils import save_image
 
-from diffusion.callbacks import GracefulInterrupt, SampleGrid, generate
+from diffusion.callbacks import GracefulInterrupt, SampleGrid, SampleQualityCallback, generate
 from diffusion.callbacks.samples import image_grid
 from diffusion.checkpointing import AtomicCheckpointIO, check_checkpoint
 from diffusion.config import validate
+from diffusion.data import DigitsDataModule
+from diffusion.distributed import JobDDPStrategy
 from diffusion.errors import UserError
+from diffusion.metrics.quality import describe
 from diffusion.module import DiffusionModule
 
 
 def build_module(cfg: DictConfig, channels: int, image_size: int, betas: torch.Tensor) -> DiffusionModule:
     """The LightningModule, with the network's channels and size taken from the data."""
-    net = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "_target_"}
+    net = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k not in ("_target_", "compile")}
     net.update(in_channels=channels, out_channels=channels, image_size=image_size)
     return DiffusionModule(
         net=net,
@@ -33,6 +39,7 @@ def build_module(cfg: DictConfig, channels: int, image_size: int, betas: torch.T
         val_timestep_fractions=tuple(cfg.validation.timestep_fractions),
         val_bpd_images=cfg.validation.bpd_images,
         on_nonfinite=cfg.loss.on_nonfinite,
+        compile=cfg.model.compile,
         optimizer=instantiate(cfg.optim.optimizer),
         lr_scheduler=instantiate(cfg.optim.lr_scheduler) if cfg.optim.lr_scheduler is not None else None,
     )
@@ -62,12 +69,26 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
     return ckpt_path
 
 
+def _sweep_info(cfg: DictConfig) -> dict:
+    """In a multirun job: a W&B group per sweep, the job's overrides as tags, and as config columns."""
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return {}
+    hydra = HydraConfig.get()
+    group = cfg.logger.group or f"{cfg.name}-{Path(hydra.sweep.dir).name}"
+    overrides = dict(o.split("=", 1) for o in hydra.overrides.task if "=" in o)
+    tags = [*cfg.logger.tags, *(f"{k}={v}"[:64] for k, v in overrides.items())]  # W&B caps a tag at 64 chars
+    name = f"{cfg.name}/{hydra.job.num}_{hydra.job.override_dirname}"[:128]
+    return {"wandb": {"group": group, "tags": tags, "name": name},
+            "config": {"sweep": {"group": group, "job": hydra.job.num, "overrides": overrides}}}
+
+
 def _logger(cfg: DictConfig):
     """The W&B logger (offline unless logger.offline=false), with the resolved config and the paper card."""
     if cfg.logger is None:
         return None
-    logger = instantiate(cfg.logger)
-    logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    sweep = _sweep_info(cfg)
+    logger = instantiate(cfg.logger, **sweep.get("wandb", {}))
+    logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), **sweep.get("config", {})})
     if cfg.paper_card:
         logger.experiment.summary.update({f"paper/{k}": v for k, v in cfg.paper_card.items()})
     return logger
@@ -82,6 +103,50 @@ def _finish_wandb(logger) -> None:
         os.environ.pop("WANDB_MODE", None)  # WandbLogger(offline=True) sets it for the whole process
 
 
+def _strategy(cfg: DictConfig, output_dir: Path, ckpt_path: str | None):
+    """trainer.strategy as given, except `ddp`: DDP whose extra ranks run this job alone (see distributed.py).
+
+    The launching process writes the job's resolved config for them, with the checkpoint it resolved.
+    """
+    if cfg.trainer.strategy != "ddp":
+        return cfg.trainer.strategy
+    path = output_dir / ".hydra" / "ddp_job.yaml"
+    if "LOCAL_RANK" not in os.environ:
+        job = OmegaConf.to_container(cfg, resolve=True)
+        job["ckpt_path"] = ckpt_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(job)))
+        os.replace(tmp, path)
+    return JobDDPStrategy(path)
+
+
+def _log_batch_size(trainer: L.Trainer, cfg: DictConfig) -> None:
+    """data.batch_size is per device: say what that makes per optimizer step, on screen and in the logger."""
+    per_device, accumulate = cfg.data.batch_size, cfg.trainer.accumulate_grad_batches
+    batch = {"per_device": per_device, "devices": trainer.world_size, "accumulate_grad_batches": accumulate,
+             "global": per_device * trainer.world_size * accumulate}
+    if trainer.world_size > 1 or accumulate > 1:
+        rank_zero_info(f"batch: {per_device} per device × {trainer.world_size} devices × {accumulate} accumulated "
+                       f"= {batch['global']} images per optimizer step")
+    for logger in trainer.loggers:
+        logger.log_hyperparams({"batch": batch})
+
+
+def _callbacks(cfg: DictConfig, logger, datamodule) -> list[L.Callback]:
+    """The configured callbacks. The LR monitor needs a logger (with logger=none it would stop the run), so it
+    is left out then; the quality callback's extractor `auto` becomes digits for the digits, else inception."""
+    callbacks = []
+    for name, node in cfg.callbacks.items():
+        if node is None or (name == "lr_monitor" and logger is None):
+            continue
+        if name == "quality" and node.feature_extractor.name == "auto":
+            extractor = "digits" if isinstance(datamodule, DigitsDataModule) else "inception"
+            node = OmegaConf.merge(node, {"feature_extractor": {"name": extractor}})
+        callbacks.append(instantiate(node))
+    return callbacks
+
+
 def train(cfg: DictConfig, extra_callbacks: tuple = ()) -> dict[str, float]:
     """Train per the config; save checkpoints, sample grids and logs under the run directory."""
     validate(cfg)
@@ -94,21 +159,27 @@ def train(cfg: DictConfig, extra_callbacks: tuple = ()) -> dict[str, float]:
     if ckpt_path is not None:
         check_checkpoint(ckpt_path, module.hparams)  # architecture, T, betas, parameterization, variance
     logger = _logger(cfg)
-    # The LR monitor needs a logger; with logger=none it would stop the run, so it is left out.
-    callbacks = [instantiate(c) for name, c in cfg.callbacks.items() if c is not None
-                 and (logger is not None or name != "lr_monitor")]
-    callbacks = [GracefulInterrupt(), *callbacks, *extra_callbacks]  # first: its on_train_end precedes EMA's
+    callbacks = [GracefulInterrupt(), *_callbacks(cfg, logger, datamodule), *extra_callbacks]
+    strategy = _strategy(cfg, output_dir, ckpt_path)
     try:
-        trainer = instantiate(cfg.trainer, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
-                              logger=logger if logger else False, default_root_dir=str(output_dir))
+        # partial: the strategy may be an object, which the schema's `strategy: str` field cannot hold
+        trainer = instantiate(cfg.trainer, _partial_=True)(
+            strategy=strategy, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
+            logger=logger if logger else False, default_root_dir=str(output_dir))
+        _log_batch_size(trainer, cfg)
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         grid = next((c for c in callbacks if isinstance(c, SampleGrid)), None)
         final = _final_grid(trainer, module, grid, output_dir) if grid is not None else None
     finally:
         _finish_wandb(logger)
-    if final is not None and trainer.is_global_zero:
-        print(f"samples: {final}")  # the last line `make train` prints
+        if isinstance(strategy, JobDDPStrategy):
+            strategy.end_job()
+    quality = next((c for c in callbacks if isinstance(c, SampleQualityCallback) and c.last_scores), None)
+    if trainer.is_global_zero and final is not None:
+        print(f"samples: {final}")
+    if trainer.is_global_zero and quality is not None:  # the last line `make train` prints
+        print(f"quality: {describe(quality.last_scores, quality.protocol)}")
     return metrics
 
 

@@ -1,0 +1,96 @@
+"""Evaluation of a trained model as a Lightning test loop, so it shards over every device with a progress bar.
+
+Dataloader 0 deals out chunks of the N generated samples (chunk k from a generator seeded seed + k, rank r
+taking k = r, r + W, ...: the samples do not depend on the device count); their features go into one
+`SampleQuality` metric that torchmetrics syncs across ranks. Dataloader 1 deals out this rank's share of
+the test images, for which the full variational bound is computed (T network evaluations per image,
+batched, with the discretized decoder L_0): NLL in bits/dim, Ho et al. 2020 Table 2.
+"""
+
+import time
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+from torchmetrics import MeanMetric, SumMetric
+
+from diffusion.callbacks.quality import to_uint8
+from diffusion.callbacks.samples import generate
+from diffusion.data import to_model_range
+from diffusion.likelihood import variational_bound
+from diffusion.metrics.quality import SampleQuality, shard_chunks
+from diffusion.module import DiffusionModule
+
+
+class Evaluator(L.LightningModule):
+    """`trainer.test(Evaluator(...))`: sample quality of N samples and/or bits/dim of test images."""
+
+    def __init__(self, model: DiffusionModule, sampler: dict, num_samples: int, batch_size: int, seed: int,
+                 metric: SampleQuality | None, references: dict[str, Tensor], bpd_images: Tensor | None,
+                 bpd_batch_size: int):
+        super().__init__()
+        self.model, self.metric = model.eval(), metric
+        self.sampler, self.num_samples, self.batch_size, self.seed = sampler, num_samples, batch_size, seed
+        self.references, self.bpd_images, self.bpd_batch_size = references, bpd_images, bpd_batch_size
+        self.bpd, self.prior_bpd, self.x0_mse = MeanMetric(), MeanMetric(), MeanMetric()
+        self.sampling_seconds = SumMetric()  # summed over ranks: device-seconds spent sampling
+        self.kinds: list[str] = []
+        self.results: dict = {}
+
+    def test_dataloader(self) -> list[DataLoader]:
+        rank, world = self.global_rank, self.trainer.world_size
+        loaders, self.kinds = [], []
+        if self.metric is not None:
+            chunks = shard_chunks(self.num_samples, self.batch_size, rank, world)  # [(k, start, stop)]
+            loaders.append(DataLoader(chunks, batch_size=None))
+            self.kinds.append("samples")
+        if self.bpd_images is not None:
+            n = len(self.bpd_images)
+            mine = self.bpd_images[rank * n // world:(rank + 1) * n // world]  # a contiguous share per rank
+            loaders.append(DataLoader(mine, batch_size=self.bpd_batch_size))
+            self.kinds.append("bpd")
+        return loaders
+
+    def on_test_start(self) -> None:
+        for name, images in self.references.items():  # every rank takes part: features computed in shards
+            self.metric.set_reference(name, images)
+
+    def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self.kinds[dataloader_idx] == "samples":
+            self._sample_chunk(*batch)
+        else:
+            self._bound(batch, batch_idx)
+
+    def _sample_chunk(self, k, start, stop) -> None:
+        """Chunk k of the N samples: x_T and the sampling noise from a generator seeded seed + k."""
+        net, c, s = self.model.net, self.model.net.in_channels, self.model.net.image_size
+        began = time.perf_counter()
+        gen = torch.Generator(device=self.device).manual_seed(self.seed + int(k))
+        x_T = torch.randn(int(stop) - int(start), c, s, s, generator=gen, device=self.device)
+        x0 = generate(net, self.model.diffusion, x_T, self.sampler, gen)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.sampling_seconds.update(time.perf_counter() - began)
+        self.metric.update(to_uint8(x0), torch.arange(int(start), int(stop)))
+
+    def _bound(self, images: Tensor, batch_idx: int) -> None:
+        """The full bound of a batch of test images (uint8), with the prior and decoder terms included."""
+        gen = torch.Generator(device=self.device).manual_seed(self.seed + 1_000_003 * (1 + self.global_rank)
+                                                              + batch_idx)
+        bound = variational_bound(self.model.net, self.model.diffusion, to_model_range(images), generator=gen)
+        self.bpd.update(bound.total_bpd)
+        self.prior_bpd.update(bound.prior_bpd)
+        self.x0_mse.update(bound.x0_mse)
+
+    def on_test_epoch_end(self) -> None:
+        if self.metric is not None:
+            if not self.metric.update_count:  # fewer chunks than ranks: this rank still joins the gather
+                c, s = self.model.net.in_channels, self.model.net.image_size
+                self.metric.update(torch.zeros(0, c, s, s, dtype=torch.uint8, device=self.device),
+                                   torch.zeros(0, dtype=torch.int64, device=self.device))
+            self.results["quality"] = self.metric.compute()
+            self.results["sampling_device_seconds"] = float(self.sampling_seconds.compute())
+        if self.bpd_images is not None:
+            self.results["nll"] = {"bpd": float(self.bpd.compute()), "prior_bpd": float(self.prior_bpd.compute()),
+                                   "x0_mse": float(self.x0_mse.compute())}

@@ -1,0 +1,164 @@
+"""evaluate(cfg): sample quality and bits/dim of a checkpoint, a JSON report, W&B summary, a sampler table."""
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from diffusion.data import CIFAR10DataModule, DigitsDataModule
+from diffusion.errors import UserError
+from diffusion.evaluation import Evaluator
+from diffusion.metrics.quality import SampleQuality, describe, make_protocol, protocol_id
+from diffusion.run.sampling import load_module
+
+PAPER_NUM_SAMPLES = 50_000  # Ho et al. 2020: FID and IS of 50,000 samples (CIFAR-10)
+SMALL_NUM_SAMPLES = 1_000  # every other data set, unless num_samples says otherwise
+
+
+def _setup(cfg: DictConfig):
+    """The checkpoint's module, the data it was trained on (checked by shape) and the feature extractor's name."""
+    if cfg.batch_size < 1 or (cfg.num_samples is not None and cfg.num_samples < 4):
+        raise UserError(f"num_samples must be >= 4 and batch_size >= 1, got {cfg.num_samples} and {cfg.batch_size}; "
+                        "try num_samples=1000 batch_size=250")
+    module = load_module(cfg.ckpt, "cpu", cfg.weights)
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    images = datamodule.reference_images("val", 1)
+    expected = (module.net.in_channels, module.net.image_size, module.net.image_size)
+    if tuple(images.shape[1:]) != expected:
+        raise UserError(f"data={datamodule.name} gives {tuple(images.shape[1:])} images but {cfg.ckpt} was trained "
+                        f"on {expected}; choose the data the model was trained on, e.g. data=cifar10")
+    extractor = cfg.feature_extractor.name
+    if extractor == "auto":
+        extractor = "digits" if isinstance(datamodule, DigitsDataModule) else "inception"
+    return module, datamodule, extractor
+
+
+def _trainer(cfg: DictConfig) -> L.Trainer:
+    """Every device of the machine (devices=auto), one process each; Lightning's progress bar with its ETA."""
+    accelerator = "gpu" if torch.cuda.is_available() and cfg.accelerator == "auto" else cfg.accelerator
+    devices = cfg.devices if cfg.devices != "auto" else (torch.cuda.device_count() if accelerator == "gpu" else 1)
+    return L.Trainer(accelerator=accelerator, devices=devices, strategy="ddp" if devices > 1 else "auto",
+                     logger=False, use_distributed_sampler=False, enable_checkpointing=False,
+                     enable_progress_bar=cfg.progress_bar, enable_model_summary=False)
+
+
+def _pass(cfg, module, datamodule, extractor: str, sampler: dict, num_samples: int, bpd: bool) -> tuple[dict, dict]:
+    """One test loop: scores (and bits/dim if asked) and the protocol they were made under."""
+    spec = {**OmegaConf.to_container(cfg.feature_extractor, resolve=True), "name": extractor}
+    metric = SampleQuality(feature_extractor=spec)
+    refs = {split: datamodule.reference_images(split, cfg.max_reference_images or sys.maxsize)
+            for split in cfg.reference_splits}
+    bpd_images = datamodule.reference_images(cfg.bpd.split, cfg.bpd.num_images or sys.maxsize) if bpd else None
+    evaluator = Evaluator(module, sampler, num_samples, cfg.batch_size, cfg.seed, metric, refs, bpd_images,
+                          cfg.bpd.batch_size)
+    trainer = _trainer(cfg)
+    began = time.perf_counter()
+    trainer.test(evaluator, verbose=False)
+    results = {**evaluator.results, "wall_seconds": time.perf_counter() - began, "devices": trainer.world_size}
+    protocol = make_protocol(
+        num_generated=num_samples, reference_sizes={split: len(r) for split, r in refs.items()},
+        extractor=metric.extractor, sampler=sampler, num_timesteps=module.diffusion.num_timesteps,
+        variance=module.diffusion.variance, weights=cfg.weights, seed=cfg.seed, settings=metric.settings(num_samples))
+    return results, protocol
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    """FID/IS/KID/precision/recall of N samples against the training set, NLL in bits/dim on the test split."""
+    module, datamodule, extractor = _setup(cfg)
+    default_n = PAPER_NUM_SAMPLES if isinstance(datamodule, CIFAR10DataModule) else SMALL_NUM_SAMPLES
+    num_samples = cfg.num_samples or default_n
+    sampler = OmegaConf.to_container(cfg.sampler, resolve=True)
+    results, protocol = _pass(cfg, module, datamodule, extractor, sampler, num_samples, bpd=cfg.bpd.enabled)
+    report = {"checkpoint": str(Path(cfg.ckpt).resolve()), "data": datamodule.name, "protocol": protocol,
+              "protocol_id": protocol_id(protocol), "quality": results["quality"], "nll": results.get("nll"),
+              "nll_protocol": {"split": cfg.bpd.split, "num_images": cfg.bpd.num_images, "decoder": "discretized",
+                               "num_timesteps": module.diffusion.num_timesteps} if cfg.bpd.enabled else None,
+              "timing": {"wall_seconds": results["wall_seconds"], "devices": results["devices"],
+                         "sampling_device_seconds": results["sampling_device_seconds"]}}
+    out = Path(cfg.output_dir)
+    if cfg.sampler_table.enabled:
+        report["sampler_table"] = sampler_table(cfg, module, datamodule, extractor, out)
+    if rank_zero_only.rank == 0:
+        _write(report, out, cfg)
+    return report
+
+
+def sampler_table(cfg: DictConfig, module, datamodule, extractor: str, out: Path) -> list[dict]:
+    """Each sampler of cfg.sampler_table.samplers: seconds per image and quality, as Markdown and a plot."""
+    rows = []
+    n = cfg.sampler_table.num_samples or cfg.num_samples or SMALL_NUM_SAMPLES
+    for sampler in OmegaConf.to_container(cfg.sampler_table.samplers, resolve=True):
+        results, protocol = _pass(cfg, module, datamodule, extractor, sampler, n, bpd=False)
+        steps = protocol["sampler"]["steps"]
+        label = f"{sampler['name']} {steps}" + (f" η={sampler.get('eta', 0):g}" if sampler["name"] == "ddim" else "")
+        rows.append({"sampler": label, "steps": steps, "seconds_per_image": results["sampling_device_seconds"] / n,
+                     **results["quality"], "protocol_id": protocol_id(protocol)})
+    if rank_zero_only.rank == 0:
+        _write_table(rows, n, extractor, out)
+    return rows
+
+
+def _write(report: dict, out: Path, cfg: DictConfig) -> None:
+    """The JSON report, the W&B summary (offline by default) and the lines `evaluate.py` prints."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    scores = {f"eval/{k}": v for k, v in report["quality"].items()}
+    if report["nll"] is not None:
+        scores.update({f"eval/{k}": v for k, v in report["nll"].items()})
+    if cfg.logger is not None:
+        logger = instantiate(cfg.logger)
+        logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "protocol": report["protocol"],
+                                "protocol_id": report["protocol_id"]})
+        logger.experiment.summary.update(scores)
+        import wandb
+
+        wandb.finish()
+    print(f"quality: {describe(_train_first(report['quality']), report['protocol'])}")
+    if report["nll"] is not None:
+        nll = report["nll"]
+        print(f"NLL: {nll['bpd']:.4f} bits/dim on {cfg.bpd.split} (prior term {nll['prior_bpd']:.2e})")
+    print(f"report: {out / 'report.json'}")
+
+
+def _train_first(quality: dict) -> dict:
+    order = ["fid_train", "is", "kid_train", "precision_train", "recall_train", "fid_val"]
+    return {k: quality[k] for k in order if k in quality} | {k: v for k, v in quality.items() if k not in order}
+
+
+def _write_table(rows: list[dict], n: int, extractor: str, out: Path) -> None:
+    """samplers.md (time and quality per sampler) and samplers.png (FID against seconds per image)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [f"Sampler comparison: {n} samples each, scores in the `{extractor}` feature space against the train "
+             "split (FID, KID) and of the samples alone (IS).", "",
+             "| sampler | steps | s / image | FID (train) | IS | KID (train) | precision | recall |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['sampler']} | {r['steps']} | {r['seconds_per_image']:.4f} | {r['fid_train']:.4g} | "
+                     f"{r.get('is', float('nan')):.3g} | {r['kid_train']:.3g} | {r['precision_train']:.3f} | "
+                     f"{r['recall_train']:.3f} |")
+    (out / "samplers.md").write_text("\n".join(lines) + "\n")
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for family in dict.fromkeys(r["sampler"].split()[0] for r in rows):
+        pts = [r for r in rows if r["sampler"].split()[0] == family]
+        ax.plot([r["seconds_per_image"] for r in pts], [r["fid_train"] for r in pts], "o-", label=family)
+        for r in pts:
+            ax.annotate(str(r["steps"]), (r["seconds_per_image"], r["fid_train"]), fontsize=7)
+    ax.set(xscale="log", xlabel="seconds per image", ylabel=f"FID ({extractor} features, train)",
+           title=f"Samplers: time vs quality ({n} samples)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "samplers.png", dpi=120)
+    plt.close(fig)
+    print(f"sampler table: {out / 'samplers.md'} and {out / 'samplers.png'}")

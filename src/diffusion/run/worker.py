@@ -1,0 +1,21 @@
+"""Ranks 1..N-1 of a DDP job, started by `diffusion.distributed.JobDDPStrategy`: python -m diffusion.run.worker CFG.
+
+CFG is the job's resolved config, written by rank 0: the same run directory, run id and checkpoint.
+"""
+
+import sys
+
+from omegaconf import OmegaConf
+
+from diffusion.cli import guarded
+from diffusion.config import register_configs
+from diffusion.run.training import train
+
+
+def main(config_path: str) -> None:
+    register_configs()
+    guarded(train, OmegaConf.load(config_path))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
