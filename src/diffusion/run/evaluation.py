@@ -84,18 +84,29 @@ def evaluate(cfg: DictConfig) -> dict:
                          "sampling_device_seconds": results["sampling_device_seconds"]}}
     out = Path(cfg.output_dir)
     if cfg.sampler_table.enabled:
-        report["sampler_table"] = sampler_table(cfg, module, datamodule, extractor, out)
+        report["sampler_table"] = sampler_table(cfg, module, datamodule, extractor, out,
+                                                done={_key(sampler, num_samples): (results, protocol)})
     if rank_zero_only.rank == 0:
         _write(report, out, cfg)
     return report
 
 
-def sampler_table(cfg: DictConfig, module, datamodule, extractor: str, out: Path) -> list[dict]:
-    """Each sampler of cfg.sampler_table.samplers: seconds per image and quality, as Markdown and a plot."""
+def _key(sampler: dict, n: int) -> str:
+    return json.dumps([sampler, n], sort_keys=True)
+
+
+def sampler_table(cfg: DictConfig, module, datamodule, extractor: str, out: Path, done: dict) -> list[dict]:
+    """Each sampler of cfg.sampler_table.samplers: seconds per image and quality, as Markdown and a plot.
+
+    `done` holds passes already made (the main one), reused when sampler and sample count are the same."""
     rows = []
     n = cfg.sampler_table.num_samples or cfg.num_samples or SMALL_NUM_SAMPLES
+    defaults = OmegaConf.to_container(cfg.sampler, resolve=True)
     for sampler in OmegaConf.to_container(cfg.sampler_table.samplers, resolve=True):
-        results, protocol = _pass(cfg, module, datamodule, extractor, sampler, n, bpd=False)
+        sampler = {**defaults, **sampler}
+        if _key(sampler, n) not in done:
+            done[_key(sampler, n)] = _pass(cfg, module, datamodule, extractor, sampler, n, bpd=False)
+        results, protocol = done[_key(sampler, n)]
         steps = protocol["sampler"]["steps"]
         label = f"{sampler['name']} {steps}" + (f" η={sampler.get('eta', 0):g}" if sampler["name"] == "ddim" else "")
         rows.append({"sampler": label, "steps": steps, "seconds_per_image": results["sampling_device_seconds"] / n,

@@ -1,0 +1,123 @@
+"""Schemas of the callbacks group: checkpoints, EMA, sample grids, quality metrics, figures, checks."""
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class CheckpointConfig:
+    _target_: str = "lightning.pytorch.callbacks.ModelCheckpoint"
+    dirpath: str = "${paths.output_dir}/checkpoints"
+    filename: str = "step{step:07d}"
+    auto_insert_metric_name: bool = False
+    every_n_train_steps: int = 10_000
+    save_last: bool = True
+    save_top_k: int = -1
+    enable_version_counter: bool = False  # a resumed run overwrites its own last.ckpt, not last-v1.ckpt
+
+
+@dataclass
+class EMAConfig:
+    _target_: str = "diffusion.callbacks.EMA"
+    decay: float = 0.9999
+    warmup: bool = True  # decay_n = min(decay, (1 + n) / (10 + n)): useful averages early in a run
+
+
+@dataclass
+class SamplerConfig:
+    name: str = "ddpm"  # ddpm (Algorithm 2) | ddim | respaced
+    steps: int | None = None  # for ddim / respaced: number of steps K
+    spacing: str = "linspace"  # linspace | leading | trailing
+    eta: float = 0.0
+    clip_denoised: bool = True
+
+
+@dataclass
+class SampleGridConfig:
+    _target_: str = "diffusion.callbacks.SampleGrid"
+    every_n_steps: int = 10_000
+    num_samples: int = 64
+    seed: int = 0
+    sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(name="ddim", steps=50))
+    final_sampler: SamplerConfig = field(default_factory=SamplerConfig)
+
+
+@dataclass
+class FeatureExtractorConfig:
+    # auto: digits for the digits data, else inception | digits: a small CNN trained on the digits train split
+    # at first use and cached | inception: torchmetrics' InceptionV3 (FID's network), weights from a local file
+    name: str = "auto"
+    weights_path: str | None = None  # inception: default <torch hub>/checkpoints/weights-inception-2015-12-05-*.pth
+    cache_dir: str | None = None  # digits: default $XDG_CACHE_HOME/diffusion or ~/.cache/diffusion
+
+
+@dataclass
+class SampleQualityConfig:
+    """FID/IS/KID/precision/recall of EMA samples every N steps and at the end (val/fid, val/is, ...)."""
+
+    _target_: str = "diffusion.callbacks.SampleQualityCallback"
+    every_n_steps: int = 10_000  # 0: only at the end (at_train_end) or never
+    num_samples: int = 1000  # generated images per evaluation, shared out over the ranks
+    batch_size: int = 250
+    sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(name="ddim", steps=50))
+    seed: int = 0
+    feature_extractor: FeatureExtractorConfig = field(default_factory=FeatureExtractorConfig)
+    reference_splits: list[str] = field(default_factory=lambda: ["train", "val"])  # val/fid, val/fid_test
+    max_reference_images: int | None = None  # None: the whole split
+    weights: str = "ema"  # ema | raw
+    at_train_end: bool = True
+
+
+@dataclass
+class PaperFiguresConfig:
+    """The paper's figures (forward/reverse chains, reconstructions, interpolation, rate-distortion) during
+    training, as PNGs in <run>/figures/ and W&B images. Off by default: at_train_end=true or every_n_steps=N."""
+
+    _target_: str = "diffusion.callbacks.PaperFigures"
+    every_n_steps: int = 0
+    at_train_end: bool = False
+    split: str = "val"
+    num_images: int = 8
+    num_samples: int = 64
+    rd_images: int = 64  # images for the rate-distortion curve (the full bound: T network passes each)
+    seed: int = 0
+
+
+@dataclass
+class LRMonitorConfig:
+    _target_: str = "lightning.pytorch.callbacks.LearningRateMonitor"
+    logging_interval: str = "step"
+
+
+@dataclass
+class ScheduleLogConfig:
+    _target_: str = "diffusion.callbacks.ScheduleLogger"
+
+
+@dataclass
+class RNGStateConfig:
+    """Every rank's torch/CUDA/numpy/Python RNG state in checkpoints: a resumed run continues bit for bit."""
+
+    _target_: str = "diffusion.callbacks.RNGState"
+
+
+@dataclass
+class RanksInSyncConfig:
+    """Under DDP: compare every rank's weight checksums every N steps and at the end (logs ddp/ranks_in_sync)."""
+
+    _target_: str = "diffusion.callbacks.RanksInSync"
+    every_n_steps: int = 1000
+
+
+@dataclass
+class CallbacksConfig:
+    """Each callback may be switched off with `callbacks.<name>=null`."""
+
+    checkpoint: CheckpointConfig | None = field(default_factory=CheckpointConfig)
+    ema: EMAConfig | None = field(default_factory=EMAConfig)
+    samples: SampleGridConfig | None = field(default_factory=SampleGridConfig)
+    quality: SampleQualityConfig | None = field(default_factory=SampleQualityConfig)
+    figures: PaperFiguresConfig | None = field(default_factory=PaperFiguresConfig)
+    lr_monitor: LRMonitorConfig | None = field(default_factory=LRMonitorConfig)
+    schedule_log: ScheduleLogConfig | None = field(default_factory=ScheduleLogConfig)
+    rng_state: RNGStateConfig | None = field(default_factory=RNGStateConfig)
+    ddp_check: RanksInSyncConfig | None = field(default_factory=RanksInSyncConfig)

@@ -1,0 +1,142 @@
+"""Schemas of the entry points' top-level configs: train, sample, figures, evaluate (and logger, paths)."""
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import MISSING
+
+from diffusion.config.callbacks import CallbacksConfig, FeatureExtractorConfig, SamplerConfig
+from diffusion.config.groups import (
+    DataConfig,
+    DiffusionConfig,
+    LossConfig,
+    OptimConfig,
+    ScheduleConfig,
+    TrainerConfig,
+    UNetConfig,
+    ValidationConfig,
+)
+
+
+@dataclass
+class WandbConfig:
+    _target_: str = "lightning.pytorch.loggers.WandbLogger"
+    project: str = "diffusion"
+    name: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    offline: bool = True  # files under the run directory; `wandb sync <dir>` uploads them later
+    save_dir: str = "${paths.output_dir}"
+    log_model: bool = False
+
+
+@dataclass
+class PathsConfig:
+    data_dir: str = "data"
+    output_dir: str = "${hydra:runtime.output_dir}"
+
+
+@dataclass
+class TrainConfig:
+    name: str = "default"
+    seed: int = 0
+    ckpt_path: str | None = None  # a checkpoint path, or "last": the newest last.ckpt of runs named `name`
+    schedule: ScheduleConfig = MISSING
+    model: UNetConfig = MISSING
+    data: DataConfig = MISSING
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    trainer: TrainerConfig = MISSING
+    callbacks: CallbacksConfig = MISSING
+    logger: WandbConfig | None = MISSING
+    paths: PathsConfig = MISSING
+    paper_card: dict[str, Any] = field(default_factory=dict)  # what the paper reports for this recipe (logged)
+    optimized_metric: str | None = None  # a logged metric train.py returns (a sweeper's objective), e.g. val/fid
+
+
+@dataclass
+class SampleConfig:
+    ckpt: str = MISSING
+    num_samples: int = 64
+    batch_size: int = 256
+    sampler: str = "ddpm"
+    steps: int | None = None
+    spacing: str = "linspace"
+    eta: float = 0.0
+    clip_denoised: bool = True
+    seed: int = 0
+    weights: str = "ema"  # ema | raw
+    device: str = "auto"
+    output_dir: str = "${hydra:runtime.output_dir}"
+
+
+@dataclass
+class FiguresConfig:
+    """figures.py: the paper's figures of a checkpoint (Figs. 5-9, Table 3); steps left null follow T."""
+
+    ckpt: str = MISSING
+    data: DataConfig = MISSING  # the data the model was trained on: its first images of `split` are drawn
+    model: UNetConfig | None = None  # unused (the checkpoint holds the net); set by data options' overrides
+    paths: PathsConfig = MISSING
+    split: str = "val"
+    num_images: int = 8  # data images in the forward, reconstruction, interpolation figures; chains in Fig. 6
+    num_samples: int = 64  # the sample grid
+    num_reconstructions: int = 6  # completions per x_t (Fig. 7)
+    num_lambdas: int = 9  # interpolation weights evenly spaced in [0, 1] (Fig. 8)
+    rd_images: int = 64  # images of the rate-distortion curve (T network passes over them)
+    forward_steps: list[int] | None = None  # default 0, T/10, T/4, T/2, 3T/4, T-1
+    reverse_steps: list[int] | None = None  # default 0, T/10, ..., T-1
+    reconstruction_steps: list[int] | None = None  # default as forward_steps
+    interpolation_steps: list[int] | None = None  # default T/2
+    seed: int = 0
+    weights: str = "ema"  # ema | raw
+    device: str = "auto"
+    output_dir: str = "${hydra:runtime.output_dir}"
+
+
+@dataclass
+class BpdConfig:
+    """NLL in bits/dim: the full variational bound (T network passes per image) on real held-out images."""
+
+    enabled: bool = True
+    split: str = "val"  # the data module's held-out split (the test set's role)
+    num_images: int | None = None  # None: the whole split
+    batch_size: int = 100
+
+
+@dataclass
+class SamplerTableConfig:
+    """Time and quality of several samplers on the same checkpoint: samplers.md and samplers.png."""
+
+    enabled: bool = False
+    num_samples: int | None = None  # None: evaluate's num_samples
+    samplers: list[SamplerConfig] = field(default_factory=lambda: [
+        SamplerConfig(name="ddpm"),
+        *(SamplerConfig(name="ddim", steps=k) for k in (10, 20, 50, 100)),
+        *(SamplerConfig(name="respaced", steps=k) for k in (50, 100, 250)),
+    ])
+
+
+@dataclass
+class EvaluateConfig:
+    name: str = "evaluate"
+    ckpt: str = MISSING
+    weights: str = "ema"  # ema | raw
+    num_samples: int | None = None  # None: 50,000 for CIFAR-10 (the paper's protocol), 1,000 otherwise
+    batch_size: int = 250
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)  # the paper's: ancestral, all T steps
+    seed: int = 0
+    feature_extractor: FeatureExtractorConfig = field(default_factory=FeatureExtractorConfig)
+    reference_splits: list[str] = field(default_factory=lambda: ["train", "val"])  # FID vs train (paper) and test
+    max_reference_images: int | None = None
+    bpd: BpdConfig = field(default_factory=BpdConfig)
+    sampler_table: SamplerTableConfig = field(default_factory=SamplerTableConfig)
+    accelerator: str = "auto"
+    devices: Any = "auto"  # auto: every GPU of the machine (else 1 CPU process)
+    progress_bar: bool = True
+    data: DataConfig = MISSING
+    logger: WandbConfig | None = MISSING
+    paths: PathsConfig = MISSING
+    output_dir: str = "${hydra:runtime.output_dir}"
