@@ -7,12 +7,12 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from helpers import run_script, train_cfg, wandb_records
 
 from diffusion import run
 from diffusion.evaluation import Evaluator
 from diffusion.run.training import build_module
 from diffusion.schedules import linear_beta_schedule
+from helpers import run_script, train_cfg, wandb_records
 
 EVAL = ["num_samples=16", "batch_size=8", "sampler.name=ddim", "sampler.steps=2", "bpd.num_images=8",
         "max_reference_images=64"]

@@ -88,6 +88,44 @@ def test_slurm_requeue_resumes_in_the_same_run_directory(tmp_path):
     assert [p.name for p in (outputs / "slurmtest").iterdir()] == ["slurm-4242"]
 
 
+@pytest.mark.slow
+def test_slurm_time_limit_signal_saves_requeues_and_the_requeued_job_resumes(tmp_path):
+    """SIGUSR2 (SLURM's --signal before the time limit) -> last.ckpt, `scontrol requeue <job>`, exit 140; the
+    requeued job (same id, so same run directory) resumes from it. scontrol is a fake that records its call."""
+    calls = tmp_path / "scontrol_calls"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    env = {**os.environ, "SLURM_JOB_ID": "5151", "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "train",
+           "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+    env.pop("SUBMITIT_PREEMPT_SIGNAL", None)
+    run_dir = tmp_path / "outputs" / "usr2" / "slurm-5151"
+    cmd = [sys.executable, str(ROOT / "train.py"), *LONG_RUN, "name=usr2", "logger=none",
+           "callbacks.checkpoint.every_n_train_steps=10"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (run_dir / "checkpoints" / "step0000010.ckpt").exists() and time.time() < deadline:
+        time.sleep(0.2)  # training has begun
+    proc.send_signal(signal.SIGUSR2)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGUSR2, stderr[-2000:]
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    last = [line for line in stderr.splitlines() if line.strip()][-1]
+    assert last.startswith("error: stopped by SIGUSR2 at step ") and f"checkpoint saved to {ckpt}" in last, last
+    assert "requeued SLURM job 5151 (scontrol requeue)" in last
+    assert calls.read_text().split() == ["requeue", "5151"]
+    step = torch.load(ckpt, weights_only=True)["global_step"]
+    assert step == int(last.split(" at step ")[1].split(";")[0]) > 0
+    requeued = subprocess.run([*cmd[:2], "debug=fast", "name=usr2", "callbacks.samples=null", "logger=none",
+                               f"trainer.max_steps={step + 2}"], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=300)
+    assert requeued.returncode == 0, requeued.stderr[-3000:]
+    assert f"resuming from {ckpt}" in requeued.stdout
+    assert torch.load(ckpt, weights_only=True)["global_step"] == step + 2
+    assert [p.name for p in run_dir.parent.iterdir()] == ["slurm-5151"]
+
+
 class PoisonAtStep(L.Callback):
     """Make the loss non-finite at one step by filling a weight with inf (restored after that step)."""
 

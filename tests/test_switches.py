@@ -3,9 +3,9 @@
 import lightning as L
 import pytest
 import torch
-from helpers import run_script, train_cfg
 
 from diffusion import run
+from helpers import run_script, train_cfg
 
 FAST = ["logger=none", "callbacks.samples=null", "trainer.max_steps=2"]
 

@@ -122,7 +122,8 @@ class DiffusionModule(L.LightningModule):
         """Feed every rank's VLB terms to the importance sampler, so all ranks keep the same history."""
         t_all, vlb_all = self.all_gather(t), self.all_gather(vlb.detach())  # (W, B) under DDP, else (B,)
         # rank-major (W, B) -> the global batch's own order (rows rank, rank + W, ...: see _draw)
-        self.timestep_sampler.update(t_all.T.reshape(-1), vlb_all.T.reshape(-1))
+        n = t.shape[0]
+        self.timestep_sampler.update(t_all.reshape(-1, n).T.reshape(-1), vlb_all.reshape(-1, n).T.reshape(-1))
 
     def _log_binned(self, t: Tensor, mse: Tensor) -> None:
         """L_simple averaged within `loss_bins` equal ranges of t, logged per epoch: where schedules differ."""
