@@ -77,8 +77,10 @@ def test_channels_last_trains_like_channels_first(tmp_path):
 @pytest.mark.slow
 def test_compile_trains_the_compiled_net_and_saves_plain_weights(tmp_path):
     probe = Probe()
-    metrics = run.train(train_cfg(tmp_path, *FAST, "model.compile=true"), extra_callbacks=(probe,))
+    # A thin net without attention: inductor's compile time grows with the graph, and it is the same code path.
+    metrics = run.train(train_cfg(tmp_path, *FAST, "model.compile=true", "model.ch=8", "model.attn_resolutions=[]"),
+                        extra_callbacks=(probe,))
     assert probe.compiled and torch.isfinite(torch.tensor(metrics["train/loss"]))
     assert not any("_orig_mod" in key for key in _raw_weights(tmp_path))
-    assert run.load_module(str(tmp_path / "checkpoints" / "last.ckpt")).net(torch.zeros(1, 1, 8, 8),
-                                                                            torch.zeros(1, dtype=torch.long)).shape
+    net = run.load_module(str(tmp_path / "checkpoints" / "last.ckpt")).net  # loads into an uncompiled net
+    assert net(torch.zeros(1, 1, 8, 8), torch.zeros(1, dtype=torch.long)).shape == (1, 1, 8, 8)

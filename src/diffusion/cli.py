@@ -13,8 +13,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -156,9 +158,13 @@ def guarded(fn: Callable[[DictConfig], object], cfg: DictConfig):
     try:
         return fn(cfg)
     except Interrupted as err:
-        overrides = [a for a in sys.argv[1:] if not a.startswith("ckpt_path=")]
-        print(f"error: {err}; resume with: python {Path(sys.argv[0]).name} {' '.join(overrides)} "
-              f"ckpt_path={err.checkpoint}", file=sys.stderr)
+        # The job's own overrides (under -m or submitit, sys.argv is the sweep's or submitit's command line)
+        multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+        task = list(HydraConfig.get().overrides.task) if multirun else sys.argv[1:]
+        overrides = [a for a in task if not a.startswith("ckpt_path=")]
+        script = Path(sys.argv[0]).name if sys.argv[0].endswith(".py") and "submitit" not in sys.argv[0] else "train.py"
+        print(f"error: {err}; resume with: python {script} {' '.join(overrides)} ckpt_path={err.checkpoint}",
+              file=sys.stderr)
         sys.exit(err.exit_code)
     except Exception as err:
         user_error = _user_error_in(err)
