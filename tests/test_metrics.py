@@ -302,3 +302,25 @@ def test_two_processes_score_the_same_samples_as_one(tmp_path, digits_cache):
 def test_to_uint8_inverts_the_data_range():
     levels = torch.arange(256, dtype=torch.uint8)
     assert torch.equal(to_uint8(levels.float() / 127.5 - 1), levels)
+
+
+class PixelFeatures(torch.nn.Module):
+    """A user's own extractor: raw pixels in [0, 1] as features."""
+
+    def forward(self, images):
+        return images.float().flatten(1) / 255
+
+
+def test_any_module_by_import_path_scores_real_vs_real_near_zero_and_noise_far():
+    extractor = make_feature_extractor({"name": "module", "target": f"{__name__}.PixelFeatures"})
+    assert extractor.name.endswith("PixelFeatures")
+    dm = DigitsDataModule(batch_size=8, num_workers=0, seed=0, random_flip=False, val_size=297)
+    metric = SampleQuality(feature_extractor=extractor, kid_subset_size=100, kid_subsets=10)
+    metric.set_reference("train", dm.reference_images("train", 600))
+    metric.update(dm.reference_images("val", 297))
+    real = metric.compute()["fid_train"]
+    metric.reset()
+    metric.update(torch.randint(0, 256, (297, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)))
+    assert real < 0.2 * metric.compute()["fid_train"]
+    with pytest.raises(UserError, match="cannot be imported"):
+        make_feature_extractor({"name": "module", "target": "no_such_package.Net"})

@@ -45,9 +45,11 @@ class SampleGridConfig:
 class FeatureExtractorConfig:
     # auto: digits for the digits data, else inception | digits: a small CNN trained on the digits train split
     # at first use and cached | inception: torchmetrics' InceptionV3 (FID's network), weights from a local file
+    # | module: your own network (target)
     name: str = "auto"
     weights_path: str | None = None  # inception: default <torch hub>/checkpoints/weights-inception-2015-12-05-*.pth
     cache_dir: str | None = None  # digits: default $XDG_CACHE_HOME/diffusion or ~/.cache/diffusion
+    target: str | None = None  # module: package.module.Class, any nn.Module mapping uint8 images to features
 
 
 @dataclass

@@ -7,6 +7,7 @@ and cached; `InceptionFeatures` is the standard FID/IS network (torch-fidelity's
 """
 
 import hashlib
+import importlib
 import os
 import tempfile
 from collections.abc import Mapping
@@ -262,12 +263,29 @@ def make_feature_extractor(spec) -> FeatureExtractor:
         return ModuleFeatures(spec, type(spec).__name__)
     options = dict(spec) if isinstance(spec, Mapping) else {"name": spec}
     name = options.pop("name", None)
-    allowed = {"digits": {"cache_dir"}, "inception": {"weights_path"}}
+    allowed = {"digits": {"cache_dir"}, "inception": {"weights_path"}, "module": {"target"}}
     if name not in allowed:
-        raise UserError(f"feature_extractor must be 'digits', 'inception' or an nn.Module, got {name!r}; "
+        raise UserError(f"feature_extractor must be 'digits', 'inception', 'module' or an nn.Module, got {name!r}; "
                         "try callbacks.quality.feature_extractor.name=digits")
     options = {k: v for k, v in options.items() if v is not None}
     if set(options) - allowed[name]:
         raise UserError(f"feature_extractor {name} takes {sorted(allowed[name])}, got {sorted(options)}; "
                         "remove the others")
+    if name == "module":
+        return ModuleFeatures(_import_module_class(options.get("target")), options.get("target"))
     return DigitsFeatures(**options) if name == "digits" else InceptionFeatures(**options)
+
+
+def _import_module_class(target: str | None) -> nn.Module:
+    """`package.module.Class` (built with no arguments) -> the nn.Module that maps uint8 images to features."""
+    fix = "give feature_extractor.target=package.module.Class, an nn.Module mapping uint8 images to features"
+    if not target:
+        raise UserError(f"feature_extractor name=module needs a target, got {target!r}; {fix}")
+    module_name, _, attr = target.rpartition(".")
+    try:
+        made = getattr(importlib.import_module(module_name), attr)()
+    except (ImportError, AttributeError, ValueError) as err:
+        raise UserError(f"feature_extractor.target {target} cannot be imported ({err}); {fix}") from err
+    if not isinstance(made, nn.Module):
+        raise UserError(f"feature_extractor.target {target} built a {type(made).__name__}, not an nn.Module; {fix}")
+    return made
