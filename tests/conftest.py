@@ -1,7 +1,17 @@
-"""Shared fixtures: float64 by default in the math tests, and a CPU generator per test."""
+"""Shared fixtures: a CPU generator per test; one torch thread per test process.
 
-import pytest
-import torch
+The suite runs in parallel (pytest-xdist, one worker per core), and most tensors here are tiny: several
+threads per process would only fight over the cores. Subprocesses (train.py, DDP ranks) inherit the setting.
+"""
+
+import os
+
+os.environ["OMP_NUM_THREADS"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 
 @pytest.fixture
