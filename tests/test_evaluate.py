@@ -98,3 +98,20 @@ def test_bits_per_dim_of_an_oracle_equal_the_closed_form(tmp_path):
     expected = (prior - np.log(p)).mean() / math.log(2)
     assert evaluator.results["nll"]["bpd"] == pytest.approx(expected, rel=1e-4)
     assert evaluator.results["nll"]["prior_bpd"] == pytest.approx(prior.mean() / math.log(2), rel=1e-4)
+
+
+@pytest.mark.ddp
+def test_two_processes_evaluate_exactly_as_one(tiny_ckpt, tmp_path):
+    # The samples and the bound's noise are dealt out in seeded chunks: the same numbers on 1 or 2 devices.
+    reports = []
+    for devices in (1, 2):
+        out = tmp_path / f"devices{devices}"
+        result = run_script("evaluate.py", f"ckpt={tiny_ckpt}", *EVAL, "bpd.batch_size=3", "accelerator=cpu",
+                            f"devices={devices}", "logger=none", "progress_bar=false", f"hydra.run.dir={out}",
+                            cwd=tmp_path, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        reports.append(json.loads((out / "report.json").read_text()))
+    one, two = reports
+    assert two["timing"]["devices"] == 2 and one["protocol_id"] == two["protocol_id"]
+    assert two["quality"] == pytest.approx(one["quality"], rel=1e-6, abs=1e-9)
+    assert two["nll"] == pytest.approx(one["nll"], rel=1e-6)

@@ -45,10 +45,9 @@ class Evaluator(L.LightningModule):
             chunks = shard_chunks(self.num_samples, self.batch_size, rank, world)  # [(k, start, stop)]
             loaders.append(DataLoader(chunks, batch_size=None))
             self.kinds.append("samples")
-        if self.bpd_images is not None:
-            n = len(self.bpd_images)
-            mine = self.bpd_images[rank * n // world:(rank + 1) * n // world]  # a contiguous share per rank
-            loaders.append(DataLoader(mine, batch_size=self.bpd_batch_size))
+        if self.bpd_images is not None:  # fixed batches of the test images, dealt out like the sample chunks
+            chunks = shard_chunks(len(self.bpd_images), self.bpd_batch_size, rank, world)
+            loaders.append(DataLoader(chunks, batch_size=None))
             self.kinds.append("bpd")
         return loaders
 
@@ -60,7 +59,7 @@ class Evaluator(L.LightningModule):
         if self.kinds[dataloader_idx] == "samples":
             self._sample_chunk(*batch)
         else:
-            self._bound(batch, batch_idx)
+            self._bound(*batch)
 
     def _sample_chunk(self, k, start, stop) -> None:
         """Chunk k of the N samples: x_T and the sampling noise from a generator seeded seed + k."""
@@ -74,10 +73,11 @@ class Evaluator(L.LightningModule):
         self.sampling_seconds.update(time.perf_counter() - began)
         self.metric.update(to_uint8(x0), torch.arange(int(start), int(stop)))
 
-    def _bound(self, images: Tensor, batch_idx: int) -> None:
-        """The full bound of a batch of test images (uint8), with the prior and decoder terms included."""
-        gen = torch.Generator(device=self.device).manual_seed(self.seed + 1_000_003 * (1 + self.global_rank)
-                                                              + batch_idx)
+    def _bound(self, k, start, stop) -> None:
+        """The full bound of test-image batch k, its noise from a generator seeded by k: the Monte Carlo draws
+        of x_t, and so the bits/dim, do not depend on the device count."""
+        images = self.bpd_images[int(start):int(stop)].to(self.device)  # uint8 (B, C, H, W)
+        gen = torch.Generator(device=self.device).manual_seed(self.seed + 1_000_003 + int(k))
         bound = variational_bound(self.model.net, self.model.diffusion, to_model_range(images), generator=gen)
         self.bpd.update(bound.total_bpd)
         self.prior_bpd.update(bound.prior_bpd)
