@@ -32,7 +32,7 @@ from diffusion.likelihood import variational_bound
 from diffusion.nn import UNet
 from diffusion.sampling import ddpm_sample
 from diffusion.schedules import linear_beta_schedule
-from helpers import ROOT, compose_cfg, run_script, train_cfg
+from helpers import ROOT, compose_cfg, run_script, train_cfg, wandb_records
 from test_layers import FRAMEWORKS, imported_roots, roots
 
 T = 12
@@ -224,11 +224,15 @@ def test_figures_script_on_a_checkpoint(trained_with_figures, tmp_path):
     ckpt = out / "checkpoints" / "last.ckpt"
     result = run_script("figures.py", f"ckpt={ckpt}", "num_images=2", "num_samples=4", "num_reconstructions=2",
                         "num_lambdas=3", "rd_images=4", "interpolation_steps=[5,15]", f"output_dir={tmp_path / 'f'}",
-                        f"hydra.run.dir={tmp_path / 'h'}", cwd=tmp_path)
+                        f"hydra.run.dir={tmp_path / 'h'}", "logger=wandb", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    printed = dict(line.split(": ", 1) for line in result.stdout.strip().splitlines()[-8:])
-    assert set(printed) == {"forward", "reverse", "reconstructions", "interpolation", "samples", "rate_distortion",
-                            "rate_distortion_table", "rate_distortion_json"}
+    names = {"forward", "reverse", "reconstructions", "interpolation", "samples", "rate_distortion",
+             "rate_distortion_table", "rate_distortion_json"}
+    printed = dict(line.split(": ", 1) for line in result.stdout.splitlines() if line.split(": ")[0] in names)
+    assert set(printed) == names
+    logged = {key.split(".")[0] for r in wandb_records(tmp_path / "h") if r.get("type") == "history"
+              for key in r["history"]["item"] if key.startswith("figures/")}
+    assert {"figures/forward", "figures/rate_distortion", "figures/samples"} <= logged
     assert all(Path(p).is_file() and Path(p).parent == tmp_path / "f" for p in printed.values())
     assert Image.open(tmp_path / "f" / "interpolation.png").size[1] == 2 * 34 + 2  # 1 pair × 2 steps
     bad = run_script("figures.py", "ckpt=/nonexistent/last.ckpt", f"hydra.run.dir={tmp_path / 'h2'}", cwd=tmp_path)

@@ -76,7 +76,9 @@ class SampleConfig:
 class FiguresConfig:
     """figures.py: the paper's figures of a checkpoint (Figs. 5-9, Table 3); steps left null follow T."""
 
+    name: str = "figures"
     ckpt: str = MISSING
+    logger: WandbConfig | None = None  # logger=wandb: the figures also go to an (offline) W&B run
     data: DataConfig = MISSING  # the data the model was trained on: its first images of `split` are drawn
     model: UNetConfig | None = None  # unused (the checkpoint holds the net); set by data options' overrides
     paths: PathsConfig = MISSING
@@ -137,6 +139,7 @@ class EvaluateConfig:
     devices: Any = "auto"  # auto: every GPU of the machine (else 1 CPU process)
     progress_bar: bool = True
     data: DataConfig = MISSING
+    model: UNetConfig | None = None  # unused (the checkpoint holds the net); set by data options' overrides
     logger: WandbConfig | None = MISSING
     paths: PathsConfig = MISSING
     output_dir: str = "${hydra:runtime.output_dir}"

@@ -28,4 +28,13 @@ def figures(cfg: DictConfig) -> dict[str, Path]:
     paths = render_all(module.net, module.diffusion, to_model_range(images).to(device), Path(cfg.output_dir), spec)
     for name, path in paths.items():
         print(f"{name}: {path}")
+    if cfg.logger is not None:  # the same PNGs as W&B images, figures/<name>, like the training callback's
+        logger = instantiate(cfg.logger)
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        for name, path in paths.items():
+            if path.suffix == ".png":
+                logger.log_image(f"figures/{name}", [str(path)])
+        import wandb
+
+        wandb.finish()
     return paths
