@@ -1,4 +1,4 @@
-"""Sample a trained model: python sample.py ckpt=PATH [num_samples=N] [sampler=ddpm|ddim|respaced] [steps=K]."""
+"""Sample a trained model: python sample.py ckpt=PATH [num_samples=N] [sampler.name=ddim] [sampler.steps=K]."""
 
 import sys
 

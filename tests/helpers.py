@@ -11,6 +11,7 @@ from omegaconf import DictConfig, open_dict
 
 from diffusion.cli import CONF_DIR
 from diffusion.config import register_configs
+from diffusion.run.train_command import net_kwargs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,3 +51,11 @@ def wandb_records(run_dir: Path) -> list[dict]:
 
 def wandb_history(run_dir: Path) -> list[dict]:
     return [r["history"]["item"] for r in wandb_records(run_dir) if r.get("type") == "history"]
+
+
+def model_kwargs(*overrides: str) -> dict:
+    """The U-Net keyword arguments train.py builds for these overrides (conf/model/*.yaml, shapes from the data)."""
+    register_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=list(overrides))
+    return net_kwargs(cfg)

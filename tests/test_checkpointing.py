@@ -138,7 +138,7 @@ def _error(path, expected=None) -> str:
 def test_a_good_checkpoint_loads_and_matches_its_own_config(trained, tmp_path):
     out, _ = trained
     path = out / "checkpoints" / "last.ckpt"
-    same = run.build_module(train_cfg(tmp_path, "model.dropout=0.3"), 1, 8, linear_beta_schedule(20)).hparams
+    same = run.build_module(train_cfg(tmp_path, "model.dropout=0.3"), linear_beta_schedule(20)).hparams
     ckpt = check_checkpoint(path, same)  # dropout does not change what the weights mean
     assert ckpt["global_step"] == 4 and set(ckpt["state_dict"]) == set(ckpt["current_model_state"])
     assert check_checkpoint(str(path))["global_step"] == 4
@@ -183,7 +183,7 @@ def test_checkpoint_from_another_architecture(trained, tmp_path):
     out, _ = trained
     path = out / "checkpoints" / "last.ckpt"
     hparams = torch.load(path, weights_only=True)["hyper_parameters"]
-    thinner = run.build_module(train_cfg(tmp_path, "model.ch=16"), 1, 8, linear_beta_schedule(20)).hparams
+    thinner = run.build_module(train_cfg(tmp_path, "model.ch=16"), linear_beta_schedule(20)).hparams
     message = _error(path, thinner)
     assert "trained with net.ch=32, this run has net.ch=16" in message and "model.ch=32" in message
     deeper = {**hparams, "net": {**hparams["net"], "ch_mult": (1, 2, 2, 2)}}

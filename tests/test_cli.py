@@ -40,6 +40,38 @@ def test_bad_input_is_one_line(overrides, fragments, tmp_path):
     check_one_line_error(result, fragments)
 
 
+SAMPLER_CASES = [
+    # (entry point, arguments, fragments of the one line): the same sampler keys everywhere, checked at once
+    ("train.py", ["callbacks.samples.sampler.name=ddmi"], ["callbacks.samples.sampler.name=ddmi is not a sampler",
+                                                          "did you mean callbacks.samples.sampler.name=ddim?"]),
+    ("train.py", ["callbacks.quality.sampler.name=ddpm", "callbacks.quality.sampler.steps=5"],
+     ["callbacks.quality.sampler.steps=5 is not used by callbacks.quality.sampler.name=ddpm",
+      "callbacks.quality.sampler.name=respaced callbacks.quality.sampler.steps=5"]),
+    ("train.py", ["callbacks.samples.sampler.steps=50"], ["callbacks.samples.sampler.steps=50 exceeds the model's "
+                                                         "T=20 steps"]),
+    ("sample.py", ["sampler.name=ddmi"], ["sampler.name=ddmi is not a sampler", "['ddpm', 'ddim', 'respaced']"]),
+    ("sample.py", ["sampler.name=ddpm", "sampler.steps=5", "sampler.eta=0.7", "sampler.spacing=trailing"],
+     ["sampler.steps=5 is not used by sampler.name=ddpm", "use sampler.name=respaced sampler.steps=5"]),
+    ("sample.py", ["sampler=ddim"], ["sampler is a group of settings; write sampler.name=ddim"]),
+    ("sample.py", ["steps=50"], ["sampler settings are under sampler: write sampler.steps=..."]),
+    ("evaluate.py", ["sampler.name=respaced", "sampler.eta=0.5"], ["sampler.eta=0.5 is not used by "
+                                                                   "sampler.name=respaced", "sampler.name=ddim"]),
+    ("evaluate.py", ["sampler_table.enabled=true", "sampler_table.samplers=[{name: ddim, steps: 0}]"],
+     ["sampler_table.samplers[0].steps must be an integer >= 1, got 0"]),
+    ("figures.py", ["sampler.name=dpm"], ["sampler.name=dpm is not a sampler"]),
+]
+
+
+@pytest.mark.parametrize("script, args, fragments", SAMPLER_CASES,
+                         ids=[f"{c[0]} {' '.join(c[1])}" for c in SAMPLER_CASES])
+def test_sampler_mistakes_are_one_line_before_anything_is_built(script, args, fragments, tmp_path):
+    """A missing checkpoint would be the next error: the sampler's comes first, at composition."""
+    extra = ["debug=fast", "logger=none"] if script == "train.py" else ["ckpt=/nonexistent/last.ckpt"]
+    result = run_script(script, *extra, *args, f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+    check_one_line_error(result, fragments)
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "samples.npz").exists()
+
+
 def test_missing_dataset_names_path_and_download_switch(tmp_path):
     result = run_script("train.py", "debug=fast", "logger=none", "data=mnist", f"data.root={tmp_path / 'nope'}",
                         f"hydra.run.dir={tmp_path}", cwd=tmp_path)

@@ -23,8 +23,9 @@ def build_all(cfg, tmp_path: Path):
     validate(cfg)
     betas = instantiate(cfg.schedule)
     data = instantiate(cfg.data)
-    module = run.build_module(cfg, data.channels, data.image_size, betas)
-    callbacks = [instantiate(c) for name, c in cfg.callbacks.items() if c is not None and name != "lr_monitor"]
+    module = run.build_module(cfg, betas)
+    callbacks = [instantiate(c, _convert_="all") for name, c in cfg.callbacks.items()
+                 if c is not None and name != "lr_monitor"]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=False, default_root_dir=str(tmp_path))
     return betas, data, module, trainer
 
@@ -32,6 +33,8 @@ def build_all(cfg, tmp_path: Path):
 EXTRA = {
     "schedule": {"explicit": ["schedule.betas=[0.001,0.01,0.02]"]},
     "data": {"image_folder": ["data.root=/nonexistent", "data.image_size=32", "model=small32"]},
+    "model": {"small32": ["data=mnist"], "unet256": ["data=image_folder", "data.root=/nonexistent"],
+              "image_folder": ["data=image_folder", "data.root=/nonexistent"]},
 }
 
 
@@ -39,11 +42,8 @@ EXTRA = {
                                                             "logger", "paths", "debug") for o in options(g)])
 def test_every_option_composes_and_instantiates(group, option, tmp_path):
     overrides = [f"{group}={option}", *EXTRA.get(group, {}).get(option, [])]
-    if group == "model" and option != "digits":
-        overrides.append({"cifar10": "data=cifar10", "small32": "data=mnist",
-                          "unet256": "data=image_folder"}[option])
-        if option == "unet256":
-            overrides += ["data.root=/nonexistent"]
+    if group == "model" and option in options("data"):  # each data set's own network, with that data
+        overrides.append(f"data={option}")
     cfg = compose_cfg("train", overrides, tmp_path)
     if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
         with pytest.raises(UserError, match="accelerator=gpu but no CUDA GPU is visible; use trainer=cpu"):
@@ -73,5 +73,5 @@ def test_cifar10_recipe_is_the_papers(tmp_path):
 
 
 def test_sample_config_composes(tmp_path):
-    cfg = compose_cfg("sample", ["ckpt=x.ckpt", "sampler=ddim", "steps=10"], tmp_path)
-    assert cfg.sampler == "ddim" and cfg.steps == 10 and cfg.num_samples == 64
+    cfg = compose_cfg("sample", ["ckpt=x.ckpt", "sampler.name=ddim", "sampler.steps=10"], tmp_path)
+    assert cfg.sampler.name == "ddim" and cfg.sampler.steps == 10 and cfg.num_samples == 64

@@ -10,11 +10,11 @@ import torch
 
 from diffusion import run
 from diffusion.evaluation import Evaluator
-from diffusion.run.training import build_module
+from diffusion.run import build_module
 from diffusion.schedules import linear_beta_schedule
 from helpers import run_script, train_cfg, wandb_records
 
-EVAL = ["num_samples=16", "batch_size=8", "sampler.name=ddim", "sampler.steps=2", "bpd.num_images=8",
+EVAL = ["num_samples=16", "batch_size=8", "sampler.name=ddim", "sampler.steps=2", "sampler.eta=0", "bpd.num_images=8",
         "max_reference_images=64"]
 
 
@@ -51,8 +51,7 @@ def test_evaluate_writes_report_wandb_summary_and_sampler_table(tiny_ckpt, tmp_p
     assert [r["steps"] for r in rows] == [2, 5, 20]
     assert len({r["protocol_id"] for r in rows}) == 3  # different samplers are different protocols
     lines = (tmp_path / "samplers.md").read_text().splitlines()
-    assert sum(line.startswith("| ddim 2") or line.startswith("| respaced 5") or line.startswith("| ddpm 20")
-               for line in lines) == 3
+    assert sum(line.startswith(("| ddim-2 η=0 |", "| respaced-5 |", "| ddpm-20 |")) for line in lines) == 3
     assert (tmp_path / "samplers.png").stat().st_size > 1000
 
 
@@ -74,7 +73,7 @@ def test_bits_per_dim_of_an_oracle_equal_the_closed_form(tmp_path):
     """With ε known exactly and σ² = β̃, every L_{t-1} (t ≥ 2) vanishes: the bound is L_T + L_0 in closed form."""
     T = 50
     betas = linear_beta_schedule(T, 1e-4, 0.02)
-    module = build_module(train_cfg(tmp_path, "diffusion.variance=fixed_small"), 1, 8, betas)
+    module = build_module(train_cfg(tmp_path, "diffusion.variance=fixed_small"), betas)
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, size=(1, 8, 8))
     pixels[0, 0, :2] = [0, 255]  # both edge bins, whose decoder mass runs to ±infinity

@@ -83,7 +83,7 @@ def test_conversions_round_trip(schedule, gen):
     x_t = d.q_sample(x0, t, eps)
     torch.testing.assert_close(d.predict_x0_from_eps(x_t, t, eps), x0, rtol=0, atol=1e-12)
     torch.testing.assert_close(d.predict_eps_from_x0(x_t, t, x0), eps, rtol=0, atol=1e-12)
-    v = d.get_v(x0, eps, t)
+    v = d.v_from_x0_eps(x0, eps, t)
     torch.testing.assert_close(d.predict_x0_from_v(x_t, t, v), x0, rtol=0, atol=1e-12)
     # μ̃ = coef1·x0 + coef2·x_t with coef1 ~ 1e-4 at large t: recovering x0 from μ̃ divides μ̃'s own
     # rounding by coef1, so the round trip is exact to 1e-12 in μ̃'s scale, i.e. coef1·(x̂0 - x0).
@@ -103,7 +103,7 @@ def test_v_definition(diffusion64, gen):
     t = torch.tensor([0, 3, 99, 500, 999])
     ac, _ = reference_arrays(linear_beta_schedule(T).numpy())
     expected = np.sqrt(ac[t.numpy()])[:, None] * eps.numpy() - np.sqrt(1 - ac[t.numpy()])[:, None] * x0.numpy()
-    np.testing.assert_allclose(diffusion64.get_v(x0, eps, t).numpy(), expected, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(diffusion64.v_from_x0_eps(x0, eps, t).numpy(), expected, rtol=1e-12, atol=1e-14)
 
 
 def test_eq11_mean_equals_eq7_mean_with_predicted_x0(diffusion64, gen):

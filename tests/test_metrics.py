@@ -17,14 +17,15 @@ import yaml
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
-from diffusion.callbacks import EMA
-from diffusion.callbacks.quality import SampleQualityCallback, to_uint8
-from diffusion.data import DigitsDataModule
+from diffusion.callbacks import EMA, SampleQualityCallback
+from diffusion.data import DigitsDataModule, load_digits_split
 from diffusion.errors import UserError
+from diffusion.images import to_uint8
 from diffusion.metrics import DigitsFeatures, InceptionFeatures, ModuleFeatures, SampleQuality, make_feature_extractor
-from diffusion.metrics.features import INCEPTION_FILE, INCEPTION_URL, labelled_digits
-from diffusion.metrics.quality import make_protocol, protocol_id, shard_chunks
+from diffusion.metrics.features import INCEPTION_FILE, INCEPTION_URL
+from diffusion.metrics.quality import make_protocol, protocol_id
 from diffusion.module import DiffusionModule
+from diffusion.sampling import SamplerSpec, chunk_bounds
 from diffusion.schedules import linear_beta_schedule
 
 
@@ -132,16 +133,16 @@ def test_precision_recall_identical_sets_are_one_and_far_apart_sets_zero(gen):
     assert scores["precision_far"] == 0.0 and scores["recall_far"] == 0.0
 
 
-def test_shard_chunks_cover_every_sample_once_whatever_the_world_size():
+def test_chunk_bounds_cover_every_sample_once_whatever_the_world_size():
     for world in (1, 2, 3, 8):
-        chunks = sorted(c for r in range(world) for c in shard_chunks(103, 10, r, world))
+        chunks = sorted(c for r in range(world) for c in chunk_bounds(103, 10, r, world))
         assert chunks == [(k, 10 * k, min(103, 10 * k + 10)) for k in range(11)]
 
 
 def test_protocol_id_is_stable_and_changes_with_the_protocol(digits_cache):
     extractor = DigitsFeatures(cache_dir=digits_cache)
     kwargs = dict(num_generated=1000, reference_sizes={"train": 1500, "val": 297}, extractor=extractor,
-                  sampler={"name": "ddim", "steps": 50}, num_timesteps=1000, variance="fixed_large", seed=0)
+                  sampler=SamplerSpec("ddim", steps=50), num_timesteps=1000, variance="fixed_large", seed=0)
     ema, raw = make_protocol(weights="ema", **kwargs), make_protocol(weights="raw", **kwargs)
     assert protocol_id(ema) == protocol_id(make_protocol(weights="ema", **kwargs))
     assert protocol_id(ema) != protocol_id(raw) and len(protocol_id(ema)) == 8
@@ -160,8 +161,8 @@ def test_digits_classifier_is_cached_and_held_out_accuracy_high(digits_cache):
                                                           ).weights_sha256
     # Trained on exactly the data module's train split: its val split is held out.
     datamodule = DigitsDataModule()
-    assert torch.equal(labelled_digits("train")[0], datamodule.reference_images("train", 10**6))
-    assert torch.equal(labelled_digits("val")[0], datamodule.reference_images("val", 10**6))
+    assert torch.equal(load_digits_split("train")[0], datamodule.reference_images("train", 10**6))
+    assert torch.equal(load_digits_split("val")[0], datamodule.reference_images("val", 10**6))
 
 
 def test_real_digits_score_near_zero_and_noise_far(digits_cache, gen):

@@ -13,7 +13,8 @@ import torch
 
 from diffusion import run
 from diffusion.callbacks import EMA, SampleGrid, ScheduleLogger
-from diffusion.data import CIFAR10DataModule, DigitsDataModule, EpochSampler, to_model_range
+from diffusion.data import CIFAR10DataModule, DigitsDataModule, EpochSampler
+from diffusion.images import to_model_range
 from diffusion.schedules import linear_beta_schedule
 from helpers import train_cfg, wandb_history
 from test_data import cifar_pattern, first_epoch, write_cifar
@@ -84,7 +85,7 @@ def test_nothing_between_two_training_steps_draws_from_the_global_rng(tmp_path):
             seen.append(("start", trainer.global_step, torch.get_rng_state()))
 
     cfg = train_cfg(tmp_path)
-    module = run.build_module(cfg, 1, 8, linear_beta_schedule(20))
+    module = run.build_module(cfg, linear_beta_schedule(20))
     checkpoint = L.pytorch.callbacks.ModelCheckpoint(tmp_path, every_n_train_steps=1, save_top_k=0, save_last=True)
     callbacks = [Probe(), EMA(decay=0.9), SampleGrid(every_n_steps=2, num_samples=2, sampler={"name": "ddpm"}),
                  ScheduleLogger(), checkpoint]

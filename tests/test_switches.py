@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from diffusion import run
+from diffusion.checkpointing import load_module
 from helpers import run_script, train_cfg
 
 FAST = ["logger=none", "callbacks.samples=null", "trainer.max_steps=2"]
@@ -82,5 +83,5 @@ def test_compile_trains_the_compiled_net_and_saves_plain_weights(tmp_path):
                         extra_callbacks=(probe,))
     assert probe.compiled and torch.isfinite(torch.tensor(metrics["train/loss"]))
     assert not any("_orig_mod" in key for key in _raw_weights(tmp_path))
-    net = run.load_module(str(tmp_path / "checkpoints" / "last.ckpt")).net  # loads into an uncompiled net
+    net = load_module(str(tmp_path / "checkpoints" / "last.ckpt")).net  # loads into an uncompiled net
     assert net(torch.zeros(1, 1, 8, 8), torch.zeros(1, dtype=torch.long)).shape == (1, 1, 8, 8)

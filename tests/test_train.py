@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from diffusion import run
+from diffusion.checkpointing import load_module
 from diffusion.gaussian import GaussianDiffusion
 from diffusion.schedules import linear_beta_schedule
 from helpers import ROOT, train_cfg, wandb_history
@@ -17,7 +18,9 @@ from helpers import ROOT, train_cfg, wandb_history
 def trained(tmp_path_factory):
     """One tiny real run (digits, T=20, 4 steps) shared by the tests that only read its outputs."""
     out = tmp_path_factory.mktemp("run")
-    metrics = run.train(train_cfg(out, "callbacks.ema.decay=0.5", "callbacks.ema.warmup=false"))
+    metrics = run.train(train_cfg(out, "callbacks.ema.decay=0.5", "callbacks.ema.warmup=false",
+                                  "callbacks.samples.sampler.name=ddim", "callbacks.samples.sampler.steps=3",
+                                  "callbacks.samples.sampler.eta=0"))
     return out, metrics
 
 
@@ -72,12 +75,12 @@ def test_checkpoint_holds_ema_and_raw_weights_and_never_averages_the_schedule(tr
     assert set(ema) == set(raw) and not any("diffusion" in k for k in ema)  # buffers are not saved at all
     differs = [k for k in ema if not torch.equal(ema[k], raw[k])]
     assert differs, "EMA weights equal the raw ones: the average was not kept"
-    module = run.load_module(str(out / "checkpoints" / "last.ckpt"))
+    module = load_module(str(out / "checkpoints" / "last.ckpt"))
     fresh = GaussianDiffusion(linear_beta_schedule(20))
     for name, buffer in fresh.named_buffers():
         assert torch.equal(getattr(module.diffusion, name), buffer), name
     assert torch.equal(module.net.state_dict()[differs[0].removeprefix("net.")], ema[differs[0]])
-    raw_module = run.load_module(str(out / "checkpoints" / "last.ckpt"), weights="raw")
+    raw_module = load_module(str(out / "checkpoints" / "last.ckpt"), weights="raw")
     assert torch.equal(raw_module.net.state_dict()[differs[0].removeprefix("net.")], raw[differs[0]])
 
 
@@ -100,7 +103,7 @@ def test_ema_averages_parameters_only_during_training(tmp_path):
                                                       pl_module.net.parameters(), strict=True))
 
     cfg = train_cfg(tmp_path)
-    module = run.build_module(cfg, 1, 8, linear_beta_schedule(20))
+    module = run.build_module(cfg, linear_beta_schedule(20))
     # the probe runs before EMA.on_train_end, which copies the average into the module
     trainer = L.Trainer(max_steps=3, callbacks=[Probe(), EMA(decay=0.9, warmup=False)], logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0,
@@ -181,16 +184,17 @@ def test_ckpt_path_last_finds_the_newest_run(tmp_path, trained):
     assert run.resolve_ckpt_path("last", base / "b") == str(target)
 
 
-@pytest.mark.parametrize("sampler", ["ddim steps=5", "respaced steps=4 spacing=trailing", "ddpm"])
+@pytest.mark.parametrize("sampler", ["sampler.name=ddim sampler.steps=5 sampler.eta=0",
+                                     "sampler.name=respaced sampler.steps=4 sampler.spacing=trailing",
+                                     "sampler.name=ddpm"])
 def test_sample_script_writes_png_and_uint8_npz(sampler, trained, tmp_path):
     import numpy as np
 
     from helpers import run_script
 
     out, _ = trained
-    name, *rest = sampler.split()
     result = run_script("sample.py", f"ckpt={out / 'checkpoints' / 'last.ckpt'}", "num_samples=6", "batch_size=4",
-                        f"sampler={name}", *rest, f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+                        *sampler.split(), f"hydra.run.dir={tmp_path}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     expected = f"samples: {tmp_path / 'samples.png'} and {tmp_path / 'samples.npz'}"
     assert result.stdout.strip().splitlines()[-1] == expected

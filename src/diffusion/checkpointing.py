@@ -229,3 +229,18 @@ def _plain(value: Any) -> Any:
 def _fmt(value: Any) -> str:
     """As a Hydra override would spell it: [1,2,2] rather than [1, 2, 2]."""
     return "[" + ",".join(_fmt(v) for v in value) + "]" if isinstance(value, list) else str(value)
+
+
+def load_module(ckpt, map_location: str | torch.device = "cpu", weights: str = "ema") -> DiffusionModule:
+    """A trained module from a checkpoint alone, in eval mode: the EMA weights (the checkpoint's state_dict,
+    which is the raw weights when trained without EMA) or, with weights="raw", the raw ones."""
+    if weights not in ("ema", "raw"):
+        raise UserError(f"weights must be 'ema' or 'raw', got {weights!r}; try weights=ema")
+    if not Path(ckpt).exists():
+        raise UserError(f"ckpt {ckpt} does not exist; give the path of a .ckpt file from a training run, {EXAMPLE}")
+    state = check_checkpoint(ckpt)
+    if weights == "raw" and "current_model_state" not in state:
+        raise UserError(f"{ckpt} holds no raw weights (trained without EMA); use weights=ema")
+    module = DiffusionModule(**state["hyper_parameters"])
+    module.load_state_dict(state["state_dict"] if weights == "ema" else state["current_model_state"])
+    return module.to(map_location).eval()

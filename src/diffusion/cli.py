@@ -20,8 +20,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from diffusion.config import register_configs
+from diffusion.config import register_configs, validate_entry
 from diffusion.errors import Interrupted, UserError
+from diffusion.sampling import SamplerSpec
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
@@ -76,18 +77,38 @@ def explain(err: Exception, cfg_keys: Callable[[str], list[str]]) -> str:
     if m:
         key = m.group(2) if m.lastindex and m.lastindex >= 2 else m.group(1)
         parent, _, leaf = key.rpartition(".")
+        prefix = f"{parent}." if parent else ""
+        if leaf in SamplerSpec.__dataclass_fields__ and "sampler" in cfg_keys(parent):
+            return (f"unknown config key '{key}'; sampler settings are under {prefix}sampler: write "
+                    f"{prefix}sampler.{leaf}=... (e.g. {prefix}sampler.name=ddim {prefix}sampler.steps=50)")
         close = difflib.get_close_matches(leaf, cfg_keys(parent), n=1)
         hint = f"did you mean {parent + '.' if parent else ''}{close[0]}?" if close else \
             f"valid keys here: {cfg_keys(parent)}"
         return f"unknown config key '{key}' (the schema has no such field, '+' cannot add one); {hint}"
-    m = re.search(r"Value '([^']*)'.*?could not be converted to (\w+)\s+full_key: (\S+)", text, flags=re.S) or \
-        re.search(r"Value '([^']*)'.*?is not a subclass of (\w+)\s+full_key: (\S+)", text, flags=re.S)
-    if m:
-        return f"{m.group(3)} must be of type {m.group(2)}, got {m.group(1)!r}; fix the value's type"
+    typed = _type_mismatch(text)
+    if typed and typed[1] == SamplerSpec.__name__:
+        value, _, key = typed
+        return (f"{key}={value}: {key} is a group of settings; write {key}.name={value} "
+                f"(and {key}.steps=..., {key}.eta=... where the sampler takes them)")
+    if typed:
+        value, kind, key = typed
+        return f"{key} must be of type {kind}, got {value!r}; fix the value's type"
     m = re.search(r"Missing mandatory value: (\S+)", text)
     if m:
         return f"{m.group(1)} has no value and is required; set {m.group(1)}=..."
     return " ".join(text.split())
+
+
+def _type_mismatch(text: str) -> tuple[str, str, str] | None:
+    """(value, expected type, key) from OmegaConf's messages for a value of the wrong type, else None."""
+    for pattern, order in ((r"Value '([^']*)'.*?could not be converted to (\w+)\s+full_key: (\S+)", (1, 2, 3)),
+                           (r"Value '([^']*)'.*?is not a subclass of (\w+)\s+full_key: (\S+)", (1, 2, 3)),
+                           (r"Invalid type assigned: \w+ is not a subclass of (\w+)\. value: (\S*)\s+full_key: (\S+)",
+                            (2, 1, 3))):
+        m = re.search(pattern, text, flags=re.S)
+        if m:
+            return m.group(order[0]), m.group(order[1]), m.group(order[2])
+    return None
 
 
 def precheck(config_name: str, argv: list[str]) -> DictConfig | None:
@@ -116,6 +137,7 @@ def _check_one(config_name: str, overrides: list[str]) -> DictConfig:
     missing = _missing_keys(cfg)
     if missing:
         raise UserError(f"{missing[0]} has no value and is required; set {missing[0]}=...")
+    validate_entry(config_name, cfg)
     return cfg
 
 

@@ -15,18 +15,17 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric, SumMetric
 
-from diffusion.callbacks.quality import to_uint8
-from diffusion.callbacks.samples import generate
-from diffusion.data import to_model_range
+from diffusion.images import to_model_range, to_uint8
 from diffusion.likelihood import variational_bound
-from diffusion.metrics.quality import SampleQuality, shard_chunks
+from diffusion.metrics.quality import SampleQuality
 from diffusion.module import DiffusionModule
+from diffusion.sampling import SamplerSpec, chunk_bounds, draw_chunk
 
 
 class Evaluator(L.LightningModule):
     """`trainer.test(Evaluator(...))`: sample quality of N samples and/or bits/dim of test images."""
 
-    def __init__(self, model: DiffusionModule, sampler: dict, num_samples: int, batch_size: int, seed: int,
+    def __init__(self, model: DiffusionModule, sampler: SamplerSpec, num_samples: int, batch_size: int, seed: int,
                  metric: SampleQuality | None, references: dict[str, Tensor], bpd_images: Tensor | None,
                  bpd_batch_size: int):
         super().__init__()
@@ -42,11 +41,11 @@ class Evaluator(L.LightningModule):
         rank, world = self.global_rank, self.trainer.world_size
         loaders, self.kinds = [], []
         if self.metric is not None:
-            chunks = shard_chunks(self.num_samples, self.batch_size, rank, world)  # [(k, start, stop)]
+            chunks = chunk_bounds(self.num_samples, self.batch_size, rank, world)  # [(k, start, stop)]
             loaders.append(DataLoader(chunks, batch_size=None))
             self.kinds.append("samples")
         if self.bpd_images is not None:  # fixed batches of the test images, dealt out like the sample chunks
-            chunks = shard_chunks(len(self.bpd_images), self.bpd_batch_size, rank, world)
+            chunks = chunk_bounds(len(self.bpd_images), self.bpd_batch_size, rank, world)
             loaders.append(DataLoader(chunks, batch_size=None))
             self.kinds.append("bpd")
         return loaders
@@ -62,12 +61,11 @@ class Evaluator(L.LightningModule):
             self._bound(*batch)
 
     def _sample_chunk(self, k, start, stop) -> None:
-        """Chunk k of the N samples: x_T and the sampling noise from a generator seeded seed + k."""
-        net, c, s = self.model.net, self.model.net.in_channels, self.model.net.image_size
+        """Chunk k of the N samples (see diffusion.sampling.draw), timed, into the metric."""
+        net = self.model.net
         began = time.perf_counter()
-        gen = torch.Generator(device=self.device).manual_seed(self.seed + int(k))
-        x_T = torch.randn(int(stop) - int(start), c, s, s, generator=gen, device=self.device)
-        x0 = generate(net, self.model.diffusion, x_T, self.sampler, gen)
+        x0 = draw_chunk(net, self.model.diffusion, self.sampler, int(k), int(stop) - int(start),
+                        shape=net.image_shape, seed=self.seed, device=self.device).x0
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.sampling_seconds.update(time.perf_counter() - began)
@@ -86,8 +84,7 @@ class Evaluator(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         if self.metric is not None:
             if not self.metric.update_count:  # fewer chunks than ranks: this rank still joins the gather
-                c, s = self.model.net.in_channels, self.model.net.image_size
-                self.metric.update(torch.zeros(0, c, s, s, dtype=torch.uint8, device=self.device),
+                self.metric.update(torch.zeros(0, *self.model.net.image_shape, dtype=torch.uint8, device=self.device),
                                    torch.zeros(0, dtype=torch.int64, device=self.device))
             self.results["quality"] = self.metric.compute()
             self.results["sampling_device_seconds"] = float(self.sampling_seconds.compute())

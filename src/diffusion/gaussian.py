@@ -128,11 +128,11 @@ class GaussianDiffusion(nn.Module):
         variance = extract(self.one_minus_alphas_cumprod, t, x0.shape)
         return mean, variance, extract(self.log_one_minus_alphas_cumprod, t, x0.shape)
 
-    def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+    def q_sample(self, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
         """Sample q(x_t | x_0) = N(sqrt(ᾱ_t) x_0, (1-ᾱ_t) I), Ho et al. 2020 Eq. 4."""
         return (
             extract(self.sqrt_alphas_cumprod, t, x0.shape) * x0
-            + extract(self.sqrt_one_minus_alphas_cumprod, t, x0.shape) * noise
+            + extract(self.sqrt_one_minus_alphas_cumprod, t, x0.shape) * eps
         )
 
     def q_posterior_mean_variance(self, x0: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -165,7 +165,7 @@ class GaussianDiffusion(nn.Module):
             - extract(self.sqrt_one_minus_alphas_cumprod, t, x_t.shape) * v
         )
 
-    def get_v(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+    def v_from_x0_eps(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
         """v = sqrt(ᾱ_t) eps - sqrt(1-ᾱ_t) x0, Salimans & Ho 2022 Sec. 4."""
         return (
             extract(self.sqrt_alphas_cumprod, t, x0.shape) * eps
@@ -194,14 +194,14 @@ class GaussianDiffusion(nn.Module):
             return self.predict_x0_from_v(x_t, t, mean_out)
         return self.predict_x0_from_mean(x_t, t, mean_out)
 
-    def training_target(self, x0: Tensor, x_t: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+    def training_target(self, x0: Tensor, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
         """What the network should output for this parameterization (eps, x0, v or μ̃)."""
         if self.parameterization == "eps":
-            return noise
+            return eps
         if self.parameterization == "x0":
             return x0
         if self.parameterization == "v":
-            return self.get_v(x0, noise, t)
+            return self.v_from_x0_eps(x0, eps, t)
         return self.q_posterior_mean_variance(x0, x_t, t)[0]
 
     # --- reverse process ---------------------------------------------------------------------------

@@ -76,7 +76,7 @@ def vb_terms(diffusion: GaussianDiffusion, model_out: Tensor, x0: Tensor, x_t: T
 
 
 def prior_kl(diffusion: GaussianDiffusion, x0: Tensor) -> Tensor:
-    """L_T = KL(q(x_T | x_0) || N(0, I)) per image, summed over dimensions, in nats."""
+    """L_T = KL(q(x_T | x_0) || N(0, I)) per image (Ho et al. 2020 Eq. 5), summed over dimensions, in nats."""
     t = torch.full((x0.shape[0],), diffusion.num_timesteps - 1, device=x0.device, dtype=torch.long)
     mean, _, log_var = diffusion.q_mean_variance(x0, t)
     return normal_kl(mean, log_var, torch.zeros_like(mean), torch.zeros_like(log_var)).flatten(1).sum(1)
@@ -106,8 +106,8 @@ def variational_bound(model: Callable[[Tensor, Tensor], Tensor], diffusion: Gaus
     mse = x0.new_zeros(B, T)
     for i in reversed(range(T)):
         t = torch.full((B,), i, device=x0.device, dtype=torch.long)
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        x_t = diffusion.q_sample(x0, t, noise)
+        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        x_t = diffusion.q_sample(x0, t, eps)
         out = vb_terms(diffusion, model(x_t, t), x0, x_t, t, clip_denoised=True)
         terms[:, i] = out.nats
         mse[:, i] = mean_flat((out.x0_pred - x0) ** 2)

@@ -49,19 +49,20 @@ def training_losses(
     diffusion: GaussianDiffusion,
     x0: Tensor,
     t: Tensor,
-    noise: Tensor,
+    eps: Tensor,
     loss_type: str = "simple",
     vlb_weight: float = 0.001,
     min_snr_gamma: float | None = None,
 ) -> LossOutput:
-    """Draw x_t ~ q(x_t | x0) (Eq. 4), run the model, and return the configured per-image loss."""
+    """x_t from x0 and eps by Eq. 4, the model's output on it, and the configured per-image loss:
+    L_simple (Ho et al. 2020 Eq. 14), the bound's term (Eq. 5) or the hybrid (Nichol & Dhariwal 2021 Eq. 16)."""
     if loss_type not in LOSS_TYPES:
         raise UserError(f"loss.type must be one of {list(LOSS_TYPES)}, got {loss_type!r}; try loss.type=simple")
-    x_t = diffusion.q_sample(x0, t, noise)
+    x_t = diffusion.q_sample(x0, t, eps)
     model_out = model(x_t, t)
     mean_out, var_out = diffusion.split_output(model_out)
     # L_simple, Eq. 14 (generalised to the configured parameterization's target)
-    mse = mean_flat((diffusion.training_target(x0, x_t, t, noise) - mean_out) ** 2)
+    mse = mean_flat((diffusion.training_target(x0, x_t, t, eps) - mean_out) ** 2)
     weighted_mse = mse if min_snr_gamma is None else mse * min_snr_weight(diffusion, t, min_snr_gamma)
     if loss_type == "simple":
         return LossOutput(weighted_mse, mse, None)
@@ -102,7 +103,7 @@ class UniformSampler:
 
 
 class ImportanceSampler:
-    """Importance sampling of t by sqrt(E[L_t²]) over a history of VLB terms, Nichol & Dhariwal 2021 Eq. 17.
+    """Importance sampling of t by sqrt(E[L_t²]) over a history of VLB terms, Nichol & Dhariwal 2021 Eq. 18.
 
     Uniform until every t has `history` losses; then p_t ∝ sqrt(E[L_t²]), mixed with `uniform_prob` of the
     uniform distribution; the weights 1/(T p_t) keep the loss an unbiased estimate of the bound.

@@ -68,8 +68,8 @@ class DiffusionModule(L.LightningModule):
 
     def training_step(self, x0: Tensor, batch_idx: int) -> Tensor:
         # Algorithm 1: t ~ Uniform (or importance-sampled), ε ~ N(0, I), a gradient step on the loss.
-        t, weights, noise = self._draw(x0, batch_idx)
-        out = training_losses(self.net, self.diffusion, x0, t, noise, self.hparams.loss_type,
+        t, weights, eps = self._draw(x0, batch_idx)
+        out = training_losses(self.net, self.diffusion, x0, t, eps, self.hparams.loss_type,
                               self.hparams.vlb_weight, self.hparams.min_snr_gamma)
         if out.vlb is not None:
             self._update_timestep_sampler(t, out.vlb)
@@ -101,8 +101,8 @@ class DiffusionModule(L.LightningModule):
         if micro == 0 or self._step_draw is None or self._step_draw[2].shape[0] != world * accumulate * B:
             n = world * accumulate * B
             t, weights = self.timestep_sampler.sample(n, x0.device)  # (W·A·B,)
-            noise = torch.randn((n, *x0.shape[1:]), device=x0.device, dtype=x0.dtype)  # (W·A·B, C, H, W)
-            self._step_draw = (t, weights, noise)
+            eps = torch.randn((n, *x0.shape[1:]), device=x0.device, dtype=x0.dtype)  # (W·A·B, C, H, W)
+            self._step_draw = (t, weights, eps)
         rows = slice(micro * world * B + rank, (micro + 1) * world * B, world)
         return tuple(x[rows] for x in self._step_draw)
 
@@ -146,8 +146,8 @@ class DiffusionModule(L.LightningModule):
         losses = []
         for step in self.val_timesteps:
             t = torch.full((x0.shape[0],), step, device=x0.device, dtype=torch.long)
-            noise = torch.randn(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)
-            mse = training_losses(self.net, self.diffusion, x0, t, noise).mse.mean()
+            eps = torch.randn(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)
+            mse = training_losses(self.net, self.diffusion, x0, t, eps).mse.mean()
             self.log(f"val/loss_t{step:04d}", mse, batch_size=x0.shape[0])
             losses.append(mse)
         self.log("val/loss", torch.stack(losses).mean(), prog_bar=True, batch_size=x0.shape[0])

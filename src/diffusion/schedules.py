@@ -71,7 +71,8 @@ def quadratic_beta_schedule(
 def sigmoid_beta_schedule(
     num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02, steepness: float = 6.0
 ) -> torch.Tensor:
-    """Betas following a sigmoid over [-steepness, steepness], scaled to [beta_start, beta_end]."""
+    """Betas along a sigmoid over [-steepness, steepness], scaled to [beta_start, beta_end] (GeoDiff's sigmoid
+    schedule, Xu et al. 2022, with steepness 6)."""
     _check_num_timesteps(num_timesteps)
     _check_range(beta_start, beta_end)
     if not steepness > 0:
@@ -81,7 +82,7 @@ def sigmoid_beta_schedule(
 
 
 def cosine_alphas_cumprod(t: torch.Tensor, s: float = 0.008) -> torch.Tensor:
-    """The cosine schedule's closed form f(t)/f(0), f(t) = cos²((t/T + s)/(1 + s)·π/2), t in [0, 1]."""
+    """ᾱ(t) = f(t)/f(0), f(t) = cos²((t/T + s)/(1 + s)·π/2), t in [0, 1]: Nichol & Dhariwal 2021 Eq. 17."""
     f = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
     return f / math.cos(s / (1 + s) * math.pi / 2) ** 2
 
@@ -158,7 +159,8 @@ def _check_explicit_steps(steps: list[int], num_timesteps: int) -> list[int]:
 
 
 def respace_betas(alphas_cumprod: torch.Tensor, kept_steps: Sequence[int]) -> torch.Tensor:
-    """Betas of the K-step process keeping ᾱ on kept_steps: β'_i = 1 - ᾱ_{k_i}/ᾱ_{k_{i-1}} (Nichol & Dhariwal 2021)."""
+    """Betas of the K-step process keeping ᾱ on kept_steps: β'_i = 1 - ᾱ_{k_i}/ᾱ_{k_{i-1}} (Nichol & Dhariwal 2021
+    Sec. 4)."""
     kept = alphas_cumprod.to(torch.float64)[torch.as_tensor(list(kept_steps), dtype=torch.long)]
     prev = torch.cat([kept.new_ones(1), kept[:-1]])
     return 1 - kept / prev

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from diffusion.errors import UserError
-from diffusion.nn import CONFIGS, UNet, unet_config
+from diffusion.nn import UNet
 from diffusion.nn.layers import timestep_embedding
+from helpers import model_kwargs
 
 SMALL = dict(in_channels=3, out_channels=3, ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
              image_size=16, num_groups=8)  # fmt: skip
@@ -30,10 +31,10 @@ def inputs(model: UNet, batch: int = 2, seed: int = 1) -> tuple[torch.Tensor, to
     return x, torch.randint(0, 1000, (batch,), generator=gen)
 
 
-def count(name: str) -> int:
-    """Parameters of a named configuration, built on the meta device (no memory, no init cost)."""
+def count(*overrides: str) -> int:
+    """Parameters of the network train.py builds for these overrides, on the meta device (no memory, no init)."""
     with torch.device("meta"):
-        return sum(p.numel() for p in UNet(**unet_config(name)).parameters())
+        return sum(p.numel() for p in UNet(**model_kwargs(*overrides)).parameters())
 
 
 @pytest.mark.parametrize(
@@ -43,7 +44,7 @@ def count(name: str) -> int:
         {**SMALL, "in_channels": 1, "out_channels": 1},
         {**SMALL, "ch_mult": (1, 2, 2), "attn_resolutions": (4, 16), "num_res_blocks": 2},
         {**SMALL, "resamp_with_conv": False, "attn_resolutions": ()},
-        unet_config("digits"),
+        model_kwargs("data=digits"),
     ],
     ids=["small", "one-channel", "three-levels", "avgpool-noattn", "digits"],
 )
@@ -60,22 +61,17 @@ def test_learned_variance_doubles_output_channels():
 
 
 @pytest.mark.parametrize(
-    ("name", "expected"),  # the counts of the paper's models in the public PyTorch port (pesser)
-    [("cifar10", 35_746_307), ("celebahq256", 113_673_219), ("lsun256", 113_673_219)],
+    ("overrides", "expected"),  # the counts of the paper's models in the public PyTorch port (pesser)
+    [(["data=cifar10"], 35_746_307), (["experiment=cifar10_ddpm"], 35_746_307),
+     (["experiment=celebahq_256"], 113_673_219), (["experiment=lsun_church_256"], 113_673_219),
+     (["data=image_folder", "data.root=x"], 113_673_219)],
 )
-def test_paper_parameter_counts(name, expected):
-    assert count(name) == expected
+def test_paper_parameter_counts(overrides, expected):
+    assert count(*overrides) == expected
 
 
 def test_digits_config_is_small():
-    assert 0.5e6 < count("digits") < 3e6
-
-
-def test_unet_config_returns_a_copy_and_rejects_unknown_names():
-    unet_config("cifar10")["ch"] = 1
-    assert CONFIGS["cifar10"]["ch"] == 128
-    with pytest.raises(UserError, match="unknown U-Net config 'cifar'"):
-        unet_config("cifar")
+    assert 0.5e6 < count("data=digits") < 3e6
 
 
 @pytest.mark.parametrize("dim", [4, 16, 128, 33])

@@ -1,13 +1,17 @@
-"""Callbacks: work that training could run without (EMA, sample grids, schedule plots)."""
+"""Callbacks: work training could run without (EMA, sample grids, quality, figures, schedule plots, checks).
+
+Nothing imports them but run/ and the tests; what two of them need lives a layer down (images, sampling).
+"""
 
 from diffusion.callbacks.ddp_check import RanksInSync
-from diffusion.callbacks.ema import EMA
-from diffusion.callbacks.figures import PaperFigures
+from diffusion.callbacks.ema import EMA, averaged_net
+from diffusion.callbacks.figures_callback import PaperFigures
 from diffusion.callbacks.interrupt import GracefulInterrupt
-from diffusion.callbacks.quality import SampleQualityCallback
+from diffusion.callbacks.progress import StepProgressBar
 from diffusion.callbacks.rng import RNGState
-from diffusion.callbacks.samples import SampleGrid, generate
+from diffusion.callbacks.sample_grid import SampleGrid
+from diffusion.callbacks.sample_quality import SampleQualityCallback
 from diffusion.callbacks.schedule_log import ScheduleLogger
 
 __all__ = ["EMA", "GracefulInterrupt", "PaperFigures", "RNGState", "RanksInSync", "SampleGrid", "SampleQualityCallback",
-           "ScheduleLogger", "generate"]
+           "ScheduleLogger", "StepProgressBar", "averaged_net"]

@@ -37,3 +37,13 @@ class EMA(EMAWeightAveraging):
     def averaged_module(self) -> L.LightningModule | None:
         """The EMA copy of the LightningModule (None before fit starts)."""
         return None if self._average_model is None else self._average_model.module
+
+
+def averaged_net(trainer: L.Trainer) -> torch.nn.Module | None:
+    """The EMA copy of the network when an EMA callback runs and fit has started, else None.
+
+    Through fit and after it the copy holds the average (at the end EMA also copies it into the module).
+    """
+    ema = next((cb for cb in trainer.callbacks if isinstance(cb, EMA)), None)
+    averaged = ema.averaged_module() if ema is not None else None
+    return None if averaged is None else averaged.net

@@ -71,7 +71,7 @@ class GracefulInterrupt(L.Callback):
         """
         callback = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)), None)
         if callback is not None and getattr(callback, "_last_global_step_saved", None) != trainer.global_step:
-            trainer.save_checkpoint(self.checkpoint_path(trainer))
+            trainer.save_checkpoint(self.checkpoint_path(trainer), weights_only=False)
 
     def _restore(self) -> dict:
         previous, self._previous = self._previous, {}
@@ -94,7 +94,7 @@ class GracefulInterrupt(L.Callback):
         if not isinstance(exception, SIGTERMException):
             return
         path = self.checkpoint_path(trainer)
-        trainer.save_checkpoint(path)  # between steps: weights, optimizer and EMA agree
+        trainer.save_checkpoint(path, weights_only=False)  # between steps: weights, optimizer and EMA agree
         message = f"stopped by {self.signal_name} at step {trainer.global_step}; checkpoint saved to {path}"
         signum = signal.Signals[self.signal_name]
         if signum == self.requeue_signal:

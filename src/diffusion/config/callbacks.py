@@ -2,6 +2,8 @@
 
 from dataclasses import dataclass, field
 
+from diffusion.sampling import SamplerSpec
+
 
 @dataclass
 class CheckpointConfig:
@@ -23,22 +25,13 @@ class EMAConfig:
 
 
 @dataclass
-class SamplerConfig:
-    name: str = "ddpm"  # ddpm (Algorithm 2) | ddim | respaced
-    steps: int | None = None  # for ddim / respaced: number of steps K
-    spacing: str = "linspace"  # linspace | leading | trailing
-    eta: float = 0.0
-    clip_denoised: bool = True
-
-
-@dataclass
 class SampleGridConfig:
     _target_: str = "diffusion.callbacks.SampleGrid"
     every_n_steps: int = 10_000
     num_samples: int = 64
     seed: int = 0
-    sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(name="ddim", steps=50))
-    final_sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    sampler: SamplerSpec = field(default_factory=lambda: SamplerSpec(name="ddim"))  # the periodic grids
+    final_sampler: SamplerSpec = field(default_factory=SamplerSpec)  # final_ema.png: the paper's Algorithm 2
 
 
 @dataclass
@@ -60,7 +53,7 @@ class SampleQualityConfig:
     every_n_steps: int = 10_000  # 0: only at the end (at_train_end) or never
     num_samples: int = 1000  # generated images per evaluation, shared out over the ranks
     batch_size: int = 250
-    sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(name="ddim", steps=50))
+    sampler: SamplerSpec = field(default_factory=lambda: SamplerSpec(name="ddim"))
     seed: int = 0
     feature_extractor: FeatureExtractorConfig = field(default_factory=FeatureExtractorConfig)
     reference_splits: list[str] = field(default_factory=lambda: ["train", "val"])  # val/fid, val/fid_test
@@ -82,6 +75,7 @@ class PaperFiguresConfig:
     num_samples: int = 64
     rd_images: int = 64  # images for the rate-distortion curve (the full bound: T network passes each)
     seed: int = 0
+    sampler: SamplerSpec = field(default_factory=SamplerSpec)  # the sample grid (Figs. 6-8 are Algorithm 2)
 
 
 @dataclass

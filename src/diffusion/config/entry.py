@@ -5,7 +5,7 @@ from typing import Any
 
 from omegaconf import MISSING
 
-from diffusion.config.callbacks import CallbacksConfig, FeatureExtractorConfig, SamplerConfig
+from diffusion.config.callbacks import CallbacksConfig, FeatureExtractorConfig
 from diffusion.config.groups import (
     DataConfig,
     DiffusionConfig,
@@ -16,11 +16,12 @@ from diffusion.config.groups import (
     UNetConfig,
     ValidationConfig,
 )
+from diffusion.sampling import SamplerSpec
 
 
 @dataclass
 class WandbConfig:
-    _target_: str = "lightning.pytorch.loggers.WandbLogger"
+    _target_: str = "diffusion.wandb_logger.WandbLogger"
     project: str = "diffusion"
     name: str | None = None
     group: str | None = None
@@ -60,12 +61,8 @@ class TrainConfig:
 class SampleConfig:
     ckpt: str = MISSING
     num_samples: int = 64
-    batch_size: int = 256
-    sampler: str = "ddpm"
-    steps: int | None = None
-    spacing: str = "linspace"
-    eta: float = 0.0
-    clip_denoised: bool = True
+    batch_size: int = 256  # images per chunk; chunk k is drawn from seed + k (diffusion.sampling.draw)
+    sampler: SamplerSpec = field(default_factory=SamplerSpec)
     seed: int = 0
     weights: str = "ema"  # ema | raw
     device: str = "auto"
@@ -80,7 +77,6 @@ class FiguresConfig:
     ckpt: str = MISSING
     logger: WandbConfig | None = None  # logger=wandb: the figures also go to an (offline) W&B run
     data: DataConfig = MISSING  # the data the model was trained on: its first images of `split` are drawn
-    model: UNetConfig | None = None  # unused (the checkpoint holds the net); set by data options' overrides
     paths: PathsConfig = MISSING
     split: str = "val"
     num_images: int = 8  # data images in the forward, reconstruction, interpolation figures; chains in Fig. 6
@@ -92,6 +88,7 @@ class FiguresConfig:
     reverse_steps: list[int] | None = None  # default 0, T/10, ..., T-1
     reconstruction_steps: list[int] | None = None  # default as forward_steps
     interpolation_steps: list[int] | None = None  # default T/2
+    sampler: SamplerSpec = field(default_factory=SamplerSpec)  # the sample grid (Figs. 6-8 are Algorithm 2)
     seed: int = 0
     weights: str = "ema"  # ema | raw
     device: str = "auto"
@@ -114,10 +111,10 @@ class SamplerTableConfig:
 
     enabled: bool = False
     num_samples: int | None = None  # None: evaluate's num_samples
-    samplers: list[SamplerConfig] = field(default_factory=lambda: [
-        SamplerConfig(name="ddpm"),
-        *(SamplerConfig(name="ddim", steps=k) for k in (10, 20, 50, 100)),
-        *(SamplerConfig(name="respaced", steps=k) for k in (50, 100, 250)),
+    samplers: list[SamplerSpec] = field(default_factory=lambda: [
+        SamplerSpec(name="ddpm"),
+        *(SamplerSpec(name="ddim", steps=k) for k in (10, 20, 50, 100)),
+        *(SamplerSpec(name="respaced", steps=k) for k in (50, 100, 250)),
     ])
 
 
@@ -128,7 +125,7 @@ class EvaluateConfig:
     weights: str = "ema"  # ema | raw
     num_samples: int | None = None  # None: 50,000 for CIFAR-10 (the paper's protocol), 1,000 otherwise
     batch_size: int = 250
-    sampler: SamplerConfig = field(default_factory=SamplerConfig)  # the paper's: ancestral, all T steps
+    sampler: SamplerSpec = field(default_factory=SamplerSpec)  # the paper's: ancestral, all T steps
     seed: int = 0
     feature_extractor: FeatureExtractorConfig = field(default_factory=FeatureExtractorConfig)
     reference_splits: list[str] = field(default_factory=lambda: ["train", "val"])  # FID vs train (paper) and test
@@ -139,7 +136,6 @@ class EvaluateConfig:
     devices: Any = "auto"  # auto: every GPU of the machine (else 1 CPU process)
     progress_bar: bool = True
     data: DataConfig = MISSING
-    model: UNetConfig | None = None  # unused (the checkpoint holds the net); set by data options' overrides
     logger: WandbConfig | None = MISSING
     paths: PathsConfig = MISSING
     output_dir: str = "${hydra:runtime.output_dir}"

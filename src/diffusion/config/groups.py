@@ -3,7 +3,7 @@
 from dataclasses import dataclass, field
 from typing import Any
 
-from omegaconf import MISSING
+from omegaconf import II, MISSING
 
 
 # --- schedule -----------------------------------------------------------------------------------------
@@ -46,6 +46,8 @@ class UNetConfig:
     """The U-Net's shape; its image size and channels come from the data, its output from the variance."""
 
     _target_: str = "diffusion.nn.UNet"
+    in_channels: int = II("data.channels")
+    image_size: int = II("data.image_size")
     ch: int = 128
     ch_mult: list[int] = field(default_factory=lambda: [1, 2, 2, 2])
     num_res_blocks: int = 2
@@ -110,6 +112,8 @@ class ValidationConfig:
 @dataclass
 class DataConfig:
     _target_: str = MISSING
+    channels: int = MISSING  # what the images are: the network takes its shape from these two
+    image_size: int = MISSING
     batch_size: int = 128  # per device: the global batch is batch_size × devices × num_nodes
     num_workers: int = 0
     seed: int = 0
@@ -121,6 +125,8 @@ class DigitsDataConfig(DataConfig):
     """scikit-learn's bundled digits: nothing to find on disk or download."""
 
     _target_: str = "diffusion.data.DigitsDataModule"
+    channels: int = 1
+    image_size: int = 8
     val_size: int = 297
 
 
@@ -133,12 +139,15 @@ class FileDataConfig(DataConfig):
 @dataclass
 class MNISTDataConfig(FileDataConfig):
     _target_: str = "diffusion.data.MNISTDataModule"
-    image_size: int = 32
+    channels: int = 1
+    image_size: int = 32  # the 28×28 images padded with background
 
 
 @dataclass
 class CIFAR10DataConfig(FileDataConfig):
     _target_: str = "diffusion.data.CIFAR10DataModule"
+    channels: int = 3
+    image_size: int = 32
     random_flip: bool = True
 
 
@@ -167,7 +176,7 @@ class TrainerConfig:
     log_every_n_steps: int = 50
     val_check_interval: int = 5000  # in training steps
     check_val_every_n_epoch: int | None = None
-    limit_val_batches: Any = 1.0  # an int counts batches, a float is a fraction (checked in validate)
+    limit_val_batches: Any = None  # None: all; an int counts batches, a float is a fraction (checked in validate)
     num_sanity_val_steps: int = 0
     deterministic: bool = False
-    enable_progress_bar: bool = True  # Lightning's TQDM bar: loss, val/bpd and it/s
+    enable_progress_bar: bool = True  # one bar over the run's steps (with ETA), loss and val/bpd

@@ -7,7 +7,7 @@ from diffusion.metrics.features import (
     ModuleFeatures,
     make_feature_extractor,
 )
-from diffusion.metrics.quality import SampleQuality, describe, make_protocol, protocol_id, shard_chunks
+from diffusion.metrics.quality import SampleQuality, describe, make_protocol, protocol_id
 
 __all__ = ["DigitsFeatures", "FeatureExtractor", "InceptionFeatures", "ModuleFeatures", "SampleQuality",
-           "describe", "make_feature_extractor", "make_protocol", "protocol_id", "shard_chunks"]
+           "describe", "make_feature_extractor", "make_protocol", "protocol_id"]

@@ -13,14 +13,12 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
-import numpy as np
 import torch
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from torch import Tensor, nn
 
-from diffusion.data import SPLIT_SEED, to_model_range
+from diffusion.data import load_digits_split
 from diffusion.errors import UserError
+from diffusion.images import to_model_range
 
 DIGITS_CNN_VERSION = "v1"  # bump when the architecture or the training recipe changes: a new cache file
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's name in the torch hub cache
@@ -104,16 +102,6 @@ class DigitsCNN(nn.Module):
         return h / self.feature_scale, self.head(h)
 
 
-def labelled_digits(split: str, val_size: int = 297) -> tuple[Tensor, Tensor]:
-    """The digits split exactly as DigitsDataModule makes it, with labels: uint8 (N, 1, 8, 8), int64 (N,)."""
-    digits = load_digits()
-    images = np.rint(digits.images * 255 / 16).astype(np.uint8)
-    train_idx, val_idx = train_test_split(np.arange(len(images)), test_size=val_size, stratify=digits.target,
-                                          random_state=SPLIT_SEED)
-    index = np.sort(train_idx if split == "train" else val_idx)
-    return torch.from_numpy(images[index]).unsqueeze(1), torch.from_numpy(digits.target[index]).long()
-
-
 def _shifted(x: Tensor) -> Tensor:
     """Every translation by -1, 0, +1 pixel in each direction, background filled: (9, N, C, H, W)."""
     padded = nn.functional.pad(x, (1, 1, 1, 1), value=-1.0)
@@ -123,7 +111,7 @@ def _shifted(x: Tensor) -> Tensor:
 
 def train_digits_cnn(seed: int = 0, epochs: int = 20, batch_size: int = 64) -> tuple[DigitsCNN, float]:
     """Train on the digits train split (Adam, 1-pixel shifts); return the net and its val-split accuracy."""
-    images, labels = labelled_digits("train")
+    images, labels = load_digits_split("train")
     shifted = _shifted(to_model_range(images))  # (9, N, 1, 8, 8)
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):  # the caller's global RNG is left as it was
@@ -142,7 +130,7 @@ def train_digits_cnn(seed: int = 0, epochs: int = 20, batch_size: int = 64) -> t
             opt.step()
         sched.step()
     net.eval()
-    val_images, val_labels = labelled_digits("val")
+    val_images, val_labels = load_digits_split("val")
     with torch.no_grad():
         net.feature_scale.copy_(net.body(to_model_range(images)).square().mean().sqrt())
         accuracy = (net(to_model_range(val_images))[1].argmax(1) == val_labels).double().mean().item()

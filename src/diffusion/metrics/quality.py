@@ -27,11 +27,7 @@ from torchmetrics.utilities.distributed import gather_all_tensors
 
 from diffusion.errors import UserError
 from diffusion.metrics.features import FeatureExtractor, make_feature_extractor
-
-
-def shard_chunks(n: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[tuple[int, int, int]]:
-    """Chunks (k, start, stop) of range(n) in fixed blocks of batch_size; rank r takes k = r, r + W, ..."""
-    return [(k, k * batch_size, min(n, (k + 1) * batch_size)) for k in range(rank, -(-n // batch_size), world_size)]
+from diffusion.sampling import SamplerSpec, chunk_bounds, sampler_label
 
 
 def knn_radii(features: Tensor, k: int, chunk: int = 1024) -> Tensor:
@@ -114,13 +110,13 @@ class SampleQuality(Metric):
                             "raise max_reference_images")
         distributed = shard and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-        mine = shard_chunks(len(images), batch_size, rank, world)
+        mine = chunk_bounds(len(images), batch_size, rank, world)
         local = [self.features(images[start:stop])[0] for _, start, stop in mine]
         local = torch.cat(local) if local else self.features(images[:0])[0]
         gathered = gather_all_tensors(local, self.process_group) if distributed else [local]
         chunks = {}
         for r, part in enumerate(gathered):
-            ks = shard_chunks(len(images), batch_size, r, world)
+            ks = chunk_bounds(len(images), batch_size, r, world)
             chunks.update(zip([k for k, _, _ in ks], part.split([stop - start for _, start, stop in ks]), strict=True))
         features = torch.cat([chunks[k] for k in sorted(chunks)])  # (N, D) in the images' order
         self.references[name] = Reference(features, features.mean(0), torch.cov(features.T),
@@ -173,18 +169,14 @@ def _nonempty(state: list[Tensor] | Tensor) -> bool:
 
 
 def make_protocol(*, num_generated: int, reference_sizes: dict[str, int], extractor: FeatureExtractor,
-                  sampler: dict, num_timesteps: int, variance: str, weights: str, seed: int,
+                  sampler: SamplerSpec, num_timesteps: int, variance: str, weights: str, seed: int,
                   settings: dict | None = None) -> dict:
     """Everything a score depends on besides the network: scores with different protocols are not comparable."""
-    name = sampler.get("name", "ddpm")
-    steps = num_timesteps if name == "ddpm" else sampler.get("steps") or num_timesteps
     return {
         "num_generated": num_generated,
         "reference": {split: {"num_images": n, "augmentation": "none"} for split, n in reference_sizes.items()},
         "extractor": extractor.name, "extractor_sha256": extractor.weights_sha256[:12],
-        "sampler": {"name": name, "steps": steps, "eta": sampler.get("eta", 0.0) if name == "ddim" else None,
-                    "spacing": sampler.get("spacing", "linspace") if name != "ddpm" else None,
-                    "clip_denoised": sampler.get("clip_denoised", True)},
+        "sampler": sampler.describe(num_timesteps),
         "num_timesteps": num_timesteps, "variance": variance, "weights": weights, "seed": seed,
         "settings": settings or {},
     }
@@ -198,8 +190,7 @@ def protocol_id(protocol: dict) -> str:
 def describe(scores: dict[str, float], protocol: dict) -> str:
     """One line: 'val/fid 3.21 · val/is 8.90 ... [protocol ab12cd34: 1000 samples ddim-50 η=0 ema vs ...]'."""
     values = " · ".join(f"{k} {_fmt(v)}" for k, v in scores.items())
-    s = protocol["sampler"]
-    sampler = f"{s['name']}-{s['steps']}" + (f" η={s['eta']:g}" if s["eta"] is not None else "")
+    sampler = sampler_label(protocol["sampler"])
     refs = "/".join(f"{split} {r['num_images']}" for split, r in protocol["reference"].items())
     return (f"{values} [protocol {protocol_id(protocol)}: {protocol['num_generated']} samples {sampler} "
             f"{protocol['weights']} vs {refs}, {protocol['extractor']} sha {protocol['extractor_sha256'][:8]}]")

@@ -1,5 +1,5 @@
-"""The U-Net of Ho et al. 2020 and its layers: (x_t, t) -> prediction, nothing about schedules."""
+"""The paper's U-Net: (x_t, t) -> prediction; it knows nothing of schedules."""
 
-from diffusion.nn.unet import CONFIGS, UNet, unet_config
+from diffusion.nn.unet import UNet
 
-__all__ = ["CONFIGS", "UNet", "unet_config"]
+__all__ = ["UNet"]

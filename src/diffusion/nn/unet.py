@@ -1,5 +1,8 @@
 """The DDPM U-Net of Ho et al. 2020 (`diffusion_tf/models/unet.py`): (x_t, t) -> eps (and variance).
 
+Its shapes for each data set (the paper's CIFAR-10 and 256×256 nets, the small ones) are configs:
+conf/model/*.yaml, written there only.
+
 Module names follow the paper's code and its PyTorch port (`down[i].block[j]`, `mid.attn_1`,
 `up[i].upsample`, ...) so that checkpoints map one to one; only q, k, v are fused into `attn.qkv`.
 """
@@ -18,36 +21,6 @@ from diffusion.nn.layers import (
     conv3x3,
     group_norm,
 )
-
-CONFIGS: dict[str, dict] = {
-    # Ho et al. 2020, CIFAR-10: 35.7M parameters.
-    "cifar10": dict(
-        in_channels=3, out_channels=3, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
-        attn_resolutions=(16,), dropout=0.1, image_size=32,
-    ),
-    # Ho et al. 2020, CelebA-HQ and LSUN at 256x256: 113.7M parameters.
-    "celebahq256": dict(
-        in_channels=3, out_channels=3, ch=128, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2,
-        attn_resolutions=(16,), dropout=0.0, image_size=256,
-    ),
-    "lsun256": dict(
-        in_channels=3, out_channels=3, ch=128, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2,
-        attn_resolutions=(16,), dropout=0.0, image_size=256,
-    ),
-    # 8x8 single-channel digits (sklearn): 1.1M parameters; a batch-128 training step takes ~0.13 s on
-    # 2 CPU cores (ch=64 would take ~0.45 s).
-    "digits": dict(
-        in_channels=1, out_channels=1, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1,
-        attn_resolutions=(4,), dropout=0.1, image_size=8, num_groups=8,
-    ),
-}  # fmt: skip
-
-
-def unet_config(name: str) -> dict:
-    """A copy of the keyword arguments of the named U-Net configuration."""
-    if name not in CONFIGS:
-        raise UserError(f"unknown U-Net config {name!r}; choose one of {sorted(CONFIGS)}")
-    return dict(CONFIGS[name])
 
 
 def _check_args(ch: int, ch_mult: tuple, attn_resolutions: tuple, image_size: int, num_groups: int) -> None:
@@ -123,6 +96,11 @@ class UNet(nn.Module):
         # but on a CPU, oneDNN's NHWC path is several times slower for small maps such as 8×8 digits.
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.to(memory_format=self.memory_format)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the images the network takes."""
+        return self.in_channels, self.image_size, self.image_size
 
     def _build_down(self, ch, ch_mult, attn_resolutions, resamp_with_conv, block_kw):
         """Down path; also returns the channel count of every skip connection, in push order."""

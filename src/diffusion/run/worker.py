@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from diffusion.cli import guarded
 from diffusion.config import register_configs
-from diffusion.run.training import train
+from diffusion.run.train_command import train
 
 
 def main(config_path: str) -> None:

@@ -1,4 +1,4 @@
-"""Samplers over any `model(x_t, t) -> output` callable: ancestral DDPM, DDIM, respaced DDPM.
+"""Ancestral DDPM, DDIM and respaced DDPM over any `model(x_t, t) -> output` callable.
 
 Every coefficient the loop needs lives on the sample's device before the loop starts; each step only
 indexes those tensors (views or device-side gathers), so nothing is re-created or copied host→device
@@ -35,7 +35,7 @@ class SampleOutput:
     trajectory: Trajectory | None = None
 
 
-class _Recorder:
+class Recorder:
     """Keep x_t and x̂0 at the chosen original timesteps."""
 
     def __init__(self, record_steps: Iterable[int] | None):
@@ -61,27 +61,48 @@ def _step_indices(timesteps: Sequence[int], batch_size: int, device: torch.devic
     return torch.as_tensor(list(timesteps), dtype=torch.long, device=device)[:, None].expand(-1, batch_size)
 
 
-def _ancestral_loop(model: Model, diffusion: GaussianDiffusion, x: Tensor, model_steps: Sequence[int],
-                    clip_denoised: bool, generator: torch.Generator | None, recorder: _Recorder) -> Tensor:
-    """Algorithm 2 over the diffusion's own steps; the model sees the original indices model_steps."""
+def ancestral_loop(model: Model, diffusion: GaussianDiffusion, x: Tensor, *, start: int | None = None,
+                   model_steps: Sequence[int] | None = None, clip_denoised: bool = True,
+                   noise: Callable[[Tensor], Tensor] | None = None, recorder: "Recorder | None" = None) -> Tensor:
+    """Algorithm 2 from the diffusion's step `start` (default T-1) down to x_0, Ho et al. 2020.
+
+    The model sees the original indices `model_steps` (a respaced chain's kept steps; default its own steps).
+    `noise(x)` gives z for each step (default N(0, I) like x); the last step adds none.
+    """
+    start = diffusion.num_timesteps - 1 if start is None else start
+    model_steps = range(diffusion.num_timesteps) if model_steps is None else model_steps
+    noise = noise or (lambda like: torch.randn_like(like))
     B = x.shape[0]
-    t_own = _step_indices(range(diffusion.num_timesteps), B, x.device)  # (K, B)
-    t_model = _step_indices(model_steps, B, x.device)  # (K, B)
-    noise = torch.empty_like(x)
-    for i in reversed(range(diffusion.num_timesteps)):
+    t_own = _step_indices(range(start + 1), B, x.device)  # (K, B)
+    t_model = _step_indices(model_steps[: start + 1], B, x.device)  # (K, B)
+    for i in reversed(range(start + 1)):
         p = diffusion.p_mean_variance(model(x, t_model[i]), x, t_own[i], clip_denoised)
-        recorder(model_steps[i], x, p.x0_pred)
+        if recorder is not None:
+            recorder(model_steps[i], x, p.x0_pred)
         x = p.mean
         if i > 0:  # x_{t-1} = μ + σ z, z ~ N(0, I); no noise at the last step
-            x = x + (0.5 * p.log_variance).exp() * noise.normal_(generator=generator)
+            x = x + (0.5 * p.log_variance).exp() * noise(x)
     return x
+
+
+def gaussian_noise(generator: torch.Generator | None) -> Callable[[Tensor], Tensor]:
+    """z ~ N(0, I) shaped like x from `generator`, into one buffer reused at every step."""
+    buffer: list[Tensor] = []
+
+    def draw(like: Tensor) -> Tensor:
+        if not buffer:
+            buffer.append(torch.empty_like(like))
+        return buffer[0].normal_(generator=generator)
+
+    return draw
 
 
 def ddpm_sample(model: Model, diffusion: GaussianDiffusion, x_T: Tensor, *, clip_denoised: bool = True,
                 generator: torch.Generator | None = None, record_steps: Iterable[int] | None = None) -> SampleOutput:
     """Ancestral sampling, Ho et al. 2020 Algorithm 2, with the diffusion's fixed or learned variance."""
-    recorder = _Recorder(record_steps)
-    x0 = _ancestral_loop(model, diffusion, x_T, range(diffusion.num_timesteps), clip_denoised, generator, recorder)
+    recorder = Recorder(record_steps)
+    x0 = ancestral_loop(model, diffusion, x_T, clip_denoised=clip_denoised, noise=gaussian_noise(generator),
+                        recorder=recorder)
     return recorder.output(x0)
 
 
@@ -113,8 +134,9 @@ def respaced_sample(model: Model, diffusion: GaussianDiffusion, x_T: Tensor, *, 
     respaced = respace(diffusion, kept)
     if diffusion.parameterization == "mean":
         model = _mean_to_x0(model, diffusion)
-    recorder = _Recorder(record_steps)
-    x0 = _ancestral_loop(model, respaced, x_T, kept, clip_denoised, generator, recorder)
+    recorder = Recorder(record_steps)
+    x0 = ancestral_loop(model, respaced, x_T, model_steps=kept, clip_denoised=clip_denoised,
+                        noise=gaussian_noise(generator), recorder=recorder)
     return recorder.output(x0)
 
 
@@ -130,10 +152,10 @@ def ddim_sample(model: Model, diffusion: GaussianDiffusion, x_T: Tensor, *, num_
     idx = torch.as_tensor(kept, dtype=torch.long, device=device)
     ac = diffusion.alphas_cumprod[idx]
     ac_prev = torch.cat([ac.new_ones(1), ac[:-1]])
-    sigma = eta * ((1 - ac_prev) / (1 - ac) * (1 - ac / ac_prev)).sqrt()
+    sigma = eta * ((1 - ac_prev) / (1 - ac) * (1 - ac / ac_prev)).sqrt()  # σ_t(η), Song et al. 2021 Eq. 16
     coef_x0, coef_eps = ac_prev.sqrt(), (1 - ac_prev - sigma**2).clamp(min=0).sqrt()
     t_model = _step_indices(kept, B, device)
-    recorder, noise, x = _Recorder(record_steps), torch.empty_like(x_T), x_T
+    recorder, noise, x = Recorder(record_steps), torch.empty_like(x_T), x_T
     for i in reversed(range(len(kept))):
         t = t_model[i]
         mean_out, _ = diffusion.split_output(model(x, t))
@@ -147,5 +169,3 @@ def ddim_sample(model: Model, diffusion: GaussianDiffusion, x_T: Tensor, *, num_
             x = x + sigma[i] * noise.normal_(generator=generator)  # Eq. 12: random noise
     return recorder.output(x)
 
-
-SAMPLERS = {"ddpm": ddpm_sample, "ddim": ddim_sample, "respaced": respaced_sample}

@@ -8,18 +8,18 @@ Every function takes a `net(x_t, t)` callable and a GaussianDiffusion; steps are
 import json
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import matplotlib
 import torch
 from torch import Tensor
-from torchvision.utils import make_grid, save_image
 
 from diffusion.errors import UserError
 from diffusion.gaussian import GaussianDiffusion
+from diffusion.images import save_grid, save_rows
 from diffusion.likelihood import LOG2, variational_bound
-from diffusion.sampling import SampleOutput, ddpm_sample
+from diffusion.sampling import SampleOutput, SamplerSpec, ancestral_loop, draw, draw_chunk, eval_mode
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -63,11 +63,11 @@ def forward_process(diffusion: GaussianDiffusion, x0: Tensor, steps: Sequence[in
     return torch.stack(frames)
 
 
-@torch.no_grad()
-def reverse_process(net: Model, diffusion: GaussianDiffusion, x_T: Tensor, steps: Sequence[int],
-                    generator: torch.Generator | None = None) -> SampleOutput:
-    """Algorithm 2 from x_T, one chain per image, keeping x_t and the predicted x̂0 at `steps` (Fig. 6)."""
-    return ddpm_sample(net, diffusion, x_T, generator=generator, record_steps=check_steps(diffusion, steps))
+def reverse_process(net: Model, diffusion: GaussianDiffusion, num_chains: int, shape: tuple[int, int, int],
+                    steps: Sequence[int], seed: int = 0) -> SampleOutput:
+    """Algorithm 2 from x_T, num_chains chains, keeping x_t and the predicted x̂0 at `steps` (Fig. 6)."""
+    return draw_chunk(net, diffusion, SamplerSpec("ddpm"), 0, num_chains, shape=shape, seed=seed,
+                      record_steps=check_steps(diffusion, steps))
 
 
 @torch.no_grad()
@@ -77,14 +77,12 @@ def reverse_from(net: Model, diffusion: GaussianDiffusion, x_t: Tensor, t: int,
     noise z (B, C, H, W), as Fig. 8's interpolations share the reverse noise; (B, C, H, W) is plain Algorithm 2."""
     check_steps(diffusion, [t], "the starting step")
     shape, noise_shape = x_t.shape, x_t.shape[-4:]
-    x = x_t.reshape(-1, *shape[-3:])  # (G·B, C, H, W)
-    indices = torch.arange(t + 1, device=x.device)[:, None].expand(-1, x.shape[0])  # (t+1, G·B)
-    for i in reversed(range(t + 1)):
-        p = diffusion.p_mean_variance(net(x, indices[i]), x, indices[i], clip_denoised)
-        x = p.mean
-        if i > 0:  # x_{t-1} = μ + σ z, z shared by the groups; no noise at the last step
-            z = _randn(x, generator, noise_shape).expand(shape).reshape(x.shape)
-            x = x + (0.5 * p.log_variance).exp() * z
+
+    def shared_noise(x: Tensor) -> Tensor:  # one z per step, the same for every group
+        return _randn(x, generator, noise_shape).expand(shape).reshape(x.shape)
+
+    x = ancestral_loop(net, diffusion, x_t.reshape(-1, *shape[-3:]), start=t, clip_denoised=clip_denoised,
+                       noise=shared_noise)  # on (G·B, C, H, W)
     return x.reshape(shape)
 
 
@@ -204,23 +202,7 @@ def save_rate_distortion_plot(rd: RateDistortion, path: Path) -> Path:
     return path
 
 
-# --- PNG grids ------------------------------------------------------------------------------------------
-def save_grid(x: Tensor, path: Path, nrow: int, min_size: int = 32) -> Path:
-    """(N, C, H, W) in [-1, 1] -> a PNG grid of nrow columns; small images enlarged (nearest) to be seen."""
-    x = ((x.float().cpu() + 1) / 2).clamp(0, 1)
-    factor = -(-min_size // x.shape[-1])  # ceil: 8×8 digits are shown at 32×32, pixels kept sharp
-    if factor > 1:
-        x = torch.nn.functional.interpolate(x, scale_factor=factor, mode="nearest")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(make_grid(x, nrow=nrow, padding=2, pad_value=1.0), path)
-    return path
-
-
-def save_rows(rows: Tensor, path: Path, min_size: int = 32) -> Path:
-    """(R, N, C, H, W) in [-1, 1] -> a PNG of R rows of N images."""
-    return save_grid(rows.flatten(0, 1), path, rows.shape[1], min_size)
-
-
+# --- figure layouts ------------------------------------------------------------------------------------
 def forward_rows(frames: Tensor) -> Tensor:
     """Per image a row x_t at the steps, x_0 to x_T left to right."""
     return frames.transpose(0, 1)
@@ -271,14 +253,21 @@ class FigureSpec:
     reverse_steps: list[int] | None = None  # default 0, T/10, 2T/10, ..., T-1
     reconstruction_steps: list[int] | None = None  # default as forward_steps
     interpolation_steps: list[int] | None = None  # default T/2 (the paper: 500 of 1000)
+    sampler: SamplerSpec = field(default_factory=SamplerSpec)  # the sample grid's (Figs. 6-8 are Algorithm 2)
 
 
 @torch.no_grad()
 def render_all(net: Model, diffusion: GaussianDiffusion, x0: Tensor, out_dir: Path, spec: FigureSpec) -> dict:
     """Every figure of `spec` from data x0 (at least num_images and rd_images of them), written under out_dir.
 
-    Each figure draws from its own generator seeded with spec.seed. Returns {name: path} of what was written.
+    Each figure draws from its own generator seeded with spec.seed, the net in eval mode (no dropout).
+    Returns {name: path} of what was written.
     """
+    with eval_mode(net):
+        return _render_all(net, diffusion, x0, out_dir, spec)
+
+
+def _render_all(net: Model, diffusion: GaussianDiffusion, x0: Tensor, out_dir: Path, spec: FigureSpec) -> dict:
     T, device, out_dir = diffusion.num_timesteps, x0.device, Path(out_dir)
     if spec.num_images < 2:
         raise UserError(f"num_images must be >= 2 (the interpolation takes pairs), got {spec.num_images}; try 8")
@@ -291,16 +280,15 @@ def render_all(net: Model, diffusion: GaussianDiffusion, x0: Tensor, out_dir: Pa
         return torch.Generator(device).manual_seed(spec.seed)
 
     frames = forward_process(diffusion, images, spec.forward_steps or default_steps(T), gen())
-    g = gen()
-    chains = reverse_process(net, diffusion, _randn(images, g), spec.reverse_steps or default_steps(
-        T, [k / 10 for k in range(11)]), g)
+    chains = reverse_process(net, diffusion, n, tuple(images.shape[1:]),
+                             spec.reverse_steps or default_steps(T, [k / 10 for k in range(11)]), spec.seed)
     rec = stochastic_reconstructions(net, diffusion, images, spec.reconstruction_steps or default_steps(T),
                                      spec.num_reconstructions, gen())
     lambdas = torch.linspace(0, 1, spec.num_lambdas, dtype=torch.float64).tolist()
     steps = check_steps(diffusion, spec.interpolation_steps or [T // 2], "interpolation_steps")
     interps = [interpolate(net, diffusion, images[0:n - 1:2], images[1:n:2], t, lambdas, gen()) for t in steps]
-    g = gen()
-    samples = ddpm_sample(net, diffusion, _randn(images, g, (spec.num_samples, *images.shape[1:])), generator=g).x0
+    samples = draw(net, diffusion, spec.sampler, spec.num_samples, shape=tuple(images.shape[1:]), seed=spec.seed,
+                   chunk_size=spec.num_samples).images
     rd = progressive_coding(net, diffusion, x0[: spec.rd_images], gen())
     paths = {
         "forward": save_rows(forward_rows(frames), out_dir / "forward.png"),
@@ -308,6 +296,6 @@ def render_all(net: Model, diffusion: GaussianDiffusion, x0: Tensor, out_dir: Pa
         "reconstructions": save_rows(reconstruction_rows(rec), out_dir / "reconstructions.png"),
         "interpolation": save_rows(torch.stack([interpolation_rows(i) for i in interps], 1).flatten(0, 1),
                                    out_dir / "interpolation.png"),
-        "samples": save_grid(samples, out_dir / "samples.png", max(1, round(spec.num_samples**0.5))),
+        "samples": save_grid(samples, out_dir / "samples.png", pad_value=1.0),
     }
     return paths | write_rate_distortion(rd, out_dir)

@@ -8,27 +8,29 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
-from torchvision.utils import save_image
 
-from diffusion.callbacks import GracefulInterrupt, SampleGrid, SampleQualityCallback, generate
-from diffusion.callbacks.samples import image_grid
+from diffusion.callbacks import GracefulInterrupt, SampleGrid, SampleQualityCallback, StepProgressBar
 from diffusion.checkpointing import AtomicCheckpointIO, check_checkpoint
 from diffusion.config import validate
-from diffusion.data import DigitsDataModule
 from diffusion.distributed import JobDDPStrategy
 from diffusion.errors import UserError
 from diffusion.metrics.quality import describe
 from diffusion.module import DiffusionModule
+from diffusion.run.console import quiet_console
 
 
-def build_module(cfg: DictConfig, channels: int, image_size: int, betas: torch.Tensor) -> DiffusionModule:
-    """The LightningModule, with the network's channels and size taken from the data."""
+def net_kwargs(cfg: DictConfig) -> dict:
+    """The U-Net's arguments: conf/model's shape; channels and size from the data (model.in_channels is
+    ${data.channels})."""
     net = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k not in ("_target_", "compile")}
-    net.update(in_channels=channels, out_channels=channels, image_size=image_size)
+    return {**net, "out_channels": net["in_channels"]}  # doubled inside the U-Net for a learned variance
+
+
+def build_module(cfg: DictConfig, betas: torch.Tensor) -> DiffusionModule:
+    """The LightningModule of a train config, with these betas."""
     return DiffusionModule(
-        net=net,
+        net=net_kwargs(cfg),
         betas=betas.tolist(),
         parameterization=cfg.diffusion.parameterization,
         variance=cfg.diffusion.variance,
@@ -121,84 +123,72 @@ def _strategy(cfg: DictConfig, output_dir: Path, ckpt_path: str | None):
     return JobDDPStrategy(path)
 
 
-def _log_batch_size(trainer: L.Trainer, cfg: DictConfig) -> None:
-    """data.batch_size is per device: say what that makes per optimizer step, on screen and in the logger."""
+def _announce(trainer: L.Trainer, cfg: DictConfig, module: DiffusionModule, output_dir: Path) -> None:
+    """Where the run writes, the model in one line, and the batch: data.batch_size is per device, so say what
+    that makes per optimizer step (on screen, and in the logger as batch/*)."""
     per_device, accumulate = cfg.data.batch_size, cfg.trainer.accumulate_grad_batches
     batch = {"per_device": per_device, "devices": trainer.world_size, "accumulate_grad_batches": accumulate,
              "global": per_device * trainer.world_size * accumulate}
-    if trainer.world_size > 1 or accumulate > 1:
-        rank_zero_info(f"batch: {per_device} per device × {trainer.world_size} devices × {accumulate} accumulated "
-                       f"= {batch['global']} images per optimizer step")
+    d, schedule = module.diffusion, cfg.schedule._target_.rsplit(".", 1)[-1].removesuffix("_beta_schedule")
+    if trainer.is_global_zero:
+        print(f"run: {output_dir} (checkpoints/, samples/, wandb/)")
+        print(f"model: U-Net of {sum(p.numel() for p in module.net.parameters()):,} parameters; T={d.num_timesteps} "
+              f"{schedule} betas, {d.parameterization} prediction, {d.variance} variance, {cfg.loss.type} loss")
+        print(f"batch: {per_device} per device × {trainer.world_size} devices × {accumulate} accumulated "
+              f"= {batch['global']} images per optimizer step; {cfg.trainer.max_steps:,} steps", flush=True)
     for logger in trainer.loggers:
         logger.log_hyperparams({"batch": batch})
 
 
 def _callbacks(cfg: DictConfig, logger, datamodule) -> list[L.Callback]:
-    """The configured callbacks. The LR monitor needs a logger (with logger=none it would stop the run), so it
-    is left out then; the quality callback's extractor `auto` becomes digits for the digits, else inception."""
+    """The configured callbacks, built from plain values. The LR monitor needs a logger (with logger=none it
+    would stop the run), so it is left out then; the quality extractor `auto` is the data module's choice."""
     callbacks = []
     for name, node in cfg.callbacks.items():
         if node is None or (name == "lr_monitor" and logger is None):
             continue
         if name == "quality" and node.feature_extractor.name == "auto":
-            extractor = "digits" if isinstance(datamodule, DigitsDataModule) else "inception"
-            node = OmegaConf.merge(node, {"feature_extractor": {"name": extractor}})
-        callbacks.append(instantiate(node))
+            node = OmegaConf.merge(node, {"feature_extractor": {"name": datamodule.quality_extractor}})
+        callbacks.append(instantiate(node, _convert_="all"))
     return callbacks
 
 
 def train(cfg: DictConfig, extra_callbacks: tuple = ()) -> dict[str, float]:
     """Train per the config; save checkpoints, sample grids and logs under the run directory."""
     validate(cfg)
+    quiet_console()
     output_dir = Path(cfg.paths.output_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     betas = instantiate(cfg.schedule)
     datamodule = instantiate(cfg.data)
-    module = build_module(cfg, datamodule.channels, datamodule.image_size, betas)
+    module = build_module(cfg, betas)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, output_dir)
     if ckpt_path is not None:
         check_checkpoint(ckpt_path, module.hparams)  # architecture, T, betas, parameterization, variance
     logger = _logger(cfg)
     callbacks = [GracefulInterrupt(), *_callbacks(cfg, logger, datamodule), *extra_callbacks]
+    if cfg.trainer.enable_progress_bar:
+        callbacks.append(StepProgressBar())
     strategy = _strategy(cfg, output_dir, ckpt_path)
     try:
         # partial: the strategy may be an object, which the schema's `strategy: str` field cannot hold
         trainer = instantiate(cfg.trainer, _partial_=True)(
             strategy=strategy, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
-            logger=logger if logger else False, default_root_dir=str(output_dir))
-        _log_batch_size(trainer, cfg)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+            logger=logger if logger else False, default_root_dir=str(output_dir), enable_model_summary=False)
+        _announce(trainer, cfg, module, output_dir)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-        grid = next((c for c in callbacks if isinstance(c, SampleGrid)), None)
-        final = _final_grid(trainer, module, grid, output_dir) if grid is not None else None
     finally:
         _finish_wandb(logger)
         if isinstance(strategy, JobDDPStrategy):
             strategy.end_job()
+    grid = next((c for c in callbacks if isinstance(c, SampleGrid) and c.final_path is not None), None)
     quality = next((c for c in callbacks if isinstance(c, SampleQualityCallback) and c.last_scores), None)
-    if trainer.is_global_zero and final is not None:
-        print(f"samples: {final}")
+    if trainer.is_global_zero and grid is not None:
+        print(f"samples: {grid.final_path}")
     if trainer.is_global_zero and quality is not None:  # the last line `make train` prints
         print(f"quality: {describe(quality.last_scores, quality.protocol)}")
     return metrics
-
-
-def _final_grid(trainer: L.Trainer, module: DiffusionModule, grid: SampleGrid, output_dir: Path) -> Path | None:
-    """After fit the module holds the EMA weights (EMA callback's on_train_end): sample them with the final sampler."""
-    if not trainer.is_global_zero:
-        return None
-    module.eval()
-    gen = torch.Generator(device=module.device).manual_seed(grid.seed)
-    c, s = module.net.in_channels, module.net.image_size
-    x_T = torch.randn(grid.num_samples, c, s, s, generator=gen, device=module.device)
-    x0 = generate(module.net, module.diffusion, x_T, grid.final_sampler, gen)
-    path = output_dir / "samples" / "final_ema.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(image_grid(x0), path)
-    for logger in trainer.loggers:
-        if hasattr(logger, "log_image"):
-            logger.log_image("samples/final_ema", [str(path)], step=trainer.global_step)
-    return path
 
 
 def objective(cfg: DictConfig, metrics: dict[str, float]) -> float | None:

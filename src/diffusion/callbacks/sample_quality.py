@@ -1,9 +1,8 @@
 """FID (vs train and vs the held-out split), KID, IS and precision/recall of fresh samples during training.
 
-Every N steps and at the end, M samples are drawn with the EMA weights and scored by `SampleQuality`. The M
-samples are fixed chunks of `batch_size`; chunk k starts from a generator seeded seed + k, and under DDP rank
-r draws chunks r, r + W, ...: the union of the samples, and so the score, does not depend on the number of
-processes. The reference features are extracted at the first evaluation only.
+Every N steps and at the end, M samples are drawn with the EMA weights (`diffusion.sampling.draw`: chunks of
+`batch_size`, chunk k seeded seed + k, shared out over the ranks, so the score does not depend on the number
+of processes) and scored by `SampleQuality`. The reference features are extracted at the first evaluation only.
 """
 
 import sys
@@ -13,19 +12,15 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import Tensor
 
-from diffusion.callbacks.samples import generate
+from diffusion.callbacks.ema import averaged_net
 from diffusion.errors import UserError
-from diffusion.metrics.quality import SampleQuality, describe, make_protocol, protocol_id, shard_chunks
+from diffusion.images import to_uint8
+from diffusion.metrics.quality import SampleQuality, describe, make_protocol, protocol_id
+from diffusion.sampling import SamplerSpec, as_sampler_spec, draw_chunks
 
 SCORES = ("fid", "kid", "kid_std", "precision", "recall")
 SHOWN = ("val/fid", "val/fid_test", "val/is", "val/kid", "val/precision", "val/recall")  # in the printed line
-
-
-def to_uint8(x: Tensor) -> Tensor:
-    """[-1, 1] -> uint8, rounding to the nearest level: what a saved PNG of the sample holds."""
-    return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
 def metric_names(scores: dict[str, float], splits: tuple[str, ...]) -> dict[str, float]:
@@ -42,7 +37,7 @@ class SampleQualityCallback(L.Callback):
     """Every `every_n_steps` steps (0: never) and at the end of training: sample, score, log, print one line."""
 
     def __init__(self, every_n_steps: int = 10_000, num_samples: int = 1000, batch_size: int = 250,
-                 sampler: dict | None = None, seed: int = 0, feature_extractor="digits",
+                 sampler: SamplerSpec | dict | None = None, seed: int = 0, feature_extractor="digits",
                  reference_splits: tuple[str, ...] = ("train", "val"), max_reference_images: int | None = None,
                  weights: str = "ema", at_train_end: bool = True):
         if every_n_steps < 0:
@@ -56,7 +51,7 @@ class SampleQualityCallback(L.Callback):
         if not reference_splits:
             raise UserError("callbacks.quality.reference_splits is empty; try [train,val]")
         self.every_n_steps, self.num_samples, self.batch_size, self.seed = every_n_steps, num_samples, batch_size, seed
-        self.sampler = dict(sampler or {"name": "ddim", "steps": 50})
+        self.sampler = as_sampler_spec(sampler, "callbacks.quality.sampler", SamplerSpec("ddim"))
         spec = feature_extractor
         self.feature_extractor = dict(spec) if isinstance(spec, Mapping) else spec  # plain values, picklable
         self.reference_splits, self.max_reference_images = tuple(reference_splits), max_reference_images
@@ -81,14 +76,13 @@ class SampleQualityCallback(L.Callback):
         At the end of training EMA's on_train_end may already have copied the average into pl_module; the
         averaged copy is unchanged by that, so `ema` is never averaged twice, but `raw` may be gone.
         """
-        ema = next((cb for cb in trainer.callbacks if hasattr(cb, "averaged_module")), None)
-        averaged = ema.averaged_module() if ema is not None else None
+        averaged = averaged_net(trainer)
         if self.weights == "ema" and averaged is not None:
-            return averaged.net, "ema"
+            return averaged, "ema"
         if self.weights == "ema":
             rank_zero_warn("callbacks.quality.weights=ema but there is no EMA callback: scoring the raw weights")
         elif averaged is not None and at_end and all(
-                torch.equal(a, b) for a, b in zip(pl_module.net.parameters(), averaged.net.parameters(), strict=True)):
+                torch.equal(a, b) for a, b in zip(pl_module.net.parameters(), averaged.parameters(), strict=True)):
             return pl_module.net, "ema"  # the raw weights were overwritten: say what is really scored
         return pl_module.net, "raw"
 
@@ -108,16 +102,14 @@ class SampleQualityCallback(L.Callback):
             self.metric.set_reference(split, images, batch_size=self.batch_size)
 
     def generate_and_update(self, metric: SampleQuality, net, pl_module, rank: int, world_size: int) -> None:
-        """This rank's chunks of the M samples into the metric: chunk k from the generator seeded seed + k."""
-        c, s, device = pl_module.net.in_channels, pl_module.net.image_size, pl_module.device
-        chunks = shard_chunks(self.num_samples, self.batch_size, rank, world_size)
-        for k, start, stop in chunks:
-            gen = torch.Generator(device=device).manual_seed(self.seed + k)
-            x_T = torch.randn(stop - start, c, s, s, generator=gen, device=device)
-            x0 = generate(net, pl_module.diffusion, x_T, self.sampler, gen)
-            metric.update(to_uint8(x0), torch.arange(start, stop))
-        if not chunks:  # fewer chunks than ranks: this one still takes part in the gather
-            metric.update(torch.zeros(0, c, s, s, dtype=torch.uint8), torch.zeros(0, dtype=torch.int64))
+        """This rank's chunks of the M samples into the metric (see diffusion.sampling.draw)."""
+        chunks = draw_chunks(net, pl_module.diffusion, self.sampler, self.num_samples, shape=net.image_shape,
+                             seed=self.seed, chunk_size=self.batch_size, rank=rank, world_size=world_size,
+                             device=pl_module.device)
+        for chunk in chunks:
+            metric.update(to_uint8(chunk.images), torch.arange(chunk.start, chunk.stop))
+        if not metric.update_count:  # fewer chunks than ranks: this one still takes part in the gather
+            metric.update(torch.zeros(0, *net.image_shape, dtype=torch.uint8), torch.zeros(0, dtype=torch.int64))
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, at_end: bool = False) -> dict[str, float]:
         """Sample, score against every reference split, log to every logger and print one line on rank 0."""
@@ -128,16 +120,9 @@ class SampleQualityCallback(L.Callback):
         if not self.metric.references:
             self._set_references(trainer)
         net, weights = self._net(trainer, pl_module, at_end)
-        modes = [(m, m.training) for m in (pl_module, net)]
-        pl_module.eval()
-        net.eval()
-        try:
-            self.metric.reset()
-            self.generate_and_update(self.metric, net, pl_module, trainer.global_rank, trainer.world_size)
-            scores = self.metric.compute()  # gathers every rank's features
-        finally:
-            for module, mode in reversed(modes):
-                module.train(mode)
+        self.metric.reset()
+        self.generate_and_update(self.metric, net, pl_module, trainer.global_rank, trainer.world_size)
+        scores = self.metric.compute()  # gathers every rank's features
         self.last_scores = metric_names(scores, self.reference_splits)
         self.protocol = self._protocol(pl_module, weights)
         self._log(trainer, pl_module)

@@ -11,14 +11,13 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion.data import CIFAR10DataModule, DigitsDataModule
+from diffusion.checkpointing import load_module
 from diffusion.errors import UserError
 from diffusion.evaluation import Evaluator
 from diffusion.metrics.quality import SampleQuality, describe, make_protocol, protocol_id
-from diffusion.run.sampling import load_module
-
-PAPER_NUM_SAMPLES = 50_000  # Ho et al. 2020: FID and IS of 50,000 samples (CIFAR-10)
-SMALL_NUM_SAMPLES = 1_000  # every other data set, unless num_samples says otherwise
+from diffusion.run.console import quiet_console
+from diffusion.run.figures_command import check_data_fits
+from diffusion.sampling import SamplerSpec, as_sampler_spec
 
 
 def _setup(cfg: DictConfig):
@@ -27,16 +26,15 @@ def _setup(cfg: DictConfig):
         raise UserError(f"num_samples must be >= 4 and batch_size >= 1, got {cfg.num_samples} and {cfg.batch_size}; "
                         "try num_samples=1000 batch_size=250")
     module = load_module(cfg.ckpt, "cpu", cfg.weights)
+    table = cfg.sampler_table.samplers if cfg.sampler_table.enabled else []
+    for key, spec in [("sampler", cfg.sampler), *((f"sampler_table.samplers[{i}]", s) for i, s in enumerate(table))]:
+        as_sampler_spec(OmegaConf.to_container(spec), key).check_steps(module.diffusion.num_timesteps, key)
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
-    images = datamodule.reference_images("val", 1)
-    expected = (module.net.in_channels, module.net.image_size, module.net.image_size)
-    if tuple(images.shape[1:]) != expected:
-        raise UserError(f"data={datamodule.name} gives {tuple(images.shape[1:])} images but {cfg.ckpt} was trained "
-                        f"on {expected}; choose the data the model was trained on, e.g. data=cifar10")
+    check_data_fits(datamodule, module, cfg.ckpt)
     extractor = cfg.feature_extractor.name
     if extractor == "auto":
-        extractor = "digits" if isinstance(datamodule, DigitsDataModule) else "inception"
+        extractor = datamodule.quality_extractor
     return module, datamodule, extractor
 
 
@@ -49,7 +47,8 @@ def _trainer(cfg: DictConfig) -> L.Trainer:
                      enable_progress_bar=cfg.progress_bar, enable_model_summary=False)
 
 
-def _pass(cfg, module, datamodule, extractor: str, sampler: dict, num_samples: int, bpd: bool) -> tuple[dict, dict]:
+def _pass(cfg, module, datamodule, extractor: str, sampler: SamplerSpec, num_samples: int,
+          bpd: bool) -> tuple[dict, dict]:
     """One test loop: scores (and bits/dim if asked) and the protocol they were made under."""
     spec = {**OmegaConf.to_container(cfg.feature_extractor, resolve=True), "name": extractor}
     metric = SampleQuality(feature_extractor=spec)
@@ -71,10 +70,10 @@ def _pass(cfg, module, datamodule, extractor: str, sampler: dict, num_samples: i
 
 def evaluate(cfg: DictConfig) -> dict:
     """FID/IS/KID/precision/recall of N samples against the training set, NLL in bits/dim on the test split."""
+    quiet_console()
     module, datamodule, extractor = _setup(cfg)
-    default_n = PAPER_NUM_SAMPLES if isinstance(datamodule, CIFAR10DataModule) else SMALL_NUM_SAMPLES
-    num_samples = cfg.num_samples or default_n
-    sampler = OmegaConf.to_container(cfg.sampler, resolve=True)
+    num_samples = cfg.num_samples or datamodule.eval_num_samples
+    sampler = as_sampler_spec(OmegaConf.to_container(cfg.sampler, resolve=True))
     results, protocol = _pass(cfg, module, datamodule, extractor, sampler, num_samples, bpd=cfg.bpd.enabled)
     report = {"checkpoint": str(Path(cfg.ckpt).resolve()), "data": datamodule.name, "protocol": protocol,
               "protocol_id": protocol_id(protocol), "quality": results["quality"], "nll": results.get("nll"),
@@ -84,33 +83,31 @@ def evaluate(cfg: DictConfig) -> dict:
                          "sampling_device_seconds": results["sampling_device_seconds"]}}
     out = Path(cfg.output_dir)
     if cfg.sampler_table.enabled:
-        report["sampler_table"] = sampler_table(cfg, module, datamodule, extractor, out,
-                                                done={_key(sampler, num_samples): (results, protocol)})
+        done = {_key(sampler, num_samples, module.diffusion.num_timesteps): (results, protocol)}
+        report["sampler_table"] = sampler_table(cfg, module, datamodule, extractor, out, done=done)
     if rank_zero_only.rank == 0:
         _write(report, out, cfg)
     return report
 
 
-def _key(sampler: dict, n: int) -> str:
-    return json.dumps([sampler, n], sort_keys=True)
+def _key(sampler: SamplerSpec, n: int, num_timesteps: int) -> str:
+    return json.dumps([sampler.describe(num_timesteps), n], sort_keys=True)
 
 
 def sampler_table(cfg: DictConfig, module, datamodule, extractor: str, out: Path, done: dict) -> list[dict]:
     """Each sampler of cfg.sampler_table.samplers: seconds per image and quality, as Markdown and a plot.
 
     `done` holds passes already made (the main one), reused when sampler and sample count are the same."""
-    rows = []
-    n = cfg.sampler_table.num_samples or cfg.num_samples or SMALL_NUM_SAMPLES
-    defaults = OmegaConf.to_container(cfg.sampler, resolve=True)
+    rows, T = [], module.diffusion.num_timesteps
+    n = cfg.sampler_table.num_samples or cfg.num_samples or datamodule.eval_num_samples
     for sampler in OmegaConf.to_container(cfg.sampler_table.samplers, resolve=True):
-        sampler = {**defaults, **sampler}
-        if _key(sampler, n) not in done:
-            done[_key(sampler, n)] = _pass(cfg, module, datamodule, extractor, sampler, n, bpd=False)
-        results, protocol = done[_key(sampler, n)]
-        steps = protocol["sampler"]["steps"]
-        label = f"{sampler['name']} {steps}" + (f" η={sampler.get('eta', 0):g}" if sampler["name"] == "ddim" else "")
-        rows.append({"sampler": label, "steps": steps, "seconds_per_image": results["sampling_device_seconds"] / n,
-                     **results["quality"], "protocol_id": protocol_id(protocol)})
+        sampler = as_sampler_spec(sampler)
+        if _key(sampler, n, T) not in done:
+            done[_key(sampler, n, T)] = _pass(cfg, module, datamodule, extractor, sampler, n, bpd=False)
+        results, protocol = done[_key(sampler, n, T)]
+        rows.append({"sampler": sampler.label(T), "steps": protocol["sampler"]["steps"],
+                     "seconds_per_image": results["sampling_device_seconds"] / n, **results["quality"],
+                     "protocol_id": protocol_id(protocol)})
     if rank_zero_only.rank == 0:
         _write_table(rows, n, extractor, out)
     return rows
@@ -161,8 +158,8 @@ def _write_table(rows: list[dict], n: int, extractor: str, out: Path) -> None:
                      f"{r['recall_train']:.3f} |")
     (out / "samplers.md").write_text("\n".join(lines) + "\n")
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for family in dict.fromkeys(r["sampler"].split()[0] for r in rows):
-        pts = [r for r in rows if r["sampler"].split()[0] == family]
+    for family in dict.fromkeys(r["sampler"].split("-")[0] for r in rows):
+        pts = [r for r in rows if r["sampler"].split("-")[0] == family]
         ax.plot([r["seconds_per_image"] for r in pts], [r["fid_train"] for r in pts], "o-", label=family)
         for r in pts:
             ax.annotate(str(r["steps"]), (r["seconds_per_image"], r["fid_train"]), fontsize=7)

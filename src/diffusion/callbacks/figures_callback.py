@@ -3,11 +3,12 @@
 from pathlib import Path
 
 import lightning as L
-import torch
 
-from diffusion.data import to_model_range
+from diffusion.callbacks.ema import averaged_net
 from diffusion.errors import UserError
-from diffusion.figures import FigureSpec, render_all
+from diffusion.images import to_model_range
+from diffusion.paper_figures import FigureSpec, render_all
+from diffusion.sampling import SamplerSpec, as_sampler_spec
 
 
 class PaperFigures(L.Callback):
@@ -22,12 +23,13 @@ class PaperFigures(L.Callback):
                  num_images: int = 8, num_samples: int = 64, num_reconstructions: int = 6, num_lambdas: int = 9,
                  rd_images: int = 64, seed: int = 0, forward_steps: list[int] | None = None,
                  reverse_steps: list[int] | None = None, reconstruction_steps: list[int] | None = None,
-                 interpolation_steps: list[int] | None = None):
+                 interpolation_steps: list[int] | None = None, sampler: SamplerSpec | dict | None = None):
         if every_n_steps < 0:
             raise UserError(f"figures every_n_steps must be >= 0 (0: only at the end), got {every_n_steps}")
         self.every_n_steps, self.at_train_end, self.split = every_n_steps, at_train_end, split
         self.spec = FigureSpec(num_images, num_samples, num_reconstructions, num_lambdas, rd_images, seed,
-                               forward_steps, reverse_steps, reconstruction_steps, interpolation_steps)
+                               forward_steps, reverse_steps, reconstruction_steps, interpolation_steps,
+                               as_sampler_spec(sampler, "callbacks.figures.sampler"))
         self.last_paths: dict[str, Path] = {}
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -35,23 +37,12 @@ class PaperFigures(L.Callback):
             raise UserError("PaperFigures needs a datamodule with reference_images (diffusion.data's); "
                             "pass datamodule= to trainer.fit, or drop the figures callback")
 
-    def _net(self, trainer: L.Trainer, pl_module: L.LightningModule) -> torch.nn.Module:
-        ema = next((cb for cb in trainer.callbacks if hasattr(cb, "averaged_module")), None)
-        averaged = ema.averaged_module() if ema is not None else None
-        return averaged.net if averaged is not None else pl_module.net
-
     def render(self, trainer: L.Trainer, pl_module: L.LightningModule, out_dir: Path) -> dict[str, Path]:
         """Draw every figure into out_dir, log the PNGs, return {name: path}."""
         n = max(self.spec.num_images, self.spec.rd_images)
         x0 = to_model_range(trainer.datamodule.reference_images(self.split, n)).to(pl_module.device)
-        net, was_training = self._net(trainer, pl_module), pl_module.training
-        net_was_training = net.training
-        net.eval()
-        try:
-            paths = render_all(net, pl_module.diffusion, x0, out_dir, self.spec)
-        finally:
-            net.train(net_was_training)
-            pl_module.train(was_training)
+        net = averaged_net(trainer) or pl_module.net
+        paths = render_all(net, pl_module.diffusion, x0, out_dir, self.spec)
         for logger in trainer.loggers:
             if hasattr(logger, "log_image"):
                 for name, path in paths.items():

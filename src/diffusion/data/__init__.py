@@ -1,0 +1,16 @@
+"""LightningDataModules: scikit-learn digits (the default), MNIST, Fashion-MNIST, CIFAR-10, a folder of images."""
+
+from diffusion.data.base import SPLIT_SEED, SPLITS, ImageDataModule, require_files
+from diffusion.data.datasets import (
+    CIFAR10DataModule,
+    DigitsDataModule,
+    FashionMNISTDataModule,
+    MNISTDataModule,
+    load_digits_split,
+)
+from diffusion.data.folder import ImageFolderDataModule, find_images, image_problem, load_square
+from diffusion.data.loader import EpochSampler, ResumableLoader
+
+__all__ = ["CIFAR10DataModule", "DigitsDataModule", "EpochSampler", "FashionMNISTDataModule", "ImageDataModule",
+           "ImageFolderDataModule", "MNISTDataModule", "ResumableLoader", "SPLITS", "SPLIT_SEED", "find_images",
+           "image_problem", "load_digits_split", "load_square", "require_files"]

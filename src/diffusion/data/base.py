@@ -1,0 +1,133 @@
+"""The DataModule every data set shares: uint8 splits, loaders, reference images, checks before training.
+
+Every split is first a dataset of uint8 (C, H, W) images; the loaders turn them into float32 (B, C, H, W)
+batches as x_uint8 / 127.5 - 1, so values lie exactly on the 256-level grid in [-1, 1] that the paper's
+discretized decoder assumes (Ho et al. 2020, Sec. 3.3). Nothing is downloaded unless ``download=True``;
+missing or empty data raise a one-line ``UserError`` before training starts.
+"""
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from diffusion.data.loader import EpochSampler, ResumableLoader, _ModelInputs
+from diffusion.errors import UserError
+
+SPLITS = ("train", "val")
+SPLIT_SEED = 0  # held-out splits are fixed, independent of the training seed
+_NOT_FOUND = "set data.download=true to fetch it, or data.root=PATH to point at an existing copy"
+
+def require_files(name: str, root: Path, relpaths: list[str]) -> None:
+    """Raise the one-line 'not found' UserError unless every file exists under root."""
+    for relpath in relpaths:
+        if not (root / relpath).is_file():
+            raise UserError(f"{name} not found under {root.resolve()} (expected {relpath}); {_NOT_FOUND}")
+
+
+class _Images(Dataset):
+    """An in-memory uint8 tensor (N, C, H, W), one image per item."""
+
+    def __init__(self, images: Tensor):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> Tensor:
+        return self.images[index]
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Shared loaders over uint8 splits; subclasses say where the images come from (`_load_split`).
+
+    What evaluation asks of a data set is asked of its module: `quality_extractor` (the feature extractor
+    that scores samples of it) and `eval_num_samples` (how many samples evaluate.py scores by default).
+    """
+
+    name = "images"
+    quality_extractor = "inception"
+    eval_num_samples = 1_000
+
+    def __init__(self, root: str, batch_size: int, num_workers: int, download: bool, seed: int,
+                 random_flip: bool, *, channels: int, image_size: int):
+        super().__init__()
+        if batch_size < 1:
+            raise UserError(f"data.batch_size must be >= 1, got {batch_size}; try data.batch_size=128")
+        if num_workers < 0:
+            raise UserError(f"data.num_workers must be >= 0, got {num_workers}; try data.num_workers=0")
+        if seed < 0:
+            raise UserError(f"data.seed must be >= 0, got {seed}; try data.seed=0")
+        self.root, self.batch_size, self.num_workers = Path(root).expanduser(), batch_size, num_workers
+        self.download, self.seed, self.random_flip = download, seed, random_flip
+        self.channels, self.image_size = channels, image_size
+        self._splits: dict[str, Dataset] = {}
+
+    def require_shape(self, channels: int, image_size: int) -> None:
+        """The configured data.channels and data.image_size must be what this data set gives."""
+        for key, given, actual in (("channels", channels, self.channels), ("image_size", image_size, self.image_size)):
+            if given != actual:
+                raise UserError(f"data.{key}={given}, but {self.name} images have {key} {actual}; "
+                                f"drop data.{key} or set data.{key}={actual}")
+
+    def _load_split(self, split: str) -> Dataset:
+        """The split's images as a dataset of uint8 (C, H, W) tensors."""
+        raise NotImplementedError
+
+    def _fetch(self) -> None:
+        """Download the dataset into root (only called with download=True)."""
+
+    def _where(self) -> str:
+        return f"under {self.root.resolve()}"
+
+    def prepare_data(self) -> None:
+        if self.download:
+            self._fetch()
+
+    def setup(self, stage: str | None = None) -> None:
+        for split in SPLITS:
+            self._split(split)
+
+    def _split(self, split: str) -> Dataset:
+        """The split's uint8 images, loaded once; train must hold a full batch, val at least one image."""
+        if split not in SPLITS:
+            raise UserError(f"split must be one of {SPLITS}, got {split!r}; use 'train' or 'val'")
+        if split not in self._splits:
+            images = self._load_split(split)
+            if split == "train" and len(images) < self.batch_size:
+                raise UserError(
+                    f"{self.name} train split {self._where()} has {len(images)} images, fewer than one batch "
+                    f"(data.batch_size={self.batch_size}); add images or lower data.batch_size")
+            if len(images) == 0:
+                raise UserError(f"{self.name} {split} split {self._where()} has 0 images; add images to it")
+            self._splits[split] = images
+        return self._splits[split]
+
+    def train_dataloader(self) -> ResumableLoader:
+        """Shuffled and flipped as (seed, epoch) say, this rank's share under DDP, last partial batch dropped."""
+        trainer = self.trainer
+        dataset = _ModelInputs(self._split("train"))
+        sampler = EpochSampler(dataset, self.seed, self.random_flip, num_replicas=trainer.world_size if trainer else 1,
+                               rank=trainer.global_rank if trainer else 0)
+        return ResumableLoader(dataset, sampler=sampler, drop_last=True, **self._loader_kwargs())
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(_ModelInputs(self._split("val")), **self._loader_kwargs())
+
+    def _loader_kwargs(self) -> dict:
+        # Each loader has its own generator, so starting an epoch never draws from the global RNG,
+        # which is the training noise's (DataLoader draws its workers' base seed from it otherwise).
+        return {"batch_size": self.batch_size, "num_workers": self.num_workers, "generator": torch.Generator(),
+                "persistent_workers": self.num_workers > 0, "pin_memory": torch.cuda.is_available()}
+
+    def reference_images(self, split: str, max_images: int) -> Tensor:
+        """The first `max_images` un-augmented images of `split` as uint8 (N, C, H, W), e.g. for FID."""
+        if max_images < 1:
+            raise UserError(f"max_images must be >= 1, got {max_images}; ask for at least one image")
+        images = self._split(split)
+        subset = Subset(images, range(min(len(images), max_images)))
+        return torch.cat(list(DataLoader(subset, batch_size=256, num_workers=self.num_workers,
+                                         generator=torch.Generator())))  # leaves the global RNG alone
+

@@ -1,0 +1,129 @@
+"""The bundled digits, MNIST, Fashion-MNIST and CIFAR-10, read with torchvision's own readers."""
+
+import numpy as np
+import torch
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from torch.utils.data import Dataset
+from torchvision import datasets
+
+from diffusion.data.base import SPLIT_SEED, ImageDataModule, _Images, require_files
+from diffusion.errors import UserError
+
+
+def load_digits_split(split: str, val_size: int = 297) -> tuple[torch.Tensor, torch.Tensor]:
+    """A split of scikit-learn's 1,797 8x8 digits: uint8 (N, 1, 8, 8) images (0..16 -> round(x * 255 / 16))
+    and int64 (N,) labels. The val split (val_size images, stratified by digit) is fixed by SPLIT_SEED."""
+    digits = load_digits()
+    images = np.rint(digits.images * 255 / 16).astype(np.uint8)  # (1797, 8, 8)
+    train_idx, val_idx = train_test_split(np.arange(len(images)), test_size=val_size, stratify=digits.target,
+                                          random_state=SPLIT_SEED)
+    index = np.sort(train_idx if split == "train" else val_idx)
+    return torch.from_numpy(images[index]).unsqueeze(1), torch.from_numpy(digits.target[index]).long()
+
+
+class DigitsDataModule(ImageDataModule):
+    """scikit-learn's 1,797 bundled 8x8 grey digits (never downloaded): 1,500 train, 297 val by default.
+
+    The val split is fixed by SPLIT_SEED, whatever the training seed. Nothing is read from disk or
+    downloaded. No flips: a mirrored digit is another symbol. Scored by the digits classifier's features.
+    """
+
+    name = "digits"
+    quality_extractor = "digits"
+
+    def __init__(self, batch_size: int = 128, num_workers: int = 0, seed: int = 0, random_flip: bool = False,
+                 val_size: int = 297, channels: int = 1, image_size: int = 8):
+        super().__init__("", batch_size, num_workers, False, seed, random_flip, channels=1, image_size=8)
+        self.require_shape(channels, image_size)
+        if random_flip:
+            raise UserError("data.random_flip=true would mirror digits into other symbols; set data.random_flip=false")
+        if not 1 <= val_size < 1797:
+            raise UserError(f"data.val_size must be in [1, 1796] for the 1,797 digits, got {val_size}; try 297")
+        self.val_size = val_size
+
+    def _where(self) -> str:
+        return "in scikit-learn's load_digits"
+
+    def _load_split(self, split: str) -> Dataset:
+        return _Images(load_digits_split(split, self.val_size)[0])
+
+
+class MNISTDataModule(ImageDataModule):
+    """MNIST through torchvision (root/MNIST/raw/*-ubyte): train = the 60k train set, val = the 10k test set.
+
+    The 28x28 digits are padded with `(image_size - 28) / 2` pixels of background (0) on each side rather
+    than resized, so pixel values stay exactly as stored; the default 32 lets the U-Net halve it 3 times.
+    """
+
+    name = "MNIST"
+    dataset_class = datasets.MNIST
+
+    def __init__(self, root: str, batch_size: int, num_workers: int = 0, download: bool = False,
+                 seed: int = 0, random_flip: bool = False, image_size: int = 32, channels: int = 1):
+        super().__init__(root, batch_size, num_workers, download, seed, random_flip,
+                         channels=1, image_size=image_size)
+        self.require_shape(channels, image_size)
+        if image_size < 28:
+            raise UserError(f"data.image_size must be >= 28 for {self.name} (it pads the 28x28 images with "
+                            f"background), got {image_size}; try data.image_size=32")
+
+    def _fetch(self) -> None:
+        for train in (True, False):
+            self.dataset_class(self.root, train=train, download=True)
+
+    def _load_split(self, split: str) -> Dataset:
+        prefix = "train" if split == "train" else "t10k"
+        raw = f"{self.dataset_class.__name__}/raw"
+        require_files(self.name, self.root, [f"{raw}/{prefix}-images-idx3-ubyte", f"{raw}/{prefix}-labels-idx1-ubyte"])
+        images = self.dataset_class(self.root, train=split == "train").data.unsqueeze(1)  # (N, 1, 28, 28)
+        before = (self.image_size - 28) // 2
+        after = self.image_size - 28 - before
+        return _Images(torch.nn.functional.pad(images, (before, after, before, after), value=0))
+
+
+class FashionMNISTDataModule(MNISTDataModule):
+    """Fashion-MNIST (root/FashionMNIST/raw/*-ubyte), laid out and padded exactly like MNIST."""
+
+    name = "Fashion-MNIST"
+    dataset_class = datasets.FashionMNIST
+
+
+class _CIFAR10Files(datasets.CIFAR10):
+    """torchvision's CIFAR10 reader, checking that the batch files exist but not their md5 sums.
+
+    torchvision compares every file with the md5 of the official release, which rejects any other correctly
+    formatted file (such as the tiny ones the tests write). Downloads go through torchvision's own CIFAR10,
+    which checks the archive and the files.
+    """
+
+    train_list = [[name, None] for name, _ in datasets.CIFAR10.train_list]
+    test_list = [[name, None] for name, _ in datasets.CIFAR10.test_list]
+    meta = {**datasets.CIFAR10.meta, "md5": None}
+
+
+class CIFAR10DataModule(ImageDataModule):
+    """CIFAR-10 (root/cifar-10-batches-py/): train = data_batch_1..5 (50k), val = test_batch (10k), 32x32x3.
+
+    Random horizontal flips on train are the paper's only augmentation (Ho et al. 2020, Appendix B).
+    """
+
+    name = "CIFAR-10"
+    eval_num_samples = 50_000  # Ho et al. 2020: FID and IS of 50,000 samples
+
+    def __init__(self, root: str, batch_size: int, num_workers: int = 0, download: bool = False,
+                 seed: int = 0, random_flip: bool = True, channels: int = 3, image_size: int = 32):
+        super().__init__(root, batch_size, num_workers, download, seed, random_flip, channels=3, image_size=32)
+        self.require_shape(channels, image_size)
+
+    def _fetch(self) -> None:
+        for train in (True, False):
+            datasets.CIFAR10(self.root, train=train, download=True)
+
+    def _load_split(self, split: str) -> Dataset:
+        files = _CIFAR10Files.train_list if split == "train" else _CIFAR10Files.test_list
+        names = [name for name, _ in files] + [_CIFAR10Files.meta["filename"]]
+        require_files(self.name, self.root, [f"{_CIFAR10Files.base_folder}/{name}" for name in names])
+        images = _CIFAR10Files(self.root, train=split == "train").data  # (N, 32, 32, 3) uint8
+        return _Images(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous())  # (N, 3, 32, 32)
+

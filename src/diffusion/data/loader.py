@@ -1,0 +1,86 @@
+"""The train loader: an order and flips drawn from (seed, epoch) alone, and a position Lightning saves.
+
+The train order and the flips are a function of (seed, epoch) alone (`EpochSampler`), and the train loader
+tells Lightning how far into the epoch it got (`ResumableLoader`), so a run resumed from a checkpoint taken in
+the middle of an epoch sees exactly the batches the uninterrupted run would have seen.
+"""
+
+import numpy as np
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from diffusion.images import to_model_range
+
+
+class _ModelInputs(Dataset):
+    """uint8 (C, H, W) images -> float32 in [-1, 1], by index or by (index, flip) as `EpochSampler` draws them."""
+
+    def __init__(self, images: Dataset):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, key: int | tuple[int, bool]) -> Tensor:
+        index, flip = key if isinstance(key, tuple) else (key, False)
+        x = self.images[index]  # (C, H, W) uint8
+        return to_model_range(x.flip(-1) if flip else x)
+
+
+class EpochSampler(DistributedSampler):
+    """This rank's share of a permutation drawn from (seed, epoch) alone, as (index, flip) pairs.
+
+    The flips (probability 1/2 each, if asked) come from the same draw, so they do not depend on which
+    process loads the image or on any global RNG. `start` skips this rank's first draws (a resumed epoch).
+    Ranks take every num_replicas-th draw; being a DistributedSampler, Lightning does not wrap it under DDP.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int, random_flip: bool, num_replicas: int = 1, rank: int = 0):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.random_flip, self.start = random_flip, 0
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        n = len(self.dataset)
+        order, flips = rng.permutation(n), (rng.random(n) < 0.5) & self.random_flip  # (N,), (N,)
+        mine = slice(self.rank + self.start * self.num_replicas, self.total_size, self.num_replicas)
+        return zip(order[mine].tolist(), flips[mine].tolist(), strict=True)
+
+
+class ResumableLoader(DataLoader):
+    """The train loader: Lightning saves its `state_dict` (epoch, batches served) in every checkpoint and
+    loads it on resume (its fit loop does so for any loader with state_dict/load_state_dict), so the resumed
+    epoch goes on with the batches the uninterrupted run would have drawn. Its sampler is an `EpochSampler`.
+
+    Batches are counted as they leave the loader, so workers fetching ahead do not shift the position.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._epoch, self._served, self._resuming = 0, 0, False  # the pass under way: its epoch, batches given
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self._epoch, "batches": self._served}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        epoch, served = state["epoch"], state["batches"]
+        if served >= len(self):  # saved after the epoch's last batch: the next epoch starts from its beginning
+            epoch, served = epoch + 1, 0
+        self._epoch, self._served, self._resuming = epoch, served, True
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        return self._batches()  # a generator: nothing is drawn before the first batch is asked for
+
+    def _batches(self):
+        if self._resuming:  # the restored position wins over the epoch Lightning set meanwhile
+            self.sampler.set_epoch(self._epoch)
+        else:
+            self._epoch, self._served = self.sampler.epoch, 0
+        self._resuming = False
+        self.sampler.start = self._served * self.batch_size
+        for batch in super().__iter__():
+            self._served += 1
+            yield batch
+        self.sampler.set_epoch(self._epoch + 1)  # a whole pass (outside Lightning, which sets it): a new order
+

@@ -1,0 +1,49 @@
+"""figures(cfg): the paper's figures of a checkpoint, from the real images of the data it was trained on."""
+
+from pathlib import Path
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from diffusion.checkpointing import load_module
+from diffusion.errors import UserError
+from diffusion.images import to_model_range
+from diffusion.paper_figures import FigureSpec, render_all
+from diffusion.run.console import quiet_console
+from diffusion.run.sample_command import resolve_device
+from diffusion.sampling import as_sampler_spec
+
+
+def check_data_fits(datamodule, module, ckpt: str) -> None:
+    """The data's images must have the shape the checkpoint's network was trained on."""
+    images = datamodule.reference_images("val", 1)
+    if tuple(images.shape[1:]) != module.net.image_shape:
+        raise UserError(f"data={datamodule.name} gives {tuple(images.shape[1:])} images but {ckpt} was trained "
+                        f"on {module.net.image_shape}; choose the data the model was trained on, e.g. data=mnist")
+
+
+def figures(cfg: DictConfig) -> dict[str, Path]:
+    """Every figure (Figs. 5-9, Table 3) as PNGs and rate_distortion.md/.json in the output directory."""
+    quiet_console()
+    device = resolve_device(cfg.device)
+    module = load_module(cfg.ckpt, device, cfg.weights)
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    spec = FigureSpec(**{k: v for k, v in plain.items() if k in FigureSpec.__dataclass_fields__ and k != "sampler"},
+                      sampler=as_sampler_spec(plain["sampler"]).check_steps(module.diffusion.num_timesteps))
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    check_data_fits(datamodule, module, cfg.ckpt)
+    images = datamodule.reference_images(cfg.split, max(spec.num_images, spec.rd_images))  # uint8 (N, C, H, W)
+    paths = render_all(module.net, module.diffusion, to_model_range(images).to(device), Path(cfg.output_dir), spec)
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    if cfg.logger is not None:  # the same PNGs as W&B images, figures/<name>, like the training callback's
+        logger = instantiate(cfg.logger)
+        logger.log_hyperparams(plain)
+        for name, path in paths.items():
+            if path.suffix == ".png":
+                logger.log_image(f"figures/{name}", [str(path)])
+        import wandb
+
+        wandb.finish()
+    return paths

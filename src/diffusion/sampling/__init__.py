@@ -1,0 +1,20 @@
+"""Sampling: the samplers, the sampler spec that chooses one, and the one function that draws N images."""
+
+from diffusion.sampling.ancestral import (
+    Model,
+    Recorder,
+    SampleOutput,
+    Trajectory,
+    ancestral_loop,
+    ddim_sample,
+    ddpm_sample,
+    gaussian_noise,
+    respace,
+    respaced_sample,
+)
+from diffusion.sampling.draw import Chunk, Drawn, chunk_bounds, draw, draw_chunk, draw_chunks, eval_mode
+from diffusion.sampling.spec import SAMPLERS, SamplerKind, SamplerSpec, as_sampler_spec, sampler_label
+
+__all__ = ["SAMPLERS", "Chunk", "Drawn", "Model", "Recorder", "SampleOutput", "SamplerKind", "SamplerSpec",
+           "Trajectory", "ancestral_loop", "as_sampler_spec", "chunk_bounds", "ddim_sample", "ddpm_sample", "draw",
+           "draw_chunk", "draw_chunks", "eval_mode", "gaussian_noise", "respace", "respaced_sample", "sampler_label"]

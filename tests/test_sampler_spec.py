@@ -1,0 +1,150 @@
+"""The sampler spec (one schema, defaults in one place, every mistake one line) and `draw` (chunks seeded seed + k)."""
+
+import pytest
+import torch
+
+from diffusion.errors import UserError
+from diffusion.gaussian import GaussianDiffusion
+from diffusion.sampling import SamplerSpec, as_sampler_spec, chunk_bounds, ddim_sample, ddpm_sample, draw, draw_chunk
+from diffusion.schedules import linear_beta_schedule
+
+T = 30
+
+
+def diffusion() -> GaussianDiffusion:
+    return GaussianDiffusion(linear_beta_schedule(T, 1e-3, 0.2))
+
+
+class DropoutNet(torch.nn.Module):
+    """A tiny ε-model with dropout: in training mode two calls differ, in eval mode they agree."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 1, 3, padding=1)
+        self.drop = torch.nn.Dropout(0.5)
+
+    def forward(self, x, t):
+        return self.drop(self.conv(x)) * (1 + t.float().reshape(-1, 1, 1, 1) / T)
+
+
+@pytest.fixture
+def net() -> DropoutNet:
+    torch.manual_seed(0)
+    return DropoutNet()
+
+
+# --- the spec -------------------------------------------------------------------------------------------
+def test_defaults_are_filled_once_and_capped_at_T():
+    assert SamplerSpec().resolved(1000) == SamplerSpec("ddpm")
+    assert SamplerSpec("ddim").resolved(1000) == SamplerSpec("ddim", steps=50, eta=0.0, spacing="linspace")
+    assert SamplerSpec("respaced").resolved(1000) == SamplerSpec("respaced", steps=50, spacing="linspace")
+    assert SamplerSpec("ddim").resolved(20).steps == 20  # the default never exceeds a short schedule's T
+    assert SamplerSpec("ddim", steps=7, eta=0.5).resolved(20) == SamplerSpec("ddim", 7, 0.5, "linspace")
+
+
+def test_describe_is_what_protocols_recorded_before_the_spec():
+    """Protocol ids of earlier scores stay valid: the same dict as the hand-written one of the quality code."""
+    assert SamplerSpec("ddim", steps=50).describe(1000) == {
+        "name": "ddim", "steps": 50, "eta": 0.0, "spacing": "linspace", "clip_denoised": True}
+    assert SamplerSpec("ddpm").describe(1000) == {
+        "name": "ddpm", "steps": 1000, "eta": None, "spacing": None, "clip_denoised": True}
+    assert SamplerSpec("respaced", steps=100).describe(1000)["eta"] is None
+    assert SamplerSpec("ddim", steps=50).label(1000) == "ddim-50 η=0"
+    assert SamplerSpec("ddpm").label(1000) == "ddpm-1000"
+
+
+@pytest.mark.parametrize("spec, fragments", [
+    (SamplerSpec("ddmi"), ["callbacks.quality.sampler.name=ddmi is not a sampler", "did you mean "
+                           "callbacks.quality.sampler.name=ddim?", "['ddpm', 'ddim', 'respaced']"]),
+    (SamplerSpec("ddpm", steps=5), ["callbacks.quality.sampler.steps=5 is not used by callbacks.quality.sampler."
+                                    "name=ddpm", "callbacks.quality.sampler.name=respaced "
+                                    "callbacks.quality.sampler.steps=5"]),
+    (SamplerSpec("ddpm", spacing="trailing"), ["spacing=trailing is not used by", "name=respaced"]),
+    (SamplerSpec("ddpm", eta=0.7), ["eta=0.7 is not used by", "callbacks.quality.sampler.name=ddim "
+                                    "callbacks.quality.sampler.eta=0.7"]),
+    (SamplerSpec("respaced", eta=0.5), ["eta=0.5 is not used by callbacks.quality.sampler.name=respaced",
+                                        "name=ddim"]),
+    (SamplerSpec("ddim", steps=0), ["callbacks.quality.sampler.steps must be an integer >= 1, got 0"]),
+    (SamplerSpec("ddim", eta=1.5), ["callbacks.quality.sampler.eta must be in [0, 1], got 1.5"]),
+    (SamplerSpec("ddim", spacing="uniform"), ["spacing=uniform is not a spacing",
+                                              "['linspace', 'leading', 'trailing']"]),
+])
+def test_every_mistake_is_one_line_naming_the_key(spec, fragments):
+    with pytest.raises(UserError) as err:
+        spec.check("callbacks.quality.sampler")
+    message = str(err.value)
+    assert "\n" not in message
+    for fragment in fragments:
+        assert fragment in message, (fragment, message)
+
+
+def test_steps_above_T_are_refused_once_T_is_known():
+    with pytest.raises(UserError, match=r"sampler.steps=40 exceeds the model's T=30 steps; use sampler.steps=30"):
+        SamplerSpec("ddim", steps=40).check_steps(T)
+    with pytest.raises(UserError, match="exceeds the model's T=30"):
+        draw(lambda x, t: x, diffusion(), SamplerSpec("respaced", steps=31), 2, shape=(1, 2, 2))
+
+
+def test_as_sampler_spec_takes_mappings_and_names_unknown_fields():
+    assert as_sampler_spec({"name": "ddim", "steps": 5}) == SamplerSpec("ddim", steps=5)
+    assert as_sampler_spec(None, default=SamplerSpec("ddim")) == SamplerSpec("ddim")
+    with pytest.raises(UserError, match="callbacks.samples.sampler.step is not a sampler setting"):
+        as_sampler_spec({"name": "ddim", "step": 5}, "callbacks.samples.sampler")
+    with pytest.raises(UserError, match="sampler must be a group of settings, got 'ddim'; write sampler.name=ddim"):
+        as_sampler_spec("ddim")
+
+
+# --- drawing N images -----------------------------------------------------------------------------------
+def test_chunk_k_starts_from_a_generator_seeded_seed_plus_k(net):
+    """Recomputed by hand: chunk k's x_T and its noise come from torch.Generator().manual_seed(seed + k)."""
+    d, spec = diffusion(), SamplerSpec("ddim", steps=6, eta=0.5)
+    drawn = draw(net, d, spec, 10, shape=(1, 4, 4), seed=7, chunk_size=4)
+    assert drawn.index.tolist() == list(range(10)) and drawn.images.shape == (10, 1, 4, 4)
+    net.eval()
+    for k, start, stop in [(0, 0, 4), (1, 4, 8), (2, 8, 10)]:
+        gen = torch.Generator().manual_seed(7 + k)
+        x_T = torch.randn(stop - start, 1, 4, 4, generator=gen)
+        with torch.no_grad():
+            expected = ddim_sample(net, d, x_T, num_steps=6, eta=0.5, generator=gen).x0.clamp(-1, 1)
+        torch.testing.assert_close(drawn.images[start:stop], expected, rtol=0, atol=0)
+
+
+def test_the_images_do_not_depend_on_the_device_count(net):
+    d, spec = diffusion(), SamplerSpec("ddpm")
+    one = draw(net, d, spec, 11, shape=(1, 4, 4), seed=3, chunk_size=3)
+    for world in (2, 3, 5):
+        parts = [draw(net, d, spec, 11, shape=(1, 4, 4), seed=3, chunk_size=3, rank=r, world_size=world)
+                 for r in range(world)]
+        index = torch.cat([p.index for p in parts])
+        images = torch.cat([p.images for p in parts])[index.argsort()]
+        assert sorted(index.tolist()) == list(range(11))
+        torch.testing.assert_close(images, one.images, rtol=0, atol=0)
+    assert draw(net, d, spec, 2, shape=(1, 4, 4), chunk_size=3, rank=1, world_size=2).images.shape == (0, 1, 4, 4)
+
+
+def test_chunk_bounds_cover_every_image_once_whatever_the_world_size():
+    for world in (1, 2, 3, 8):
+        chunks = sorted(c for r in range(world) for c in chunk_bounds(103, 10, r, world))
+        assert chunks == [(k, 10 * k, min(103, 10 * k + 10)) for k in range(11)]
+
+
+def test_draw_samples_in_eval_mode_and_restores_the_mode(net):
+    d, spec = diffusion(), SamplerSpec("ddim", steps=4)
+    net.train()
+    a = draw(net, d, spec, 3, shape=(1, 4, 4), seed=1).images
+    b = draw(net, d, spec, 3, shape=(1, 4, 4), seed=1).images
+    assert torch.equal(a, b) and net.training  # dropout was off inside, and the mode is back
+
+
+def test_trajectory_and_clamping(net):
+    d = diffusion()
+    out = draw_chunk(net, d, SamplerSpec("ddpm", clip_denoised=False), 0, 3, shape=(1, 4, 4), seed=2,
+                     record_steps=[0, 10, T - 1])
+    assert out.trajectory.steps == [T - 1, 10, 0] and out.trajectory.x_t.shape == (3, 3, 1, 4, 4)
+    assert out.x0.abs().max() <= 1
+    gen = torch.Generator().manual_seed(2)
+    x_T = torch.randn(3, 1, 4, 4, generator=gen)
+    torch.testing.assert_close(out.trajectory.x_t[0], x_T, rtol=0, atol=0)
+    with torch.no_grad():
+        raw = ddpm_sample(net.eval(), d, x_T, clip_denoised=False, generator=gen).x0
+    torch.testing.assert_close(out.x0, raw.clamp(-1, 1), rtol=0, atol=0)
