@@ -11,7 +11,9 @@ import torch
 
 from diffusion.errors import UserError
 
-SPACINGS = ("linspace", "leading", "trailing")
+SPACINGS = ("linspace", "leading", "trailing", "logsnr", "karras")
+SNR_SPACINGS = ("logsnr", "karras")  # these need the schedule's ᾱ
+KARRAS_RHO = 7.0  # Karras et al. 2022 Eq. 5
 
 
 def _check_num_timesteps(num_timesteps: int) -> None:
@@ -122,11 +124,18 @@ def make_beta_schedule(name: str, num_timesteps: int, **kwargs) -> torch.Tensor:
     return BETA_SCHEDULES[name](num_timesteps, **kwargs)
 
 
-def space_timesteps(num_timesteps: int, spacing: str | Sequence[int], num_steps: int | None = None) -> list[int]:
+def space_timesteps(num_timesteps: int, spacing: str | Sequence[int], num_steps: int | None = None,
+                    alphas_cumprod: torch.Tensor | None = None) -> list[int]:
     """Pick the kept timestep indices (increasing, in [0, T-1]) for a K-step sampler.
 
     linspace: round(linspace(0, T-1, K)); leading: 0, T//K, 2T//K, ...; trailing: T-1, T-1-T/K, ...
     (the three spacings of Lin et al. 2024, Table 2); or an explicit increasing list of indices.
+    logsnr: uniform in λ = log(ᾱ/(1-ᾱ)) from λ(T-1) to λ(0); karras: σ = sqrt((1-ᾱ)/ᾱ) from σ(T-1) to σ(0)
+    with ρ = 7 (Karras et al. 2022 Eq. 5). These two need `alphas_cumprod` and fall between integer steps:
+    each target is ROUNDED to the index with the nearest λ (the same as rounding the time that linear
+    interpolation of λ between integer steps gives), and a repeated index moves up to the next free one
+    (then, if that overruns, down from T-1), so K <= T always gives K distinct indices, 0 and T-1 included.
+    Samplers use the exact ᾱ of these integer indices: the λ and σ they step with are the ones the network sees.
     """
     _check_num_timesteps(num_timesteps)
     if not isinstance(spacing, str):
@@ -138,6 +147,9 @@ def space_timesteps(num_timesteps: int, spacing: str | Sequence[int], num_steps:
             f"number of sampling steps must be in [1, {num_timesteps}], got {num_steps}; "
             f"try steps={min(50, num_timesteps)}"
         )
+    if spacing in SNR_SPACINGS:
+        log_snr = _log_snr(alphas_cumprod, num_timesteps, spacing)
+        return _round_to_steps(log_snr, _log_snr_targets(spacing, log_snr, num_steps))
     if spacing == "linspace":
         steps = torch.linspace(0, num_timesteps - 1, num_steps, dtype=torch.float64).round()
     elif spacing == "leading":
@@ -145,6 +157,45 @@ def space_timesteps(num_timesteps: int, spacing: str | Sequence[int], num_steps:
     else:
         steps = (torch.arange(num_timesteps, 0, -num_timesteps / num_steps, dtype=torch.float64).round() - 1)
     return sorted(int(s) for s in steps[:num_steps].tolist())
+
+
+def _log_snr(alphas_cumprod: torch.Tensor | None, num_timesteps: int, spacing: str) -> torch.Tensor:
+    """λ_t = log(ᾱ_t / (1 - ᾱ_t)) in float64, decreasing in t, after checking ᾱ was given and fits."""
+    if alphas_cumprod is None:
+        raise UserError(
+            f"spacing {spacing!r} needs the schedule's ᾱ; pass alphas_cumprod=diffusion.alphas_cumprod_float64 "
+            "or use spacing=linspace"
+        )
+    ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64).cpu()
+    if ac.shape != (num_timesteps,) or not ((ac > 0) & (ac < 1)).all() or not (ac[1:] < ac[:-1]).all():
+        raise UserError(
+            f"alphas_cumprod must be {num_timesteps} decreasing values in (0, 1), got shape {tuple(ac.shape)}; "
+            "pass diffusion.alphas_cumprod_float64"
+        )
+    return torch.log(ac) - torch.log1p(-ac)
+
+
+def _log_snr_targets(spacing: str, log_snr: torch.Tensor, num_steps: int) -> torch.Tensor:
+    """K target λs from λ(T-1) up to λ(0): uniform in λ, or in σ^(1/ρ) (Karras et al. 2022 Eq. 5)."""
+    ramp = torch.linspace(0, 1, num_steps, dtype=torch.float64)  # 0 at T-1 (noise), 1 at index 0 (data)
+    if spacing == "logsnr":
+        return log_snr[-1] + ramp * (log_snr[0] - log_snr[-1])
+    sigma_max, sigma_min = torch.exp(-0.5 * log_snr[-1]), torch.exp(-0.5 * log_snr[0])
+    inv_rho = 1 / KARRAS_RHO
+    sigmas = (sigma_max**inv_rho + ramp * (sigma_min**inv_rho - sigma_max**inv_rho)) ** KARRAS_RHO
+    return -2 * torch.log(sigmas)  # λ = -2 log σ
+
+
+def _round_to_steps(log_snr: torch.Tensor, targets: torch.Tensor) -> list[int]:
+    """The index of nearest λ for each target, repeats moved up to the next free index (then below T-1)."""
+    nearest = (log_snr[None, :] - targets[:, None]).abs().argmin(dim=1)  # (K,)
+    steps: list[int] = []
+    for s in sorted(nearest.tolist()):  # from data (index 0) towards noise
+        steps.append(s if not steps else max(s, steps[-1] + 1))
+    top = len(log_snr)
+    for j in reversed(range(len(steps))):  # an overrun past T-1 is pulled back down, keeping them distinct
+        steps[j] = top = min(steps[j], top - 1)
+    return steps
 
 
 def _check_explicit_steps(steps: list[int], num_timesteps: int) -> list[int]:
