@@ -16,8 +16,7 @@ import torch
 from diffusion.errors import UserError
 from diffusion.gaussian import GaussianDiffusion
 from diffusion.sampling import ddim_sample
-from diffusion.schedules import cosine_beta_schedule, linear_beta_schedule, quadratic_beta_schedule, space_timesteps
-from diffusion.solvers import (
+from diffusion.sampling.solvers import (
     SOLVER_SPECS,
     SOLVERS,
     dpmpp_2m_sample,
@@ -25,6 +24,7 @@ from diffusion.solvers import (
     heun_sample,
     unipc_sample,
 )
+from diffusion.schedules import cosine_beta_schedule, linear_beta_schedule, quadratic_beta_schedule, space_timesteps
 
 T = 1000
 BETAS = linear_beta_schedule(T)
@@ -200,7 +200,7 @@ def test_parameterizations_that_are_exact_conversions_give_the_same_samples(name
 
     models = {
         "x0": (diffusion("x0"), x0_of),
-        "v": (diffusion("v"), lambda x, t: eps_d.get_v(x0_of(x, t), eps_model(x, t), t)),
+        "v": (diffusion("v"), lambda x, t: eps_d.v_from_x0_eps(x0_of(x, t), eps_model(x, t), t)),
         "mean": (diffusion("mean"), lambda x, t: eps_d.q_posterior_mean_variance(x0_of(x, t), x, t)[0]),
         "learned": (diffusion("eps", "learned_range"), lambda x, t: torch.cat([eps_model(x, t), -x], 1)),
     }
@@ -406,9 +406,9 @@ def test_unipc_default_order_adapts_to_the_steps():
 
 def test_solvers_import_only_torch_and_the_math():
     """diffusers is a test-only reference: the library's solvers import torch, the stdlib and our math."""
-    tree = ast.parse((Path(__file__).resolve().parents[1] / "src/diffusion/solvers.py").read_text())
+    tree = ast.parse((Path(__file__).resolve().parents[1] / "src/diffusion/sampling/solvers.py").read_text())
     names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert {n.split(".")[0] for n in names} <= {"math", "collections", "dataclasses", "torch", "diffusion"}, names
     assert {n for n in names if n.startswith("diffusion.")} <= {
-        "diffusion.errors", "diffusion.gaussian", "diffusion.sampling", "diffusion.schedules"}
+        "diffusion.errors", "diffusion.gaussian", "diffusion.sampling.ancestral", "diffusion.schedules"}

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from diffusion.errors import UserError
 from diffusion.gaussian import GaussianDiffusion
-from diffusion.sampling import Model, SampleOutput, _Recorder, _step_indices
+from diffusion.sampling.ancestral import Model, Recorder, SampleOutput, _step_indices
 from diffusion.schedules import space_timesteps
 
 
@@ -112,7 +112,7 @@ def _dpmpp_2m_updates(g: _Grid, eta: float) -> list[_Update]:
 
 
 def _dpmpp_2m(model: Model, diffusion: GaussianDiffusion, x: Tensor, g: _Grid, eta: float, clip_denoised: bool,
-              generator: torch.Generator | None, recorder: _Recorder) -> Tensor:
+              generator: torch.Generator | None, recorder: Recorder) -> Tensor:
     """Run the multistep updates of _dpmpp_2m_updates, one network call per grid point."""
     updates, t_model = _dpmpp_2m_updates(g, eta), _step_indices(g.steps, x.shape[0], x.device)
     noise, x0s = torch.empty_like(x), []
@@ -133,7 +133,7 @@ def dpmpp_2m_sample(model: Model, diffusion: GaussianDiffusion, x_T: Tensor, *, 
                     record_steps: Iterable[int] | None = None) -> SampleOutput:
     """DPM-Solver++(2M), Lu et al. 2022 Algorithm 2, in data prediction: num_steps network calls."""
     _check_num_steps("dpmpp_2m", num_steps, 1, diffusion.num_timesteps)
-    recorder = _Recorder(record_steps)
+    recorder = Recorder(record_steps)
     x0 = _dpmpp_2m(model, diffusion, x_T, _make_grid(diffusion, spacing, num_steps), 0.0, clip_denoised,
                    generator, recorder)
     return recorder.output(x0)
@@ -147,7 +147,7 @@ def dpmpp_2m_sde_sample(model: Model, diffusion: GaussianDiffusion, x_T: Tensor,
     if not (math.isfinite(eta) and eta >= 0):
         raise UserError(f"sampler.eta must be >= 0 for dpmpp_2m_sde, got {eta}; use 1 for the SDE, 0 for the ODE")
     _check_num_steps("dpmpp_2m_sde", num_steps, 1, diffusion.num_timesteps)
-    recorder = _Recorder(record_steps)
+    recorder = Recorder(record_steps)
     x0 = _dpmpp_2m(model, diffusion, x_T, _make_grid(diffusion, spacing, num_steps), eta, clip_denoised,
                    generator, recorder)
     return recorder.output(x0)
@@ -215,7 +215,7 @@ def unipc_sample(model: Model, diffusion: GaussianDiffusion, x_T: Tensor, *, num
     g = _make_grid(diffusion, spacing, num_steps)
     N, order = len(g.steps), _unipc_order(order, len(g.steps))
     steps = [_unipc_step(g, i, min(order, i + 1, N - i)) for i in range(N - 1)]  # warm-up, lower_order_final
-    recorder, t_model = _Recorder(record_steps), _step_indices(g.steps, x_T.shape[0], x_T.device)
+    recorder, t_model = Recorder(record_steps), _step_indices(g.steps, x_T.shape[0], x_T.device)
     x, x_prev, x0s = x_T, x_T, []
     for i in range(N):
         x0 = _denoise(model, diffusion, x, t_model[i], clip_denoised)
@@ -238,7 +238,7 @@ def heun_sample(model: Model, diffusion: GaussianDiffusion, x_T: Tensor, *, num_
     _check_num_steps("heun", num_steps, 1, 2 * T)
     g = _make_grid(diffusion, spacing, None if num_steps is None else (num_steps + 1) // 2)
     s = [math.exp(-lam) for lam in g.lam]  # σ of the VE form, σ/α = e^{-λ}; 0 at the end
-    recorder, t_model = _Recorder(record_steps), _step_indices(g.steps, x_T.shape[0], x_T.device)
+    recorder, t_model = Recorder(record_steps), _step_indices(g.steps, x_T.shape[0], x_T.device)
     x, last = x_T / g.alpha[0], len(g.steps) - 1
     for i in range(last):
         x0 = _denoise(model, diffusion, g.alpha[i] * x, t_model[i], clip_denoised)
