@@ -49,7 +49,8 @@ SAMPLER_CASES = [
       "callbacks.quality.sampler.name=respaced callbacks.quality.sampler.steps=5"]),
     ("train.py", ["callbacks.samples.sampler.steps=50"], ["callbacks.samples.sampler.steps=50 exceeds the model's "
                                                          "T=20 steps"]),
-    ("sample.py", ["sampler.name=ddmi"], ["sampler.name=ddmi is not a sampler", "['ddpm', 'ddim', 'respaced']"]),
+    ("sample.py", ["sampler.name=ddmi"], ["sampler.name=ddmi is not a sampler", "['ddpm', 'ddim', 'respaced', "
+                                          "'dpmpp_2m', 'dpmpp_2m_sde', 'unipc', 'heun']"]),
     ("sample.py", ["sampler.name=ddpm", "sampler.steps=5", "sampler.eta=0.7", "sampler.spacing=trailing"],
      ["sampler.steps=5 is not used by sampler.name=ddpm", "use sampler.name=respaced sampler.steps=5"]),
     ("sample.py", ["sampler=ddim"], ["sampler is a group of settings; write sampler.name=ddim"]),
@@ -59,6 +60,20 @@ SAMPLER_CASES = [
     ("evaluate.py", ["sampler_table.enabled=true", "sampler_table.samplers=[{name: ddim, steps: 0}]"],
      ["sampler_table.samplers[0].steps must be an integer >= 1, got 0"]),
     ("figures.py", ["sampler.name=dpm"], ["sampler.name=dpm is not a sampler"]),
+    # the fast samplers: their settings, spacings and orders, checked by the same config walk
+    ("sample.py", ["sampler.name=unipc", "sampler.steps=4", "sampler.order=3"],
+     ["sampler.order=3 needs sampler.steps >= 5", "use sampler.order=2 or sampler.steps=5"]),
+    ("evaluate.py", ["sampler.name=dpmpp_2m", "sampler.spacing=leading"],
+     ["sampler.spacing=leading is not a spacing of sampler.name=dpmpp_2m", "never reach index T-1"]),
+    ("figures.py", ["sampler.name=heun", "sampler.order=2"], ["sampler.order=2 is not used by sampler.name=heun",
+                                                              "use sampler.name=unipc sampler.order=2"]),
+    ("train.py", ["callbacks.samples.sampler.name=dpmpp_2m_sde", "callbacks.samples.sampler.eta=-1"],
+     ["callbacks.samples.sampler.eta must be >= 0, got -1.0"]),
+    ("train.py", ["callbacks.quality.extra_samplers=[{name: dpmpp_2m, steps: 10}, {name: heun, steps: 41}]"],
+     ["callbacks.quality.extra_samplers[1].steps=41 exceeds what the model's T=20 steps allow "
+      "callbacks.quality.extra_samplers[1].name=heun", "at most 40"]),
+    ("evaluate.py", ["sampler_table.enabled=true", "sampler_table.samplers=[{name: unipc, steps: 3, order: 3}]"],
+     ["sampler_table.samplers[0].order=3 needs sampler_table.samplers[0].steps >= 5"]),
 ]
 
 

@@ -6,9 +6,11 @@ import torch
 from diffusion.errors import UserError
 from diffusion.gaussian import GaussianDiffusion
 from diffusion.sampling import SamplerSpec, as_sampler_spec, chunk_bounds, ddim_sample, ddpm_sample, draw, draw_chunk
-from diffusion.schedules import linear_beta_schedule
+from diffusion.sampling.solvers import dpmpp_2m_sample, dpmpp_2m_sde_sample, heun_sample, unipc_sample
+from diffusion.schedules import linear_beta_schedule, space_timesteps
 
 T = 30
+FAST = ["dpmpp_2m", "dpmpp_2m_sde", "unipc", "heun"]
 
 
 def diffusion() -> GaussianDiffusion:
@@ -55,7 +57,8 @@ def test_describe_is_what_protocols_recorded_before_the_spec():
 
 @pytest.mark.parametrize("spec, fragments", [
     (SamplerSpec("ddmi"), ["callbacks.quality.sampler.name=ddmi is not a sampler", "did you mean "
-                           "callbacks.quality.sampler.name=ddim?", "['ddpm', 'ddim', 'respaced']"]),
+                           "callbacks.quality.sampler.name=ddim?", "['ddpm', 'ddim', 'respaced', 'dpmpp_2m', "
+                           "'dpmpp_2m_sde', 'unipc', 'heun']"]),
     (SamplerSpec("ddpm", steps=5), ["callbacks.quality.sampler.steps=5 is not used by callbacks.quality.sampler."
                                     "name=ddpm", "callbacks.quality.sampler.name=respaced "
                                     "callbacks.quality.sampler.steps=5"]),
@@ -67,7 +70,23 @@ def test_describe_is_what_protocols_recorded_before_the_spec():
     (SamplerSpec("ddim", steps=0), ["callbacks.quality.sampler.steps must be an integer >= 1, got 0"]),
     (SamplerSpec("ddim", eta=1.5), ["callbacks.quality.sampler.eta must be in [0, 1], got 1.5"]),
     (SamplerSpec("ddim", spacing="uniform"), ["spacing=uniform is not a spacing",
-                                              "['linspace', 'leading', 'trailing']"]),
+                                              "['linspace', 'leading', 'trailing', 'logsnr', 'karras']"]),
+    # the fast samplers: eta, order, spacings and steps they take, in one line naming the sampler that takes them
+    (SamplerSpec("dpmpp_2m", eta=0.5), ["eta=0.5 is not used by callbacks.quality.sampler.name=dpmpp_2m",
+                                        "name=ddim callbacks.quality.sampler.eta=0.5", "'dpmpp_2m_sde'"]),
+    (SamplerSpec("dpmpp_2m_sde", eta=-0.5), ["callbacks.quality.sampler.eta must be >= 0, got -0.5",
+                                             "0 its ODE"]),
+    (SamplerSpec("ddim", order=2), ["callbacks.quality.sampler.order=2 is not used by callbacks.quality.sampler."
+                                    "name=ddim", "use callbacks.quality.sampler.name=unipc "
+                                    "callbacks.quality.sampler.order=2"]),
+    (SamplerSpec("unipc", order=4), ["callbacks.quality.sampler.order must be one of [1, 2, 3], got 4"]),
+    (SamplerSpec("unipc", steps=4, order=3), ["callbacks.quality.sampler.order=3 needs callbacks.quality.sampler."
+                                              "steps >= 5", "got 4 steps; use callbacks.quality.sampler.order=2 "
+                                              "or callbacks.quality.sampler.steps=5"]),
+    (SamplerSpec("dpmpp_2m", spacing="leading"), ["spacing=leading is not a spacing of callbacks.quality.sampler."
+                                                  "name=dpmpp_2m", "never reach index T-1",
+                                                  "['linspace', 'trailing', 'logsnr', 'karras']"]),
+    (SamplerSpec("heun", spacing="sigma"), ["spacing=sigma is not a spacing;"]),
 ])
 def test_every_mistake_is_one_line_naming_the_key(spec, fragments):
     with pytest.raises(UserError) as err:
@@ -78,11 +97,54 @@ def test_every_mistake_is_one_line_naming_the_key(spec, fragments):
         assert fragment in message, (fragment, message)
 
 
+def test_the_fast_samplers_defaults_are_filled_once_and_adapt_to_T():
+    assert SamplerSpec("dpmpp_2m").resolved(1000) == SamplerSpec("dpmpp_2m", steps=20, spacing="logsnr")
+    assert SamplerSpec("dpmpp_2m_sde").resolved(1000) == SamplerSpec("dpmpp_2m_sde", steps=20, eta=1.0,
+                                                                      spacing="logsnr")
+    assert SamplerSpec("unipc").resolved(1000) == SamplerSpec("unipc", steps=20, spacing="logsnr", order=3)
+    assert SamplerSpec("heun").resolved(1000) == SamplerSpec("heun", steps=20, spacing="karras")
+    # default steps capped at what T allows (heun: 2T, N <= T points), a default order at what the steps allow
+    assert SamplerSpec("dpmpp_2m").resolved(8).steps == 8 and SamplerSpec("heun").resolved(8).steps == 16
+    assert [SamplerSpec("unipc", steps=n).resolved(1000).order for n in (1, 2, 3, 4, 5, 9)] == [1, 1, 2, 2, 3, 3]
+    assert SamplerSpec("unipc").resolved(4) == SamplerSpec("unipc", steps=4, spacing="logsnr", order=2)
+
+
+def test_describe_adds_order_for_unipc_only_and_labels_say_it():
+    assert SamplerSpec("unipc", steps=10).describe(1000) == {
+        "name": "unipc", "steps": 10, "eta": None, "spacing": "logsnr", "clip_denoised": True, "order": 3}
+    assert SamplerSpec("dpmpp_2m_sde", steps=5).describe(1000) == {
+        "name": "dpmpp_2m_sde", "steps": 5, "eta": 1.0, "spacing": "logsnr", "clip_denoised": True}
+    assert [SamplerSpec(n, steps=10).label(1000) for n in FAST] == [
+        "dpmpp_2m-10", "dpmpp_2m_sde-10 η=1", "unipc-10 order=3", "heun-10"]
+
+
+def test_tags_name_the_sampler_its_steps_and_what_was_set_away_from_the_defaults():
+    assert SamplerSpec("dpmpp_2m", steps=10).tag(1000) == "dpmpp_2m-10"
+    assert SamplerSpec("unipc").tag(1000) == SamplerSpec("unipc", steps=20, order=3).tag(1000) == "unipc-20"
+    assert SamplerSpec("unipc", steps=20, order=2).tag(1000) == "unipc-20-order2"
+    assert SamplerSpec("ddim", steps=10, eta=0.5, spacing="karras", clip_denoised=False).tag(1000) == \
+        "ddim-10-eta0.5-karras-noclip"
+    assert SamplerSpec("ddpm").tag(1000) == "ddpm-1000"
+
+
 def test_steps_above_T_are_refused_once_T_is_known():
     with pytest.raises(UserError, match=r"sampler.steps=40 exceeds the model's T=30 steps; use sampler.steps=30"):
         SamplerSpec("ddim", steps=40).check_steps(T)
     with pytest.raises(UserError, match="exceeds the model's T=30"):
         draw(lambda x, t: x, diffusion(), SamplerSpec("respaced", steps=31), 2, shape=(1, 2, 2))
+
+
+def test_heun_takes_up_to_2T_steps_and_an_order_is_checked_against_the_steps_T_allows():
+    assert SamplerSpec("heun", steps=60).check_steps(T).nfe(T) == 59  # N = 30 points: 2N - 1 calls
+    with pytest.raises(UserError, match=r"sampler.steps=61 exceeds what the model's T=30 steps allow sampler.name="
+                                        r"heun .*; use sampler.steps=20 or at most 60"):
+        SamplerSpec("heun", steps=61).check_steps(T)
+    with pytest.raises(UserError, match=r"sampler.order=3 needs sampler.steps >= 5 .* got 4 steps; use "
+                                        r"sampler.order=2"):
+        SamplerSpec("unipc", order=3).check_steps(4)  # the default steps, 20, capped at T=4
+    with pytest.raises(UserError, match="order=3 needs"):
+        draw(lambda x, t: x, GaussianDiffusion(linear_beta_schedule(4)), SamplerSpec("unipc", order=3), 2,
+             shape=(1, 2, 2))
 
 
 def test_as_sampler_spec_takes_mappings_and_names_unknown_fields():
@@ -107,6 +169,61 @@ def test_chunk_k_starts_from_a_generator_seeded_seed_plus_k(net):
         with torch.no_grad():
             expected = ddim_sample(net, d, x_T, num_steps=6, eta=0.5, generator=gen).x0.clamp(-1, 1)
         torch.testing.assert_close(drawn.images[start:stop], expected, rtol=0, atol=0)
+
+
+SOLVER_CALLS = {  # what each fast sampler's defaults must amount to, written out: num_steps=6 and the rest
+    "dpmpp_2m": lambda *a, **k: dpmpp_2m_sample(*a, num_steps=6, spacing="logsnr", **k),
+    "dpmpp_2m_sde": lambda *a, **k: dpmpp_2m_sde_sample(*a, num_steps=6, spacing="logsnr", eta=1.0, **k),
+    "unipc": lambda *a, **k: unipc_sample(*a, num_steps=6, spacing="logsnr", order=3, **k),
+    "heun": lambda *a, **k: heun_sample(*a, num_steps=6, spacing="karras", **k),
+}
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_draw_runs_each_fast_sampler_with_its_defaults_and_seeds(name, net):
+    d = diffusion()
+    drawn = draw(net, d, SamplerSpec(name, steps=6), 5, shape=(1, 4, 4), seed=4, chunk_size=3)
+    net.eval()
+    for k, start, stop in [(0, 0, 3), (1, 3, 5)]:
+        gen = torch.Generator().manual_seed(4 + k)
+        x_T = torch.randn(stop - start, 1, 4, 4, generator=gen)
+        with torch.no_grad():
+            expected = SOLVER_CALLS[name](net, d, x_T, generator=gen).x0.clamp(-1, 1)
+        torch.testing.assert_close(drawn.images[start:stop], expected, rtol=0, atol=0)
+
+
+def counted(net):
+    calls = []
+
+    def model(x, t):
+        calls.append(int(t[0]))
+        return net(x, t)
+
+    return model, calls
+
+
+@pytest.mark.parametrize("name", ["ddim", "respaced", *FAST])
+@pytest.mark.parametrize("steps", [1, 4, 7, 30])
+def test_steps_is_a_budget_of_network_calls_and_nfe_counts_them(name, steps, net):
+    model, calls = counted(net)
+    spec = SamplerSpec(name, steps=steps)
+    draw_chunk(model, diffusion(), spec, 0, 2, shape=(1, 4, 4))
+    assert len(calls) == spec.nfe(T) <= steps
+    assert len(calls) == (2 * ((steps + 1) // 2) - 1 if name == "heun" else steps)
+    model, calls = counted(net)
+    draw_chunk(model, diffusion(), SamplerSpec("ddpm"), 0, 2, shape=(1, 4, 4))
+    assert len(calls) == SamplerSpec("ddpm").nfe(T) == T
+
+
+@pytest.mark.parametrize("name", ["ddim", "respaced"])
+@pytest.mark.parametrize("spacing", ["logsnr", "karras"])
+def test_ddim_and_respaced_step_on_the_snr_spacings(name, spacing, net):
+    """The model sees exactly the indices space_timesteps picks from the schedule's ᾱ (T-1 first)."""
+    d = diffusion()
+    model, calls = counted(net)
+    draw_chunk(model, d, SamplerSpec(name, steps=6, spacing=spacing), 0, 2, shape=(1, 4, 4))
+    kept = space_timesteps(T, spacing, 6, alphas_cumprod=torch.cumprod(1 - linear_beta_schedule(T, 1e-3, 0.2), 0))
+    assert calls == kept[::-1] and kept != space_timesteps(T, "linspace", 6)
 
 
 def test_the_images_do_not_depend_on_the_device_count(net):

@@ -51,8 +51,12 @@ class Evaluator(L.LightningModule):
         return loaders
 
     def on_test_start(self) -> None:
+        if self.metric is None:
+            return
+        self.metric.reset()  # a metric reused from an earlier pass keeps only its reference features
         for name, images in self.references.items():  # every rank takes part: features computed in shards
-            self.metric.set_reference(name, images)
+            if name not in self.metric.references:
+                self.metric.set_reference(name, images)
 
     def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         if self.kinds[dataloader_idx] == "samples":

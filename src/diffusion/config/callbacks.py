@@ -47,7 +47,8 @@ class FeatureExtractorConfig:
 
 @dataclass
 class SampleQualityConfig:
-    """FID/IS/KID/precision/recall of EMA samples every N steps and at the end (val/fid, val/is, ...)."""
+    """FID/IS/KID/precision/recall of EMA samples every N steps and at the end (val/fid, val/is, ...), and of
+    each extra sampler's (val/fid@dpmpp_2m-10, ...) against the same reference features."""
 
     _target_: str = "diffusion.callbacks.SampleQualityCallback"
     every_n_steps: int = 10_000  # 0: only at the end (at_train_end) or never
@@ -60,6 +61,8 @@ class SampleQualityConfig:
     max_reference_images: int | None = None  # None: the whole split
     weights: str = "ema"  # ema | raw
     at_train_end: bool = True
+    # more samplers scored the same way, logged as val/fid@<name>-<steps>, ...: [{name: dpmpp_2m, steps: 10}]
+    extra_samplers: list[SamplerSpec] = field(default_factory=list)
 
 
 @dataclass

@@ -17,25 +17,26 @@ from diffusion.evaluation import Evaluator
 from diffusion.metrics.quality import SampleQuality, describe, make_protocol, protocol_id
 from diffusion.run.console import quiet_console
 from diffusion.run.figures_command import check_data_fits
+from diffusion.run.sampler_table import log_table, table_rows, table_samplers, write_table
 from diffusion.sampling import SamplerSpec, as_sampler_spec
 
 
 def _setup(cfg: DictConfig):
-    """The checkpoint's module, the data it was trained on (checked by shape) and the feature extractor's name."""
+    """The checkpoint's module, the data it was trained on (checked by shape), the feature extractor's name and
+    the sampler table's samplers (every sampler checked against the model's T before anything is drawn)."""
     if cfg.batch_size < 1 or (cfg.num_samples is not None and cfg.num_samples < 4):
         raise UserError(f"num_samples must be >= 4 and batch_size >= 1, got {cfg.num_samples} and {cfg.batch_size}; "
                         "try num_samples=1000 batch_size=250")
     module = load_module(cfg.ckpt, "cpu", cfg.weights)
-    table = cfg.sampler_table.samplers if cfg.sampler_table.enabled else []
-    for key, spec in [("sampler", cfg.sampler), *((f"sampler_table.samplers[{i}]", s) for i, s in enumerate(table))]:
-        as_sampler_spec(OmegaConf.to_container(spec), key).check_steps(module.diffusion.num_timesteps, key)
+    as_sampler_spec(OmegaConf.to_container(cfg.sampler, resolve=True)).check_steps(module.diffusion.num_timesteps)
+    table = table_samplers(cfg.sampler_table, module.diffusion.num_timesteps) if cfg.sampler_table.enabled else []
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     check_data_fits(datamodule, module, cfg.ckpt)
     extractor = cfg.feature_extractor.name
     if extractor == "auto":
         extractor = datamodule.quality_extractor
-    return module, datamodule, extractor
+    return module, datamodule, extractor, table
 
 
 def _trainer(cfg: DictConfig) -> L.Trainer:
@@ -47,11 +48,10 @@ def _trainer(cfg: DictConfig) -> L.Trainer:
                      enable_progress_bar=cfg.progress_bar, enable_model_summary=False)
 
 
-def _pass(cfg, module, datamodule, extractor: str, sampler: SamplerSpec, num_samples: int,
+def _pass(cfg, module, datamodule, metric: SampleQuality, sampler: SamplerSpec, num_samples: int,
           bpd: bool) -> tuple[dict, dict]:
-    """One test loop: scores (and bits/dim if asked) and the protocol they were made under."""
-    spec = {**OmegaConf.to_container(cfg.feature_extractor, resolve=True), "name": extractor}
-    metric = SampleQuality(feature_extractor=spec)
+    """One test loop: scores (and bits/dim if asked) and the protocol they were made under. The metric keeps
+    the reference features of its first pass: one feature pass of the real images per run."""
     refs = {split: datamodule.reference_images(split, cfg.max_reference_images or sys.maxsize)
             for split in cfg.reference_splits}
     bpd_images = datamodule.reference_images(cfg.bpd.split, cfg.bpd.num_images or sys.maxsize) if bpd else None
@@ -71,10 +71,11 @@ def _pass(cfg, module, datamodule, extractor: str, sampler: SamplerSpec, num_sam
 def evaluate(cfg: DictConfig) -> dict:
     """FID/IS/KID/precision/recall of N samples against the training set, NLL in bits/dim on the test split."""
     quiet_console()
-    module, datamodule, extractor = _setup(cfg)
+    module, datamodule, extractor, table = _setup(cfg)
     num_samples = cfg.num_samples or datamodule.eval_num_samples
     sampler = as_sampler_spec(OmegaConf.to_container(cfg.sampler, resolve=True))
-    results, protocol = _pass(cfg, module, datamodule, extractor, sampler, num_samples, bpd=cfg.bpd.enabled)
+    metric = SampleQuality({**OmegaConf.to_container(cfg.feature_extractor, resolve=True), "name": extractor})
+    results, protocol = _pass(cfg, module, datamodule, metric, sampler, num_samples, bpd=cfg.bpd.enabled)
     report = {"checkpoint": str(Path(cfg.ckpt).resolve()), "data": datamodule.name, "protocol": protocol,
               "protocol_id": protocol_id(protocol), "quality": results["quality"], "nll": results.get("nll"),
               "nll_protocol": {"split": cfg.bpd.split, "num_images": cfg.bpd.num_images, "decoder": "discretized",
@@ -84,9 +85,9 @@ def evaluate(cfg: DictConfig) -> dict:
     out = Path(cfg.output_dir)
     if cfg.sampler_table.enabled:
         done = {_key(sampler, num_samples, module.diffusion.num_timesteps): (results, protocol)}
-        report["sampler_table"] = sampler_table(cfg, module, datamodule, extractor, out, done=done)
+        report["sampler_table"] = sampler_table(cfg, module, datamodule, metric, table, done=done)
     if rank_zero_only.rank == 0:
-        _write(report, out, cfg)
+        _write(report, out, cfg, extractor)
     return report
 
 
@@ -94,29 +95,29 @@ def _key(sampler: SamplerSpec, n: int, num_timesteps: int) -> str:
     return json.dumps([sampler.describe(num_timesteps), n], sort_keys=True)
 
 
-def sampler_table(cfg: DictConfig, module, datamodule, extractor: str, out: Path, done: dict) -> list[dict]:
-    """Each sampler of cfg.sampler_table.samplers: seconds per image and quality, as Markdown and a plot.
-
-    `done` holds passes already made (the main one), reused when sampler and sample count are the same."""
-    rows, T = [], module.diffusion.num_timesteps
+def sampler_table(cfg: DictConfig, module, datamodule, metric: SampleQuality, table: list[SamplerSpec],
+                  done: dict) -> list[dict]:
+    """The rows of the sampler table (diffusion.run.sampler_table); `done` holds passes already made (the main
+    one), reused when sampler and sample count are the same."""
+    T = module.diffusion.num_timesteps
     n = cfg.sampler_table.num_samples or cfg.num_samples or datamodule.eval_num_samples
-    for sampler in OmegaConf.to_container(cfg.sampler_table.samplers, resolve=True):
-        sampler = as_sampler_spec(sampler)
+
+    def run(sampler: SamplerSpec) -> tuple[dict, dict]:
         if _key(sampler, n, T) not in done:
-            done[_key(sampler, n, T)] = _pass(cfg, module, datamodule, extractor, sampler, n, bpd=False)
-        results, protocol = done[_key(sampler, n, T)]
-        rows.append({"sampler": sampler.label(T), "steps": protocol["sampler"]["steps"],
-                     "seconds_per_image": results["sampling_device_seconds"] / n, **results["quality"],
-                     "protocol_id": protocol_id(protocol)})
-    if rank_zero_only.rank == 0:
-        _write_table(rows, n, extractor, out)
-    return rows
+            done[_key(sampler, n, T)] = _pass(cfg, module, datamodule, metric, sampler, n, bpd=False)
+        return done[_key(sampler, n, T)]
+
+    return table_rows(table, run, n, T)
 
 
-def _write(report: dict, out: Path, cfg: DictConfig) -> None:
-    """The JSON report, the W&B summary (offline by default) and the lines `evaluate.py` prints."""
+def _write(report: dict, out: Path, cfg: DictConfig, extractor: str) -> None:
+    """The JSON report, the sampler table's files, the W&B summary, table and plot (offline by default) and the
+    lines `evaluate.py` prints."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2))
+    rows = report.get("sampler_table")
+    if rows:
+        _, png = write_table(rows, rows[0]["num_samples"], extractor, out)
     scores = {f"eval/{k}": v for k, v in report["quality"].items()}
     if report["nll"] is not None:
         scores.update({f"eval/{k}": v for k, v in report["nll"].items()})
@@ -125,6 +126,8 @@ def _write(report: dict, out: Path, cfg: DictConfig) -> None:
         logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "protocol": report["protocol"],
                                 "protocol_id": report["protocol_id"]})
         logger.experiment.summary.update(scores)
+        if rows:
+            log_table(logger, rows, png)
         import wandb
 
         wandb.finish()
@@ -138,35 +141,3 @@ def _write(report: dict, out: Path, cfg: DictConfig) -> None:
 def _train_first(quality: dict) -> dict:
     order = ["fid_train", "is", "kid_train", "precision_train", "recall_train", "fid_val"]
     return {k: quality[k] for k in order if k in quality} | {k: v for k, v in quality.items() if k not in order}
-
-
-def _write_table(rows: list[dict], n: int, extractor: str, out: Path) -> None:
-    """samplers.md (time and quality per sampler) and samplers.png (FID against seconds per image)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out.mkdir(parents=True, exist_ok=True)
-    lines = [f"Sampler comparison: {n} samples each, scores in the `{extractor}` feature space against the train "
-             "split (FID, KID) and of the samples alone (IS).", "",
-             "| sampler | steps | s / image | FID (train) | IS | KID (train) | precision | recall |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['sampler']} | {r['steps']} | {r['seconds_per_image']:.4f} | {r['fid_train']:.4g} | "
-                     f"{r.get('is', float('nan')):.3g} | {r['kid_train']:.3g} | {r['precision_train']:.3f} | "
-                     f"{r['recall_train']:.3f} |")
-    (out / "samplers.md").write_text("\n".join(lines) + "\n")
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for family in dict.fromkeys(r["sampler"].split("-")[0] for r in rows):
-        pts = [r for r in rows if r["sampler"].split("-")[0] == family]
-        ax.plot([r["seconds_per_image"] for r in pts], [r["fid_train"] for r in pts], "o-", label=family)
-        for r in pts:
-            ax.annotate(str(r["steps"]), (r["seconds_per_image"], r["fid_train"]), fontsize=7)
-    ax.set(xscale="log", xlabel="seconds per image", ylabel=f"FID ({extractor} features, train)",
-           title=f"Samplers: time vs quality ({n} samples)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "samplers.png", dpi=120)
-    plt.close(fig)
-    print(f"sampler table: {out / 'samplers.md'} and {out / 'samplers.png'}")

@@ -130,7 +130,7 @@ def respaced_sample(model: Model, diffusion: GaussianDiffusion, x_T: Tensor, *, 
                     generator: torch.Generator | None = None,
                     record_steps: Iterable[int] | None = None) -> SampleOutput:
     """Ancestral sampling over K of T steps, each step going to the previous *kept* step (Nichol & Dhariwal 2021)."""
-    kept = space_timesteps(diffusion.num_timesteps, spacing, num_steps)
+    kept = space_timesteps(diffusion.num_timesteps, spacing, num_steps, diffusion.alphas_cumprod_float64)
     respaced = respace(diffusion, kept)
     if diffusion.parameterization == "mean":
         model = _mean_to_x0(model, diffusion)
@@ -146,7 +146,7 @@ def ddim_sample(model: Model, diffusion: GaussianDiffusion, x_T: Tensor, *, num_
     """DDIM, Song et al. 2021 Eq. 12, over an increasing subsequence of steps; η=0 is deterministic."""
     if not 0.0 <= eta <= 1.0:
         raise UserError(f"sampler.eta must be in [0, 1], got {eta}; use 0 for deterministic DDIM, 1 for DDPM-like")
-    kept = space_timesteps(diffusion.num_timesteps, spacing, num_steps)
+    kept = space_timesteps(diffusion.num_timesteps, spacing, num_steps, diffusion.alphas_cumprod_float64)
     B, device = x_T.shape[0], x_T.device
     # Per-step coefficients, built once on the device: ᾱ_t at each kept step and ᾱ at the previous kept one.
     idx = torch.as_tensor(kept, dtype=torch.long, device=device)

@@ -193,12 +193,20 @@ def _unipc_step(g: _Grid, i: int, p: int) -> tuple[_Update, _Update]:
     return predictor, corrector
 
 
+UNIPC_ORDERS = (1, 2, 3)
+
+
+def unipc_most_order(num_grid: int) -> int:
+    """The highest order N grid points allow: order p needs N >= 2p - 1 (warm-up and lower_order_final meet)."""
+    return min(UNIPC_ORDERS[-1], (num_grid + 1) // 2)
+
+
 def _unipc_order(order: int | None, num_grid: int) -> int:
     """The order asked for (default: 3 where the grid allows), refused if the grid cannot reach it."""
-    most = (num_grid + 1) // 2  # warm-up from order 1 and lower_order_final meet in the middle
+    most = unipc_most_order(num_grid)
     if order is None:
         return min(3, most)
-    if order not in (1, 2, 3):
+    if order not in UNIPC_ORDERS:
         raise UserError(f"unipc order must be 1, 2 or 3, got {order!r}; try order=3")
     if order > most:
         raise UserError(f"unipc order {order} needs at least {2 * order - 1} steps, got {num_grid}; "
@@ -235,7 +243,7 @@ def heun_sample(model: Model, diffusion: GaussianDiffusion, x_T: Tensor, *, num_
                 record_steps: Iterable[int] | None = None) -> SampleOutput:
     """Heun's method on the PF-ODE dx̃/dσ = (x̃ - x̂0)/σ, x̃ = x_t/α (Karras et al. 2022 Algorithm 1): 2N-1 NFE."""
     T = diffusion.num_timesteps
-    _check_num_steps("heun", num_steps, 1, 2 * T)
+    _check_num_steps("heun", num_steps, 1, SOLVER_SPECS["heun"].most_steps(T))
     g = _make_grid(diffusion, spacing, None if num_steps is None else (num_steps + 1) // 2)
     s = [math.exp(-lam) for lam in g.lam]  # σ of the VE form, σ/α = e^{-λ}; 0 at the end
     recorder, t_model = Recorder(record_steps), _step_indices(g.steps, x_T.shape[0], x_T.device)
@@ -255,11 +263,13 @@ def heun_sample(model: Model, diffusion: GaussianDiffusion, x_T: Tensor, *, num_
 # --- the table ----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SolverSpec:
-    """A solver's fewest num_steps, its spacings, and the network calls it makes for a budget num_steps."""
+    """A solver's fewest num_steps, its spacings, the network calls it makes for a budget num_steps, and the
+    most num_steps a T-step model allows (N <= T grid points)."""
 
     fewest_steps: int
     spacings: tuple[str, ...]
     nfe: Callable[[int], int]
+    most_steps: Callable[[int], int] = lambda T: T
 
 
 SOLVER_SPACINGS = ("linspace", "trailing", "logsnr", "karras")  # or a list of indices ending at T-1
@@ -269,5 +279,5 @@ SOLVER_SPECS = {
     "dpmpp_2m": SolverSpec(1, SOLVER_SPACINGS, lambda n: n),
     "dpmpp_2m_sde": SolverSpec(1, SOLVER_SPACINGS, lambda n: n),
     "unipc": SolverSpec(1, SOLVER_SPACINGS, lambda n: n),  # order p needs 2p - 1; the default order adapts
-    "heun": SolverSpec(1, SOLVER_SPACINGS, lambda n: 2 * ((n + 1) // 2) - 1),
+    "heun": SolverSpec(1, SOLVER_SPACINGS, lambda n: 2 * ((n + 1) // 2) - 1, lambda T: 2 * T),
 }
