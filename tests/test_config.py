@@ -75,3 +75,27 @@ def test_cifar10_recipe_is_the_papers(tmp_path):
 def test_sample_config_composes(tmp_path):
     cfg = compose_cfg("sample", ["ckpt=x.ckpt", "sampler.name=ddim", "sampler.steps=10"], tmp_path)
     assert cfg.sampler.name == "ddim" and cfg.sampler.steps == 10 and cfg.num_samples == 64
+
+
+def test_every_entry_point_takes_the_fast_samplers_with_the_same_keys(tmp_path):
+    """sampler.name=... sampler.steps=... compose for sample.py, evaluate.py, figures.py and every train.py
+    sampler node (extra_samplers too), and reach the callbacks as SamplerSpecs."""
+    from diffusion.config import check_samplers
+    from diffusion.sampling import SamplerSpec
+
+    keys = ["sampler.name=unipc", "sampler.steps=10", "sampler.order=2", "sampler.spacing=karras"]
+    for entry in ("sample", "evaluate", "figures"):
+        spec = check_samplers(compose_cfg(entry, ["ckpt=x.ckpt", *keys], tmp_path))[0]  # evaluate: + its table
+        assert spec == SamplerSpec("unipc", steps=10, spacing="karras", order=2), entry
+    cfg = compose_cfg("train", [
+        "debug=fast", "callbacks.samples.sampler.name=heun", "callbacks.samples.sampler.steps=9",
+        "callbacks.quality.sampler.name=dpmpp_2m_sde", "callbacks.quality.sampler.eta=0.5",
+        "callbacks.quality.extra_samplers=[{name: dpmpp_2m, steps: 10}, {name: unipc, steps: 20}]",
+        "callbacks.figures.sampler.name=dpmpp_2m", "callbacks.figures.sampler.spacing=trailing"], tmp_path)
+    callbacks = {type(c).__name__: c for c in build_all(cfg, tmp_path)[3].callbacks}
+    assert callbacks["SampleGrid"].sampler == SamplerSpec("heun", steps=9)
+    quality = callbacks["SampleQualityCallback"]
+    assert quality.sampler == SamplerSpec("dpmpp_2m_sde", steps=2, eta=0.5)  # debug=fast sets steps=2
+    assert quality.extra_samplers == [SamplerSpec("dpmpp_2m", steps=10), SamplerSpec("unipc", steps=20)]
+    assert quality._tags(20) == ["dpmpp_2m-10", "unipc-20"]
+    assert callbacks["PaperFigures"].spec.sampler == SamplerSpec("dpmpp_2m", spacing="trailing")

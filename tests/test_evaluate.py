@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from diffusion import run
+from diffusion.errors import UserError
 from diffusion.evaluation import Evaluator
 from diffusion.run import build_module
 from diffusion.schedules import linear_beta_schedule
-from helpers import run_script, train_cfg, wandb_records
+from helpers import compose_cfg, run_script, train_cfg, wandb_records
 
 EVAL = ["num_samples=16", "batch_size=8", "sampler.name=ddim", "sampler.steps=2", "sampler.eta=0", "bpd.num_images=8",
         "max_reference_images=64"]
@@ -26,7 +27,8 @@ def tiny_ckpt(tmp_path_factory):
 
 
 def test_evaluate_writes_report_wandb_summary_and_sampler_table(tiny_ckpt, tmp_path):
-    table = "sampler_table.samplers=[{name: ddim, steps: 2}, {name: respaced, steps: 5}, {name: ddpm}]"
+    table = ("sampler_table.samplers=[{name: ddim, steps: 2}, {name: dpmpp_2m, steps: 3}, {name: dpmpp_2m_sde, "
+             "steps: 3}, {name: unipc, steps: 5}, {name: heun, steps: 4}, {name: ddpm}]")
     result = run_script("evaluate.py", f"ckpt={tiny_ckpt}", *EVAL, "sampler_table.enabled=true", table,
                         f"hydra.run.dir={tmp_path}", "progress_bar=false", cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -40,19 +42,47 @@ def test_evaluate_writes_report_wandb_summary_and_sampler_table(tiny_ckpt, tmp_p
     assert protocol["reference"]["train"]["num_images"] == 64 and protocol["sampler"]["name"] == "ddim"
     assert "NLL:" in result.stdout and f"protocol {report['protocol_id']}" in result.stdout
 
+    records = wandb_records(tmp_path)
     summary = {}
-    for record in wandb_records(tmp_path):
+    for record in records:
         if record.get("type") == "summary":
             summary.update(record["summary"].get("update", {}))
     assert summary["eval/bpd"] == pytest.approx(nll["bpd"])
     assert summary["eval/fid_train"] == pytest.approx(quality["fid_train"])
+    logged = {key.split(".")[0] for r in records if r.get("type") == "history" for key in r["history"]["item"]}
+    assert {"eval/sampler_table", "eval/samplers"} <= logged  # the table and the plot
 
     rows = report["sampler_table"]
-    assert [r["steps"] for r in rows] == [2, 5, 20]
-    assert len({r["protocol_id"] for r in rows}) == 3  # different samplers are different protocols
+    assert [(r["name"], r["steps"], r["nfe"]) for r in rows] == [
+        ("ddim", 2, 2), ("dpmpp_2m", 3, 3), ("dpmpp_2m_sde", 3, 3), ("unipc", 5, 5), ("heun", 4, 3), ("ddpm", 20, 20)]
+    assert rows[0]["protocol_id"] == report["protocol_id"]  # the main pass, reused
+    assert len({r["protocol_id"] for r in rows}) == 6  # different samplers are different protocols
+    assert all(r["seconds_per_image"] > 0 and math.isfinite(r["fid_train"]) for r in rows)
     lines = (tmp_path / "samplers.md").read_text().splitlines()
-    assert sum(line.startswith(("| ddim-2 η=0 |", "| respaced-5 |", "| ddpm-20 |")) for line in lines) == 3
+    assert "| sampler | NFE | s / image | FD (train) | IS | KID (train) | precision | recall |" in lines
+    starts = ("| ddim-2 η=0 | 2 |", "| dpmpp_2m-3 | 3 |", "| dpmpp_2m_sde-3 η=1 | 3 |", "| unipc-5 order=3 | 5 |",
+              "| heun-4 | 3 |", "| ddpm-20 | 20 |")
+    assert sum(line.startswith(starts) for line in lines) == 6
     assert (tmp_path / "samplers.png").stat().st_size > 1000
+
+
+def test_the_default_sampler_table_skips_what_T_cannot_run_and_a_given_one_refuses(capsys, tmp_path):
+    from diffusion.run.sampler_table import table_samplers
+
+    default = compose_cfg("evaluate", ["ckpt=x", "sampler_table.enabled=true"], tmp_path).sampler_table
+    names = [(s.name, s.steps) for s in table_samplers(default, 1000)]
+    assert names == [("ddpm", None)] + [(n, k) for n in ("ddim", "dpmpp_2m", "dpmpp_2m_sde", "unipc", "heun")
+                                        for k in (5, 10, 20, 50, 100)]
+    assert capsys.readouterr().out == ""
+    kept = [(s.name, s.steps) for s in table_samplers(default, 20)]
+    assert ("heun", 20) in kept and ("ddim", 20) in kept and len(kept) == 1 + 5 * 3
+    assert capsys.readouterr().out.strip() == (
+        "sampler table: skipping ddim-50, ddim-100, dpmpp_2m-50, dpmpp_2m-100, dpmpp_2m_sde-50, dpmpp_2m_sde-100, "
+        "unipc-50, unipc-100, heun-50, heun-100 (more steps than the model's T=20 allows)")
+    given = compose_cfg("evaluate", ["ckpt=x", "sampler_table.samplers=[{name: dpmpp_2m, steps: 5}, "
+                                     "{name: ddim, steps: 50}]"], tmp_path).sampler_table
+    with pytest.raises(UserError, match=r"sampler_table.samplers\[1\].steps=50 exceeds the model's T=20 steps"):
+        table_samplers(given, 20)
 
 
 class OracleEps(torch.nn.Module):

@@ -200,8 +200,10 @@ def trained_with_figures(tmp_path_factory):
     """A tiny real run (digits, T=20, 4 steps, W&B offline) with the figures callback every 2 steps."""
     out = tmp_path_factory.mktemp("figrun")
     callback = PaperFigures(every_n_steps=2, num_images=2, num_samples=4, num_reconstructions=2, num_lambdas=3,
-                            rd_images=4)
-    run.train(train_cfg(out, "callbacks.ema.decay=0.5", "callbacks.ema.warmup=false"), extra_callbacks=(callback,))
+                            rd_images=4, sampler={"name": "unipc", "steps": 4})
+    run.train(train_cfg(out, "callbacks.ema.decay=0.5", "callbacks.ema.warmup=false",
+                        "callbacks.samples.sampler.name=heun", "callbacks.samples.final_sampler.name=dpmpp_2m",
+                        "callbacks.samples.final_sampler.steps=4"), extra_callbacks=(callback,))
     return out, callback
 
 
@@ -211,6 +213,8 @@ def test_callback_writes_and_logs_figures_in_a_real_run(trained_with_figures):
     for folder in (out / "figures", out / "figures" / "step0000002", out / "figures" / "step0000004"):
         assert {p.stem for p in folder.glob("*.png")} == names, folder
     assert callback.last_paths["forward"] == out / "figures" / "forward.png"
+    # the sample grids of heun (every 2 steps) and dpmpp_2m (the final one) came through the same spec
+    assert {p.name for p in (out / "samples").glob("*.png")} >= {"step0000002.png", "final_ema.png"}
     logged = {p.name.split("_")[0] for p in out.glob("wandb/offline-run-*/files/media/images/figures/*.png")}
     assert logged == names - {"rate_distortion"} | {"rate"}  # W&B names files <key>_<step>_<hash>.png
 
@@ -220,7 +224,7 @@ def test_figures_script_on_a_checkpoint(trained_with_figures, tmp_path):
     ckpt = out / "checkpoints" / "last.ckpt"
     result = run_script("figures.py", f"ckpt={ckpt}", "num_images=2", "num_samples=4", "num_reconstructions=2",
                         "num_lambdas=3", "rd_images=4", "interpolation_steps=[5,15]", f"output_dir={tmp_path / 'f'}",
-                        "sampler.name=ddim", "sampler.steps=3", "sampler.eta=0",
+                        "sampler.name=dpmpp_2m_sde", "sampler.steps=3", "sampler.eta=0.5",
                         f"hydra.run.dir={tmp_path / 'h'}", "logger=wandb", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     names = {"forward", "reverse", "reconstructions", "interpolation", "samples", "rate_distortion",

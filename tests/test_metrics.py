@@ -25,7 +25,7 @@ from diffusion.metrics import DigitsFeatures, InceptionFeatures, ModuleFeatures,
 from diffusion.metrics.features import INCEPTION_FILE, INCEPTION_URL
 from diffusion.metrics.quality import make_protocol, protocol_id
 from diffusion.module import DiffusionModule
-from diffusion.sampling import SamplerSpec, chunk_bounds
+from diffusion.sampling import SamplerSpec, chunk_bounds, draw
 from diffusion.schedules import linear_beta_schedule
 
 
@@ -257,6 +257,60 @@ def test_callback_in_a_trainer_logs_every_n_steps_and_at_the_end(tmp_path, digit
     module.train()
     callback.evaluate(trainer, module)
     assert module.training  # put back as it was
+
+
+def test_extra_samplers_are_logged_at_their_tag_against_the_same_reference_features(tmp_path, digits_cache, capsys,
+                                                                                    monkeypatch):
+    """`extra_samplers` log val/<score>@<tag> beside the main sampler's scores; each equals the score of the
+    sampler's own draw, recomputed here; the real images pass through the extractor once per run."""
+    extracted = []
+    set_reference = SampleQuality.set_reference
+    monkeypatch.setattr(SampleQuality, "set_reference",
+                        lambda self, name, *a, **k: (extracted.append(name), set_reference(self, name, *a, **k))[1])
+    module = tiny_module()
+    callback = quality_callback(str(digits_cache), every_n_steps=1, num_samples=20, batch_size=10, weights="raw",
+                                extra_samplers=[{"name": "dpmpp_2m", "steps": 3}, SamplerSpec("unipc", steps=5)])
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", devices=1, logger=CSVLogger(tmp_path, name="run"),
+                        callbacks=[callback], enable_checkpointing=False, enable_progress_bar=False,
+                        limit_val_batches=0, num_sanity_val_steps=0, log_every_n_steps=1, enable_model_summary=False)
+    trainer.fit(module, datamodule=DigitsDataModule(batch_size=32))
+    assert extracted == ["train", "val"]  # 2 evaluations x 3 samplers, one feature pass of the real images
+    log_dir = Path(trainer.logger.log_dir)
+    rows = [r for r in csv.DictReader(open(log_dir / "metrics.csv")) if r.get("val/fid")]
+    assert [int(r["step"]) for r in rows] == [1, 2]
+    tags = ["dpmpp_2m-3", "unipc-5"]
+    assert {f"val/{score}@{tag}" for score in ("fid", "fid_test", "is", "kid", "precision", "recall")
+            for tag in tags} <= set(rows[-1])
+    # an independent score of each sampler's own samples against freshly extracted reference features
+    data, net = DigitsDataModule(), module.net.eval()
+    for tag, spec in zip(tags, [SamplerSpec("dpmpp_2m", steps=3), SamplerSpec("unipc", steps=5)], strict=True):
+        metric = SampleQuality(callback.feature_extractor)
+        for split in ("train", "val"):
+            metric.set_reference(split, data.reference_images(split, 200))
+        drawn = draw(net, module.diffusion, spec, 20, shape=net.image_shape, seed=1, chunk_size=10)
+        metric.update(to_uint8(drawn.images), drawn.index)
+        expected = metric.compute()
+        assert float(rows[-1][f"val/fid@{tag}"]) == pytest.approx(expected["fid_train"], rel=1e-6)
+        assert float(rows[-1][f"val/fid_test@{tag}"]) == pytest.approx(expected["fid_val"], rel=1e-6)
+        assert trainer.callback_metrics[f"val/is@{tag}"].item() == pytest.approx(expected["is"], rel=1e-6)
+    assert float(rows[-1]["val/fid"]) != float(rows[-1]["val/fid@dpmpp_2m-3"])
+    hparams = yaml.safe_load(open(log_dir / "hparams.yaml"))
+    assert set(hparams["quality_extra_protocol_ids"]) == set(tags)
+    assert hparams["quality_extra_protocol_ids"]["unipc-5"] != hparams["quality_protocol_id"]
+    printed = [line for line in capsys.readouterr().out.splitlines() if "[protocol" in line]
+    assert len(printed) == 2 and all("@" not in line and "ddim-3 η=0" in line for line in printed)
+
+
+def test_extra_samplers_must_differ_and_fit_T():
+    twice = quality_callback("unused", extra_samplers=[{"name": "heun", "steps": 4}, {"name": "heun", "steps": 4}])
+    with pytest.raises(UserError, match=r"callbacks.quality.extra_samplers\[1\] is heun-4 again \(entry 0\)"):
+        twice._tags(10)
+    with pytest.raises(UserError, match=r"extra_samplers\[0\].steps=21 exceeds what the model's T=10 steps"):
+        quality_callback("unused", extra_samplers=[{"name": "heun", "steps": 21}])._tags(10)
+    with pytest.raises(UserError, match=r"extra_samplers\[0\].name=dpmpp is not a sampler"):
+        quality_callback("unused", extra_samplers=[{"name": "dpmpp"}])
+    with pytest.raises(UserError, match="extra_samplers must be a list of samplers"):
+        quality_callback("unused", extra_samplers={"name": "heun"})
 
 
 def _free_port() -> int:

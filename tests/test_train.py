@@ -186,7 +186,8 @@ def test_ckpt_path_last_finds_the_newest_run(tmp_path, trained):
 
 @pytest.mark.parametrize("sampler", ["sampler.name=ddim sampler.steps=5 sampler.eta=0",
                                      "sampler.name=respaced sampler.steps=4 sampler.spacing=trailing",
-                                     "sampler.name=ddpm"])
+                                     "sampler.name=ddpm",
+                                     "sampler.name=unipc sampler.steps=5 sampler.order=2 sampler.spacing=karras"])
 def test_sample_script_writes_png_and_uint8_npz(sampler, trained, tmp_path):
     import numpy as np
 

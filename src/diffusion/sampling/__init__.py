@@ -13,8 +13,10 @@ from diffusion.sampling.ancestral import (
     respaced_sample,
 )
 from diffusion.sampling.draw import Chunk, Drawn, chunk_bounds, draw, draw_chunk, draw_chunks, eval_mode
+from diffusion.sampling.solvers import dpmpp_2m_sample, dpmpp_2m_sde_sample, heun_sample, unipc_sample
 from diffusion.sampling.spec import SAMPLERS, SamplerKind, SamplerSpec, as_sampler_spec, sampler_label
 
 __all__ = ["SAMPLERS", "Chunk", "Drawn", "Model", "Recorder", "SampleOutput", "SamplerKind", "SamplerSpec",
            "Trajectory", "ancestral_loop", "as_sampler_spec", "chunk_bounds", "ddim_sample", "ddpm_sample", "draw",
-           "draw_chunk", "draw_chunks", "eval_mode", "gaussian_noise", "respace", "respaced_sample", "sampler_label"]
+           "dpmpp_2m_sample", "dpmpp_2m_sde_sample", "draw_chunk", "draw_chunks", "eval_mode", "gaussian_noise",
+           "heun_sample", "respace", "respaced_sample", "sampler_label", "unipc_sample"]
