@@ -99,6 +99,43 @@ class OracleEps(torch.nn.Module):
         return (x_t - a.sqrt() * self.x0) / (1 - a).sqrt()
 
 
+class Pooled(torch.nn.Module):
+    """uint8 (B, 1, 8, 8) -> the means of its four 4x4 quarters: a cheap 4-d feature."""
+
+    def forward(self, images):
+        return torch.nn.functional.avg_pool2d(images.float(), 4).flatten(1)
+
+
+def test_passes_share_one_metric_and_extract_the_real_images_once(tmp_path, monkeypatch):
+    """The sampler table's passes reuse the first pass's reference features: the scores of a fresh metric."""
+    from diffusion.metrics import ModuleFeatures, SampleQuality
+    from diffusion.sampling import SamplerSpec
+
+    extracted, set_reference = [], SampleQuality.set_reference
+    monkeypatch.setattr(SampleQuality, "set_reference",
+                        lambda self, name, *a, **k: (extracted.append(name), set_reference(self, name, *a, **k))[1])
+    torch.manual_seed(0)
+    module = build_module(train_cfg(tmp_path), linear_beta_schedule(10))
+    with torch.no_grad():  # the U-Net's output layer starts at zero: make its ε depend on x_t
+        for p in module.net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    refs = {"train": torch.randint(0, 256, (40, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator())}
+
+    def score(metric, spec):
+        evaluator = Evaluator(module, spec, 24, 8, 0, metric, refs, None, 1)
+        L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                  enable_model_summary=False).test(evaluator, verbose=False)
+        return evaluator.results["quality"]
+
+    shared = SampleQuality(ModuleFeatures(Pooled(), "pooled"))
+    first = score(shared, SamplerSpec("ddim", steps=3))
+    second = score(shared, SamplerSpec("unipc", steps=3))
+    assert extracted == ["train"]
+    assert second == pytest.approx(score(SampleQuality(ModuleFeatures(Pooled(), "pooled")), SamplerSpec("unipc",
+                                                                                                       steps=3)))
+    assert second["fid_train"] != pytest.approx(first["fid_train"])
+
+
 def test_bits_per_dim_of_an_oracle_equal_the_closed_form(tmp_path):
     """With ε known exactly and σ² = β̃, every L_{t-1} (t ≥ 2) vanishes: the bound is L_T + L_0 in closed form."""
     T = 50
