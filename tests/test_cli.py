@@ -19,7 +19,7 @@ CASES = [
     (["data.batch_size=0"], ["data.batch_size must be >= 1, got 0"]),
     (["loss.type=l1"], ["loss.type must be one of ['simple', 'vlb', 'hybrid'], got 'l1'"]),
     (["trainer.accelerator=gpu"], ["no CUDA GPU is visible; use trainer=cpu"]),
-    (["data=mnist", "data.image_size=30"], ["image_size 30", "not divisible"]),
+    (["data=mnist", "data.image_size=30"], ["model.image_size=30", "not divisible"]),
     (["ckpt_path=/nonexistent/last.ckpt"], ["ckpt_path /nonexistent/last.ckpt does not exist"]),
 ]
 

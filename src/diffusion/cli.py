@@ -16,8 +16,9 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from diffusion.config import register_configs, validate_entry
@@ -49,8 +50,8 @@ def jobs_to_check(overrides: list[str]) -> list[list[str]]:
     return jobs
 
 
-def _user_overrides(argv: list[str]) -> list[str]:
-    """Overrides of the config itself (not Hydra's flags or hydra/... groups)."""
+def _overrides(argv: list[str]) -> list[str]:
+    """The command line's overrides: Hydra's flags (and the values some take) left out."""
     skip_next, out = False, []
     for arg in argv:
         if skip_next:
@@ -58,9 +59,14 @@ def _user_overrides(argv: list[str]) -> list[str]:
         elif arg in ("--cfg", "-c", "--package", "-p", "--config-name", "-cn", "--config-dir", "-cd",
                      "--config-path", "-cp", "--info", "-i"):
             skip_next = arg not in ("--info", "-i")
-        elif not arg.startswith("-") and not arg.lstrip("+~").startswith("hydra"):
+        elif not arg.startswith("-"):
             out.append(arg)
     return out
+
+
+def _user_overrides(argv: list[str]) -> list[str]:
+    """Overrides of the config itself (not Hydra's settings or hydra/... groups)."""
+    return [a for a in _overrides(argv) if not a.lstrip("+~").startswith("hydra")]
 
 
 def explain(err: Exception, cfg_keys: Callable[[str], list[str]]) -> str:
@@ -86,6 +92,13 @@ def explain(err: Exception, cfg_keys: Callable[[str], list[str]]) -> str:
             f"valid keys here: {cfg_keys(parent)}"
         return f"unknown config key '{key}' (the schema has no such field, '+' cannot add one); {hint}"
     typed = _type_mismatch(text)
+    merging = re.search(r"Error merging override ([^=\s]+)=(\S*)", text)
+    if merging and "is not a valid bool" in text:
+        key, value = merging.groups()
+        return f"{key} must be true or false, got {value or repr('')}; use {key}=true or {key}=false"
+    if merging and "is not a ListConfig, list or tuple" in text:
+        key, value = merging.groups()
+        return f"{key} must be a list, got {value or repr('')}; write it in brackets: {key}=[a,b,...]"
     if typed and typed[1] == SamplerSpec.__name__:
         value, _, key = typed
         return (f"{key}={value}: {key} is a group of settings; write {key}.name={value} "
@@ -114,10 +127,21 @@ def _type_mismatch(text: str) -> tuple[str, str, str] | None:
 def precheck(config_name: str, argv: list[str]) -> DictConfig | None:
     """Compose the command line (every sweep value once); exit with a one-line message if it does not compose."""
     register_configs()
-    try:
-        for overrides in jobs_to_check(_user_overrides(argv)):
-            cfg = _check_one(config_name, overrides)
+    multirun = "-m" in argv or "--multirun" in argv
+
+    def check_every_job() -> DictConfig:
+        for i, overrides in enumerate(jobs_to_check(_user_overrides(argv))):
+            # The first job is composed with Hydra's own settings too, to check the run directory once.
+            cfg = _check_one(config_name, overrides, _hydra_overrides(argv) if i == 0 else None, multirun)
         return cfg
+
+    return explained(config_name, check_every_job)
+
+
+def explained(config_name: str, check: Callable[[], DictConfig]) -> DictConfig | None:
+    """check(); a composition or validation error becomes one line on stderr and exit status 2."""
+    try:
+        return check()
     except UserError as err:
         fail(str(err))
     except (HydraException, OmegaConfBaseException, ValueError) as err:
@@ -126,10 +150,29 @@ def precheck(config_name: str, argv: list[str]) -> DictConfig | None:
         fail(explain(err, lambda parent: _keys_of(config_name, parent)))
 
 
-def _check_one(config_name: str, overrides: list[str]) -> DictConfig:
-    """Compose one job's config and check it has no key outside the schema and no missing value."""
+def _hydra_overrides(argv: list[str]) -> list[str]:
+    """The command line's settings of Hydra itself (hydra.run.dir=..., hydra/launcher=...), sweeps left out."""
+    args = [a for a in _overrides(argv) if a.lstrip("+~").startswith("hydra")]
+    parsed = OverridesParser.create().parse_overrides(args)
+    return [o.input_line for o in parsed if not o.is_sweep_override()]
+
+
+def _check_one(config_name: str, overrides: list[str], hydra_overrides: list[str] | None = None,
+               multirun: bool = False) -> DictConfig:
+    """Compose one job's config and check it: no key outside the schema, no missing value, every rule; with
+    hydra_overrides, also that the run (or sweep) directory can be created."""
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name=config_name, overrides=overrides)
+        cfg = compose(config_name=config_name, overrides=[*overrides, *(hydra_overrides or [])],
+                      return_hydra_config=hydra_overrides is not None)
+    if hydra_overrides is not None:
+        _check_output_dir(cfg, "hydra.sweep.dir" if multirun else "hydra.run.dir")
+        with open_dict(cfg):
+            del cfg["hydra"]
+    return check_composed(config_name, cfg)
+
+
+def check_composed(config_name: str, cfg: DictConfig) -> DictConfig:
+    """Check a composed job config: no key outside the schema, no missing value, every rule."""
     unknown = _keys_outside_schema(cfg)
     if unknown:
         raise UserError(f"unknown config key '{unknown[0]}' (the schema has no such field, '+' cannot add one); "
@@ -139,6 +182,19 @@ def _check_one(config_name: str, overrides: list[str]) -> DictConfig:
         raise UserError(f"{missing[0]} has no value and is required; set {missing[0]}=...")
     validate_entry(config_name, cfg)
     return cfg
+
+
+def _check_output_dir(cfg: DictConfig, key: str) -> None:
+    """The run (or sweep) directory Hydra is about to create can be created: its nearest existing folder is
+    writable. (Hydra would otherwise fail with a traceback before the job starts.)"""
+    try:
+        folder = Path(str(OmegaConf.select(cfg, key))).expanduser().absolute()
+    except (OmegaConfBaseException, ValueError):
+        return  # a directory that only Hydra's runtime can resolve: Hydra reports it
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not (existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)):
+        raise UserError(f"{key}={folder} cannot be created ({existing} is not a writable folder); run from a "
+                        f"folder you can write, or set {key}=<a writable folder>")
 
 
 def _keys_outside_schema(node: DictConfig, prefix: str = "") -> list[str]:
@@ -181,7 +237,7 @@ def guarded(fn: Callable[[DictConfig], object], cfg: DictConfig):
         return fn(cfg)
     except Interrupted as err:
         # The job's own overrides (under -m or submitit, sys.argv is the sweep's or submitit's command line)
-        multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+        multirun = _in_multirun()
         task = list(HydraConfig.get().overrides.task) if multirun else sys.argv[1:]
         overrides = [a for a in task if not a.startswith("ckpt_path=")]
         script = Path(sys.argv[0]).name if sys.argv[0].endswith(".py") and "submitit" not in sys.argv[0] else "train.py"
@@ -192,7 +248,34 @@ def guarded(fn: Callable[[DictConfig], object], cfg: DictConfig):
         user_error = _user_error_in(err)
         if user_error is None or full_errors():
             raise
-        fail(str(user_error))
+        if not _in_multirun():
+            fail(str(user_error))
+        # One job of a sweep: say which and why, and let the sweep go on (SweepSummary ends it non-zero).
+        job = HydraConfig.get().job
+        print(f"error: job {job.num} ({job.override_dirname or 'no overrides'}) failed: {user_error}", file=sys.stderr,
+              flush=True)
+        FAILED_JOBS.append((job.num, job.override_dirname, str(user_error)))
+        return float("nan") if cfg.get("optimized_metric") else None  # Optuna records a NaN trial as failed
+
+
+FAILED_JOBS: list[tuple[int, str, str]] = []  # (job number, overrides, one-line error) of this process's sweep
+
+
+def _in_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+class SweepSummary(Callback):
+    """At the end of a sweep (-m): one line per failed job, and a non-zero exit when any job failed."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        if not FAILED_JOBS:
+            return
+        print(f"error: {len(FAILED_JOBS)} job(s) of the sweep failed:", file=sys.stderr)
+        for num, overrides, message in FAILED_JOBS:
+            print(f"  job {num} ({overrides or 'no overrides'}): {message}", file=sys.stderr)
+        sys.stderr.flush()
+        sys.exit(1)
 
 
 def _user_error_in(err: BaseException | None) -> UserError | None:

@@ -102,9 +102,19 @@ def cosine_beta_schedule(num_timesteps: int, s: float = 0.008, max_beta: float =
     return betas.clamp(max=max_beta)
 
 
-def explicit_beta_schedule(betas: Sequence[float]) -> torch.Tensor:
-    """A user-given list of betas, checked to lie in (0, 1)."""
-    return check_betas(torch.tensor(list(betas), dtype=torch.float64))
+def explicit_beta_schedule(betas: Sequence[float], num_timesteps: int | None = None) -> torch.Tensor:
+    """A user-given list of betas, checked to lie in (0, 1); with num_timesteps, the betas are knots spaced evenly
+    over the T steps and the schedule is their linear interpolation (a piecewise-linear schedule through them)."""
+    knots = check_betas(torch.tensor(list(betas), dtype=torch.float64))
+    if num_timesteps is None or num_timesteps == len(knots):
+        return knots
+    _check_num_timesteps(num_timesteps)
+    if len(knots) == 1:
+        return knots.expand(num_timesteps).clone()
+    position = torch.linspace(0, len(knots) - 1, num_timesteps, dtype=torch.float64)  # in knot units
+    left = position.floor().long().clamp(max=len(knots) - 2)
+    frac = position - left
+    return knots[left] * (1 - frac) + knots[left + 1] * frac
 
 
 BETA_SCHEDULES = {

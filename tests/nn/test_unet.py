@@ -148,9 +148,9 @@ def test_holds_no_buffers_and_nothing_about_schedules():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"image_size": 30}, "image_size 30 is not divisible by the U-Net's total downsampling 8"),
-        ({"ch": 48}, "ch 48 is not a multiple of num_groups 32"),
-        ({"attn_resolutions": (12,)}, r"attention resolution 12 never occurs .* \[32, 16, 8, 4\]"),
+        ({"image_size": 30}, "image_size=30 is not divisible by the U-Net's total downsampling 8"),
+        ({"ch": 48}, "ch=48 is not a multiple of num_groups=32"),
+        ({"attn_resolutions": (12,)}, r"attn_resolutions=\[12\] holds 12, which never occurs .* \[32, 16, 8, 4\]"),
     ],
 )
 def test_bad_construction_raises_one_line_error(kwargs, message):

@@ -32,10 +32,14 @@ class PaperFigures(L.Callback):
                                as_sampler_spec(sampler, "callbacks.figures.sampler"))
         self.last_paths: dict[str, Path] = {}
 
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if not hasattr(trainer.datamodule, "reference_images"):
+    def preflight(self, datamodule) -> None:
+        """Before anything runs: the data module can give the images the figures draw."""
+        if not hasattr(datamodule, "reference_images"):
             raise UserError("PaperFigures needs a datamodule with reference_images (diffusion.data's); "
                             "pass datamodule= to trainer.fit, or drop the figures callback")
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.preflight(trainer.datamodule)
 
     def render(self, trainer: L.Trainer, pl_module: L.LightningModule, out_dir: Path) -> dict[str, Path]:
         """Draw every figure into out_dir, log the PNGs, return {name: path}."""

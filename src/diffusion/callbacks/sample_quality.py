@@ -97,16 +97,23 @@ class SampleQualityCallback(L.Callback):
             return pl_module.net, "ema"  # the raw weights were overwritten: say what is really scored
         return pl_module.net, "raw"
 
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        """Before the first step: the samplers against T, the data module and the extractor (a missing Inception
-        file fails here)."""
-        if stage != "fit" or self.metric is not None or (self.every_n_steps == 0 and not self.at_train_end):
+    def preflight(self, datamodule) -> None:
+        """Before anything runs: the data module and the extractor (a missing Inception file, an unwritable cache
+        folder fail here, not at the first evaluation)."""
+        if self.metric is not None or (self.every_n_steps == 0 and not self.at_train_end):
             return  # switched off (every_n_steps=0, at_train_end=false): no extractor is built
-        self.extra_tags = self._tags(pl_module.diffusion.num_timesteps)
-        if not hasattr(trainer.datamodule, "reference_images"):
+        if not hasattr(datamodule, "reference_images"):
             raise UserError("callbacks.quality needs a data module with reference_images() (fit(datamodule=...)); "
                             "or set callbacks.quality=null")
-        self.metric = SampleQuality(self.feature_extractor).to(pl_module.device)
+        self.metric = SampleQuality(self.feature_extractor)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Before the first step: the samplers against T, then preflight (a no-op when train() already ran it)."""
+        if stage != "fit" or (self.every_n_steps == 0 and not self.at_train_end):
+            return
+        self.extra_tags = self._tags(pl_module.diffusion.num_timesteps)
+        self.preflight(trainer.datamodule)
+        self.metric = self.metric.to(pl_module.device)
 
     def _set_references(self, trainer: L.Trainer) -> None:
         """The real images' features, at the first evaluation only (every rank takes part)."""
@@ -142,7 +149,7 @@ class SampleQualityCallback(L.Callback):
         """Sample, score against every reference split, log to every logger and print one line on rank 0."""
         self._last_step = trainer.global_step
         if self.metric is None:
-            self.setup(trainer, pl_module, "fit")
+            self.preflight(trainer.datamodule)
         self.metric.to(pl_module.device)  # a no-op after the first time
         if not self.metric.references:
             self._set_references(trainer)

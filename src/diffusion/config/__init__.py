@@ -34,6 +34,7 @@ from diffusion.config.entry import (
     WandbConfig,
 )
 from diffusion.config.groups import (
+    PRECISIONS,
     CIFAR10DataConfig,
     CosineScheduleConfig,
     DataConfig,
@@ -54,7 +55,7 @@ from diffusion.config.groups import (
     ValidationConfig,
     WarmupConfig,
 )
-from diffusion.config.validation import PRECISIONS, check_samplers, validate, validate_entry
+from diffusion.config.validation import check_samplers, logged_metrics, validate, validate_entry
 
 
 def run_id() -> str:
@@ -101,5 +102,5 @@ __all__ = [
     "RNGStateConfig", "RangeScheduleConfig", "RanksInSyncConfig", "SampleConfig", "SampleGridConfig",
     "SampleQualityConfig", "SamplerTableConfig", "ScheduleConfig", "ScheduleLogConfig", "SigmoidScheduleConfig",
     "TrainConfig", "TrainerConfig", "UNetConfig", "ValidationConfig", "WandbConfig", "WarmupConfig",
-    "check_samplers", "register_configs", "run_id", "validate", "validate_entry",
+    "check_samplers", "logged_metrics", "register_configs", "run_id", "validate", "validate_entry",
 ]

@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass, field
 
+from diffusion.config.rules import at_least, between, checked, each, nonempty_text, one_of, optional, seed
 from diffusion.sampling import SamplerSpec
 
 
@@ -9,27 +10,27 @@ from diffusion.sampling import SamplerSpec
 class CheckpointConfig:
     _target_: str = "lightning.pytorch.callbacks.ModelCheckpoint"
     dirpath: str = "${paths.output_dir}/checkpoints"
-    filename: str = "step{step:07d}"
+    filename: str = checked("step{step:07d}", nonempty_text())
     auto_insert_metric_name: bool = False
-    every_n_train_steps: int = 10_000
+    every_n_train_steps: int = checked(10_000, at_least(0))  # 0: only last.ckpt
     save_last: bool = True
-    save_top_k: int = -1
+    save_top_k: int = checked(-1, at_least(-1))
     enable_version_counter: bool = False  # a resumed run overwrites its own last.ckpt, not last-v1.ckpt
 
 
 @dataclass
 class EMAConfig:
     _target_: str = "diffusion.callbacks.EMA"
-    decay: float = 0.9999
+    decay: float = checked(0.9999, between(0, 1, high_open=True))
     warmup: bool = True  # decay_n = min(decay, (1 + n) / (10 + n)): useful averages early in a run
 
 
 @dataclass
 class SampleGridConfig:
     _target_: str = "diffusion.callbacks.SampleGrid"
-    every_n_steps: int = 10_000
-    num_samples: int = 64
-    seed: int = 0
+    every_n_steps: int = checked(10_000, at_least(0))  # 0: only the final grid
+    num_samples: int = checked(64, at_least(1))
+    seed: int = checked(0, seed())
     sampler: SamplerSpec = field(default_factory=lambda: SamplerSpec(name="ddim"))  # the periodic grids
     final_sampler: SamplerSpec = field(default_factory=SamplerSpec)  # final_ema.png: the paper's Algorithm 2
 
@@ -39,7 +40,7 @@ class FeatureExtractorConfig:
     # auto: digits for the digits data, else inception | digits: a small CNN trained on the digits train split
     # at first use and cached | inception: torchmetrics' InceptionV3 (FID's network), weights from a local file
     # | module: your own network (target)
-    name: str = "auto"
+    name: str = checked("auto", one_of("auto", "digits", "inception", "module"))
     weights_path: str | None = None  # inception: default <torch hub>/checkpoints/weights-inception-2015-12-05-*.pth
     cache_dir: str | None = None  # digits: default $XDG_CACHE_HOME/diffusion or ~/.cache/diffusion
     target: str | None = None  # module: package.module.Class, any nn.Module mapping uint8 images to features
@@ -51,15 +52,15 @@ class SampleQualityConfig:
     each extra sampler's (val/fid@dpmpp_2m-10, ...) against the same reference features."""
 
     _target_: str = "diffusion.callbacks.SampleQualityCallback"
-    every_n_steps: int = 10_000  # 0: only at the end (at_train_end) or never
-    num_samples: int = 1000  # generated images per evaluation, shared out over the ranks
-    batch_size: int = 250
+    every_n_steps: int = checked(10_000, at_least(0))  # 0: only at the end (at_train_end) or never
+    num_samples: int = checked(1000, at_least(4))  # generated images per evaluation, shared out over the ranks
+    batch_size: int = checked(250, at_least(1))
     sampler: SamplerSpec = field(default_factory=lambda: SamplerSpec(name="ddim"))
-    seed: int = 0
+    seed: int = checked(0, seed())
     feature_extractor: FeatureExtractorConfig = field(default_factory=FeatureExtractorConfig)
-    reference_splits: list[str] = field(default_factory=lambda: ["train", "val"])  # val/fid, val/fid_test
-    max_reference_images: int | None = None  # None: the whole split
-    weights: str = "ema"  # ema | raw
+    reference_splits: list[str] = checked(rule=each(one_of("train", "val")), factory=lambda: ["train", "val"])
+    max_reference_images: int | None = checked(None, optional(at_least(4)))  # None: the whole split
+    weights: str = checked("ema", one_of("ema", "raw"))
     at_train_end: bool = True
     # more samplers scored the same way, logged as val/fid@<name>-<steps>, ...: [{name: dpmpp_2m, steps: 10}]
     extra_samplers: list[SamplerSpec] = field(default_factory=list)
@@ -71,20 +72,20 @@ class PaperFiguresConfig:
     training, as PNGs in <run>/figures/ and W&B images. Off by default: at_train_end=true or every_n_steps=N."""
 
     _target_: str = "diffusion.callbacks.PaperFigures"
-    every_n_steps: int = 0
+    every_n_steps: int = checked(0, at_least(0))
     at_train_end: bool = False
-    split: str = "val"
-    num_images: int = 8
-    num_samples: int = 64
-    rd_images: int = 64  # images for the rate-distortion curve (the full bound: T network passes each)
-    seed: int = 0
+    split: str = checked("val", one_of("train", "val"))
+    num_images: int = checked(8, at_least(2))
+    num_samples: int = checked(64, at_least(1))
+    rd_images: int = checked(64, at_least(1))  # images for the rate-distortion curve (T network passes each)
+    seed: int = checked(0, seed())
     sampler: SamplerSpec = field(default_factory=SamplerSpec)  # the sample grid (Figs. 6-8 are Algorithm 2)
 
 
 @dataclass
 class LRMonitorConfig:
     _target_: str = "lightning.pytorch.callbacks.LearningRateMonitor"
-    logging_interval: str = "step"
+    logging_interval: str = checked("step", one_of("step", "epoch"))
 
 
 @dataclass
@@ -104,7 +105,7 @@ class RanksInSyncConfig:
     """Under DDP: compare every rank's weight checksums every N steps and at the end (logs ddp/ranks_in_sync)."""
 
     _target_: str = "diffusion.callbacks.RanksInSync"
-    every_n_steps: int = 1000
+    every_n_steps: int = checked(1000, at_least(1))
 
 
 @dataclass

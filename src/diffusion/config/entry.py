@@ -16,13 +16,14 @@ from diffusion.config.groups import (
     UNetConfig,
     ValidationConfig,
 )
+from diffusion.config.rules import Rule, at_least, checked, device, devices, each, nonempty_text, one_of, optional, seed
 from diffusion.sampling import SamplerSpec
 
 
 @dataclass
 class WandbConfig:
     _target_: str = "diffusion.wandb_logger.WandbLogger"
-    project: str = "diffusion"
+    project: str = checked("diffusion", nonempty_text())
     name: str | None = None
     group: str | None = None
     tags: list[str] = field(default_factory=list)
@@ -39,8 +40,8 @@ class PathsConfig:
 
 @dataclass
 class TrainConfig:
-    name: str = "default"
-    seed: int = 0
+    name: str = checked("default", nonempty_text())
+    seed: int = checked(0, seed())
     ckpt_path: str | None = None  # a checkpoint path, or "last": the newest last.ckpt of runs named `name`
     schedule: ScheduleConfig = MISSING
     model: UNetConfig = MISSING
@@ -60,12 +61,12 @@ class TrainConfig:
 @dataclass
 class SampleConfig:
     ckpt: str = MISSING
-    num_samples: int = 64
-    batch_size: int = 256  # images per chunk; chunk k is drawn from seed + k (diffusion.sampling.draw)
+    num_samples: int = checked(64, at_least(1))
+    batch_size: int = checked(256, at_least(1))  # images per chunk; chunk k is drawn from seed + k
     sampler: SamplerSpec = field(default_factory=SamplerSpec)
-    seed: int = 0
-    weights: str = "ema"  # ema | raw
-    device: str = "auto"
+    seed: int = checked(0, seed())
+    weights: str = checked("ema", one_of("ema", "raw"))
+    device: str = checked("auto", device())
     output_dir: str = "${hydra:runtime.output_dir}"
 
 
@@ -73,25 +74,25 @@ class SampleConfig:
 class FiguresConfig:
     """figures.py: the paper's figures of a checkpoint (Figs. 5-9, Table 3); steps left null follow T."""
 
-    name: str = "figures"
+    name: str = checked("figures", nonempty_text())
     ckpt: str = MISSING
     logger: WandbConfig | None = None  # logger=wandb: the figures also go to an (offline) W&B run
     data: DataConfig = MISSING  # the data the model was trained on: its first images of `split` are drawn
     paths: PathsConfig = MISSING
-    split: str = "val"
-    num_images: int = 8  # data images in the forward, reconstruction, interpolation figures; chains in Fig. 6
-    num_samples: int = 64  # the sample grid
-    num_reconstructions: int = 6  # completions per x_t (Fig. 7)
-    num_lambdas: int = 9  # interpolation weights evenly spaced in [0, 1] (Fig. 8)
-    rd_images: int = 64  # images of the rate-distortion curve (T network passes over them)
+    split: str = checked("val", one_of("train", "val"))
+    num_images: int = checked(8, at_least(2))  # data images in the forward, reconstruction, interpolation figures
+    num_samples: int = checked(64, at_least(1))  # the sample grid
+    num_reconstructions: int = checked(6, at_least(1))  # completions per x_t (Fig. 7)
+    num_lambdas: int = checked(9, at_least(2))  # interpolation weights evenly spaced in [0, 1] (Fig. 8)
+    rd_images: int = checked(64, at_least(1))  # images of the rate-distortion curve (T network passes over them)
     forward_steps: list[int] | None = None  # default 0, T/10, T/4, T/2, 3T/4, T-1
     reverse_steps: list[int] | None = None  # default 0, T/10, ..., T-1
     reconstruction_steps: list[int] | None = None  # default as forward_steps
     interpolation_steps: list[int] | None = None  # default T/2
     sampler: SamplerSpec = field(default_factory=SamplerSpec)  # the sample grid (Figs. 6-8 are Algorithm 2)
-    seed: int = 0
-    weights: str = "ema"  # ema | raw
-    device: str = "auto"
+    seed: int = checked(0, seed())
+    weights: str = checked("ema", one_of("ema", "raw"))
+    device: str = checked("auto", device())
     output_dir: str = "${hydra:runtime.output_dir}"
 
 
@@ -100,9 +101,9 @@ class BpdConfig:
     """NLL in bits/dim: the full variational bound (T network passes per image) on real held-out images."""
 
     enabled: bool = True
-    split: str = "val"  # the data module's held-out split (the test set's role)
-    num_images: int | None = None  # None: the whole split
-    batch_size: int = 100
+    split: str = checked("val", one_of("train", "val"))  # the data module's held-out split (the test set's role)
+    num_images: int | None = checked(None, optional(at_least(1)))  # None: the whole split
+    batch_size: int = checked(100, at_least(1))
 
 
 TABLE_NFE = (5, 10, 20, 50, 100)  # the default sampler table's budgets of network evaluations
@@ -116,27 +117,27 @@ class SamplerTableConfig:
     with more steps than T allows skipped; a table of your own must fit T (else an error before sampling)."""
 
     enabled: bool = False
-    num_samples: int | None = None  # None: evaluate's num_samples
-    samplers: list[SamplerSpec] = field(default_factory=lambda: [
+    num_samples: int | None = checked(None, optional(at_least(4)))  # None: evaluate's num_samples
+    samplers: list[SamplerSpec] = checked(rule=each(Rule(lambda _: True, "a sampler")), factory=lambda: [
         SamplerSpec(name="ddpm"), *(SamplerSpec(name=name, steps=k) for name in TABLE_SAMPLERS for k in TABLE_NFE)])
 
 
 @dataclass
 class EvaluateConfig:
-    name: str = "evaluate"
+    name: str = checked("evaluate", nonempty_text())
     ckpt: str = MISSING
-    weights: str = "ema"  # ema | raw
-    num_samples: int | None = None  # None: 50,000 for CIFAR-10 (the paper's protocol), 1,000 otherwise
-    batch_size: int = 250
+    weights: str = checked("ema", one_of("ema", "raw"))
+    num_samples: int | None = checked(None, optional(at_least(4)))  # None: the data set's (CIFAR-10: 50,000)
+    batch_size: int = checked(250, at_least(1))
     sampler: SamplerSpec = field(default_factory=SamplerSpec)  # the paper's: ancestral, all T steps
-    seed: int = 0
+    seed: int = checked(0, seed())
     feature_extractor: FeatureExtractorConfig = field(default_factory=FeatureExtractorConfig)
-    reference_splits: list[str] = field(default_factory=lambda: ["train", "val"])  # FID vs train (paper) and test
-    max_reference_images: int | None = None
+    reference_splits: list[str] = checked(rule=each(one_of("train", "val")), factory=lambda: ["train", "val"])
+    max_reference_images: int | None = checked(None, optional(at_least(4)))
     bpd: BpdConfig = field(default_factory=BpdConfig)
     sampler_table: SamplerTableConfig = field(default_factory=SamplerTableConfig)
-    accelerator: str = "auto"
-    devices: Any = "auto"  # auto: every GPU of the machine (else 1 CPU process)
+    accelerator: str = checked("auto", one_of("auto", "cpu", "gpu", "cuda"))
+    devices: Any = checked("auto", devices())  # auto: every GPU of the machine (else 1 CPU process)
     progress_bar: bool = True
     data: DataConfig = MISSING
     logger: WandbConfig | None = MISSING

@@ -5,6 +5,22 @@ from typing import Any
 
 from omegaconf import II, MISSING
 
+from diffusion.config.rules import (
+    at_least,
+    between,
+    checked,
+    devices,
+    each,
+    nonempty_text,
+    one_of,
+    optional,
+    positive,
+    seed,
+    strategy,
+)
+
+MAX_TIMESTEPS = 100_000  # T beyond this is no schedule anyone trains (the bound alone costs T network passes)
+
 
 # --- schedule -----------------------------------------------------------------------------------------
 @dataclass
@@ -15,29 +31,30 @@ class ScheduleConfig:
 @dataclass
 class RangeScheduleConfig(ScheduleConfig):
     _target_: str = "diffusion.schedules.linear_beta_schedule"
-    num_timesteps: int = 1000
-    beta_start: float = 1e-4
-    beta_end: float = 0.02
+    num_timesteps: int = checked(1000, between(1, MAX_TIMESTEPS))
+    beta_start: float = checked(1e-4, between(0, 1, low_open=True, high_open=True))
+    beta_end: float = checked(0.02, between(0, 1, low_open=True, high_open=True))
 
 
 @dataclass
 class SigmoidScheduleConfig(RangeScheduleConfig):
     _target_: str = "diffusion.schedules.sigmoid_beta_schedule"
-    steepness: float = 6.0
+    steepness: float = checked(6.0, positive())
 
 
 @dataclass
 class CosineScheduleConfig(ScheduleConfig):
     _target_: str = "diffusion.schedules.cosine_beta_schedule"
-    num_timesteps: int = 1000
-    s: float = 0.008
-    max_beta: float = 0.999
+    num_timesteps: int = checked(1000, between(1, MAX_TIMESTEPS))
+    s: float = checked(0.008, positive())
+    max_beta: float = checked(0.999, between(0, 1, low_open=True, high_open=True))
 
 
 @dataclass
 class ExplicitScheduleConfig(ScheduleConfig):
     _target_: str = "diffusion.schedules.explicit_beta_schedule"
-    betas: list[float] = MISSING
+    betas: list[float] = checked(rule=each(between(0, 1, low_open=True, high_open=True)))
+    num_timesteps: int | None = checked(None, optional(between(1, MAX_TIMESTEPS)))  # null: len(betas); else knots
 
 
 # --- network, diffusion, loss, optimisation --------------------------------------------------------------
@@ -48,12 +65,12 @@ class UNetConfig:
     _target_: str = "diffusion.nn.UNet"
     in_channels: int = II("data.channels")
     image_size: int = II("data.image_size")
-    ch: int = 128
-    ch_mult: list[int] = field(default_factory=lambda: [1, 2, 2, 2])
-    num_res_blocks: int = 2
-    attn_resolutions: list[int] = field(default_factory=lambda: [16])
-    dropout: float = 0.1
-    num_groups: int = 32
+    ch: int = checked(128, between(1, 8192))
+    ch_mult: list[int] = checked(rule=each(between(1, 64)), factory=lambda: [1, 2, 2, 2])
+    num_res_blocks: int = checked(2, between(1, 64))
+    attn_resolutions: list[int] = checked(rule=each(at_least(1), nonempty=False), factory=lambda: [16])
+    dropout: float = checked(0.1, between(0, 1, high_open=True))
+    num_groups: int = checked(32, between(1, 8192))
     resamp_with_conv: bool = True
     channels_last: bool = False  # NHWC inside the net: faster for large maps (GPU, CIFAR-size CPU), not for 8×8
     compile: bool = False  # torch.compile the net for training (first steps slower while it compiles)
@@ -61,27 +78,27 @@ class UNetConfig:
 
 @dataclass
 class DiffusionConfig:
-    parameterization: str = "eps"  # eps | x0 | v | mean
-    variance: str = "fixed_large"  # fixed_large (σ²=β) | fixed_small (σ²=β̃) | learned_range
+    parameterization: str = checked("eps", one_of("eps", "x0", "v", "mean"))
+    variance: str = checked("fixed_large", one_of("fixed_large", "fixed_small", "learned_range"))  # σ²=β | β̃ | learned
 
 
 @dataclass
 class LossConfig:
-    type: str = "simple"  # simple (Eq. 14) | vlb (the bound) | hybrid (simple + vlb_weight·vlb)
-    vlb_weight: float = 0.001
-    min_snr_gamma: float | None = None
-    timestep_sampler: str = "uniform"  # uniform | importance
-    on_nonfinite: str = "stop"  # stop: end the run (last good checkpoint kept) | skip: skip the step, counted
+    type: str = checked("simple", one_of("simple", "vlb", "hybrid"))  # Eq. 14 | the bound | simple + vlb_weight·vlb
+    vlb_weight: float = checked(0.001, at_least(0, integer=False))
+    min_snr_gamma: float | None = checked(None, optional(positive()))
+    timestep_sampler: str = checked("uniform", one_of("uniform", "importance"))
+    on_nonfinite: str = checked("stop", one_of("stop", "skip"))  # stop: end (last good checkpoint kept) | skip: counted
 
 
 @dataclass
 class OptimizerConfig:
     _target_: str = "torch.optim.Adam"
     _partial_: bool = True
-    lr: float = 2e-4
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    weight_decay: float = 0.0
+    lr: float = checked(2e-4, positive())
+    betas: list[float] = checked(rule=each(between(0, 1, high_open=True), size=2), factory=lambda: [0.9, 0.999])
+    eps: float = checked(1e-8, positive())
+    weight_decay: float = checked(0.0, at_least(0, integer=False))
 
 
 @dataclass
@@ -90,9 +107,9 @@ class WarmupConfig:
 
     _target_: str = "torch.optim.lr_scheduler.LinearLR"
     _partial_: bool = True
-    start_factor: float = 1e-8  # ≈ 0: lr·k/total_iters at step k, as the paper's code (LinearLR needs > 0)
-    end_factor: float = 1.0
-    total_iters: int = 5000
+    start_factor: float = checked(1e-8, between(0, 1, low_open=True))  # ≈ 0: lr·k/total_iters, as the paper's code
+    end_factor: float = checked(1.0, between(0, 1))
+    total_iters: int = checked(5000, at_least(1))
 
 
 @dataclass
@@ -104,19 +121,19 @@ class OptimConfig:
 @dataclass
 class ValidationConfig:
     # L_simple is logged at t = round(f·(T-1)) for each fraction f
-    timestep_fractions: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
-    bpd_images: int = 16  # images of the first val batch on which the full bound is computed (0: off)
+    timestep_fractions: list[float] = checked(rule=each(between(0, 1)), factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    bpd_images: int = checked(16, at_least(0))  # images of the first val batch whose full bound is computed (0: off)
 
 
 # --- data --------------------------------------------------------------------------------------------------
 @dataclass
 class DataConfig:
     _target_: str = MISSING
-    channels: int = MISSING  # what the images are: the network takes its shape from these two
-    image_size: int = MISSING
-    batch_size: int = 128  # per device: the global batch is batch_size × devices × num_nodes
-    num_workers: int = 0
-    seed: int = 0
+    channels: int = checked(rule=between(1, 64))  # what the images are: the network takes its shape from these two
+    image_size: int = checked(rule=between(1, 4096))
+    batch_size: int = checked(128, between(1, 65_536))  # per device: the global batch is batch_size × devices × num_nodes
+    num_workers: int = checked(0, between(0, 1024))
+    seed: int = checked(0, seed())
     random_flip: bool = False
 
 
@@ -127,12 +144,12 @@ class DigitsDataConfig(DataConfig):
     _target_: str = "diffusion.data.DigitsDataModule"
     channels: int = 1
     image_size: int = 8
-    val_size: int = 297
+    val_size: int = checked(297, between(1, 1796))
 
 
 @dataclass
 class FileDataConfig(DataConfig):
-    root: str = "data"
+    root: str = checked("data", nonempty_text())
     download: bool = False
 
 
@@ -140,7 +157,7 @@ class FileDataConfig(DataConfig):
 class MNISTDataConfig(FileDataConfig):
     _target_: str = "diffusion.data.MNISTDataModule"
     channels: int = 1
-    image_size: int = 32  # the 28×28 images padded with background
+    image_size: int = checked(32, between(28, 4096))  # the 28×28 images padded with background
 
 
 @dataclass
@@ -154,29 +171,32 @@ class CIFAR10DataConfig(FileDataConfig):
 @dataclass
 class ImageFolderDataConfig(FileDataConfig):
     _target_: str = "diffusion.data.ImageFolderDataModule"
-    root: str = MISSING
-    image_size: int = 64
-    channels: int = 3
-    val_fraction: float = 0.05
+    root: str = checked(rule=nonempty_text())
+    image_size: int = checked(64, between(1, 4096))
+    channels: int = checked(3, one_of(1, 3))
+    val_fraction: float = checked(0.05, between(0, 1, low_open=True, high_open=True))
+
+
+PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
 
 
 # --- trainer, callbacks, logger, paths ------------------------------------------------------------------
 @dataclass
 class TrainerConfig:
     _target_: str = "lightning.pytorch.Trainer"
-    accelerator: str = "auto"
-    devices: Any = 1
-    strategy: str = "auto"
-    num_nodes: int = 1
-    precision: str = "32-true"
-    max_steps: int = 800_000
-    max_epochs: int = -1
-    gradient_clip_val: float | None = 1.0
-    accumulate_grad_batches: int = 1
-    log_every_n_steps: int = 50
-    val_check_interval: int = 5000  # in training steps
-    check_val_every_n_epoch: int | None = None
+    accelerator: str = checked("auto", one_of("auto", "cpu", "gpu", "cuda", "mps"))
+    devices: Any = checked(1, devices())
+    strategy: str = checked("auto", strategy())
+    num_nodes: int = checked(1, between(1, 100_000))
+    precision: str = checked("32-true", one_of(*PRECISIONS))
+    max_steps: int = checked(800_000, at_least(1))
+    max_epochs: int = checked(-1, at_least(-1))
+    gradient_clip_val: float | None = checked(1.0, optional(at_least(0, integer=False)))
+    accumulate_grad_batches: int = checked(1, between(1, 100_000))
+    log_every_n_steps: int = checked(50, at_least(1))
+    val_check_interval: int = checked(5000, at_least(1))  # in training steps
+    check_val_every_n_epoch: int | None = checked(None, optional(at_least(1)))
     limit_val_batches: Any = None  # None: all; an int counts batches, a float is a fraction (checked in validate)
-    num_sanity_val_steps: int = 0
+    num_sanity_val_steps: int = checked(0, at_least(-1))
     deterministic: bool = False
     enable_progress_bar: bool = True  # one bar over the run's steps (with ETA), loss and val/bpd

@@ -4,55 +4,45 @@ They run when the command line is composed (`diffusion.cli.precheck`, before Hyd
 at the start of each job, so a mistake is one line before anything is built.
 """
 
+import importlib
+import re
+from collections.abc import Callable
 from typing import Any
 
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from diffusion.config.rules import check_rules
 from diffusion.errors import UserError
 from diffusion.sampling import SamplerSpec, as_sampler_spec
 
-PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
-
-
-def _require(ok: bool, key: str, value: Any, rule: str, fix: str) -> None:
-    if not ok:
-        raise UserError(f"{key} must be {rule}, got {value!r}; {fix}")
-
 
 def validate(cfg: DictConfig) -> None:
-    """Check a train.py config: ranges and cross-group choices (types were checked at composition)."""
-    from diffusion.gaussian import PARAMETERIZATIONS, VARIANCES
-    from diffusion.losses import LOSS_TYPES
+    """Check a train.py config: every field's rule, then what needs several fields or building a piece (the
+    schedule, the network on the meta device, the data module's constructor, the optimizer on a dummy parameter).
+    Nothing here touches a disk, a device or the network; run/preflight.py does that."""
+    check_rules(cfg)
+    check_targets(cfg)
+    T = len(_built(lambda: instantiate(cfg.schedule), "schedule"))
+    check_samplers(cfg, T)
+    _check_cross_fields(cfg)
+    if cfg.callbacks.get("quality") is not None:
+        check_feature_extractor(cfg.callbacks.quality.feature_extractor, "callbacks.quality.feature_extractor")
+    _check_builds(cfg)
 
-    check_samplers(cfg, num_timesteps(cfg))
-    _require(cfg.diffusion.parameterization in PARAMETERIZATIONS, "diffusion.parameterization",
-             cfg.diffusion.parameterization, f"one of {list(PARAMETERIZATIONS)}", "try diffusion.parameterization=eps")
-    _require(cfg.diffusion.variance in VARIANCES, "diffusion.variance", cfg.diffusion.variance,
-             f"one of {list(VARIANCES)}", "try diffusion.variance=fixed_large")
-    _require(cfg.loss.type in LOSS_TYPES, "loss.type", cfg.loss.type, f"one of {list(LOSS_TYPES)}",
-             "try loss.type=simple")
-    _require(cfg.loss.timestep_sampler in ("uniform", "importance"), "loss.timestep_sampler",
-             cfg.loss.timestep_sampler, "'uniform' or 'importance'", "try loss.timestep_sampler=uniform")
-    _require(cfg.loss.timestep_sampler == "uniform" or cfg.loss.type != "simple", "loss.timestep_sampler",
-             cfg.loss.timestep_sampler, "'uniform' with loss.type=simple (importance weights come from the bound)",
-             "use loss.type=vlb or hybrid")
-    _require(cfg.loss.on_nonfinite in ("stop", "skip"), "loss.on_nonfinite", cfg.loss.on_nonfinite,
-             "'stop' or 'skip'", "try loss.on_nonfinite=stop")
-    _require(cfg.loss.min_snr_gamma is None or cfg.loss.min_snr_gamma > 0, "loss.min_snr_gamma",
-             cfg.loss.min_snr_gamma, "> 0 or null", "try loss.min_snr_gamma=5")
-    _require(cfg.optim.optimizer.lr > 0, "optim.optimizer.lr", cfg.optim.optimizer.lr, "> 0",
-             "try optim.optimizer.lr=2e-4")
-    _require(cfg.data.batch_size >= 1, "data.batch_size", cfg.data.batch_size, ">= 1", "try data.batch_size=128")
-    _require(0 <= cfg.model.dropout < 1, "model.dropout", cfg.model.dropout, "in [0, 1)", "try model.dropout=0.1")
-    _require(cfg.trainer.max_steps >= 1, "trainer.max_steps", cfg.trainer.max_steps, ">= 1",
-             "try trainer.max_steps=1000")
-    _require(str(cfg.trainer.precision) in PRECISIONS, "trainer.precision", cfg.trainer.precision,
-             f"one of {list(PRECISIONS)}", "try trainer.precision=bf16-mixed")
+
+def _check_cross_fields(cfg: DictConfig) -> None:
+    for key, data_key in (("in_channels", "channels"), ("image_size", "image_size")):
+        if cfg.model[key] != cfg.data[data_key]:
+            raise UserError(f"model.{key}={cfg.model[key]} differs from the data's data.{data_key}={cfg.data[data_key]} "
+                            f"(the network takes its shape from the data); drop model.{key}=, or set data.{data_key}")
+    if cfg.loss.timestep_sampler == "importance" and cfg.loss.type == "simple":
+        raise UserError("loss.timestep_sampler=importance needs the bound (its weights come from the VLB terms), got "
+                        "loss.type=simple; use loss.type=vlb or hybrid, or loss.timestep_sampler=uniform")
     if str(cfg.trainer.precision) == "16-mixed" and cfg.trainer.accelerator == "cpu":
         raise UserError("trainer.precision=16-mixed needs a CUDA GPU (fp16 autocast with gradient scaling), got "
                         "trainer.accelerator=cpu; use trainer.precision=bf16-mixed on CPU")
-    _require(cfg.trainer.accumulate_grad_batches >= 1, "trainer.accumulate_grad_batches",
-             cfg.trainer.accumulate_grad_batches, ">= 1", "try trainer.accumulate_grad_batches=1")
     if cfg.trainer.accelerator in ("gpu", "cuda"):
         import torch
 
@@ -60,25 +50,81 @@ def validate(cfg: DictConfig) -> None:
             raise UserError(f"trainer.accelerator={cfg.trainer.accelerator} but no CUDA GPU is visible; "
                             "use trainer=cpu, or trainer=default to take what the machine has")
     lvb = cfg.trainer.limit_val_batches
-    _require(lvb is None or (isinstance(lvb, int) and not isinstance(lvb, bool) and lvb >= 0)
-             or (isinstance(lvb, float) and 0.0 <= lvb <= 1.0), "trainer.limit_val_batches", lvb,
-             "a batch count (int >= 0) or a fraction in [0.0, 1.0]", "try trainer.limit_val_batches=1.0")
-    if cfg.callbacks.ema is not None:
-        _require(0 <= cfg.callbacks.ema.decay < 1, "callbacks.ema.decay", cfg.callbacks.ema.decay, "in [0, 1)",
-                 "try callbacks.ema.decay=0.9999")
+    if not (lvb is None or (isinstance(lvb, int) and not isinstance(lvb, bool) and lvb >= 0)
+            or (isinstance(lvb, float) and 0.0 <= lvb <= 1.0)):
+        raise UserError(f"trainer.limit_val_batches must be null (all), a batch count (an integer >= 0) or a fraction "
+                        f"in [0.0, 1.0], got {lvb!r}; try trainer.limit_val_batches=null")
+    if cfg.optimized_metric is not None:
+        logged = logged_metrics(cfg)
+        if cfg.optimized_metric not in logged:
+            raise UserError(f"optimized_metric={cfg.optimized_metric} is not logged by this run; choose one of "
+                            f"{sorted(logged)} (val/fid needs callbacks.quality, val/bpd validation.bpd_images > 0)")
+
+
+def logged_metrics(cfg: DictConfig) -> set[str]:
+    """The final metrics a train.py run with this config reports (what optimized_metric may name)."""
+    names = {"train/loss", "train/mse", "val/loss"}
+    if cfg.validation.bpd_images > 0:
+        names |= {"val/bpd", "val/prior_bpd"}
+    quality = cfg.callbacks.get("quality")
+    if quality is not None and (quality.at_train_end or quality.every_n_steps > 0):
+        for split in quality.reference_splits:
+            suffix = "" if split == "train" else "_test"
+            names |= {f"val/{score}{suffix}" for score in ("fid", "kid", "kid_std", "precision", "recall")}
+        names |= {"val/is", "val/is_std"}
+    return names
+
+
+def _check_builds(cfg: DictConfig) -> None:
+    """Build the cheap pieces whose constructors check their own arguments, naming the config group."""
+    import torch
+
+    from diffusion.nn import UNet
+
+    net = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k not in ("_target_", "compile")}
+    with torch.device("meta"):
+        try:
+            UNet(**net, out_channels=net["in_channels"])
+        except UserError as err:  # name the config keys: ch=33 -> model.ch=33
+            raise UserError(re.sub(r"(?<![.\w])(ch|ch_mult|num_groups|image_size|attn_resolutions)=", r"model.\1=",
+                                   str(err))) from err
+        except (ValueError, TypeError, RuntimeError) as err:
+            raise UserError(f"model cannot be built with these settings ({' '.join(str(err).split())}); fix the "
+                            "model.* and data.channels / data.image_size settings") from err
+    _built(lambda: instantiate(cfg.data), "data")
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = _built(lambda: instantiate(cfg.optim.optimizer)(params=[param]), "optim.optimizer")
     if cfg.optim.lr_scheduler is not None:
-        _require(cfg.optim.lr_scheduler.total_iters >= 1, "optim.lr_scheduler.total_iters",
-                 cfg.optim.lr_scheduler.total_iters, ">= 1", "use optim.lr_scheduler=null for no warm-up")
+        _built(lambda: instantiate(cfg.optim.lr_scheduler)(optimizer=optimizer), "optim.lr_scheduler")
 
 
+def _built(build: Callable[[], Any], key: str) -> Any:
+    """build(); its UserError or argument error as one line naming the config group."""
+    try:
+        return build()
+    except UserError as err:
+        message = str(err)
+        raise UserError(message if message.startswith(key.split(".")[0]) else f"{key}: {message}") from err
+    except (ValueError, TypeError, RuntimeError, InstantiationException) as err:
+        reason = " ".join(str(err.__cause__ or err).split())
+        raise UserError(f"{key} cannot be built with these settings ({reason}); fix them, e.g. drop the "
+                        f"overrides of {key}") from err
 
 
-def num_timesteps(cfg: DictConfig) -> int | None:
-    """T of a train config's schedule (the explicit schedule's is its length)."""
-    schedule = cfg.get("schedule")
-    if schedule is None:
-        return None
-    return schedule.num_timesteps if "num_timesteps" in schedule else len(schedule.betas)
+def check_targets(cfg: DictConfig, prefix: str = "") -> None:
+    """Every `_target_` in the config names something importable (a typo is one line, not a traceback)."""
+    for key in cfg.keys():
+        if OmegaConf.is_interpolation(cfg, key) or OmegaConf.is_missing(cfg, key):
+            continue
+        child = cfg._get_node(key)
+        if key == "_target_":
+            try:
+                _import(str(cfg[key]))
+            except Exception as err:  # what an import of a user's path raises is open-ended
+                raise UserError(f"{prefix}_target_={cfg[key]} cannot be imported ({type(err).__name__}); give a "
+                                "dotted path to a class or function, e.g. torch.optim.AdamW") from err
+        elif isinstance(child, DictConfig) and not child._is_none():
+            check_targets(child, f"{prefix}{key}.")
 
 
 def check_samplers(cfg: DictConfig, num_timesteps: int | None = None) -> list[SamplerSpec]:
@@ -114,9 +160,60 @@ def _walk(node: Any, prefix: str = ""):
                 yield from _walk(child, f"{prefix.rstrip('.')}[{i}].")
 
 
+def _import(path: str) -> Any:
+    """The object a dotted path names: the longest importable module prefix, then attributes."""
+    parts = path.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for attr in parts[i:]:
+            obj = getattr(obj, attr)
+        return obj
+    raise ImportError(f"no module in {path}")
+
+
+FEATURE_OPTIONS = {"weights_path": ("inception", "auto"), "cache_dir": ("digits", "auto"), "target": ("module",)}
+
+
+def check_feature_extractor(fe: DictConfig, key: str) -> None:
+    """Each option belongs to the extractor that reads it; a module target imports; a weights file exists."""
+    for option, readers in FEATURE_OPTIONS.items():
+        if fe[option] not in (None, "") and fe.name not in readers:
+            raise UserError(f"{key}.{option}={fe[option]} is read only by {key}.name in {list(readers)}, got "
+                            f"{key}.name={fe.name}; drop {key}.{option}, or set {key}.name={readers[0]}")
+    if fe.name == "module":
+        if not fe.target:
+            raise UserError(f"{key}.name=module needs {key}.target, got {_fmt_value(fe.target)}; give "
+                            f"{key}.target=package.module.Class (an nn.Module mapping uint8 images to features)")
+        try:
+            _import(fe.target)
+        except (ImportError, AttributeError, ValueError) as err:
+            raise UserError(f"{key}.target={fe.target} cannot be imported ({err}); give {key}.target="
+                            "package.module.Class (an nn.Module mapping uint8 images to features)") from None
+    if fe.weights_path:
+        from pathlib import Path
+
+        if not Path(fe.weights_path).expanduser().is_file():
+            raise UserError(f"{key}.weights_path={fe.weights_path} is not a file; give the path of FID's Inception "
+                            "weights (weights-inception-2015-12-05-6726825d.pth), or drop the key for the default")
+
+
+def _fmt_value(value: Any) -> str:
+    return "''" if value == "" else "null" if value is None else str(value)
+
+
 def validate_entry(config_name: str, cfg: DictConfig) -> None:
-    """The checks of an entry point's config: train.py's all, the others' sampler settings."""
+    """The checks of an entry point's config before Hydra starts the job: train.py's all; the others' rules,
+    targets, samplers and data module (their checkpoint is read by the job itself, before its first image)."""
     if config_name == "train":
         validate(cfg)
-    else:
-        check_samplers(cfg)
+        return
+    check_rules(cfg)
+    check_targets(cfg)
+    check_samplers(cfg)
+    if "feature_extractor" in cfg:
+        check_feature_extractor(cfg.feature_extractor, "feature_extractor")
+    if "data" in cfg:
+        _built(lambda: instantiate(cfg.data), "data")

@@ -151,6 +151,8 @@ class DigitsFeatures(FeatureExtractor):
         self.name = f"digits-cnn-{DIGITS_CNN_VERSION}"
         self.cache_path = Path(cache_dir or default_cache_dir()).expanduser() / f"{self.name}.pt"
         self.trained_now = not self.cache_path.is_file()
+        if self.trained_now:
+            _check_writable(self.cache_path.parent)  # before training it, not after
         state = _train_and_cache(self.cache_path) if self.trained_now else _load_cache(self.cache_path)
         self.net = DigitsCNN()
         self.net.load_state_dict(state["state_dict"])
@@ -163,6 +165,19 @@ class DigitsFeatures(FeatureExtractor):
             raise UserError(f"{self.name} takes 1x8x8 digits, got images of shape {tuple(images.shape[1:])}; "
                             "use callbacks.quality.feature_extractor.name=inception for other data")
         return self.net(to_model_range(images))
+
+
+def _check_writable(folder: Path) -> None:
+    """The cache folder can take the trained classifier (created if needed; a probe file written and removed)."""
+    probe = folder / f".probe-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"the digits classifier cannot be cached in {folder} ({err.strerror or err}); set "
+                        "callbacks.quality.feature_extractor.cache_dir=<a writable folder> (or XDG_CACHE_HOME)"
+                        ) from err
 
 
 def _train_and_cache(path: Path) -> dict:

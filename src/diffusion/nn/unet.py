@@ -28,21 +28,21 @@ def _check_args(ch: int, ch_mult: tuple, attn_resolutions: tuple, image_size: in
     total = 2 ** (len(ch_mult) - 1)
     if image_size % total != 0:
         raise UserError(
-            f"image_size {image_size} is not divisible by the U-Net's total downsampling {total} "
+            f"image_size={image_size} is not divisible by the U-Net's total downsampling {total} "
             f"(ch_mult has {len(ch_mult)} levels); use an image size that is a multiple of {total} "
             f"or fewer ch_mult levels"
         )
     if ch < 4 or ch % num_groups != 0:  # every channel count is a multiple of ch
         raise UserError(
-            f"ch {ch} is not a multiple of num_groups {num_groups} (GroupNorm needs whole groups) or is "
+            f"ch={ch} is not a multiple of num_groups={num_groups} (GroupNorm needs whole groups) or is "
             f"below 4; use a ch that is a multiple of {num_groups} or lower num_groups"
         )
     resolutions = [image_size // 2**i for i in range(len(ch_mult))]
     for r in attn_resolutions:
         if r not in resolutions:
             raise UserError(
-                f"attention resolution {r} never occurs in this U-Net, whose resolutions are "
-                f"{resolutions}; pick attn_resolutions from those"
+                f"attn_resolutions={list(attn_resolutions)} holds {r}, which never occurs in this U-Net, whose "
+                f"resolutions are {resolutions}; pick attn_resolutions from those"
             )
 
 

@@ -17,6 +17,7 @@ from diffusion.evaluation import Evaluator
 from diffusion.metrics.quality import SampleQuality, describe, make_protocol, protocol_id
 from diffusion.run.console import quiet_console
 from diffusion.run.figures_command import check_data_fits
+from diffusion.run.preflight import build_trainer, check_device, check_logger, writable_dir
 from diffusion.run.sampler_table import log_table, table_rows, table_samplers, write_table
 from diffusion.sampling import SamplerSpec, as_sampler_spec
 
@@ -27,6 +28,10 @@ def _setup(cfg: DictConfig):
     if cfg.batch_size < 1 or (cfg.num_samples is not None and cfg.num_samples < 4):
         raise UserError(f"num_samples must be >= 4 and batch_size >= 1, got {cfg.num_samples} and {cfg.batch_size}; "
                         "try num_samples=1000 batch_size=250")
+    writable_dir(cfg.output_dir, "output_dir")
+    check_logger(cfg.logger)
+    if cfg.accelerator in ("gpu", "cuda"):
+        check_device("cuda", "accelerator")
     module = load_module(cfg.ckpt, "cpu", cfg.weights)
     as_sampler_spec(OmegaConf.to_container(cfg.sampler, resolve=True)).check_steps(module.diffusion.num_timesteps)
     table = table_samplers(cfg.sampler_table, module.diffusion.num_timesteps) if cfg.sampler_table.enabled else []
@@ -43,9 +48,9 @@ def _trainer(cfg: DictConfig) -> L.Trainer:
     """Every device of the machine (devices=auto), one process each; Lightning's progress bar with its ETA."""
     accelerator = "gpu" if torch.cuda.is_available() and cfg.accelerator == "auto" else cfg.accelerator
     devices = cfg.devices if cfg.devices != "auto" else (torch.cuda.device_count() if accelerator == "gpu" else 1)
-    return L.Trainer(accelerator=accelerator, devices=devices, strategy="ddp" if devices > 1 else "auto",
-                     logger=False, use_distributed_sampler=False, enable_checkpointing=False,
-                     enable_progress_bar=cfg.progress_bar, enable_model_summary=False)
+    return build_trainer(L.Trainer, accelerator=accelerator, devices=devices,
+                         strategy="ddp" if devices != 1 else "auto", logger=False, use_distributed_sampler=False,
+                         enable_checkpointing=False, enable_progress_bar=cfg.progress_bar, enable_model_summary=False)
 
 
 def _pass(cfg, module, datamodule, metric: SampleQuality, sampler: SamplerSpec, num_samples: int,

@@ -10,7 +10,7 @@ from diffusion.errors import UserError
 from diffusion.images import to_model_range
 from diffusion.paper_figures import FigureSpec, render_all
 from diffusion.run.console import quiet_console
-from diffusion.run.sample_command import resolve_device
+from diffusion.run.preflight import check_device, check_logger, writable_dir
 from diffusion.sampling import as_sampler_spec
 
 
@@ -25,7 +25,9 @@ def check_data_fits(datamodule, module, ckpt: str) -> None:
 def figures(cfg: DictConfig) -> dict[str, Path]:
     """Every figure (Figs. 5-9, Table 3) as PNGs and rate_distortion.md/.json in the output directory."""
     quiet_console()
-    device = resolve_device(cfg.device)
+    device = check_device(cfg.device)
+    out = writable_dir(cfg.output_dir, "output_dir")
+    check_logger(cfg.logger)
     module = load_module(cfg.ckpt, device, cfg.weights)
     plain = OmegaConf.to_container(cfg, resolve=True)
     spec = FigureSpec(**{k: v for k, v in plain.items() if k in FigureSpec.__dataclass_fields__ and k != "sampler"},
@@ -34,7 +36,7 @@ def figures(cfg: DictConfig) -> dict[str, Path]:
     datamodule.prepare_data()
     check_data_fits(datamodule, module, cfg.ckpt)
     images = datamodule.reference_images(cfg.split, max(spec.num_images, spec.rd_images))  # uint8 (N, C, H, W)
-    paths = render_all(module.net, module.diffusion, to_model_range(images).to(device), Path(cfg.output_dir), spec)
+    paths = render_all(module.net, module.diffusion, to_model_range(images).to(device), out, spec)
     for name, path in paths.items():
         print(f"{name}: {path}")
     if cfg.logger is not None:  # the same PNGs as W&B images, figures/<name>, like the training callback's

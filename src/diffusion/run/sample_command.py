@@ -3,21 +3,14 @@
 from pathlib import Path
 
 import numpy as np
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion.checkpointing import load_module
 from diffusion.errors import UserError
 from diffusion.images import save_grid, to_uint8
 from diffusion.run.console import quiet_console
+from diffusion.run.preflight import check_device, writable_dir
 from diffusion.sampling import as_sampler_spec, draw
-
-
-def resolve_device(device: str) -> str:
-    """`auto`: the GPU when there is one, else the CPU."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 def sample(cfg: DictConfig) -> Path:
@@ -27,13 +20,12 @@ def sample(cfg: DictConfig) -> Path:
     if cfg.num_samples < 1 or cfg.batch_size < 1:
         raise UserError(f"num_samples and batch_size must be >= 1, got {cfg.num_samples} and {cfg.batch_size}; "
                         "try num_samples=64 batch_size=256")
-    device = resolve_device(cfg.device)
+    device = check_device(cfg.device)
+    out = writable_dir(cfg.output_dir, "output_dir")  # before the work, not after it
     module = load_module(cfg.ckpt, device, cfg.weights)
     spec.check_steps(module.diffusion.num_timesteps)
     drawn = draw(module.net, module.diffusion, spec, cfg.num_samples, shape=module.net.image_shape, seed=cfg.seed,
                  chunk_size=cfg.batch_size, device=device)
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     uint8 = to_uint8(drawn.images).cpu()  # (N, C, H, W)
     np.savez_compressed(out / "samples.npz", samples=uint8.permute(0, 2, 3, 1).numpy())
     grid_path = save_grid(drawn.images[:256], out / "samples.png")

@@ -18,6 +18,7 @@ from diffusion.errors import UserError
 from diffusion.metrics.quality import describe
 from diffusion.module import DiffusionModule
 from diffusion.run.console import quiet_console
+from diffusion.run.preflight import build_trainer, check_logger, writable_dir
 
 
 def net_kwargs(cfg: DictConfig) -> dict:
@@ -82,6 +83,15 @@ def _sweep_info(cfg: DictConfig) -> dict:
     name = f"{cfg.name}/{hydra.job.num}_{hydra.job.override_dirname}"[:128]
     return {"wandb": {"group": group, "tags": tags, "name": name},
             "config": {"sweep": {"group": group, "job": hydra.job.num, "overrides": overrides}}}
+
+
+def _data(cfg: DictConfig):
+    """The data module, its files found and read (the download on local rank 0 only, as Lightning does)."""
+    datamodule = instantiate(cfg.data)
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        datamodule.prepare_data()
+    datamodule.setup("fit")
+    return datamodule
 
 
 def _logger(cfg: DictConfig):
@@ -157,24 +167,31 @@ def train(cfg: DictConfig, extra_callbacks: tuple = ()) -> dict[str, float]:
     """Train per the config; save checkpoints, sample grids and logs under the run directory."""
     validate(cfg)
     quiet_console()
-    output_dir = Path(cfg.paths.output_dir)
+    output_dir = writable_dir(cfg.paths.output_dir, "hydra.run.dir")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     betas = instantiate(cfg.schedule)
-    datamodule = instantiate(cfg.data)
+    datamodule = _data(cfg)
     module = build_module(cfg, betas)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, output_dir)
     if ckpt_path is not None:
         check_checkpoint(ckpt_path, module.hparams)  # architecture, T, betas, parameterization, variance
-    logger = _logger(cfg)
-    callbacks = [GracefulInterrupt(), *_callbacks(cfg, logger, datamodule), *extra_callbacks]
+    if cfg.callbacks.checkpoint is not None:
+        writable_dir(cfg.callbacks.checkpoint.dirpath, "callbacks.checkpoint.dirpath")
+    check_logger(cfg.logger)
+    callbacks = [GracefulInterrupt(), *_callbacks(cfg, cfg.logger, datamodule), *extra_callbacks]
     if cfg.trainer.enable_progress_bar:
         callbacks.append(StepProgressBar())
+    for callback in callbacks:  # their feature extractors and data checks, before the logger starts a run
+        if hasattr(callback, "preflight"):
+            callback.preflight(datamodule)
+    logger = _logger(cfg)
     strategy = _strategy(cfg, output_dir, ckpt_path)
     try:
         # partial: the strategy may be an object, which the schema's `strategy: str` field cannot hold
-        trainer = instantiate(cfg.trainer, _partial_=True)(
-            strategy=strategy, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
-            logger=logger if logger else False, default_root_dir=str(output_dir), enable_model_summary=False)
+        trainer = build_trainer(instantiate(cfg.trainer, _partial_=True),
+                                strategy=strategy, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
+                                logger=logger if logger else False, default_root_dir=str(output_dir),
+                                enable_model_summary=False)
         _announce(trainer, cfg, module, output_dir)
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}

@@ -97,7 +97,7 @@ class SamplerSpec:
         for setting in SETTINGS:
             value = getattr(self, setting)
             if value is not None and setting not in kind.defaults:
-                raise UserError(f"{key}.{setting}={value} is not used by {key}.name={self.name} "
+                raise UserError(f"{key}.{setting}={_shown(value)} is not used by {key}.name={self.name} "
                                 f"({kind.summary}); {_alternative(key, setting, value)}")
         if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, int)
                                        or self.steps < 1):
@@ -107,12 +107,12 @@ class SamplerSpec:
                             f"needs; use {key}.steps={kind.fewest_steps} or more")
         if self.eta is not None and not (math.isfinite(self.eta) and 0.0 <= self.eta <= kind.eta_max):
             rule = f"in [0, {kind.eta_max:g}]" if math.isfinite(kind.eta_max) else ">= 0"
-            raise UserError(f"{key}.eta must be {rule}, got {self.eta}; {kind.eta_hint}")
+            raise UserError(f"{key}.eta must be {rule}, got {self.eta}; use a value {rule} ({kind.eta_hint})")
         if self.spacing is not None and self.spacing not in kind.spacings:
             why = "is not a spacing" if self.spacing not in SPACINGS else f"is not a spacing of {key}.name={self.name}"
             if self.spacing == "leading":
                 why += " (its steps never reach index T-1, where x_T lives)"
-            raise UserError(f"{key}.spacing={self.spacing} {why}; choose one of {list(kind.spacings)}")
+            raise UserError(f"{key}.spacing={_shown(self.spacing)} {why}; choose one of {list(kind.spacings)}")
         if self.order is not None:
             self._check_order(key, self.steps)
         return self
@@ -223,11 +223,19 @@ def as_sampler_spec(value: "SamplerSpec | Mapping[str, Any] | None", key: str = 
 
 
 def _alternative(key: str, setting: str, value: Any) -> str:
-    """The fix for a setting the sampler does not use: the samplers that do (respaced first for steps)."""
+    """The fix for a setting the sampler does not use: the samplers that do (respaced first for steps), with the
+    value if that sampler accepts it, else its default."""
     takers = [name for name, kind in SAMPLERS.items() if setting in kind.defaults]
-    if setting in ("steps", "spacing") and "respaced" in takers:
-        return (f"for ancestral sampling over fewer steps use {key}.name=respaced {key}.{setting}={value}, "
-                f"else drop {key}.{setting} (samplers that take it: {takers})")
-    return f"use {key}.name={takers[0]} {key}.{setting}={value}, or drop {key}.{setting} (samplers that take it: " \
-           f"{takers})"
+    taker = "respaced" if setting in ("steps", "spacing") and "respaced" in takers else takers[0]
+    try:
+        SamplerSpec(name=taker, **{setting: value}).check(key)
+    except (UserError, TypeError):
+        value = SAMPLERS[taker].defaults[setting]
+    why = " for ancestral sampling over fewer steps" if taker == "respaced" else ""
+    return (f"use {key}.name={taker} {key}.{setting}={_shown(value)}{why}, or drop {key}.{setting} (samplers that "
+            f"take it: {takers})")
 
+
+def _shown(value: Any) -> str:
+    """As a command line spells it ('' for the empty string)."""
+    return "''" if value == "" else str(value)

@@ -1,0 +1,181 @@
+"""Value rules written beside each schema field, checked for every composed config before anything runs.
+
+A field's rule lives in its dataclass as `field(metadata={"rule": Rule})` (`checked(default, rule)` writes that),
+so a setting's type, default and valid values are in one place. OmegaConf checks the types while Hydra composes;
+`check_rules` walks the composed config and checks every rule, naming the key, the value and the fix (the
+schema's default). Cross-field and environment checks live in validation.py and run/preflight.py.
+"""
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from typing import Any
+
+from omegaconf import MISSING as REQUIRED
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from diffusion.errors import UserError
+
+NUMPY_SEED_MAX = 2**32 - 1  # numpy's SeedSequence and Lightning's seed_everything take seeds in [0, 2**32 - 1]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A predicate on a field's value and how a message says it ("an integer >= 1")."""
+
+    ok: Callable[[Any], bool]
+    text: str
+
+
+def checked(default: Any = REQUIRED, rule: Rule | None = None, *, factory: Callable[[], Any] | None = None) -> Any:
+    """A dataclass field with a rule: `batch_size: int = checked(128, at_least(1))` (no default: required, ???)."""
+    meta = {"rule": rule} if rule is not None else {}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def at_least(low: float, integer: bool = True) -> Rule:
+    kind = "an integer" if integer else "a number"
+    return Rule(lambda x: _number(x) and x >= low, f"{kind} >= {low:g}")
+
+
+def positive() -> Rule:
+    return Rule(lambda x: _number(x) and x > 0, "a number > 0")
+
+
+def between(low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> Rule:
+    """low <= x <= high, either end open."""
+    def ok(x: Any) -> bool:
+        return _number(x) and (x > low if low_open else x >= low) and (x < high if high_open else x <= high)
+
+    return Rule(ok, f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}")
+
+
+def one_of(*choices: Any) -> Rule:
+    return Rule(lambda x: x in choices, f"one of {list(choices)}")
+
+
+def optional(rule: Rule) -> Rule:
+    """None (null) or what `rule` allows."""
+    return Rule(lambda x: x is None or rule.ok(x), f"null or {rule.text}")
+
+
+def nonempty_text() -> Rule:
+    return Rule(lambda x: isinstance(x, str) and x.strip() != "", "a non-empty string")
+
+
+def each(rule: Rule, *, size: int | None = None, nonempty: bool = True) -> Rule:
+    """A list whose every item obeys `rule` (of exactly `size` items, or at least one)."""
+    def ok(x: Any) -> bool:
+        if not isinstance(x, Sequence) or isinstance(x, str):
+            return False
+        if (size is not None and len(x) != size) or (nonempty and len(x) == 0):
+            return False
+        return all(rule.ok(item) for item in x)
+
+    count = f"{size} items" if size is not None else "a non-empty list" if nonempty else "a list"
+    return Rule(ok, f"{count}, each {rule.text}")
+
+
+def seed() -> Rule:
+    return Rule(lambda x: isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= NUMPY_SEED_MAX,
+                f"an integer in [0, {NUMPY_SEED_MAX}] (numpy's seed range)")
+
+
+def devices() -> Rule:
+    """Lightning's devices: a count >= 1, -1 (all), "auto", or a list of device indices."""
+    def ok(x: Any) -> bool:
+        if isinstance(x, bool):
+            return False
+        if isinstance(x, int):
+            return x >= 1 or x == -1
+        if isinstance(x, str):
+            return x == "auto" or (x.strip().lstrip("-").isdigit() and int(x) >= 1)
+        return isinstance(x, Sequence) and len(x) > 0 and all(isinstance(i, int) and i >= 0 for i in x)
+
+    return Rule(ok, "a device count >= 1, -1 (every device), 'auto', or a list of device indices")
+
+
+def device() -> Rule:
+    """A torch device for sampling: auto, cpu, cuda or cuda:N (whether it exists is checked before it is used)."""
+    def ok(x: Any) -> bool:
+        return isinstance(x, str) and (x in ("auto", "cpu", "cuda", "mps") or
+                                       (x.startswith("cuda:") and x[5:].isdigit()))
+
+    return Rule(ok, "auto, cpu, cuda or cuda:N")
+
+
+def strategy() -> Rule:
+    """A name Lightning's strategy registry knows ("auto", "ddp", "fsdp", ...)."""
+    def ok(x: Any) -> bool:
+        from lightning.pytorch.strategies import StrategyRegistry
+
+        return x == "auto" or x in StrategyRegistry.available_strategies()
+
+    return Rule(ok, "'auto' or a strategy Lightning knows (ddp, ddp_spawn, fsdp, deepspeed, ...)")
+
+
+def _plain(value: Any) -> Any:
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig | ListConfig) else value
+
+
+def _fmt(value: Any) -> str:
+    """As a Hydra override spells it: [0.9,0.999], null, abc."""
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(_fmt(v) for v in value) + "]"
+    if value == "":
+        return "''"
+    return "null" if value is None else str(value)
+
+
+def _spelled(value: Any) -> bool:
+    """A value a one-line fix can spell on the command line (not a list of config groups)."""
+    scalar = (str, int, float, bool, type(None))
+    return value is not MISSING and (isinstance(value, scalar) or
+                                     (isinstance(value, list | tuple) and all(isinstance(v, scalar) for v in value)))
+
+
+def _default(f) -> Any:
+    if f.default is not MISSING and f.default != REQUIRED:
+        return f.default
+    if f.default_factory is not MISSING:
+        return f.default_factory()
+    return MISSING
+
+
+def _rule(schema: type, f) -> Rule | None:
+    """The field's rule, or the rule of the field it redefines in a base class (a subclass that only changes the
+    default, `channels: int = 1`, keeps the base's rule)."""
+    for cls in schema.__mro__:
+        if is_dataclass(cls):
+            base = next((g for g in fields(cls) if g.name == f.name), None)
+            if base is not None and "rule" in base.metadata:
+                return base.metadata["rule"]
+    return None
+
+
+def check_rules(cfg: DictConfig, prefix: str = "") -> None:
+    """Every rule of every dataclass-typed node below cfg; the first broken one is a one-line UserError."""
+    schema = OmegaConf.get_type(cfg)
+    if is_dataclass(schema):
+        for f in fields(schema):
+            rule = _rule(schema, f)
+            if rule is None or f.name not in cfg or OmegaConf.is_missing(cfg, f.name):
+                continue
+            value = _plain(cfg[f.name])
+            if not rule.ok(value):
+                default = _default(f)
+                fix = f"try {prefix}{f.name}={_fmt(default)}" if _spelled(default) and rule.ok(default) \
+                    else f"give {prefix}{f.name} {rule.text}"
+                raise UserError(f"{prefix}{f.name} must be {rule.text}, got {_fmt(value)}; {fix}")
+    for key in cfg.keys():
+        if OmegaConf.is_interpolation(cfg, key) or OmegaConf.is_missing(cfg, key):
+            continue
+        child = cfg._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_none():
+            check_rules(child, f"{prefix}{key}.")
