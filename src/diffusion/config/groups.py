@@ -158,6 +158,7 @@ class ImageFolderDataConfig(FileDataConfig):
     image_size: int = 64
     channels: int = 3
     val_fraction: float = 0.05
+    max_image_pixels: int | None = 89_478_485  # PIL's decompression-bomb limit; null: none
 
 
 # --- trainer, callbacks, logger, paths ------------------------------------------------------------------
