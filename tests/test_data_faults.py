@@ -198,7 +198,7 @@ def setup_error(data) -> str:
     return message
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbled", "list", "meta", "float data", "empty"])
+@pytest.mark.parametrize("damage", ["truncated", "garbled", "list", "meta", "float data", "short rows", "empty"])
 def test_damaged_cifar10_batches_are_named(damage, tmp_path):
     folder = cifar_root(tmp_path)
     batch = folder / "data_batch_3"
@@ -213,14 +213,17 @@ def test_damaged_cifar10_batches_are_named(damage, tmp_path):
         batch.write_bytes((folder / "batches.meta").read_bytes())
     elif damage == "float data":
         write_py2_pickle(batch, {"data": np.zeros((4, 3072)), "labels": [0] * 4})
+    elif damage == "short rows":  # 32x32 grey images, say
+        write_py2_pickle(batch, {"data": np.zeros((4, 1024), np.uint8), "labels": [0] * 4})
     else:
         batch.write_bytes(b"")
     message = setup_error(CIFAR10DataModule(str(tmp_path), batch_size=4))
     assert str(batch) in message, message
     fragment = "is truncated or corrupt" if damage in ("truncated", "garbled", "empty") else "is not a CIFAR-10 batch"
     assert fragment in message
-    if damage == "float data":
-        assert "'data' of dtype float64 and shape (4, 3072)" in message
+    if damage in ("float data", "short rows"):
+        shape = "float64 and shape (4, 3072)" if damage == "float data" else "uint8 and shape (4, 1024)"
+        assert f"'data' of dtype {shape}" in message
 
 
 @pytest.mark.parametrize("damage", ["truncated images", "labels as images", "truncated labels", "header only",
