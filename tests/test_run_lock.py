@@ -156,6 +156,18 @@ def test_release_leaves_a_lock_that_is_not_its_own(tmp_path):
     assert json.loads(path.read_text())["token"] == "someone else's"
 
 
+def test_a_forked_child_never_releases_its_parents_lock(tmp_path):
+    path = run_lock.acquire(tmp_path)
+    child = os.fork()
+    if child == 0:  # a data-loader worker, say: it inherits the record of the lock
+        run_lock.release(tmp_path)
+        os._exit(0)
+    os.waitpid(child, 0)
+    assert json.loads(path.read_text())["pid"] == os.getpid()
+    run_lock.release(tmp_path)
+    assert not path.exists()
+
+
 def test_removing_a_stale_lock_puts_back_one_taken_meanwhile(tmp_path):
     path = write_lock(tmp_path, token="new")
     run_lock._remove_stale(path, seen='{"token": "old"}')  # what the starter read before another took it

@@ -3,12 +3,13 @@
 The lock is a small JSON file: the holder's pid, host, process start time, start date and SLURM job id.
 It appears whole or not at all (written aside, then hard-linked into place, which fails if a lock is there),
 its holder refreshes its modification time every HEARTBEAT_S seconds, and removes it at exit: after the
-run, an error, Ctrl-C or SIGTERM (which training turns into a checkpoint and a clean exit). `train.py` takes
-it in a Hydra callback when the run starts, before Hydra writes .hydra/ and its log there; train() takes it
-too (the same lock, if held already), for multirun jobs and direct callers. A second run into a directory
-whose lock is live stops in one line (exit 2), naming the holder and the fix.
+run, an error, or Ctrl-C or SIGTERM during training (which it turns into a checkpoint and a clean exit).
+`train.py` takes it in a Hydra callback when the run starts, before Hydra writes .hydra/ and its log
+there; train() takes it too (the same lock, if held already), for multirun jobs and direct callers. A
+second run into a directory whose lock is live stops in one line (exit 2), naming the holder and the fix.
 
-A lock left behind (a run killed by SIGKILL, a machine that went down) is replaced, with a note, when
+A lock left behind (a run killed by SIGKILL, or by SIGTERM before training began; a machine that went down)
+is replaced, with a note on stderr, when
 - it is from this host and its pid is gone, or now belongs to a process started at another time;
 - it is from another host and names this SLURM job: a requeued job (SLURM ends a job before restarting it,
   and the run directory is keyed on the job id, so the requeued job must resume there);
@@ -82,12 +83,17 @@ def acquire(run_dir: str | Path) -> Path | None:
 
 
 def release(run_dir: str | Path) -> None:
-    """Remove `run_dir`'s lock if this process holds it (and the file is still its own)."""
+    """Remove `run_dir`'s lock if this process holds it (and the file is still its own).
+
+    A forked child (a data-loader worker) inherits the parent's record but never releases the parent's lock.
+    """
     run_dir = Path(run_dir).resolve()
     with _guard:
         record = _held.pop(run_dir, None)
     path = run_dir / LOCK_NAME
-    if record is not None and _parse(_read(path) or "{}").get("token") == record["token"]:
+    if record is None or record["pid"] != os.getpid():
+        return
+    if _parse(_read(path) or "{}").get("token") == record["token"]:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
 
