@@ -1,7 +1,8 @@
-"""DataModules over tiny datasets written here in the real on-disk formats, read by the real torchvision code.
+"""DataModules over tiny datasets written here in the real on-disk formats, read by the project's readers.
 
-CIFAR-10: Python 2 pickles like the release's (keys b"data", b"labels"); MNIST: big-endian idx files;
-image folders: PNGs written by PIL. Nothing is downloaded.
+CIFAR-10: Python 2 pickles like the release's (keys b"data", b"labels"); MNIST: big-endian idx files (read
+by torchvision's reader after a header check); image folders: PNGs written by PIL. Nothing is downloaded.
+Damaged files and every image mode: test_data_faults.py.
 """
 
 import pickle
