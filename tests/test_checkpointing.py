@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -15,6 +16,7 @@ from PIL import Image
 from diffusion import run
 from diffusion.checkpointing import AtomicCheckpointIO, check_checkpoint
 from diffusion.errors import UserError
+from diffusion.run.train_command import check_resumable
 from diffusion.schedules import cosine_beta_schedule, linear_beta_schedule
 from helpers import ROOT, train_cfg
 
@@ -210,3 +212,37 @@ def test_checkpoint_with_another_parameterization_or_variance(trained, key, valu
     message = _error(path, {**hparams, key: value})
     assert f"this run has diffusion.{key}={value}" in message
     assert f"trained with diffusion.{key}={hparams[key]}" in message and "start without ckpt_path" in message
+
+
+@pytest.mark.parametrize("other", ["net", "T", "variance"])
+def test_the_run_directorys_own_checkpoint_of_another_model_names_the_fix_that_works(trained, other, tmp_path):
+    """Resumed without ckpt_path (the directory's own last.ckpt), leaving out ckpt_path cannot be the fix."""
+    out, _ = trained
+    path = out / "checkpoints" / "last.ckpt"
+    hparams = torch.load(path, weights_only=True)["hyper_parameters"]
+    changed = {"net": {"net": {**hparams["net"], "ch": 16}}, "T": {"betas": linear_beta_schedule(30).tolist()},
+               "variance": {"variance": "learned_range"}}[other]
+    module = SimpleNamespace(hparams={**hparams, **changed})
+    difference = {"net": "net.ch=32, this run has net.ch=16", "T": "T=20 timesteps, this run has T=30",
+                  "variance": "diffusion.variance=fixed_large, this run has diffusion.variance=learned_range"}[other]
+    with pytest.raises(UserError) as own:
+        check_resumable(str(path), module, out, own=True)
+    assert str(own.value) == (f"run directory {out} holds a checkpoint of another model (trained with {difference}): "
+                              f"use another hydra.run.dir, or remove {out / 'checkpoints'} (that model's checkpoints) "
+                              "to train this one there")
+    with pytest.raises(UserError) as given:  # ckpt_path=... given: then leaving it out is the fix
+        check_resumable(str(path), module, out, own=False)
+    assert f"trained with {difference}; " in str(given.value) and str(given.value).endswith("start without ckpt_path")
+
+
+def test_a_damaged_own_checkpoint_names_the_fix_that_works(trained, tmp_path):
+    out, _ = trained
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    (checkpoints / "last.ckpt").write_bytes((out / "checkpoints" / "last.ckpt").read_bytes()[:5000])
+    hparams = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["hyper_parameters"]
+    module = SimpleNamespace(hparams=hparams)
+    with pytest.raises(UserError) as err:
+        check_resumable(str(checkpoints / "last.ckpt"), module, tmp_path, own=True)
+    assert "is truncated or corrupt" in str(err.value) and "ckpt_path" not in str(err.value).split("; ")[-1]
+    assert str(err.value).endswith(f"or remove {checkpoints} to start afresh there")

@@ -1,7 +1,8 @@
-"""DataModules over tiny datasets written here in the real on-disk formats, read by the real torchvision code.
+"""DataModules over tiny datasets written here in the real on-disk formats, read by the project's readers.
 
-CIFAR-10: Python 2 pickles like the release's (keys b"data", b"labels"); MNIST: big-endian idx files;
-image folders: PNGs written by PIL. Nothing is downloaded.
+CIFAR-10: Python 2 pickles like the release's (keys b"data", b"labels"); MNIST: big-endian idx files (read
+by torchvision's reader after a header check); image folders: PNGs written by PIL. Nothing is downloaded.
+Damaged files and every image mode: test_data_faults.py.
 """
 
 import pickle
@@ -231,14 +232,15 @@ def write_folder(root: Path) -> dict[str, np.ndarray]:
     tall[2:10] = rgb_pattern(8, 8, 150)  # the center square survives the crop
     Image.fromarray(rgb).save(root / "a.png")
     Image.fromarray(grey).save(root / "sub" / "b.png")  # mode L
-    Image.fromarray(np.dstack([rgba, np.full((8, 8), 77, np.uint8)])).save(root / "sub" / "c.png")  # RGBA
+    Image.fromarray(np.dstack([rgba, np.full((8, 8), 77, np.uint8)])).save(root / "sub" / "c.png")  # RGBA, on black
     Image.fromarray(tall).save(root / "sub" / "deeper" / "d.png")
     Image.fromarray(rgb_pattern(20, 30, 9)).save(root / "e.png")  # resized
     Image.fromarray(rgb_pattern(8, 8, 0)).convert("P").save(root / "sub" / "f.png")  # palette
     (root / ".hidden").mkdir()
     (root / ".hidden" / "junk.png").write_bytes(b"not an image")  # skipped, like notes.txt
     (root / "notes.txt").write_text("not an image")
-    return {"a": rgb, "b": np.dstack([grey] * 3), "c": rgba, "d": tall[2:10]}
+    over_black = (rgba.astype(np.int64) * 77 * 2 + 255) // 510  # round(c * 77 / 255)
+    return {"a": rgb, "b": np.dstack([grey] * 3), "c": over_black.astype(np.uint8), "d": tall[2:10]}
 
 
 def test_image_folder_round_trips_crops_and_converts(tmp_path):
@@ -281,7 +283,7 @@ def test_image_folder_names_the_first_truncated_file(tmp_path, suffix):
     Image.fromarray(rgb_pattern(64, 64, 3)).save(tmp_path / f"whole{suffix}")
     whole = (tmp_path / f"whole{suffix}").read_bytes()
     (tmp_path / "sub" / f"cut{suffix}").write_bytes(whole[: len(whole) // 2])
-    with pytest.raises(UserError, match="1 of 8 files") as err:
+    with pytest.raises(UserError, match="1 of 8 image files .* cannot be used") as err:
         ImageFolderDataModule(str(tmp_path), batch_size=2, image_size=8).setup("fit")
     assert str(tmp_path / "sub" / f"cut{suffix}") in str(err.value) and "remove" in str(err.value)
     assert "\n" not in str(err.value)

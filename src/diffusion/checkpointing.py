@@ -102,21 +102,30 @@ LIGHTNING_KEYS = ("state_dict", "hyper_parameters", "global_step")
 _DEFAULTS = {k: p.default for k, p in inspect.signature(DiffusionModule).parameters.items()}
 
 
-def check_checkpoint(path, expected: dict | None = None) -> dict:
+class ModelMismatch(UserError):
+    """A checkpoint of another model than this run's; `difference` says what differs, in a few words."""
+
+    def __init__(self, message: str, difference: str):
+        super().__init__(message)
+        self.difference = difference
+
+
+def check_checkpoint(path, expected: dict | None = None, start_over: str = "start without ckpt_path") -> dict:
     """Load a training checkpoint on the CPU (weights only); raise a one-line UserError if it cannot be used.
 
     `expected` holds a DiffusionModule's hyperparameters (`module.hparams`): the checkpoint must have the
-    same network, betas, parameterization and variance, which are what give its weights their meaning.
+    same network, betas, parameterization and variance, which are what give its weights their meaning
+    (else `ModelMismatch`). `start_over` is how the user starts without this checkpoint, for the messages.
     """
     path = Path(path)
     head = _read_head(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except _UNREADABLE as err:
-        raise UserError(_unreadable(path, head, err)) from err
+        raise UserError(_unreadable(path, head, err, start_over)) from err
     _check_kind(path, ckpt)
     if expected is not None:
-        _check_matches(path, ckpt["hyper_parameters"], expected)
+        _check_matches(path, ckpt["hyper_parameters"], expected, start_over)
     return ckpt
 
 
@@ -133,9 +142,9 @@ def _read_head(path: Path) -> bytes:
         raise UserError(f"checkpoint {path} cannot be read ({err.strerror}); check its permissions") from err
 
 
-def _unreadable(path: Path, head: bytes, err: Exception) -> str:
+def _unreadable(path: Path, head: bytes, err: Exception, start_over: str) -> str:
     """Why torch.load failed, told apart by the file's first bytes: cut off, pickled objects, or not torch."""
-    earlier = f"resume from an earlier checkpoint (another step*.ckpt in {path.parent}) or start without ckpt_path"
+    earlier = f"resume from an earlier checkpoint (another step*.ckpt in {path.parent}) or {start_over}"
     if not head:
         return f"checkpoint {path} is empty (0 bytes): its write never completed; {earlier}"
     refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
@@ -180,22 +189,33 @@ def _check_kind(path: Path, ckpt: Any) -> None:
                         f"{absent}); give a .ckpt file written by train.py, {EXAMPLE}")
 
 
-def _check_matches(path: Path, hparams: dict, expected: dict) -> None:
+def _check_matches(path: Path, hparams: dict, expected: dict, start_over: str) -> None:
     """The checkpoint's network, betas, parameterization and variance against this run's."""
+    found = _model_difference(hparams, expected)
+    if found is not None:
+        difference, fix = found
+        raise ModelMismatch(f"checkpoint {path} was trained with {difference}; {fix} or {start_over}", difference)
+
+
+def _model_difference(hparams: dict, expected: dict) -> tuple[str, str] | None:
+    """(what differs, the settings that would match the checkpoint), or None."""
     if "net" in expected:
         key, have, want = _first_net_difference(hparams["net"], expected["net"])
         if key is not None:
             hint = f"model.{key}={_fmt(have)}" if key not in ("in_channels", "out_channels", "image_size") \
                 else f"data whose images give {key}={_fmt(have)}"
-            raise UserError(f"checkpoint {path} was trained with net.{key}={_fmt(have)}, this run has "
-                            f"net.{key}={_fmt(want)}; use the same model config ({hint}) or start without ckpt_path")
+            return (f"net.{key}={_fmt(have)}, this run has net.{key}={_fmt(want)}",
+                    f"use the same model config ({hint})")
     if "betas" in expected:
-        _check_betas(path, hparams["betas"], [float(b) for b in expected["betas"]])
+        found = _betas_difference(hparams["betas"], [float(b) for b in expected["betas"]])
+        if found is not None:
+            return found
     for key in ("parameterization", "variance"):
         have = hparams.get(key, _DEFAULTS[key])
         if key in expected and have != expected[key]:
-            raise UserError(f"checkpoint {path} was trained with diffusion.{key}={have}, this run has "
-                            f"diffusion.{key}={expected[key]}; use diffusion.{key}={have} or start without ckpt_path")
+            return (f"diffusion.{key}={have}, this run has diffusion.{key}={expected[key]}",
+                    f"use diffusion.{key}={have}")
+    return None
 
 
 # Keys of the net that leave the parameters' shapes and meaning alone: fine-tuning may change them.
@@ -210,16 +230,16 @@ def _first_net_difference(have: dict, want: dict) -> tuple[str | None, Any, Any]
     return None, None, None
 
 
-def _check_betas(path: Path, have: list[float], want: list[float]) -> None:
+def _betas_difference(have: list[float], want: list[float]) -> tuple[str, str] | None:
     if len(have) != len(want):
-        raise UserError(f"checkpoint {path} was trained with T={len(have)} timesteps, this run has T={len(want)}; "
-                        f"use schedule.num_timesteps={len(have)} (and its schedule) or start without ckpt_path")
+        return (f"T={len(have)} timesteps, this run has T={len(want)}",
+                f"use schedule.num_timesteps={len(have)} (and its schedule)")
     i = next((i for i, (a, b) in enumerate(zip(have, want, strict=True))
               if not math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-15)), None)
     if i is not None:
-        raise UserError(f"checkpoint {path} was trained with other betas (T={len(have)} in both, betas[{i}]="
-                        f"{have[i]:.6g} there, {want[i]:.6g} here); use the schedule config of its run or start "
-                        "without ckpt_path")
+        return (f"other betas (T={len(have)} in both, betas[{i}]={have[i]:.6g} there, {want[i]:.6g} here)",
+                "use the schedule config of its run")
+    return None
 
 
 def _plain(value: Any) -> Any:

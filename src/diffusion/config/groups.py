@@ -175,6 +175,7 @@ class ImageFolderDataConfig(FileDataConfig):
     image_size: int = checked(64, between(1, 4096))
     channels: int = checked(3, one_of(1, 3))
     val_fraction: float = checked(0.05, between(0, 1, low_open=True, high_open=True))
+    max_image_pixels: int | None = checked(89_478_485, optional(at_least(1)))  # PIL's decompression-bomb limit; null: none
 
 
 PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true")

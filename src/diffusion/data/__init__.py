@@ -8,9 +8,9 @@ from diffusion.data.datasets import (
     MNISTDataModule,
     load_digits_split,
 )
-from diffusion.data.folder import ImageFolderDataModule, find_images, image_problem, load_square
+from diffusion.data.folder import ImageFolderDataModule, find_images, image_problem, load_square, to_channels
 from diffusion.data.loader import EpochSampler, ResumableLoader
 
 __all__ = ["CIFAR10DataModule", "DigitsDataModule", "EpochSampler", "FashionMNISTDataModule", "ImageDataModule",
            "ImageFolderDataModule", "MNISTDataModule", "ResumableLoader", "SPLITS", "SPLIT_SEED", "find_images",
-           "image_problem", "load_digits_split", "load_square", "require_files"]
+           "image_problem", "load_digits_split", "load_square", "require_files", "to_channels"]

@@ -6,6 +6,8 @@ discretized decoder assumes (Ho et al. 2020, Sec. 3.3). Nothing is downloaded un
 missing or empty data raise a one-line ``UserError`` before training starts.
 """
 
+import tarfile
+import zlib
 from pathlib import Path
 
 import lightning as L
@@ -83,8 +85,17 @@ class ImageDataModule(L.LightningDataModule):
         return f"under {self.root.resolve()}"
 
     def prepare_data(self) -> None:
-        if self.download:
+        """With download=True, fetch the data (torchvision checks each archive's md5 and fetches a damaged
+        one again); a failed download or extraction is one line, before training starts."""
+        if not self.download:
+            return
+        try:
             self._fetch()
+        except (OSError, RuntimeError, EOFError, tarfile.TarError, zlib.error) as err:
+            reason = " ".join(f"{type(err).__name__}: {err}".split())
+            raise UserError(f"could not download {self.name} into {self.root.resolve()} ({reason}); check the "
+                            "network and run again (a damaged archive there is fetched again), or put the extracted "
+                            "files there yourself and set data.download=false") from err
 
     def setup(self, stage: str | None = None) -> None:
         for split in SPLITS:

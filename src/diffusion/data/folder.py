@@ -1,9 +1,24 @@
-"""A folder of image files: scanning, checking every file before training, loading them square."""
+"""A folder of image files: scanning, checking every file before training, loading them square.
+
+Every file becomes 8-bit L (data.channels=1) or RGB (data.channels=3), whatever it stores:
+- 16-bit grey (PIL modes I;16, I;16B, I;16L, I;16N) and 32-bit integer grey (I, which must hold values in
+  [0, 65535]: PIL reads some 16-bit files so) are scaled by 255/65535 and rounded; PIL's own conversion
+  clips them at 255, which turns nearly every pixel white;
+- 32-bit float grey (F) must lie in [0, 1]; it is scaled by 255 and rounded (PIL's own clips at 1);
+- transparency (LA, PA, RGBA, a palette or L/RGB image with a transparent color) is composited on black:
+  each channel becomes round(c · alpha / 255), so a fully transparent pixel is black whatever color it stores;
+- palette images take their palette's colors, CMYK becomes RGB as PIL converts it (R = (255-C)(255-K)/255),
+  and colour becomes grey by PIL's ITU-R 601-2 luma (L = 0.299 R + 0.587 G + 0.114 B).
+Files that cannot be read, that hold more than data.max_image_pixels pixels (PIL's guard against
+decompression bombs, 89,478,485 by default) or whose values do not fit the ranges above are found by the
+scan before training, and named in one line.
+"""
 
 from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
@@ -14,6 +29,14 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 from diffusion.data.base import SPLIT_SEED, ImageDataModule
 from diffusion.errors import UserError
 
+PIL_MAX_PIXELS = 89_478_485  # PIL's default Image.MAX_IMAGE_PIXELS
+_WIDE_INTEGER = {"I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I;16N": 65535, "I": 65535}  # mode -> white
+_ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")
+
+
+class PixelRangeError(ValueError):
+    """A 16/32-bit or float image whose values lie outside the range that maps onto [0, 255]."""
+
 
 def find_images(root: Path) -> list[Path]:
     """Every image file under root, recursively and sorted, skipping hidden files and folders."""
@@ -23,26 +46,68 @@ def find_images(root: Path) -> list[Path]:
         and not any(part.startswith(".") for part in path.relative_to(root).parts))
 
 
-def image_problem(path: Path) -> str | None:
-    """Why `path` is not a readable image, or None: PNGs by their checksums, others by a draft decode."""
+def to_8bit(image: Image.Image) -> Image.Image:
+    """A 16/32-bit integer or float grey image -> 8-bit L, scaled to [0, 255] and rounded; others unchanged.
+
+    Raises PixelRangeError (saying what to do) for values outside [0, 65535] (integers) or [0, 1] (floats).
+    """
+    if image.mode != "F" and image.mode not in _WIDE_INTEGER:
+        return image
+    x = np.asarray(image).astype(np.float64)  # (H, W)
+    white = 1.0 if image.mode == "F" else _WIDE_INTEGER[image.mode]
+    if not np.isfinite(x).all() or x.min() < 0 or x.max() > white:
+        kind = "32-bit float" if image.mode == "F" else f"{image.mode} integer"
+        raise PixelRangeError(f"{kind} values in [{x.min():g}, {x.max():g}], outside [0, {white:g}]; save it as an "
+                         "8- or 16-bit image, or as floats in [0, 1]")
+    return Image.fromarray(np.rint(x * 255 / white).astype(np.uint8), "L")
+
+
+def to_channels(image: Image.Image, mode: str) -> Image.Image:
+    """Any PIL image -> 8-bit `mode` ("L" or "RGB"), as the module docstring says (alpha over black)."""
+    image = to_8bit(image)
+    if image.mode in ("La", "LAB"):  # modes PIL cannot convert to every other
+        image = image.convert("LA" if image.mode == "La" else "RGB")
+    if image.mode in _ALPHA_MODES or "transparency" in image.info:
+        rgba = np.asarray(image.convert("RGBA"), dtype=np.uint32)  # (H, W, 4)
+        rgb = (rgba[..., :3] * rgba[..., 3:] + 127) // 255  # round(c * alpha / 255): composited on black
+        image = Image.fromarray(rgb.astype(np.uint8), "RGB")
+    return image.convert(mode)
+
+
+def image_problem(path: Path, max_pixels: int | None = PIL_MAX_PIXELS) -> str | None:
+    """Why `path` cannot be used, with the fix, or None: its size against `max_pixels` (None: no limit),
+    PNGs by their checksums, others by a draft decode, 16/32-bit grey by their values."""
     try:
         with Image.open(path) as image:
+            width, height, mode = image.width, image.height, image.mode
+            if max_pixels is not None and width * height > max_pixels:
+                return (f"{width}x{height} = {width * height:,} pixels, more than data.max_image_pixels={max_pixels}"
+                        f" (PIL's guard against decompression bombs); if you trust the file, set "
+                        f"data.max_image_pixels={width * height} (null: no limit), else remove it")
             if image.format == "PNG":
                 image.verify()  # reads every chunk, checks its CRC: finds truncation
             else:
                 image.draft(None, (1, 1))  # JPEG: decode at 1/8 scale, still reads all the data
                 image.load()
+        if mode == "F" or mode in _WIDE_INTEGER:
+            with Image.open(path) as image:
+                to_8bit(image)  # their values must fit the 8-bit range
+    except PixelRangeError as err:
+        return str(err)
+    except Image.DecompressionBombError as err:  # PIL's own guard, where the caller left it on
+        return f"{err}; if you trust the file, raise data.max_image_pixels (null: no limit), else remove it"
     except (OSError, SyntaxError, ValueError) as err:
-        return f"{type(err).__name__}: {err}"
+        return f"unreadable ({type(err).__name__}: {err}); remove such files or repair them"
     return None
 
 
-def load_square(path: Path, mode: str, size: int) -> Tensor:
+def load_square(path: Path, mode: str, size: int, max_pixels: int | None = PIL_MAX_PIXELS) -> Tensor:
     """One image file -> uint8 (C, size, size): converted to `mode`, center-cropped square, resized."""
+    Image.MAX_IMAGE_PIXELS = max_pixels  # the scan allowed this file; also in a freshly spawned worker
     try:
         with Image.open(path) as image:
-            image = image.convert(mode)
-    except OSError as err:
+            image = to_channels(image, mode)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise UserError(f"cannot read image {path} ({err}); remove it or replace it with a valid file") from err
     width, height = image.size
     side = min(width, height)
@@ -53,29 +118,30 @@ def load_square(path: Path, mode: str, size: int) -> Tensor:
 class _ImageFiles(Dataset):
     """Image files loaded on demand as uint8 (C, size, size)."""
 
-    def __init__(self, paths: list[Path], mode: str, size: int):
-        self.paths, self.mode, self.size = paths, mode, size
+    def __init__(self, paths: list[Path], mode: str, size: int, max_pixels: int | None):
+        self.paths, self.mode, self.size, self.max_pixels = paths, mode, size, max_pixels
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> Tensor:
-        return load_square(self.paths[index], self.mode, self.size)
+        return load_square(self.paths[index], self.mode, self.size, self.max_pixels)
 
 
 class ImageFolderDataModule(ImageDataModule):
     """Any folder of images (searched recursively; subfolders optional, labels ignored).
 
-    Each image is converted to RGB (channels=3) or L (channels=1), center-cropped to a square and resized
-    to `image_size` (bicubic). A fixed share `val_fraction` of the files (chosen with SPLIT_SEED, whatever
-    the training seed) is held out for val. Unreadable files are reported before training starts.
+    Each image is converted to RGB (channels=3) or L (channels=1) as the module docstring says,
+    center-cropped to a square and resized to `image_size` (bicubic). A fixed share `val_fraction` of the
+    files (chosen with SPLIT_SEED, whatever the training seed) is held out for val. Unusable files
+    (unreadable, over `max_image_pixels`, out-of-range values) are reported before training starts.
     """
 
     name = "image folder"
 
     def __init__(self, root: str, batch_size: int, num_workers: int = 0, download: bool = False,
                  seed: int = 0, random_flip: bool = False, image_size: int = 64, channels: int = 3,
-                 val_fraction: float = 0.05):
+                 val_fraction: float = 0.05, max_image_pixels: int | None = PIL_MAX_PIXELS):
         super().__init__(root, batch_size, num_workers, download, seed, random_flip,
                          channels=channels, image_size=image_size)
         if download:
@@ -86,7 +152,10 @@ class ImageFolderDataModule(ImageDataModule):
             raise UserError(f"data.image_size must be >= 1, got {image_size}; try data.image_size=64")
         if not 0 < val_fraction < 1:
             raise UserError(f"data.val_fraction must be in (0, 1), got {val_fraction}; try data.val_fraction=0.05")
-        self.val_fraction = val_fraction
+        if max_image_pixels is not None and max_image_pixels < 1:
+            raise UserError(f"data.max_image_pixels must be >= 1 or null (no limit), got {max_image_pixels}; "
+                            f"try data.max_image_pixels={PIL_MAX_PIXELS}")
+        self.val_fraction, self.max_image_pixels = val_fraction, max_image_pixels
 
     @cached_property
     def _files(self) -> dict[str, list[Path]]:
@@ -97,7 +166,7 @@ class ImageFolderDataModule(ImageDataModule):
         return {"val": sorted(paths[i] for i in order[:n_val]), "train": sorted(paths[i] for i in order[n_val:])}
 
     def _scan(self) -> list[Path]:
-        """The folder's image files, after checking that there are some and that all can be read."""
+        """The folder's image files, after checking that there are some and that all can be used."""
         root = self.root.resolve()
         if not root.is_dir():
             raise UserError(f"image folder {root} does not exist; set data.root=PATH to a folder of images")
@@ -105,13 +174,18 @@ class ImageFolderDataModule(ImageDataModule):
         if not paths:
             raise UserError(f"image folder {root} has 0 images ({', '.join(IMG_EXTENSIONS)}); "
                             "set data.root=PATH to a folder of images")
-        with ThreadPoolExecutor(max(1, self.num_workers)) as pool:
-            problems = list(pool.map(image_problem, paths))
+        Image.MAX_IMAGE_PIXELS = None  # the scan compares sizes itself, and says how to raise the limit
+        try:
+            with ThreadPoolExecutor(max(1, self.num_workers)) as pool:
+                problems = list(pool.map(lambda path: image_problem(path, self.max_image_pixels), paths))
+        finally:
+            Image.MAX_IMAGE_PIXELS = self.max_image_pixels  # PIL's own guard while loading, as configured
         bad = [(path, why) for path, why in zip(paths, problems, strict=True) if why]
         if bad:
-            raise UserError(f"{len(bad)} of {len(paths)} files in {root} are unreadable images, first "
-                            f"{bad[0][0]} ({bad[0][1]}); remove them (or repair them) and run again")
+            raise UserError(f"{len(bad)} of {len(paths)} image files in {root} cannot be used, first "
+                            f"{bad[0][0]}: {bad[0][1]}")
         return paths
 
     def _load_split(self, split: str) -> Dataset:
-        return _ImageFiles(self._files[split], "RGB" if self.channels == 3 else "L", self.image_size)
+        return _ImageFiles(self._files[split], "RGB" if self.channels == 3 else "L", self.image_size,
+                           self.max_image_pixels)

@@ -11,12 +11,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion.callbacks import GracefulInterrupt, SampleGrid, SampleQualityCallback, StepProgressBar
-from diffusion.checkpointing import AtomicCheckpointIO, check_checkpoint
+from diffusion.checkpointing import AtomicCheckpointIO, ModelMismatch, check_checkpoint
 from diffusion.config import validate
 from diffusion.distributed import JobDDPStrategy
 from diffusion.errors import UserError
 from diffusion.metrics.quality import describe
 from diffusion.module import DiffusionModule
+from diffusion.run import run_lock
 from diffusion.run.console import quiet_console
 from diffusion.run.preflight import build_trainer, check_logger, writable_dir
 
@@ -163,18 +164,39 @@ def _callbacks(cfg: DictConfig, logger, datamodule) -> list[L.Callback]:
     return callbacks
 
 
+def check_resumable(ckpt_path: str, module: DiffusionModule, output_dir: Path, own: bool) -> None:
+    """The checkpoint to resume must be of this model. The run directory's own last.ckpt (`own`: resumed
+    without ckpt_path) is not left behind by leaving out ckpt_path: another run directory is the fix."""
+    if not own:
+        check_checkpoint(ckpt_path, module.hparams)  # architecture, T, betas, parameterization, variance
+        return
+    checkpoints = Path(ckpt_path).parent
+    try:
+        check_checkpoint(ckpt_path, module.hparams, start_over=f"remove {checkpoints} to start afresh there")
+    except ModelMismatch as err:
+        raise UserError(f"run directory {output_dir} holds a checkpoint of another model (trained with "
+                        f"{err.difference}): use another hydra.run.dir, or remove {checkpoints} (that model's "
+                        "checkpoints) to train this one there") from err
+
+
 def train(cfg: DictConfig, extra_callbacks: tuple = ()) -> dict[str, float]:
-    """Train per the config; save checkpoints, sample grids and logs under the run directory."""
+    """Train per the config; save checkpoints, sample grids and logs under the run directory, which the run
+    holds locked throughout (run_lock.py: one training run per run directory)."""
     validate(cfg)
     quiet_console()
     output_dir = writable_dir(cfg.paths.output_dir, "hydra.run.dir")
+    with run_lock.hold(output_dir):
+        return _fit(cfg, output_dir, extra_callbacks)
+
+
+def _fit(cfg: DictConfig, output_dir: Path, extra_callbacks: tuple) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     betas = instantiate(cfg.schedule)
     datamodule = _data(cfg)
     module = build_module(cfg, betas)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, output_dir)
     if ckpt_path is not None:
-        check_checkpoint(ckpt_path, module.hparams)  # architecture, T, betas, parameterization, variance
+        check_resumable(ckpt_path, module, output_dir, own=cfg.ckpt_path is None)
     if cfg.callbacks.checkpoint is not None:
         writable_dir(cfg.callbacks.checkpoint.dirpath, "callbacks.checkpoint.dirpath")
     check_logger(cfg.logger)
