@@ -236,6 +236,9 @@ def guarded(fn: Callable[[DictConfig], object], cfg: DictConfig):
     try:
         return fn(cfg)
     except Interrupted as err:
+        if err.checkpoint is None:  # nothing to resume from (evaluate.py, figures.py, a stop before training)
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(err.exit_code)
         # The job's own overrides (under -m or submitit, sys.argv is the sweep's or submitit's command line)
         multirun = _in_multirun()
         task = list(HydraConfig.get().overrides.task) if multirun else sys.argv[1:]

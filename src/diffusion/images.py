@@ -4,6 +4,7 @@ Data are 8-bit images mapped onto the 256-level grid in [-1, 1] (x / 127.5 - 1),
 discretized decoder assumes (Ho et al. 2020, Sec. 3.3); samples go back to uint8 by the nearest level.
 """
 
+import os
 from pathlib import Path
 
 import torch
@@ -45,10 +46,13 @@ def side_by_side(grids: list[Tensor]) -> Tensor:
 
 
 def save_png(image: Tensor, path: Path) -> Path:
-    """A (C, H, W) image in [0, 1] as a PNG, creating the folder."""
+    """A (C, H, W) image in [0, 1] as a PNG, creating the folder; written whole or not at all (a temporary
+    file renamed), so a run stopped mid-write never leaves a truncated PNG under the final name."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(image, path)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    save_image(image, tmp)
+    os.replace(tmp, path)
     return path
 
 

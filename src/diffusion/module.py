@@ -181,8 +181,15 @@ class DiffusionModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["timestep_sampler"] = self.timestep_sampler.state_dict()
         checkpoint["nonfinite_skips"] = self.nonfinite_skips
+        # The epoch's binned losses so far: a run resumed mid-epoch logs the whole epoch's means at its end.
+        checkpoint["train_loss_by_t"] = [dict(metric.metric_state) for metric in self.train_bin_loss]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "timestep_sampler" in checkpoint:
             self.timestep_sampler.load_state_dict(checkpoint["timestep_sampler"])
         self.nonfinite_skips = checkpoint.get("nonfinite_skips", 0)
+        states = checkpoint.get("train_loss_by_t", [])
+        if len(states) == len(self.train_bin_loss):
+            for metric, state in zip(self.train_bin_loss, states, strict=True):
+                metric.reset()
+                metric.merge_state({k: v.to(metric.device) for k, v in state.items()})

@@ -279,23 +279,22 @@ def _render_all(net: Model, diffusion: GaussianDiffusion, x0: Tensor, out_dir: P
     def gen() -> torch.Generator:
         return torch.Generator(device).manual_seed(spec.seed)
 
+    # Each figure is written as soon as it is drawn: a run stopped half-way keeps the figures it has made.
     frames = forward_process(diffusion, images, spec.forward_steps or default_steps(T), gen())
+    paths = {"forward": save_rows(forward_rows(frames), out_dir / "forward.png")}
     chains = reverse_process(net, diffusion, n, tuple(images.shape[1:]),
                              spec.reverse_steps or default_steps(T, [k / 10 for k in range(11)]), spec.seed)
+    paths["reverse"] = save_rows(reverse_rows(chains), out_dir / "reverse.png")
     rec = stochastic_reconstructions(net, diffusion, images, spec.reconstruction_steps or default_steps(T),
                                      spec.num_reconstructions, gen())
+    paths["reconstructions"] = save_rows(reconstruction_rows(rec), out_dir / "reconstructions.png")
     lambdas = torch.linspace(0, 1, spec.num_lambdas, dtype=torch.float64).tolist()
     steps = check_steps(diffusion, spec.interpolation_steps or [T // 2], "interpolation_steps")
     interps = [interpolate(net, diffusion, images[0:n - 1:2], images[1:n:2], t, lambdas, gen()) for t in steps]
+    paths["interpolation"] = save_rows(torch.stack([interpolation_rows(i) for i in interps], 1).flatten(0, 1),
+                                       out_dir / "interpolation.png")
     samples = draw(net, diffusion, spec.sampler, spec.num_samples, shape=tuple(images.shape[1:]), seed=spec.seed,
                    chunk_size=spec.num_samples).images
+    paths["samples"] = save_grid(samples, out_dir / "samples.png", pad_value=1.0)
     rd = progressive_coding(net, diffusion, x0[: spec.rd_images], gen())
-    paths = {
-        "forward": save_rows(forward_rows(frames), out_dir / "forward.png"),
-        "reverse": save_rows(reverse_rows(chains), out_dir / "reverse.png"),
-        "reconstructions": save_rows(reconstruction_rows(rec), out_dir / "reconstructions.png"),
-        "interpolation": save_rows(torch.stack([interpolation_rows(i) for i in interps], 1).flatten(0, 1),
-                                   out_dir / "interpolation.png"),
-        "samples": save_grid(samples, out_dir / "samples.png", pad_value=1.0),
-    }
     return paths | write_rate_distortion(rd, out_dir)

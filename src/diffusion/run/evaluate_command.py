@@ -19,6 +19,7 @@ from diffusion.run.console import quiet_console
 from diffusion.run.figures_command import check_data_fits
 from diffusion.run.preflight import build_trainer, check_device, check_logger, writable_dir
 from diffusion.run.sampler_table import log_table, table_rows, table_samplers, write_table
+from diffusion.run.stopping import stop_on_signals, written_since
 from diffusion.sampling import SamplerSpec, as_sampler_spec
 
 
@@ -74,11 +75,31 @@ def _pass(cfg, module, datamodule, metric: SampleQuality, sampler: SamplerSpec, 
 
 
 def evaluate(cfg: DictConfig) -> dict:
-    """FID/IS/KID/precision/recall of N samples against the training set, NLL in bits/dim on the test split."""
+    """FID/IS/KID/precision/recall of N samples against the training set, NLL in bits/dim on the test split.
+
+    SIGTERM or Ctrl-C stops it at once, saying whether the report was written (see run/stopping.py)."""
     quiet_console()
+    out, began = Path(cfg.output_dir), time.time()
+
+    def what_is_written() -> str:
+        written = [p.name for p in written_since(out, began)]
+        if "report.json" in written:
+            return f"written to {out}: {', '.join(written)}"
+        return f"the report ({out / 'report.json'}) was not written" + (
+            f"; written to {out}: {', '.join(written)}" if written else "")
+
+    with stop_on_signals(what_is_written):
+        return _evaluate(cfg)
+
+
+def _evaluate(cfg: DictConfig) -> dict:
     module, datamodule, extractor, table = _setup(cfg)
     num_samples = cfg.num_samples or datamodule.eval_num_samples
     sampler = as_sampler_spec(OmegaConf.to_container(cfg.sampler, resolve=True))
+    if rank_zero_only.rank == 0:
+        bpd = f", bits/dim on the {cfg.bpd.split} split" if cfg.bpd.enabled else ""
+        print(f"evaluating {cfg.ckpt}: {num_samples} samples ({sampler.label(module.diffusion.num_timesteps)}) "
+              f"against {datamodule.name}{bpd}", flush=True)
     metric = SampleQuality({**OmegaConf.to_container(cfg.feature_extractor, resolve=True), "name": extractor})
     results, protocol = _pass(cfg, module, datamodule, metric, sampler, num_samples, bpd=cfg.bpd.enabled)
     report = {"checkpoint": str(Path(cfg.ckpt).resolve()), "data": datamodule.name, "protocol": protocol,

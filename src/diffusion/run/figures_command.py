@@ -1,5 +1,6 @@
 """figures(cfg): the paper's figures of a checkpoint, from the real images of the data it was trained on."""
 
+import time
 from pathlib import Path
 
 from hydra.utils import instantiate
@@ -11,6 +12,7 @@ from diffusion.images import to_model_range
 from diffusion.paper_figures import FigureSpec, render_all
 from diffusion.run.console import quiet_console
 from diffusion.run.preflight import check_device, check_logger, writable_dir
+from diffusion.run.stopping import stop_on_signals, written_since
 from diffusion.sampling import as_sampler_spec
 
 
@@ -23,10 +25,24 @@ def check_data_fits(datamodule, module, ckpt: str) -> None:
 
 
 def figures(cfg: DictConfig) -> dict[str, Path]:
-    """Every figure (Figs. 5-9, Table 3) as PNGs and rate_distortion.md/.json in the output directory."""
+    """Every figure (Figs. 5-9, Table 3) as PNGs and rate_distortion.md/.json in the output directory.
+
+    SIGTERM or Ctrl-C stops it at once, naming the figures already saved (see run/stopping.py)."""
     quiet_console()
+    out, began = writable_dir(cfg.output_dir, "output_dir"), time.time()
+
+    def what_is_written() -> str:
+        written = [p.name for p in written_since(out, began)]
+        return f"figures saved so far in {out}: {', '.join(written)}" if written else \
+            f"no figure was saved yet ({out})"
+
+    with stop_on_signals(what_is_written):
+        return _figures(cfg)
+
+
+def _figures(cfg: DictConfig) -> dict[str, Path]:
     device = check_device(cfg.device)
-    out = writable_dir(cfg.output_dir, "output_dir")
+    out = Path(cfg.output_dir)
     check_logger(cfg.logger)
     module = load_module(cfg.ckpt, device, cfg.weights)
     plain = OmegaConf.to_container(cfg, resolve=True)
