@@ -192,6 +192,7 @@ def test_reconstruction_at_an_untracked_sigma_rel_matches_a_power_ema_tracked_di
     ema, steps, gammas, states = tracked_run(trajectory, every=50)
     gamma = largest_root_gamma(sigma_rel)
     weights = solve_weights(steps, gammas, T, gamma)
+    assert float(weights.sum()) == pytest.approx(1.0, abs=1e-12)  # a constant trajectory is kept as it is
     rebuilt = reconstruct(states, weights)
     misfit = float(fit_error(steps, gammas, T, gamma, weights))
     assert misfit < 0.03
@@ -300,10 +301,14 @@ def test_callback_on_the_diffusion_module_gives_weights_its_net_loads(tmp_path):
     module.net.load_state_dict(state, strict=True)
 
 
-def test_callback_updates_once_per_optimizer_step_under_gradient_accumulation(tmp_path):
+def test_callback_updates_once_per_optimizer_step_under_gradient_accumulation(tmp_path, monkeypatch):
+    written, real = [], callback_module.write_atomically
+    monkeypatch.setattr(callback_module, "write_atomically", lambda data, path: (written.append(path.name),
+                                                                               real(data, path)))
     recorder = Recorder()
     callback = fit(tmp_path, max_steps=4, every=2, extra=[recorder], accumulate_grad_batches=2, limit_train_batches=2)
     assert callback.ema.step == 4 and snapshot_files(tmp_path) == [snapshot_name(2), snapshot_name(4)]
+    assert written == snapshot_files(tmp_path)  # each written once, not again at the next micro-batch
     snap = torch.load(tmp_path / "posthoc_ema" / snapshot_name(4), weights_only=True)
     for name, value in snap["averages"][0].items():
         direct = plain_power_ema([recorder.seen[t][name].double() for t in range(1, 5)], largest_root_gamma(0.05))

@@ -7,7 +7,7 @@ Disk: a snapshot holds both profiles in float32, 2 × 4 bytes a parameter. The 1
 8.8 MB snapshots, 12 of them (106 MB) for its 1,200 steps at the default every_n_steps=100, enough to rebuild
 σ_rel in about [0.032, 0.21]. The 35.7M-parameter CIFAR-10 net makes 2 × 4 × 35.7M = 285.6 MB (272 MiB) a
 snapshot: its 800,000 steps need a far larger N, e.g. every_n_steps=20_000 for 40 snapshots (11.4 GB) that
-rebuild σ_rel in about [0.017, 0.26] (`reconstructable_range`).
+rebuild σ_rel in about [0.016, 0.26] (`reconstructable_range`).
 
 Resume: the running averages and their step are in the checkpoint, so a resumed run writes the same bytes as
 an uninterrupted one. A run resumed into another run directory first hard-links (or copies) the snapshots it
