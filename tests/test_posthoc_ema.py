@@ -224,8 +224,9 @@ def test_reconstructable_range_grows_with_the_number_of_snapshots():
 class TinyModule(L.LightningModule):
     """A linear `.net` fit to a fixed batch by SGD: deterministic, one batch an epoch, so any stop is resumable."""
 
-    def __init__(self):
+    def __init__(self, batch_size: int = 16):
         super().__init__()
+        self.batch_size = batch_size
         self.net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
         self.net[0].register_buffer("calls", torch.zeros(()))
 
@@ -239,7 +240,7 @@ class TinyModule(L.LightningModule):
     def train_dataloader(self):
         gen = torch.Generator().manual_seed(0)
         data = torch.utils.data.TensorDataset(torch.randn(16, 4, generator=gen), torch.randn(16, 2, generator=gen))
-        return torch.utils.data.DataLoader(data, batch_size=16)
+        return torch.utils.data.DataLoader(data, batch_size=self.batch_size)
 
 
 class Recorder(L.Callback):
@@ -247,12 +248,15 @@ class Recorder(L.Callback):
 
     def __init__(self):
         self.seen: dict[int, dict[str, torch.Tensor]] = {}
+        self.batch_ends = 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.batch_ends += 1
         self.seen[trainer.global_step] = {n: p.detach().clone() for n, p in pl_module.net.named_parameters()}
 
 
-def fit(root: Path, max_steps: int, ckpt_path=None, every: int = 3, extra=(), **trainer_kwargs) -> PostHocEMA:
+def fit(root: Path, max_steps: int, ckpt_path=None, every: int = 3, extra=(), batch_size: int = 16,
+        **trainer_kwargs) -> PostHocEMA:
     torch.manual_seed(0)
     callback = PostHocEMA(SIGMA_RELS, every_n_steps=every)
     checkpoint = L.pytorch.callbacks.ModelCheckpoint(root / "checkpoints", every_n_train_steps=1, save_top_k=0,
@@ -260,7 +264,7 @@ def fit(root: Path, max_steps: int, ckpt_path=None, every: int = 3, extra=(), **
     trainer = L.Trainer(max_steps=max_steps, callbacks=[callback, checkpoint, *extra], logger=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
                         accelerator="cpu", **trainer_kwargs)
-    trainer.fit(TinyModule(), ckpt_path=ckpt_path)
+    trainer.fit(TinyModule(batch_size), ckpt_path=ckpt_path)
     return callback
 
 
@@ -306,7 +310,8 @@ def test_callback_updates_once_per_optimizer_step_under_gradient_accumulation(tm
     monkeypatch.setattr(callback_module, "write_atomically", lambda data, path: (written.append(path.name),
                                                                                real(data, path)))
     recorder = Recorder()
-    callback = fit(tmp_path, max_steps=4, every=2, extra=[recorder], accumulate_grad_batches=2, limit_train_batches=2)
+    callback = fit(tmp_path, max_steps=4, every=2, extra=[recorder], batch_size=8, accumulate_grad_batches=2)
+    assert recorder.batch_ends == 8  # two micro-batches a step
     assert callback.ema.step == 4 and snapshot_files(tmp_path) == [snapshot_name(2), snapshot_name(4)]
     assert written == snapshot_files(tmp_path)  # each written once, not again at the next micro-batch
     snap = torch.load(tmp_path / "posthoc_ema" / snapshot_name(4), weights_only=True)
