@@ -448,6 +448,19 @@ def test_math_entry_points_reject_bad_input_in_one_line():
         assert "\n" not in str(info.value)
 
 
+def test_power_ema_refuses_the_state_of_other_widths_or_another_net():
+    saved = PowerEMA({"w": torch.zeros(3)}, SIGMA_RELS)
+    saved.update([torch.ones(3)])
+    for other, expected in [(PowerEMA({"w": torch.zeros(3)}, (0.05, 0.2)), r"sigma_rels \(0.05, 0.1\), this run asks"),
+                            (PowerEMA({"w": torch.zeros(4)}, SIGMA_RELS), "averages another net")]:
+        with pytest.raises(UserError, match=expected) as info:
+            other.load_state_dict(saved.state_dict())
+        assert "\n" not in str(info.value) and other.step == 0
+    same = PowerEMA({"w": torch.zeros(3)}, SIGMA_RELS)
+    same.load_state_dict(saved.state_dict())
+    assert same.step == 1 and torch.equal(same.averages[1][0], torch.ones(3))
+
+
 def test_write_atomically_replaces_whole_files(tmp_path):
     path = tmp_path / "deep" / "x.pt"
     write_atomically(b"old", path)
