@@ -259,8 +259,9 @@ def _read_snapshots(snapshot_dir: Path) -> list[dict[str, Any]]:
             shapes = [{n: tuple(v.shape) for n, v in a.items()} for a in snapshot["averages"]]
             ok = snapshot["step"] == step and len(snapshot["gammas"]) == len(shapes) > 0
         except Exception as err:  # torch.load's many ways to fail on a cut-off or foreign file
-            raise UserError(f"post-hoc EMA snapshot {path} cannot be read ({type(err).__name__}: "
-                            f"{str(err).splitlines()[0] if str(err) else ''}); delete it and load again") from err
+            first_line = str(err).splitlines()[0] if str(err) else ""
+            raise UserError(f"post-hoc EMA snapshot {path} cannot be read ({type(err).__name__}: {first_line}); "
+                            "move it out of that folder and load again") from err
         if not ok:
             raise UserError(f"post-hoc EMA snapshot {path} holds step {snapshot['step']} and {len(shapes)} averages; "
                             "it was not written by PostHocEMA (or was renamed): move it out of that folder")
