@@ -1,6 +1,6 @@
 """Who may import whom, for every package: the rules below, checked by parsing every module's imports.
 
-    math        schedules, gaussian, losses, likelihood, sampling/, images, paper_figures, nn/, errors:
+    math        schedules, gaussian, losses, likelihood, sampling/, images, paper_figures, posthoc_ema, nn/, errors:
                 torch (and torchvision, matplotlib), never a framework or a higher layer
     nn/         torch only; nothing about schedules
     glue        module, data/, callbacks/, metrics/, evaluation, checkpointing, distributed: Lightning and
@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "diffusion"
 FRAMEWORKS = {"lightning", "pytorch_lightning", "hydra", "omegaconf", "wandb", "torchmetrics"}
 CONFIG_FRAMEWORKS = {"hydra", "omegaconf"}
-MATH = ["schedules", "gaussian", "losses", "likelihood", "sampling", "images", "paper_figures", "nn", "errors"]
+MATH = ["schedules", "gaussian", "losses", "likelihood", "sampling", "images", "paper_figures", "posthoc_ema", "nn",
+        "errors"]
 GLUE = ["module", "data", "callbacks", "metrics", "evaluation", "checkpointing", "distributed"]
 HIGHER = {"module", "data", "callbacks", "metrics", "evaluation", "checkpointing", "distributed", "config", "run",
           "cli"}
