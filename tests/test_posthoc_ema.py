@@ -211,7 +211,7 @@ def test_reconstructable_range_grows_with_the_number_of_snapshots():
         steps = [t for t in range(every, T + 1, every) for _ in SIGMA_RELS]
         return reconstructable_range(steps, [sigma_rel_to_gamma(s) for _ in steps[::2] for s in SIGMA_RELS], T)
 
-    lo12, hi12 = range_for(100)  # the digits run at the default every_n_steps: 12 snapshots
+    lo12, hi12 = range_for(100)  # the digits recipe: 12 snapshots over its 1,200 steps
     assert 0.025 < lo12 < 0.04 and 0.18 < hi12 < 0.25
     lo40, hi40 = range_for(30)
     assert lo40 < lo12 and hi40 > hi12
@@ -254,10 +254,10 @@ class Recorder(L.Callback):
         self.seen[trainer.global_step] = {n: p.detach().clone() for n, p in pl_module.net.named_parameters()}
 
 
-def fit(root: Path, max_steps: int, ckpt_path=None, every: int = 3, extra=(), batch_size: int = 16,
-        **trainer_kwargs) -> PostHocEMA:
+def fit(root: Path, max_steps: int, ckpt_path=None, every: int | None = 3, extra=(), batch_size: int = 16,
+        num_snapshots: int = 16, **trainer_kwargs) -> PostHocEMA:
     torch.manual_seed(0)
-    callback = PostHocEMA(SIGMA_RELS, every_n_steps=every)
+    callback = PostHocEMA(SIGMA_RELS, every_n_steps=every, num_snapshots=num_snapshots)
     checkpoint = L.pytorch.callbacks.ModelCheckpoint(root / "checkpoints", every_n_train_steps=1, save_top_k=0,
                                                      save_last=True)
     trainer = L.Trainer(max_steps=max_steps, callbacks=[callback, checkpoint, *extra], logger=False,
@@ -286,6 +286,15 @@ def test_callback_writes_snapshots_of_power_emas_every_n_steps_and_at_the_end(tm
             for name, value in snap["averages"][k].items():
                 direct = plain_power_ema([recorder.seen[t][name].double() for t in range(1, step + 1)], gamma)
                 assert_close(value, direct.float(), rtol=1e-5, atol=1e-6)
+
+
+def test_default_cadence_keeps_num_snapshots_whatever_max_steps(tmp_path):
+    """every_n_steps=None: every ceil(max_steps / num_snapshots) steps, plus the last step."""
+    for max_steps, num_snapshots, expected in [(8, 3, [3, 6, 8]), (9, 3, [3, 6, 9]), (4, 16, [1, 2, 3, 4])]:
+        root = tmp_path / f"{max_steps}_{num_snapshots}"
+        callback = fit(root, max_steps=max_steps, every=None, num_snapshots=num_snapshots)
+        assert snapshot_files(root) == [snapshot_name(s) for s in expected]
+        assert callback.every_n_steps is None and callback.every == -(-max_steps // num_snapshots)
 
 
 def test_callback_on_the_diffusion_module_gives_weights_its_net_loads(tmp_path):
@@ -367,6 +376,7 @@ def test_a_failed_write_leaves_only_whole_snapshots(tmp_path, monkeypatch):
 
 def test_callback_rejects_bad_arguments_in_one_line():
     for kwargs, expected in [({"every_n_steps": 0}, "every_n_steps must be an integer >= 1, got 0"),
+                             ({"num_snapshots": 0}, "num_snapshots must be an integer >= 1, got 0; try num_snapshots="),
                              ({"sigma_rels": (0.05, 0.05)}, "must be distinct"),
                              ({"sigma_rels": ()}, "must be distinct and at least one"),
                              ({"sigma_rels": (0.05, 0.5)}, r"sigma_rel must be in \(0, 0.2887\]")]:
@@ -465,3 +475,34 @@ def test_write_atomically_replaces_whole_files(tmp_path):
     write_atomically(b"old", path)
     write_atomically(b"new contents", path)
     assert path.read_bytes() == b"new contents" and os.listdir(path.parent) == ["x.pt"]
+
+
+def readme_table(header: str) -> list[list[str]]:
+    """The rows of the README table whose header line starts with `header`."""
+    lines = (Path(__file__).resolve().parents[1] / "README.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header)) + 2
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            return rows
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+def test_readme_tables_are_what_the_functions_give():
+    """The σ_rel ↔ decay table and the range per snapshot count in the README, recomputed."""
+    rows = readme_table("| σ_rel | γ | decay at step 1,200")
+    assert [r[0] for r in rows] == ["0.01", "0.05", "0.10", "0.20"]
+    for sigma_rel, gamma, digits, cifar in rows:
+        s = float(sigma_rel)
+        assert math.isclose(float(gamma), sigma_rel_to_gamma(s), rel_tol=5e-3)
+        assert float(digits) == round(sigma_rel_to_decay(s, 1200), len(digits) - 2)
+        assert float(cifar) == round(sigma_rel_to_decay(s, 800_000), len(cifar) - 2)
+    gammas = [sigma_rel_to_gamma(s) for s in SIGMA_RELS]
+    rows = readme_table("| snapshots | σ_rel from | to |")
+    assert [r[0] for r in rows] == ["8", "12", "16", "40", "80"]
+    for count, lo, hi in rows:
+        every = -(-1200 // int(count))  # the default cadence over the digits run's 1,200 steps
+        steps = [*range(every, 1200, every), 1200]
+        got = reconstructable_range([t for t in steps for _ in gammas], gammas * len(steps), 1200)
+        assert (float(lo), float(hi)) == (round(got[0], 3), round(got[1], 3)), count

@@ -15,7 +15,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.errors import HydraException, MissingConfigException
+from hydra.errors import CompactHydraException, HydraException, MissingConfigException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -176,23 +176,41 @@ def _keys_of(config_name: str, parent: str) -> list[str]:
 
 
 def guarded(fn: Callable[[DictConfig], object], cfg: DictConfig):
-    """Run fn(cfg); a UserError becomes one line on stderr and exit status 2 (HYDRA_FULL_ERROR=1: traceback)."""
+    """Run fn(cfg); a UserError becomes one line on stderr and exit status 2 (HYDRA_FULL_ERROR=1: traceback).
+
+    The job's status.json (diffusion.run.job_status) records how it ended. Under -m a failed job does not stop
+    the sweep: its line is printed, the next job runs, and the sweep ends with the first failure's line."""
+    from diffusion.run.job_status import JobStatus  # here, not above: importing run/ loads torch and Lightning
+
+    status = JobStatus()
     try:
-        return fn(cfg)
+        result = fn(cfg)
+        status.finished()
+        return result
     except Interrupted as err:
         # The job's own overrides (under -m or submitit, sys.argv is the sweep's or submitit's command line)
         multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
         task = list(HydraConfig.get().overrides.task) if multirun else sys.argv[1:]
         overrides = [a for a in task if not a.startswith("ckpt_path=")]
         script = Path(sys.argv[0]).name if sys.argv[0].endswith(".py") and "submitit" not in sys.argv[0] else "train.py"
-        print(f"error: {err}; resume with: python {script} {' '.join(overrides)} ckpt_path={err.checkpoint}",
-              file=sys.stderr)
+        resume = f"python {script} {' '.join(overrides)} ckpt_path={err.checkpoint}"
+        status.interrupted(err, resume)
+        print(f"error: {err}; resume with: {resume}", file=sys.stderr)
         sys.exit(err.exit_code)
     except Exception as err:
         user_error = _user_error_in(err)
+        status.failed(user_error or err)
         if user_error is None or full_errors():
             raise
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            print(f"error: {user_error}", file=sys.stderr)
+            job = HydraConfig.get().job
+            raise SweepJobFailed(f"error: job {job.num} ({job.override_dirname}) failed: {user_error}") from None
         fail(str(user_error))
+
+
+class SweepJobFailed(CompactHydraException):
+    """A job of a multirun that failed with a UserError: Hydra runs the other jobs, then prints this one line."""
 
 
 def _user_error_in(err: BaseException | None) -> UserError | None:

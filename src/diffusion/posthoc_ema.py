@@ -211,15 +211,16 @@ def snapshot_contents(ema: PowerEMA, buffers: Mapping[str, Tensor]) -> dict[str,
             "averages": [cpu(ema.averaged(k)) for k in range(len(ema.gammas))], "buffers": cpu(buffers)}
 
 
-def load_posthoc_ema(snapshot_dir, sigma_rel: float,
-                     max_fit_error: float = MAX_FIT_ERROR) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """The net's weights averaged with width σ_rel at the last snapshot's step, rebuilt from a run's snapshots.
+def load_posthoc_ema(snapshot_dir, sigma_rel: float, max_fit_error: float = MAX_FIT_ERROR,
+                     max_step: int | None = None) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The net's weights averaged with width σ_rel at the last snapshot's step, rebuilt from a run's snapshots
+    (those up to max_step if given: a checkpoint's step).
 
     Returns the net's state dict (float32 like the snapshots; buffers from the last snapshot) and an info dict:
     step, sigma_rel, gamma, fit_error, the reconstructable σ_rel range and each snapshot's (step, σ_rel, weight).
     """
     snapshot_dir = Path(snapshot_dir)
-    snapshots = _read_snapshots(snapshot_dir)
+    snapshots = _read_snapshots(snapshot_dir, max_step)
     steps = [s["step"] for s in snapshots for _ in s["gammas"]]
     gammas = [g for s in snapshots for g in s["gammas"]]
     target = snapshots[-1]["step"]
@@ -243,8 +244,9 @@ def load_posthoc_ema(snapshot_dir, sigma_rel: float,
     return state, info
 
 
-def _read_snapshots(snapshot_dir: Path) -> list[dict[str, Any]]:
-    """Every step_<step>.pt in the folder (memory-mapped), by step; one-line errors for what cannot be used."""
+def _read_snapshots(snapshot_dir: Path, max_step: int | None = None) -> list[dict[str, Any]]:
+    """Every step_<step>.pt in the folder (memory-mapped; up to max_step), by step; one-line errors for what
+    cannot be used."""
     if not snapshot_dir.is_dir():
         raise UserError(f"post-hoc EMA snapshot folder {snapshot_dir} does not exist; give the posthoc_ema folder "
                         "of a run trained with the PostHocEMA callback, e.g. outputs/<name>/<time>/posthoc_ema")
@@ -252,6 +254,10 @@ def _read_snapshots(snapshot_dir: Path) -> list[dict[str, Any]]:
     if not files:
         raise UserError(f"no post-hoc EMA snapshots (step_<step>.pt) in {snapshot_dir}; give the posthoc_ema folder "
                         "of a run trained with the PostHocEMA callback for at least every_n_steps steps")
+    if max_step is not None and files[0][0] > max_step:
+        raise UserError(f"the post-hoc EMA snapshots in {snapshot_dir} start at step {files[0][0]}, after the "
+                        f"checkpoint's step {max_step}; evaluate a later checkpoint (e.g. last.ckpt)")
+    files = [(step, path) for step, path in files if max_step is None or step <= max_step]
     snapshots, first = [], None
     for step, path in files:
         try:

@@ -119,10 +119,20 @@ class SamplerTableConfig:
 
 
 @dataclass
+class PostHocEMAChoice:
+    """Which average evaluate.py scores: null = the checkpoint's (weights=ema: the classic constant-decay EMA);
+    a width σ_rel = the post-hoc EMA of that width rebuilt from the run's snapshots (Karras et al. 2024)."""
+
+    sigma_rel: float | None = None
+    snapshot_dir: str | None = None  # None: <run>/posthoc_ema beside the checkpoint's <run>/checkpoints/
+
+
+@dataclass
 class EvaluateConfig:
     name: str = "evaluate"
     ckpt: str = MISSING
     weights: str = "ema"  # ema | raw
+    ema: PostHocEMAChoice = field(default_factory=PostHocEMAChoice)  # ema.sigma_rel=0.05: a post-hoc EMA
     num_samples: int | None = None  # None: 50,000 for CIFAR-10 (the paper's protocol), 1,000 otherwise
     batch_size: int = 250
     sampler: SamplerSpec = field(default_factory=SamplerSpec)  # the paper's: ancestral, all T steps

@@ -66,11 +66,36 @@ def validate(cfg: DictConfig) -> None:
     if cfg.callbacks.ema is not None:
         _require(0 <= cfg.callbacks.ema.decay < 1, "callbacks.ema.decay", cfg.callbacks.ema.decay, "in [0, 1)",
                  "try callbacks.ema.decay=0.9999")
+    if cfg.callbacks.posthoc_ema is not None:
+        _check_posthoc_ema(cfg.callbacks.posthoc_ema)
     if cfg.optim.lr_scheduler is not None:
         _require(cfg.optim.lr_scheduler.total_iters >= 1, "optim.lr_scheduler.total_iters",
                  cfg.optim.lr_scheduler.total_iters, ">= 1", "use optim.lr_scheduler=null for no warm-up")
 
 
+
+def _check_posthoc_ema(node: DictConfig) -> None:
+    """callbacks.posthoc_ema: widths a power function has, distinct; a cadence >= 1."""
+    from diffusion.posthoc_ema import SIGMA_REL_MAX
+
+    key = "callbacks.posthoc_ema"
+    sigma_rels = list(node.sigma_rels)
+    _require(bool(sigma_rels) and len(set(sigma_rels)) == len(sigma_rels) and
+             all(0 < s <= SIGMA_REL_MAX for s in sigma_rels), f"{key}.sigma_rels", sigma_rels,
+             f"distinct widths in (0, {SIGMA_REL_MAX:.4f}]", f"try {key}.sigma_rels=[0.05,0.10]")
+    _require(node.every_n_steps is None or node.every_n_steps >= 1, f"{key}.every_n_steps", node.every_n_steps,
+             ">= 1 or null (null: trainer.max_steps / num_snapshots)", f"try {key}.every_n_steps=null")
+    _require(node.num_snapshots >= 1, f"{key}.num_snapshots", node.num_snapshots, ">= 1",
+             f"try {key}.num_snapshots=16")
+
+
+def check_posthoc_sigma_rel(sigma_rel: float | None, key: str = "ema.sigma_rel") -> None:
+    """A width to rebuild (evaluate.py ema.sigma_rel): null (the classic EMA) or in (0, 1/sqrt(12)]."""
+    from diffusion.posthoc_ema import SIGMA_REL_MAX
+
+    _require(sigma_rel is None or 0 < sigma_rel <= SIGMA_REL_MAX, key, sigma_rel,
+             f"in (0, {SIGMA_REL_MAX:.4f}] (1/sqrt(12) is the plain average of the whole run) or null",
+             f"try {key}=0.05")
 
 
 def num_timesteps(cfg: DictConfig) -> int | None:
@@ -115,8 +140,11 @@ def _walk(node: Any, prefix: str = ""):
 
 
 def validate_entry(config_name: str, cfg: DictConfig) -> None:
-    """The checks of an entry point's config: train.py's all, the others' sampler settings."""
+    """The checks of an entry point's config: train.py's all, the others' sampler settings (and evaluate's
+    post-hoc EMA width)."""
     if config_name == "train":
         validate(cfg)
     else:
         check_samplers(cfg)
+    if config_name == "evaluate":
+        check_posthoc_sigma_rel(cfg.ema.sigma_rel)
