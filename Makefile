@@ -6,9 +6,10 @@ STAMP  := $(VENV)/.installed-dev
 BENCH_STAMP := $(VENV)/.installed-bench
 PYTEST_ARGS ?=
 CKPT ?=
+DIR ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test lint bench train sample clean
+.PHONY: help setup test lint bench train sample report clean
 
 help:  ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-8s %s\n", $$1, $$2}'
@@ -40,6 +41,10 @@ train: $(STAMP)  ## Train on the bundled digits on CPU in minutes; prints the sa
 
 sample: $(STAMP)  ## Sample from a checkpoint: make sample CKPT=path/to/last.ckpt
 	$(PY) sample.py ckpt=$(CKPT)
+
+report: $(STAMP)  ## Tabulate a sweep: make report DIR=multirun/<name>/<time> (report.md, report.csv, plots)
+	@test -n "$(DIR)" || { echo "error: no sweep folder given; make report DIR=multirun/<name>/<time>" >&2; exit 2; }
+	$(PY) report.py $(DIR)
 
 clean:  ## Remove run outputs (keeps .venv)
 	rm -rf outputs multirun .pytest_cache

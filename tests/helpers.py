@@ -1,6 +1,7 @@
 """Compose the real configs through Hydra's compose API, as train.py would, writing under tmp_path."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -34,10 +35,10 @@ def train_cfg(tmp_path: Path, *overrides: str) -> DictConfig:
     return compose_cfg("train", ["debug=fast", *overrides], tmp_path)
 
 
-def run_script(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run an entry point (train.py, sample.py) of the repository as a user would."""
+def run_script(*args: str, cwd: Path, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run an entry point (train.py, sample.py) of the repository as a user would (env: extra variables)."""
     return subprocess.run([sys.executable, str(ROOT / args[0]), *args[1:]], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
 
 def wandb_records(run_dir: Path) -> list[dict]:

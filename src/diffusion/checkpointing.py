@@ -26,6 +26,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from diffusion.errors import UserError
 from diffusion.module import DiffusionModule
+from diffusion.posthoc_ema import load_posthoc_ema
 
 EXAMPLE = "e.g. outputs/<name>/<time>/checkpoints/last.ckpt"
 _FIXES = {
@@ -256,11 +257,35 @@ def load_module(ckpt, map_location: str | torch.device = "cpu", weights: str = "
     which is the raw weights when trained without EMA) or, with weights="raw", the raw ones."""
     if weights not in ("ema", "raw"):
         raise UserError(f"weights must be 'ema' or 'raw', got {weights!r}; try weights=ema")
-    if not Path(ckpt).exists():
-        raise UserError(f"ckpt {ckpt} does not exist; give the path of a .ckpt file from a training run, {EXAMPLE}")
-    state = check_checkpoint(ckpt)
+    state = _checked(ckpt)
     if weights == "raw" and "current_model_state" not in state:
         raise UserError(f"{ckpt} holds no raw weights (trained without EMA); use weights=ema")
     module = DiffusionModule(**state["hyper_parameters"])
     module.load_state_dict(state["state_dict"] if weights == "ema" else state["current_model_state"])
     return module.to(map_location).eval()
+
+
+def load_posthoc_module(ckpt, sigma_rel: float, snapshot_dir=None,
+                        map_location: str | torch.device = "cpu") -> tuple[DiffusionModule, dict]:
+    """The checkpoint's module whose net holds the post-hoc EMA of width σ_rel (Karras et al. 2024, Alg. 3),
+    rebuilt from its run's snapshots (<run>/posthoc_ema beside <run>/checkpoints/) up to the checkpoint's step.
+
+    Returns the module in eval mode and `load_posthoc_ema`'s info (step, fit error, range, snapshot weights).
+    """
+    state = _checked(ckpt)
+    folder = Path(snapshot_dir) if snapshot_dir else Path(ckpt).resolve().parent.parent / "posthoc_ema"
+    net_state, info = load_posthoc_ema(folder, sigma_rel, max_step=int(state["global_step"]))
+    module = DiffusionModule(**state["hyper_parameters"])
+    try:
+        module.net.load_state_dict(net_state)
+    except RuntimeError as err:
+        raise UserError(f"the post-hoc EMA snapshots in {folder} are not of the net in {ckpt} "
+                        f"({str(err).splitlines()[0]}); give that run's folder with ema.snapshot_dir=...") from err
+    return module.to(map_location).eval(), {**info, "checkpoint_step": int(state["global_step"]),
+                                             "snapshot_dir": str(folder)}
+
+
+def _checked(ckpt) -> dict:
+    if not Path(ckpt).exists():
+        raise UserError(f"ckpt {ckpt} does not exist; give the path of a .ckpt file from a training run, {EXAMPLE}")
+    return check_checkpoint(ckpt)

@@ -6,6 +6,7 @@ one line. HYDRA_FULL_ERROR=1 shows every traceback instead.
 """
 
 import difflib
+import json
 import os
 import re
 import sys
@@ -232,11 +233,21 @@ def _keys_of(config_name: str, parent: str) -> list[str]:
 
 
 def guarded(fn: Callable[[DictConfig], object], cfg: DictConfig):
-    """Run fn(cfg); a UserError becomes one line on stderr and exit status 2 (HYDRA_FULL_ERROR=1: traceback)."""
+    """Run fn(cfg); a UserError becomes one line on stderr and exit status 2 (HYDRA_FULL_ERROR=1: traceback).
+
+    The job's status.json (diffusion.run.job_status) records how it ended. Under -m a failed job does not stop
+    the sweep: its line is printed, the next job runs, and the sweep ends with a summary of the failed jobs and
+    exit status 1 (SweepSummary)."""
+    from diffusion.run.job_status import JobStatus  # here, not above: importing run/ loads torch and Lightning
+
+    status = JobStatus()
     try:
-        return fn(cfg)
+        result = fn(cfg)
+        status.finished()
+        return result
     except Interrupted as err:
         if err.checkpoint is None:  # nothing to resume from (evaluate.py, figures.py, a stop before training)
+            status.interrupted(err, None)
             print(f"error: {err}", file=sys.stderr)
             sys.exit(err.exit_code)
         # The job's own overrides (under -m or submitit, sys.argv is the sweep's or submitit's command line)
@@ -244,11 +255,13 @@ def guarded(fn: Callable[[DictConfig], object], cfg: DictConfig):
         task = list(HydraConfig.get().overrides.task) if multirun else sys.argv[1:]
         overrides = [a for a in task if not a.startswith("ckpt_path=")]
         script = Path(sys.argv[0]).name if sys.argv[0].endswith(".py") and "submitit" not in sys.argv[0] else "train.py"
-        print(f"error: {err}; resume with: python {script} {' '.join(overrides)} ckpt_path={err.checkpoint}",
-              file=sys.stderr)
+        resume = f"python {script} {' '.join(overrides)} ckpt_path={err.checkpoint}"
+        status.interrupted(err, resume)
+        print(f"error: {err}; resume with: {resume}", file=sys.stderr)
         sys.exit(err.exit_code)
     except Exception as err:
         user_error = _user_error_in(err)
+        status.failed(user_error or err)
         if user_error is None or full_errors():
             raise
         if not _in_multirun():
@@ -257,11 +270,7 @@ def guarded(fn: Callable[[DictConfig], object], cfg: DictConfig):
         job = HydraConfig.get().job
         print(f"error: job {job.num} ({job.override_dirname or 'no overrides'}) failed: {user_error}", file=sys.stderr,
               flush=True)
-        FAILED_JOBS.append((job.num, job.override_dirname, str(user_error)))
         return float("nan") if cfg.get("optimized_metric") else None  # Optuna records a NaN trial as failed
-
-
-FAILED_JOBS: list[tuple[int, str, str]] = []  # (job number, overrides, one-line error) of this process's sweep
 
 
 def _in_multirun() -> bool:
@@ -269,16 +278,32 @@ def _in_multirun() -> bool:
 
 
 class SweepSummary(Callback):
-    """At the end of a sweep (-m): one line per failed job, and a non-zero exit when any job failed."""
+    """At the end of a sweep (-m): one line per failed job, read from the jobs' status.json files (so jobs that
+    ran elsewhere, under submitit, count too), and a non-zero exit when any job failed."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        if not FAILED_JOBS:
+        from diffusion.run.job_status import FILENAME
+
+        failed = []
+        for path in sorted(Path(config.hydra.sweep.dir).glob(f"*/{FILENAME}"), key=lambda p: _job_number(p.parent)):
+            try:
+                state = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if state.get("status") in ("failed", "running"):
+                failed.append((path.parent.name, state.get("error") or "it stopped without a word (killed?)"))
+        if not failed:
             return
-        print(f"error: {len(FAILED_JOBS)} job(s) of the sweep failed:", file=sys.stderr)
-        for num, overrides, message in FAILED_JOBS:
-            print(f"  job {num} ({overrides or 'no overrides'}): {message}", file=sys.stderr)
+        print(f"error: {len(failed)} job(s) of the sweep failed:", file=sys.stderr)
+        for folder, message in failed:
+            print(f"  {folder}: {message}", file=sys.stderr)
         sys.stderr.flush()
         sys.exit(1)
+
+
+def _job_number(folder: Path) -> int:
+    head = folder.name.split("_", 1)[0]
+    return int(head) if head.isdigit() else sys.maxsize
 
 
 def _user_error_in(err: BaseException | None) -> UserError | None:

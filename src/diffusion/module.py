@@ -137,8 +137,16 @@ class DiffusionModule(L.LightningModule):
             mask = which == k
             if mask.any():
                 metric.update(mse[mask])
-                lo, hi = k * T // bins, (k + 1) * T // bins - 1
-                self.log(f"train_loss_by_t/t{lo:04d}-{hi:04d}", metric, on_step=False, on_epoch=True)
+                self.log(f"train_loss_by_t/{self._bin_label(k)}", metric, on_step=False, on_epoch=True)
+
+    def _bin_label(self, k: int) -> str:
+        T, bins = self.num_timesteps, self.loss_bins
+        return f"t{k * T // bins:04d}-{(k + 1) * T // bins - 1:04d}"
+
+    def loss_by_t(self) -> dict[str, float]:
+        """This epoch's mean L_simple in each bin of t that had samples: what is logged as train_loss_by_t/*
+        at the epoch's end (read before then: Lightning resets the bins after logging them)."""
+        return {self._bin_label(k): float(m.compute()) for k, m in enumerate(self.train_bin_loss) if m.update_count}
 
     def validation_step(self, x0: Tensor, batch_idx: int) -> None:
         # L_simple at fixed t with noise fixed by (batch, t), so numbers are comparable across evaluations.

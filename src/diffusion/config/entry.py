@@ -123,10 +123,20 @@ class SamplerTableConfig:
 
 
 @dataclass
+class PostHocEMAChoice:
+    """Which average evaluate.py scores: null = the checkpoint's (weights=ema: the classic constant-decay EMA);
+    a width σ_rel = the post-hoc EMA of that width rebuilt from the run's snapshots (Karras et al. 2024)."""
+
+    sigma_rel: float | None = None
+    snapshot_dir: str | None = None  # None: <run>/posthoc_ema beside the checkpoint's <run>/checkpoints/
+
+
+@dataclass
 class EvaluateConfig:
     name: str = checked("evaluate", nonempty_text())
     ckpt: str = MISSING
     weights: str = checked("ema", one_of("ema", "raw"))
+    ema: PostHocEMAChoice = field(default_factory=PostHocEMAChoice)  # ema.sigma_rel=0.05: a post-hoc EMA
     num_samples: int | None = checked(None, optional(at_least(4)))  # None: the data set's (CIFAR-10: 50,000)
     batch_size: int = checked(250, at_least(1))
     sampler: SamplerSpec = field(default_factory=SamplerSpec)  # the paper's: ancestral, all T steps

@@ -54,6 +54,8 @@ def _check_cross_fields(cfg: DictConfig) -> None:
             or (isinstance(lvb, float) and 0.0 <= lvb <= 1.0)):
         raise UserError(f"trainer.limit_val_batches must be null (all), a batch count (an integer >= 0) or a fraction "
                         f"in [0.0, 1.0], got {lvb!r}; try trainer.limit_val_batches=null")
+    if cfg.callbacks.get("posthoc_ema") is not None:
+        _check_posthoc_ema(cfg.callbacks.posthoc_ema)
     if cfg.optimized_metric is not None:
         logged = logged_metrics(cfg)
         if cfg.optimized_metric not in logged:
@@ -109,6 +111,34 @@ def _built(build: Callable[[], Any], key: str) -> Any:
         reason = " ".join(str(err.__cause__ or err).split())
         raise UserError(f"{key} cannot be built with these settings ({reason}); fix them, e.g. drop the "
                         f"overrides of {key}") from err
+
+def _require(ok: bool, key: str, value: Any, rule: str, fix: str) -> None:
+    if not ok:
+        raise UserError(f"{key} must be {rule}, got {_fmt_value(value)}; {fix}")
+
+
+def _check_posthoc_ema(node: DictConfig) -> None:
+    """callbacks.posthoc_ema: widths a power function has, distinct; a cadence >= 1."""
+    from diffusion.posthoc_ema import SIGMA_REL_MAX
+
+    key = "callbacks.posthoc_ema"
+    sigma_rels = list(node.sigma_rels)
+    _require(bool(sigma_rels) and len(set(sigma_rels)) == len(sigma_rels) and
+             all(0 < s <= SIGMA_REL_MAX for s in sigma_rels), f"{key}.sigma_rels", sigma_rels,
+             f"distinct widths in (0, {SIGMA_REL_MAX:.4f}]", f"try {key}.sigma_rels=[0.05,0.10]")
+    _require(node.every_n_steps is None or node.every_n_steps >= 1, f"{key}.every_n_steps", node.every_n_steps,
+             ">= 1 or null (null: trainer.max_steps / num_snapshots)", f"try {key}.every_n_steps=null")
+    _require(node.num_snapshots >= 1, f"{key}.num_snapshots", node.num_snapshots, ">= 1",
+             f"try {key}.num_snapshots=16")
+
+
+def check_posthoc_sigma_rel(sigma_rel: float | None, key: str = "ema.sigma_rel") -> None:
+    """A width to rebuild (evaluate.py ema.sigma_rel): null (the classic EMA) or in (0, 1/sqrt(12)]."""
+    from diffusion.posthoc_ema import SIGMA_REL_MAX
+
+    _require(sigma_rel is None or 0 < sigma_rel <= SIGMA_REL_MAX, key, sigma_rel,
+             f"in (0, {SIGMA_REL_MAX:.4f}] (1/sqrt(12) is the plain average of the whole run) or null",
+             f"try {key}=0.05")
 
 
 def check_targets(cfg: DictConfig, prefix: str = "") -> None:
@@ -206,7 +236,8 @@ def _fmt_value(value: Any) -> str:
 
 def validate_entry(config_name: str, cfg: DictConfig) -> None:
     """The checks of an entry point's config before Hydra starts the job: train.py's all; the others' rules,
-    targets, samplers and data module (their checkpoint is read by the job itself, before its first image)."""
+    targets, samplers and data module (their checkpoint is read by the job itself, before its first image);
+    evaluate's post-hoc EMA width."""
     if config_name == "train":
         validate(cfg)
         return
@@ -215,5 +246,7 @@ def validate_entry(config_name: str, cfg: DictConfig) -> None:
     check_samplers(cfg)
     if "feature_extractor" in cfg:
         check_feature_extractor(cfg.feature_extractor, "feature_extractor")
+    if config_name == "evaluate":
+        check_posthoc_sigma_rel(cfg.ema.sigma_rel)
     if "data" in cfg:
         _built(lambda: instantiate(cfg.data), "data")

@@ -187,6 +187,19 @@ def protocol_id(protocol: dict) -> str:
     return hashlib.sha256(json.dumps(protocol, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
+def measurement_id(protocol: dict) -> str:
+    """protocol_id of the protocol less its `weights`: scores of different averages of one network (ema, raw,
+    posthoc-ema σ_rel=...) measured alike share it, so a sweep's table may compare them in one column."""
+    return protocol_id({k: v for k, v in protocol.items() if k != "weights"})
+
+
+def describe_measurement(protocol: dict) -> str:
+    """'1000 samples ddim-50 η=0 vs train 1500/val 297, digits-cnn-v1 sha 0505ec54': how, whatever the weights."""
+    refs = "/".join(f"{split} {r['num_images']}" for split, r in protocol["reference"].items())
+    return (f"{protocol['num_generated']} samples {sampler_label(protocol['sampler'])} vs {refs}, "
+            f"{protocol['extractor']} sha {protocol['extractor_sha256'][:8]}")
+
+
 def describe(scores: dict[str, float], protocol: dict) -> str:
     """One line: 'val/fid 3.21 · val/is 8.90 ... [protocol ab12cd34: 1000 samples ddim-50 η=0 ema vs ...]'."""
     values = " · ".join(f"{k} {_fmt(v)}" for k, v in scores.items())

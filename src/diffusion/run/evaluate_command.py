@@ -11,15 +11,18 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion.checkpointing import load_module
+from diffusion.checkpointing import load_module, load_posthoc_module
+from diffusion.config.validation import check_posthoc_sigma_rel
 from diffusion.errors import UserError
 from diffusion.evaluation import Evaluator
 from diffusion.metrics.quality import SampleQuality, describe, make_protocol, protocol_id
+from diffusion.run import job_status
 from diffusion.run.console import quiet_console
 from diffusion.run.figures_command import check_data_fits
 from diffusion.run.preflight import build_trainer, check_device, check_logger, writable_dir
 from diffusion.run.sampler_table import log_table, table_rows, table_samplers, write_table
 from diffusion.run.stopping import stop_on_signals, written_since
+from diffusion.run.train_command import sweep_info
 from diffusion.sampling import SamplerSpec, as_sampler_spec
 
 
@@ -33,7 +36,7 @@ def _setup(cfg: DictConfig):
     check_logger(cfg.logger)
     if cfg.accelerator in ("gpu", "cuda"):
         check_device("cuda", "accelerator")
-    module = load_module(cfg.ckpt, "cpu", cfg.weights)
+    module, weights, posthoc = _load(cfg)
     as_sampler_spec(OmegaConf.to_container(cfg.sampler, resolve=True)).check_steps(module.diffusion.num_timesteps)
     table = table_samplers(cfg.sampler_table, module.diffusion.num_timesteps) if cfg.sampler_table.enabled else []
     datamodule = instantiate(cfg.data)
@@ -42,7 +45,26 @@ def _setup(cfg: DictConfig):
     extractor = cfg.feature_extractor.name
     if extractor == "auto":
         extractor = datamodule.quality_extractor
-    return module, datamodule, extractor, table
+    return module, datamodule, extractor, table, weights, posthoc
+
+
+def _load(cfg: DictConfig):
+    """(module, the protocol's weights label, post-hoc EMA info or None): weights=ema|raw, or ema.sigma_rel."""
+    sigma_rel = cfg.ema.sigma_rel
+    if sigma_rel is None:
+        return load_module(cfg.ckpt, "cpu", cfg.weights), cfg.weights, None
+    check_posthoc_sigma_rel(sigma_rel)
+    if cfg.weights != "ema":
+        raise UserError(f"weights={cfg.weights} and ema.sigma_rel={sigma_rel} both choose the weights; drop one "
+                        "(ema.sigma_rel scores the post-hoc EMA, weights=raw the raw weights)")
+    module, info = load_posthoc_module(cfg.ckpt, sigma_rel, cfg.ema.snapshot_dir)
+    lo, hi = info["range"]
+    at = "" if info["step"] == info["checkpoint_step"] else f" (the checkpoint is at step {info['checkpoint_step']})"
+    if rank_zero_only.rank == 0:
+        print(f"post-hoc EMA: σ_rel={sigma_rel:g} at step {info['step']}{at} from {len(info['snapshots'])} averages "
+              f"in {info['snapshot_dir']}, profile fit error {info['fit_error']:.2%}; these snapshots rebuild σ_rel "
+              f"in about [{lo:.3f}, {hi:.3f}]")
+    return module, f"posthoc-ema σ_rel={sigma_rel:g}", info
 
 
 def _trainer(cfg: DictConfig) -> L.Trainer:
@@ -54,7 +76,7 @@ def _trainer(cfg: DictConfig) -> L.Trainer:
                          enable_checkpointing=False, enable_progress_bar=cfg.progress_bar, enable_model_summary=False)
 
 
-def _pass(cfg, module, datamodule, metric: SampleQuality, sampler: SamplerSpec, num_samples: int,
+def _pass(cfg, module, datamodule, metric: SampleQuality, weights: str, sampler: SamplerSpec, num_samples: int,
           bpd: bool) -> tuple[dict, dict]:
     """One test loop: scores (and bits/dim if asked) and the protocol they were made under. The metric keeps
     the reference features of its first pass: one feature pass of the real images per run."""
@@ -70,7 +92,7 @@ def _pass(cfg, module, datamodule, metric: SampleQuality, sampler: SamplerSpec, 
     protocol = make_protocol(
         num_generated=num_samples, reference_sizes={split: len(r) for split, r in refs.items()},
         extractor=metric.extractor, sampler=sampler, num_timesteps=module.diffusion.num_timesteps,
-        variance=module.diffusion.variance, weights=cfg.weights, seed=cfg.seed, settings=metric.settings(num_samples))
+        variance=module.diffusion.variance, weights=weights, seed=cfg.seed, settings=metric.settings(num_samples))
     return results, protocol
 
 
@@ -93,7 +115,7 @@ def evaluate(cfg: DictConfig) -> dict:
 
 
 def _evaluate(cfg: DictConfig) -> dict:
-    module, datamodule, extractor, table = _setup(cfg)
+    module, datamodule, extractor, table, weights, posthoc = _setup(cfg)
     num_samples = cfg.num_samples or datamodule.eval_num_samples
     sampler = as_sampler_spec(OmegaConf.to_container(cfg.sampler, resolve=True))
     if rank_zero_only.rank == 0:
@@ -101,8 +123,9 @@ def _evaluate(cfg: DictConfig) -> dict:
         print(f"evaluating {cfg.ckpt}: {num_samples} samples ({sampler.label(module.diffusion.num_timesteps)}) "
               f"against {datamodule.name}{bpd}", flush=True)
     metric = SampleQuality({**OmegaConf.to_container(cfg.feature_extractor, resolve=True), "name": extractor})
-    results, protocol = _pass(cfg, module, datamodule, metric, sampler, num_samples, bpd=cfg.bpd.enabled)
-    report = {"checkpoint": str(Path(cfg.ckpt).resolve()), "data": datamodule.name, "protocol": protocol,
+    results, protocol = _pass(cfg, module, datamodule, metric, weights, sampler, num_samples, bpd=cfg.bpd.enabled)
+    report = {"checkpoint": str(Path(cfg.ckpt).resolve()), "data": datamodule.name, "weights": weights,
+              "posthoc_ema": posthoc, "protocol": protocol,
               "protocol_id": protocol_id(protocol), "quality": results["quality"], "nll": results.get("nll"),
               "nll_protocol": {"split": cfg.bpd.split, "num_images": cfg.bpd.num_images, "decoder": "discretized",
                                "num_timesteps": module.diffusion.num_timesteps} if cfg.bpd.enabled else None,
@@ -111,9 +134,11 @@ def _evaluate(cfg: DictConfig) -> dict:
     out = Path(cfg.output_dir)
     if cfg.sampler_table.enabled:
         done = {_key(sampler, num_samples, module.diffusion.num_timesteps): (results, protocol)}
-        report["sampler_table"] = sampler_table(cfg, module, datamodule, metric, table, done=done)
+        report["sampler_table"] = sampler_table(cfg, module, datamodule, metric, weights, table, done=done)
     if rank_zero_only.rank == 0:
         _write(report, out, cfg, extractor)
+    job_status.record(step=posthoc["step"] if posthoc else None, metrics=_scores(report), weights=weights,
+                      quality={f"eval/{k}": v for k, v in report["quality"].items()}, quality_protocol=protocol)
     return report
 
 
@@ -121,8 +146,8 @@ def _key(sampler: SamplerSpec, n: int, num_timesteps: int) -> str:
     return json.dumps([sampler.describe(num_timesteps), n], sort_keys=True)
 
 
-def sampler_table(cfg: DictConfig, module, datamodule, metric: SampleQuality, table: list[SamplerSpec],
-                  done: dict) -> list[dict]:
+def sampler_table(cfg: DictConfig, module, datamodule, metric: SampleQuality, weights: str,
+                  table: list[SamplerSpec], done: dict) -> list[dict]:
     """The rows of the sampler table (diffusion.run.sampler_table); `done` holds passes already made (the main
     one), reused when sampler and sample count are the same."""
     T = module.diffusion.num_timesteps
@@ -130,7 +155,7 @@ def sampler_table(cfg: DictConfig, module, datamodule, metric: SampleQuality, ta
 
     def run(sampler: SamplerSpec) -> tuple[dict, dict]:
         if _key(sampler, n, T) not in done:
-            done[_key(sampler, n, T)] = _pass(cfg, module, datamodule, metric, sampler, n, bpd=False)
+            done[_key(sampler, n, T)] = _pass(cfg, module, datamodule, metric, weights, sampler, n, bpd=False)
         return done[_key(sampler, n, T)]
 
     return table_rows(table, run, n, T)
@@ -144,11 +169,9 @@ def _write(report: dict, out: Path, cfg: DictConfig, extractor: str) -> None:
     rows = report.get("sampler_table")
     if rows:
         _, png = write_table(rows, rows[0]["num_samples"], extractor, out)
-    scores = {f"eval/{k}": v for k, v in report["quality"].items()}
-    if report["nll"] is not None:
-        scores.update({f"eval/{k}": v for k, v in report["nll"].items()})
+    scores = _scores(report)
     if cfg.logger is not None:
-        logger = instantiate(cfg.logger)
+        logger = instantiate(cfg.logger, **sweep_info(cfg).get("wandb", {}))
         logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "protocol": report["protocol"],
                                 "protocol_id": report["protocol_id"]})
         logger.experiment.summary.update(scores)
@@ -162,6 +185,14 @@ def _write(report: dict, out: Path, cfg: DictConfig, extractor: str) -> None:
         nll = report["nll"]
         print(f"NLL: {nll['bpd']:.4f} bits/dim on {cfg.bpd.split} (prior term {nll['prior_bpd']:.2e})")
     print(f"report: {out / 'report.json'}")
+
+
+def _scores(report: dict) -> dict[str, float]:
+    """The report's numbers as eval/<name> (the W&B summary's keys and status.json's metrics)."""
+    scores = {f"eval/{k}": v for k, v in report["quality"].items()}
+    if report["nll"] is not None:
+        scores.update({f"eval/{k}": v for k, v in report["nll"].items()})
+    return scores
 
 
 def _train_first(quality: dict) -> dict:

@@ -17,7 +17,7 @@ from diffusion.distributed import JobDDPStrategy
 from diffusion.errors import UserError
 from diffusion.metrics.quality import describe
 from diffusion.module import DiffusionModule
-from diffusion.run import run_lock
+from diffusion.run import job_status, run_lock
 from diffusion.run.console import quiet_console
 from diffusion.run.preflight import build_trainer, check_logger, writable_dir
 
@@ -73,12 +73,17 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
     return ckpt_path
 
 
-def _sweep_info(cfg: DictConfig) -> dict:
+def sweep_group(name: str, group: str | None, sweep_dir) -> str:
+    """The W&B group of a sweep's runs (and of its report): logger.group, else <name>-<sweep folder's name>."""
+    return group or f"{name}-{Path(sweep_dir).name}"
+
+
+def sweep_info(cfg: DictConfig) -> dict:
     """In a multirun job: a W&B group per sweep, the job's overrides as tags, and as config columns."""
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return {}
     hydra = HydraConfig.get()
-    group = cfg.logger.group or f"{cfg.name}-{Path(hydra.sweep.dir).name}"
+    group = sweep_group(cfg.name, cfg.logger.group, hydra.sweep.dir)
     overrides = dict(o.split("=", 1) for o in hydra.overrides.task if "=" in o)
     tags = [*cfg.logger.tags, *(f"{k}={v}"[:64] for k, v in overrides.items())]  # W&B caps a tag at 64 chars
     name = f"{cfg.name}/{hydra.job.num}_{hydra.job.override_dirname}"[:128]
@@ -99,7 +104,7 @@ def _logger(cfg: DictConfig):
     """The W&B logger (offline unless logger.offline=false), with the resolved config and the paper card."""
     if cfg.logger is None:
         return None
-    sweep = _sweep_info(cfg)
+    sweep = sweep_info(cfg)
     logger = instantiate(cfg.logger, **sweep.get("wandb", {}))
     logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), **sweep.get("config", {})})
     if cfg.paper_card:
@@ -208,6 +213,7 @@ def _fit(cfg: DictConfig, output_dir: Path, extra_callbacks: tuple) -> dict[str,
             callback.preflight(datamodule)
     logger = _logger(cfg)
     strategy = _strategy(cfg, output_dir, ckpt_path)
+    trainer = None
     try:
         # partial: the strategy may be an object, which the schema's `strategy: str` field cannot hold
         trainer = build_trainer(instantiate(cfg.trainer, _partial_=True),
@@ -218,6 +224,9 @@ def _fit(cfg: DictConfig, output_dir: Path, extra_callbacks: tuple) -> dict[str,
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     finally:
+        if trainer is not None:  # for status.json, also when the run failed: how far it got
+            job_status.record(step=trainer.global_step, metrics={k: float(v) for k, v in
+                                                                  trainer.callback_metrics.items() if v.numel() == 1})
         _finish_wandb(logger)
         if isinstance(strategy, JobDDPStrategy):
             strategy.end_job()
@@ -225,6 +234,9 @@ def _fit(cfg: DictConfig, output_dir: Path, extra_callbacks: tuple) -> dict[str,
     quality = next((c for c in callbacks if isinstance(c, SampleQualityCallback) and c.last_scores), None)
     if trainer.is_global_zero and grid is not None:
         print(f"samples: {grid.final_path}")
+    if quality is not None:
+        job_status.record(quality=quality.last_scores, quality_protocol=quality.protocol,
+                          weights=quality.protocol["weights"])
     if trainer.is_global_zero and quality is not None:  # the last line `make train` prints
         print(f"quality: {describe(quality.last_scores, quality.protocol)}")
     return metrics

@@ -1,0 +1,230 @@
+"""report.py on real sweeps: train.py -m with a job that fails inside, evaluate.py -m over post-hoc EMA widths;
+status.json from diffusion.cli.guarded; the loss-by-t file; W&B summary metrics and the report's W&B Table."""
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import open_dict, read_write
+
+from diffusion import run
+from diffusion.callbacks import LossByTLog
+from diffusion.callbacks.loss_by_t import read_loss_by_t
+from diffusion.cli import SweepJobFailed, guarded
+from diffusion.errors import Interrupted, UserError
+from diffusion.metrics.quality import measurement_id, protocol_id
+from diffusion.module import DiffusionModule
+from diffusion.posthoc_ema import load_posthoc_ema
+from diffusion.run import job_status
+from diffusion.run.sweep_report import find_jobs
+from diffusion.schedules import linear_beta_schedule
+from helpers import compose_cfg, run_script, wandb_history, wandb_records
+
+LRS = ["0.001", "0.002", "0.0005", "1e+30"]  # Adam at 1e30: an infinite loss at step 1, inside the job
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def one_line_error(result) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode == 2 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    return lines[0]
+
+
+@pytest.mark.slow
+def test_a_train_sweep_of_four_jobs_gives_four_rows_and_the_failed_jobs_error(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = run_script("train.py", "-m", "debug=fast", f"optim.optimizer.lr={','.join(LRS)}",
+                        "callbacks.quality.at_train_end=true", f"hydra.sweep.dir={sweep}", cwd=tmp_path,
+                        timeout=900, env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
+    # The failing job (the last) does not hide the others; the sweep ends with its one line.
+    assert result.returncode == 1, result.stderr[-3000:]
+    folders = [f"{i}_callbacks.quality.at_train_end=True,optim.optimizer.lr={lr}" for i, lr in enumerate(LRS)]
+    assert f"error: job 3 ({folders[3][2:]}) failed: training loss is inf at step 1" in result.stderr
+    jobs = [sweep / folder for folder in folders]
+    statuses = [json.loads((job / "status.json").read_text()) for job in jobs]
+    assert [s["status"] for s in statuses] == ["finished"] * 3 + ["failed"]
+
+    # The post-hoc EMA callback is on by default: snapshots at debug=fast's every 2 steps, loadable.
+    for job in jobs[:3]:
+        assert sorted(p.name for p in (job / "posthoc_ema").iterdir()) == ["step_00000002.pt", "step_00000004.pt"]
+    state, info = load_posthoc_ema(jobs[0] / "posthoc_ema", 0.10)
+    assert info["step"] == 4 and "conv_in.weight" in state
+
+    # status.json holds the run's own final numbers: those of its W&B history, and the quality protocol
+    history = wandb_history(jobs[0])
+    last = {k: v for h in history for k, v in h.items()}
+    for key in ("val/loss", "val/bpd", "val/fid"):
+        assert statuses[0]["metrics"][key] == pytest.approx(last[key], rel=1e-6)
+    assert statuses[0]["step"] == 4
+    assert statuses[0]["quality_protocol_id"] == protocol_id(statuses[0]["quality_protocol"])
+    metric_records = [r["metric"] for r in wandb_records(jobs[0]) if r.get("type") == "metric"]
+    assert {"name": "val/fid", "summary": {"min": True}}.items() <= next(
+        m for m in metric_records if m.get("name") == "val/fid").items()
+    assert next(m for m in metric_records if m.get("name") == "val/bpd")["summary"] == {"last": True}
+
+    done = run_script("report.py", str(sweep), cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == (f"report: {sweep / 'report.md'} and {sweep / 'report.csv'} "
+                                                    "(4 jobs: 3 finished, 1 failed)")
+    rows = read_csv(sweep / "report.csv")
+    assert [r["optim.optimizer.lr"] for r in rows] == LRS
+    assert [r["status"] for r in rows] == ["finished"] * 3 + ["failed"]
+    assert rows[3]["note"] == statuses[3]["error"] and rows[3]["note"].startswith("training loss is inf at step 1;")
+    assert rows[3]["step"] == "1" and [r["step"] for r in rows[:3]] == ["4"] * 3
+    fid = f"val/fid [{measurement_id(statuses[0]['quality_protocol'])}]"
+    for row, status in zip(rows[:3], statuses, strict=False):
+        assert float(row[fid]) == pytest.approx(status["quality"]["val/fid"])
+        assert float(row["val/bpd"]) == pytest.approx(status["metrics"]["val/bpd"])
+        assert float(row["wall_seconds"]) == pytest.approx(status["wall_seconds"])
+    assert rows[3][fid] == ""
+    markdown = (sweep / "report.md").read_text()
+    assert "| 3 | 1e+30 | failed | 1 |" in markdown and "report_vs_optim.optimizer.lr.png" in markdown
+    for png in ("report_vs_optim.optimizer.lr.png", "report_loss_by_t.png"):
+        assert (sweep / png).stat().st_size > 5000
+
+    # The same table in W&B, in the sweep's group (the group the jobs' runs are in)
+    run_record = next(r["run"] for r in wandb_records(sweep) if r.get("type") == "run")
+    job_group = next(r["run"] for r in wandb_records(jobs[0]) if r.get("type") == "run")["run_group"]
+    assert run_record["run_group"] == job_group == "default-sweep" and run_record["job_type"] == "report"
+    [table_file] = sweep.glob("wandb/offline-run-*/files/media/table/sweep/report_*.table.json")
+    table = json.loads(table_file.read_text())
+    assert table["columns"] == list(rows[0]) and [r[1] for r in table["data"]] == LRS
+
+
+def write_job(folder: Path, overrides: list[str]) -> None:
+    (folder / ".hydra").mkdir(parents=True)
+    (folder / ".hydra" / "config.yaml").write_text("name: x\nlogger: null\n")
+    (folder / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+
+
+def test_report_on_a_folder_that_is_not_a_sweep_is_one_line(tmp_path):
+    (tmp_path / "plain" / "sub").mkdir(parents=True)
+    result = run_script("report.py", str(tmp_path / "plain"), cwd=tmp_path)
+    assert one_line_error(result) == (f"error: {tmp_path / 'plain'} is not a sweep: no job folders with "
+                                      ".hydra/config.yaml in it; give a multirun folder (multirun/<name>/<time>) "
+                                      "or run folders (outputs/<name>/<time>)")
+    with pytest.raises(UserError, match="is not a folder"):
+        find_jobs([tmp_path / "missing"])
+
+
+def test_jobs_below_path_valued_folders_in_number_order_with_each_status(tmp_path):
+    """An override whose value is a path nests Hydra's job folder: 10_x=/a/b is the folder 10_x=/a/b."""
+    for name in ["10_root=/data/a", "2_root=/data/b", "1_root=c"]:
+        write_job(tmp_path / name, [f"root={name.split('=')[1]}", "seed=1"])
+    found = find_jobs([tmp_path])
+    assert [name for _, name in found] == ["1_root=c", "2_root=/data/b", "10_root=/data/a"]
+    (tmp_path / "2_root=/data/b" / "status.json").write_text(json.dumps(
+        {"status": "interrupted", "error": "stopped by SIGTERM at step 30", "resume": "python train.py ckpt_path=x",
+         "step": 30, "wall_seconds": 12.5, "metrics": {"train/loss": 0.25}}))
+    (tmp_path / "1_root=c" / "status.json").write_text(json.dumps({"status": "running", "wall_seconds": 0.0}))
+    out = run.report([tmp_path], use_wandb=False)
+    table = read_csv(out / "report.csv")
+    assert [r["root"] for r in table] == ["c", "/data/b", "/data/a"] and "seed" not in table[0]  # seed: not swept
+    assert [r["status"] for r in table] == ["running", "interrupted", "unknown"]
+    assert table[0]["note"] == "no end recorded: still running, or killed" and "no status.json" in table[2]["note"]
+    assert table[1]["note"] == "stopped by SIGTERM at step 30; resume with: python train.py ckpt_path=x"
+    assert (table[1]["step"], table[1]["train/loss"]) == ("30", "0.25")
+
+
+# status.json, written by guarded around a job
+
+
+def hydra_job(tmp_path: Path, mode: RunMode = RunMode.RUN):
+    """A composed train config with Hydra's runtime set (as in a job), in RUN or MULTIRUN mode."""
+    cfg = compose_cfg("train", ["debug=fast"], tmp_path)
+    hydra = HydraConfig.get()
+    with read_write(hydra), open_dict(hydra):
+        hydra.mode = mode
+        hydra.job.config_name = "train"
+    return cfg
+
+
+def test_guarded_writes_finished_failed_and_interrupted_status(tmp_path, capsys):
+    cfg = hydra_job(tmp_path)
+
+    def measured(c):
+        job_status.record(step=7, metrics={"val/bpd": 4.5})
+        return 1.0
+
+    assert guarded(measured, cfg) == 1.0
+    status = job_status.read_status(tmp_path)
+    assert status["status"] == "finished" and status["step"] == 7 and status["metrics"] == {"val/bpd": 4.5}
+    assert status["entry"] == "train" and status["error"] is None and status["wall_seconds"] >= 0
+
+    def bad(c):
+        raise UserError("data.root /x does not exist; give the folder")
+
+    with pytest.raises(SystemExit) as exit_info:
+        guarded(bad, cfg)
+    assert exit_info.value.code == 2
+    status = job_status.read_status(tmp_path)
+    assert status["status"] == "failed" and status["error"] == "data.root /x does not exist; give the folder"
+    assert status["metrics"] == {}  # nothing carried over from the job before
+
+    def stopped(c):
+        job_status.record(step=3)
+        raise Interrupted("stopped by SIGTERM at step 3, checkpoint saved", 143, "/r/checkpoints/last.ckpt")
+
+    with pytest.raises(SystemExit):
+        guarded(stopped, cfg)
+    status = job_status.read_status(tmp_path)
+    assert status["status"] == "interrupted" and status["step"] == 3
+    assert status["resume"].endswith(" ckpt_path=/r/checkpoints/last.ckpt")
+    assert f"resume with: {status['resume']}" in capsys.readouterr().err
+
+
+def test_a_failed_job_of_a_multirun_raises_for_hydra_instead_of_exiting(tmp_path):
+    cfg = hydra_job(tmp_path, RunMode.MULTIRUN)
+    with pytest.raises(SweepJobFailed, match="failed: the value is bad; fix it$"):
+        guarded(lambda c: (_ for _ in ()).throw(UserError("the value is bad; fix it")), cfg)
+    assert job_status.read_status(tmp_path)["status"] == "failed"
+
+
+# The loss-by-t file
+
+
+class Recorded(L.pytorch.loggers.Logger):
+    """What a logger receives: (step, metrics) for every call."""
+
+    name, version = "recorded", 0
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def log_metrics(self, metrics, step=None):
+        self.calls.append((step, dict(metrics)))
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+
+def test_loss_by_t_file_holds_each_epochs_logged_values(tmp_path):
+    torch.manual_seed(0)
+    module = DiffusionModule(net={"in_channels": 1, "out_channels": 1, "ch": 8, "ch_mult": [1], "num_res_blocks": 1,
+                                  "attn_resolutions": [], "image_size": 8, "num_groups": 4},
+                             betas=linear_beta_schedule(20).tolist(), val_bpd_images=0, loss_bins=10)
+    images = torch.rand(8, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    logger = Recorded()
+    trainer = L.Trainer(max_steps=6, callbacks=[LossByTLog()], logger=logger, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
+                        accelerator="cpu", limit_val_batches=0, log_every_n_steps=1)
+    trainer.fit(module, torch.utils.data.DataLoader(images, batch_size=4))  # 2 steps an epoch: 3 epochs
+    rows = read_loss_by_t(tmp_path / "loss_by_t.csv")
+    logged = [m for _, m in logger.calls if any(k.startswith("train_loss_by_t/") for k in m)]
+    assert [r["step"] for r in rows] == [2, 4, 6] and len(logged) == 3
+    for row, metrics in zip(rows, logged, strict=True):
+        expected = {k.split("/")[1]: v for k, v in metrics.items() if k.startswith("train_loss_by_t/")}
+        assert set(row) - {"step"} == set(expected) <= {f"t{2 * k:04d}-{2 * k + 1:04d}" for k in range(10)}
+        assert all(math.isclose(row[k], expected[k], rel_tol=1e-6) for k in expected)
+    assert all(len(r) < 11 for r in rows)  # 8 draws an epoch leave bins empty: logged as nothing, not as before
