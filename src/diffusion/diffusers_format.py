@@ -12,6 +12,7 @@ import os
 import shutil
 from pathlib import Path
 
+import safetensors.torch
 import torch
 from torch import Tensor
 
@@ -32,11 +33,6 @@ from diffusion.schedules import (
     quadratic_beta_schedule,
     sigmoid_beta_schedule,
 )
-
-try:  # a dependency of diffusers; without it, weights are written as a torch pickle (.bin) instead
-    import safetensors.torch as safetensors_torch
-except ImportError:  # pragma: no cover - the dev environment has it
-    safetensors_torch = None
 
 WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 _SCHEDULER_COMMON = dict(
@@ -169,9 +165,7 @@ def _load_weights(folder: Path) -> tuple[dict[str, Tensor], Path]:
             continue
         if name.endswith(".bin"):
             return torch.load(path, map_location="cpu", weights_only=True), path
-        if safetensors_torch is None:
-            raise UserError(f"{path} needs the safetensors package; pip install safetensors")
-        return safetensors_torch.load_file(path, device="cpu"), path
+        return safetensors.torch.load_file(path, device="cpu"), path
     raise UserError(f"no {' or '.join(WEIGHTS)} in {folder} (sharded or variant weights are not read); "
                     f"save the UNet again with save_pretrained and no max_shard_size or variant")
 
@@ -221,10 +215,7 @@ def write_diffusers_folder(out_dir: str | os.PathLike, unet_kwargs: dict, state_
         for file, content in [("model_index.json", index), ("unet/config.json", unet),
                               ("scheduler/scheduler_config.json", scheduler)]:  # fmt: skip
             (tmp / file).write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
-        if safetensors_torch is not None:
-            safetensors_torch.save_file(weights, tmp / "unet" / WEIGHTS[0], metadata={"format": "pt"})
-        else:  # pragma: no cover - the dev environment has safetensors
-            torch.save(weights, tmp / "unet" / WEIGHTS[1])
+        safetensors.torch.save_file(weights, tmp / "unet" / WEIGHTS[0], metadata={"format": "pt"})
         (tmp / "README.md").write_text(card_markdown)
         if out.exists():
             out.rmdir()  # empty, checked above
