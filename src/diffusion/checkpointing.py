@@ -5,6 +5,7 @@ renames it onto the final name: a full disk or a crash leaves the previous check
 (Lightning's own writer stages the file in the system temp directory, which may lie on another disk,
 and then copies it under the final name, so a copy that fails part-way leaves a truncated checkpoint.)
 `check_checkpoint` loads a .ckpt the way resuming and sampling do and says in one line what is wrong.
+`load_module` and `init_weights` also take a local diffusers folder (`diffusion.diffusers_format`).
 """
 
 import contextlib
@@ -24,10 +25,12 @@ import torch
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from diffusion.diffusers_format import read_diffusers_folder
 from diffusion.errors import UserError
 from diffusion.module import DiffusionModule
 
 EXAMPLE = "e.g. outputs/<name>/<time>/checkpoints/last.ckpt"
+DIFFUSERS_FILES = ("model_index.json", "unet/config.json", "config.json")
 _FIXES = {
     errno.ENOSPC: "free space on that disk",
     errno.EDQUOT: "free space within your disk quota",
@@ -180,22 +183,24 @@ def _check_kind(path: Path, ckpt: Any) -> None:
                         f"{absent}); give a .ckpt file written by train.py, {EXAMPLE}")
 
 
-def _check_matches(path: Path, hparams: dict, expected: dict) -> None:
-    """The checkpoint's network, betas, parameterization and variance against this run's."""
+def _check_matches(path: Path, hparams: dict, expected: dict, option: str = "ckpt_path") -> None:
+    """The checkpoint's network, betas, parameterization and variance against this run's (`option` names the
+    setting that brought the checkpoint in: ckpt_path or init_from)."""
+    source = f"checkpoint {path}" if option == "ckpt_path" else f"{option} {path}"
     if "net" in expected:
         key, have, want = _first_net_difference(hparams["net"], expected["net"])
         if key is not None:
             hint = f"model.{key}={_fmt(have)}" if key not in ("in_channels", "out_channels", "image_size") \
                 else f"data whose images give {key}={_fmt(have)}"
-            raise UserError(f"checkpoint {path} was trained with net.{key}={_fmt(have)}, this run has "
-                            f"net.{key}={_fmt(want)}; use the same model config ({hint}) or start without ckpt_path")
+            raise UserError(f"{source} was trained with net.{key}={_fmt(have)}, this run has "
+                            f"net.{key}={_fmt(want)}; use the same model config ({hint}) or start without {option}")
     if "betas" in expected:
-        _check_betas(path, hparams["betas"], [float(b) for b in expected["betas"]])
+        _check_betas(source, hparams["betas"], [float(b) for b in expected["betas"]], option)
     for key in ("parameterization", "variance"):
         have = hparams.get(key, _DEFAULTS[key])
         if key in expected and have != expected[key]:
-            raise UserError(f"checkpoint {path} was trained with diffusion.{key}={have}, this run has "
-                            f"diffusion.{key}={expected[key]}; use diffusion.{key}={have} or start without ckpt_path")
+            raise UserError(f"{source} was trained with diffusion.{key}={have}, this run has "
+                            f"diffusion.{key}={expected[key]}; use diffusion.{key}={have} or start without {option}")
 
 
 # Keys of the net that leave the parameters' shapes and meaning alone: fine-tuning may change them.
@@ -210,16 +215,16 @@ def _first_net_difference(have: dict, want: dict) -> tuple[str | None, Any, Any]
     return None, None, None
 
 
-def _check_betas(path: Path, have: list[float], want: list[float]) -> None:
+def _check_betas(source: str, have: list[float], want: list[float], option: str) -> None:
     if len(have) != len(want):
-        raise UserError(f"checkpoint {path} was trained with T={len(have)} timesteps, this run has T={len(want)}; "
-                        f"use schedule.num_timesteps={len(have)} (and its schedule) or start without ckpt_path")
+        raise UserError(f"{source} was trained with T={len(have)} timesteps, this run has T={len(want)}; "
+                        f"use schedule.num_timesteps={len(have)} (and its schedule) or start without {option}")
     i = next((i for i, (a, b) in enumerate(zip(have, want, strict=True))
               if not math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-15)), None)
     if i is not None:
-        raise UserError(f"checkpoint {path} was trained with other betas (T={len(have)} in both, betas[{i}]="
+        raise UserError(f"{source} was trained with other betas (T={len(have)} in both, betas[{i}]="
                         f"{have[i]:.6g} there, {want[i]:.6g} here); use the schedule config of its run or start "
-                        "without ckpt_path")
+                        f"without {option}")
 
 
 def _plain(value: Any) -> Any:
@@ -231,16 +236,52 @@ def _fmt(value: Any) -> str:
     return "[" + ",".join(_fmt(v) for v in value) + "]" if isinstance(value, list) else str(value)
 
 
-def load_module(ckpt, map_location: str | torch.device = "cpu", weights: str = "ema") -> DiffusionModule:
-    """A trained module from a checkpoint alone, in eval mode: the EMA weights (the checkpoint's state_dict,
-    which is the raw weights when trained without EMA) or, with weights="raw", the raw ones."""
+def check_source(source, key: str = "ckpt") -> Path:
+    """A path that exists and is a file (a checkpoint, checked when read) or a diffusers folder; else one line."""
+    path = Path(source)
+    if not path.exists():
+        raise UserError(f"{key} {source} does not exist; give a .ckpt file from a training run ({EXAMPLE}) or a "
+                        "local diffusers folder (written by save_pretrained)")
+    if path.is_dir() and not any((path / name).is_file() for name in DIFFUSERS_FILES):
+        raise UserError(f"{key} {source} is a directory but not a diffusers folder (no {', '.join(DIFFUSERS_FILES)}); "
+                        f"give a .ckpt file, e.g. {path / 'last.ckpt'}, or a folder written by save_pretrained")
+    return path
+
+
+def read_weights(source, weights: str = "ema", key: str = "ckpt") -> tuple[dict, dict[str, torch.Tensor]]:
+    """(hyperparameters, the U-Net's state dict) of a training checkpoint or a local diffusers folder.
+
+    A checkpoint gives its EMA weights (its state_dict, the raw weights when trained without EMA) or, with
+    weights="raw", the raw ones; a diffusers folder holds one set (the released one), taken as "ema".
+    """
     if weights not in ("ema", "raw"):
         raise UserError(f"weights must be 'ema' or 'raw', got {weights!r}; try weights=ema")
-    if not Path(ckpt).exists():
-        raise UserError(f"ckpt {ckpt} does not exist; give the path of a .ckpt file from a training run, {EXAMPLE}")
-    state = check_checkpoint(ckpt)
-    if weights == "raw" and "current_model_state" not in state:
-        raise UserError(f"{ckpt} holds no raw weights (trained without EMA); use weights=ema")
-    module = DiffusionModule(**state["hyper_parameters"])
-    module.load_state_dict(state["state_dict"] if weights == "ema" else state["current_model_state"])
+    path = check_source(source, key)
+    if path.is_dir():
+        if weights == "raw":
+            raise UserError(f"{key} {source} is a diffusers folder, which holds one set of weights; use weights=ema")
+        unet_kwargs, state, betas, parameterization, variance, _ = read_diffusers_folder(path)
+        hparams = {"net": unet_kwargs, "betas": betas.tolist(), "parameterization": parameterization,
+                   "variance": variance}
+        return hparams, state
+    ckpt = check_checkpoint(path)
+    if weights == "raw" and "current_model_state" not in ckpt:
+        raise UserError(f"{source} holds no raw weights (trained without EMA); use weights=ema")
+    state = ckpt["state_dict"] if weights == "ema" else ckpt["current_model_state"]
+    return ckpt["hyper_parameters"], {k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")}
+
+
+def load_module(ckpt, map_location: str | torch.device = "cpu", weights: str = "ema") -> DiffusionModule:
+    """A trained module from a checkpoint or a diffusers folder alone, in eval mode (weights: see read_weights)."""
+    hparams, state = read_weights(ckpt, weights)
+    module = DiffusionModule(**hparams)
+    module.net.load_state_dict(state)
     return module.to(map_location).eval()
+
+
+def init_weights(source, expected: dict) -> dict[str, torch.Tensor]:
+    """The U-Net weights a new run starts from (init_from): a checkpoint's EMA weights or a diffusers folder's,
+    refused in one line unless they have this run's network, betas, parameterization and variance."""
+    hparams, state = read_weights(source, "ema", key="init_from")
+    _check_matches(Path(source), hparams, expected, option="init_from")
+    return state

@@ -26,6 +26,7 @@ from diffusion.config.callbacks import (
 from diffusion.config.entry import (
     BpdConfig,
     EvaluateConfig,
+    ExportConfig,
     FiguresConfig,
     PathsConfig,
     SampleConfig,
@@ -75,6 +76,7 @@ def register_configs() -> None:
     cs.store(name="base_sample", node=SampleConfig)
     cs.store(name="base_evaluate", node=EvaluateConfig)
     cs.store(name="base_figures", node=FiguresConfig)
+    cs.store(name="base_export", node=ExportConfig)
     for group, name, node in [
         ("schedule", "base_schedule_range", RangeScheduleConfig),
         ("schedule", "base_schedule_sigmoid", SigmoidScheduleConfig),
@@ -96,10 +98,10 @@ def register_configs() -> None:
 __all__ = [
     "PRECISIONS", "BpdConfig", "CIFAR10DataConfig", "CallbacksConfig", "CheckpointConfig", "CosineScheduleConfig",
     "DataConfig", "DiffusionConfig", "DigitsDataConfig", "EMAConfig", "EvaluateConfig", "ExplicitScheduleConfig",
-    "FeatureExtractorConfig", "FiguresConfig", "FileDataConfig", "ImageFolderDataConfig", "LRMonitorConfig",
-    "LossConfig", "MNISTDataConfig", "OptimConfig", "OptimizerConfig", "PaperFiguresConfig", "PathsConfig",
-    "RNGStateConfig", "RangeScheduleConfig", "RanksInSyncConfig", "SampleConfig", "SampleGridConfig",
+    "ExportConfig", "FeatureExtractorConfig", "FiguresConfig", "FileDataConfig", "ImageFolderDataConfig",
+    "LRMonitorConfig", "LossConfig", "MNISTDataConfig", "OptimConfig", "OptimizerConfig", "PaperFiguresConfig",
+    "PathsConfig", "RNGStateConfig", "RangeScheduleConfig", "RanksInSyncConfig", "SampleConfig", "SampleGridConfig",
     "SampleQualityConfig", "SamplerTableConfig", "ScheduleConfig", "ScheduleLogConfig", "SigmoidScheduleConfig",
-    "TrainConfig", "TrainerConfig", "UNetConfig", "ValidationConfig", "WandbConfig", "WarmupConfig",
-    "check_samplers", "register_configs", "run_id", "validate", "validate_entry",
+    "TrainConfig", "TrainerConfig", "UNetConfig", "ValidationConfig", "WandbConfig", "WarmupConfig", "check_samplers",
+    "register_configs", "run_id", "validate", "validate_entry",
 ]

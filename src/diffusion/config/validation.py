@@ -69,6 +69,33 @@ def validate(cfg: DictConfig) -> None:
     if cfg.optim.lr_scheduler is not None:
         _require(cfg.optim.lr_scheduler.total_iters >= 1, "optim.lr_scheduler.total_iters",
                  cfg.optim.lr_scheduler.total_iters, ">= 1", "use optim.lr_scheduler=null for no warm-up")
+    if cfg.init_from is not None:
+        _check_init_from(cfg)
+
+
+def _check_init_from(cfg: DictConfig) -> None:
+    """init_from starts a new run from weights; ckpt_path resumes one: never both. The weights themselves are
+    checked against the run's network and schedule when train() starts, before anything is built."""
+    from diffusion.checkpointing import check_source
+
+    if cfg.ckpt_path is not None:
+        raise UserError(f"init_from={cfg.init_from} and ckpt_path={cfg.ckpt_path} are both set: ckpt_path resumes a "
+                        "run (weights, optimizer, step count), init_from starts a new one from weights only; drop one")
+    check_source(cfg.init_from, "init_from")
+
+
+def check_export(cfg: DictConfig) -> None:
+    """export.py: the checkpoint exists, the weights are ema or raw, the output folder is new or empty."""
+    from pathlib import Path
+
+    from diffusion.checkpointing import check_source
+
+    _require(cfg.weights in ("ema", "raw"), "weights", cfg.weights, "'ema' or 'raw'", "try weights=ema")
+    check_source(cfg.ckpt, "ckpt")
+    out = Path(cfg.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"out={cfg.out} already exists and is not an empty folder; choose a new folder, e.g. "
+                        f"out={cfg.out.rstrip('/')}-2, or remove it")
 
 
 
@@ -115,8 +142,10 @@ def _walk(node: Any, prefix: str = ""):
 
 
 def validate_entry(config_name: str, cfg: DictConfig) -> None:
-    """The checks of an entry point's config: train.py's all, the others' sampler settings."""
+    """The checks of an entry point's config: train.py's all, export.py's paths, the others' sampler settings."""
     if config_name == "train":
         validate(cfg)
+    elif config_name == "export":
+        check_export(cfg)
     else:
         check_samplers(cfg)
