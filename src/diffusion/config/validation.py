@@ -85,17 +85,17 @@ def _check_init_from(cfg: DictConfig) -> None:
 
 
 def check_export(cfg: DictConfig) -> None:
-    """export.py: the checkpoint exists, the weights are ema or raw, the output folder is new or empty."""
+    """export.py: the weights are ema or raw, the output folder is new or empty, the checkpoint exists."""
     from pathlib import Path
 
     from diffusion.checkpointing import check_source
 
     _require(cfg.weights in ("ema", "raw"), "weights", cfg.weights, "'ema' or 'raw'", "try weights=ema")
-    check_source(cfg.ckpt, "ckpt")
     out = Path(cfg.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"out={cfg.out} already exists and is not an empty folder; choose a new folder, e.g. "
                         f"out={cfg.out.rstrip('/')}-2, or remove it")
+    check_source(cfg.ckpt, "ckpt")
 
 
 
