@@ -6,9 +6,10 @@ STAMP  := $(VENV)/.installed-dev
 BENCH_STAMP := $(VENV)/.installed-bench
 PYTEST_ARGS ?=
 CKPT ?=
+OUT  ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test lint bench train sample clean
+.PHONY: help setup test lint bench train sample export clean
 
 help:  ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-8s %s\n", $$1, $$2}'
@@ -40,6 +41,9 @@ train: $(STAMP)  ## Train on the bundled digits on CPU in minutes; prints the sa
 
 sample: $(STAMP)  ## Sample from a checkpoint: make sample CKPT=path/to/last.ckpt
 	$(PY) sample.py ckpt=$(CKPT)
+
+export: $(STAMP)  ## Export a checkpoint as a diffusers folder: make export CKPT=path/to/last.ckpt OUT=dir
+	$(PY) export.py ckpt=$(CKPT) out=$(OUT)
 
 clean:  ## Remove run outputs (keeps .venv)
 	rm -rf outputs multirun .pytest_cache

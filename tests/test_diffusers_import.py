@@ -17,7 +17,22 @@ from diffusion.checkpointing import init_weights, load_module, read_weights
 from diffusion.errors import UserError
 from diffusion.images import to_uint8
 from diffusion.schedules import linear_beta_schedule
-from helpers import run_script, save_digits_pipeline, train_cfg
+from helpers import model_kwargs, run_script, save_digits_pipeline, train_cfg
+
+# google/ddpm-cifar10-32's two config files as published (the paper's CIFAR-10 model converted to diffusers).
+RELEASED_UNET = {
+    "_class_name": "UNet2DModel", "_diffusers_version": "0.0.4", "act_fn": "silu", "attention_head_dim": None,
+    "block_out_channels": [128, 256, 256, 256], "center_input_sample": False,
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"], "downsample_padding": 0,
+    "flip_sin_to_cos": False, "freq_shift": 1, "in_channels": 3, "layers_per_block": 2, "mid_block_scale_factor": 1,
+    "norm_eps": 1e-06, "norm_num_groups": 32, "out_channels": 3, "sample_size": 32,
+    "time_embedding_type": "positional", "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
+}  # fmt: skip
+RELEASED_SCHEDULER = {
+    "_class_name": "DDPMScheduler", "_diffusers_version": "0.1.1", "beta_end": 0.02, "beta_schedule": "linear",
+    "beta_start": 0.0001, "clip_sample": True, "num_train_timesteps": 1000, "trained_betas": None,
+    "variance_type": "fixed_small",
+}  # fmt: skip
 
 
 @pytest.fixture(autouse=True)
@@ -64,6 +79,27 @@ def test_folders_that_cannot_be_loaded_are_one_line(folder, tmp_path):
     assert "ckpt /nowhere does not exist" in one_line(lambda: load_module("/nowhere"))
     edited = save_digits_pipeline(tmp_path / "thresholding", thresholding=True)
     assert "thresholding=True is not supported" in one_line(lambda: load_module(edited))
+
+
+@pytest.mark.slow
+def test_the_released_cifar10_model_fine_tunes_under_the_papers_recipe(tmp_path):
+    """The README's commands: google/ddpm-cifar10-32's configs (random weights of that shape) are our CIFAR-10
+    U-Net, betas and ε-prediction; its variance is β̃, so experiment=cifar10_ddpm (σ² = β) must say so."""
+    config = {k: v for k, v in RELEASED_UNET.items() if not k.startswith("_")}
+    diffusers.UNet2DModel(**config).save_pretrained(tmp_path / "unet")
+    (tmp_path / "unet" / "config.json").write_text(json.dumps(RELEASED_UNET))
+    (tmp_path / "scheduler").mkdir()
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(RELEASED_SCHEDULER))
+
+    def expected(variance: str) -> dict:
+        return {"net": model_kwargs("experiment=cifar10_ddpm"), "betas": linear_beta_schedule(1000).tolist(),
+                "parameterization": "eps", "variance": variance}
+
+    state = init_weights(tmp_path, expected("fixed_small"))  # experiment=cifar10_ddpm diffusion.variance=fixed_small
+    assert sum(v.numel() for v in state.values()) == 35_746_307
+    message = one_line(lambda: init_weights(tmp_path, expected("fixed_large")))  # the recipe as it is
+    assert message == (f"init_from {tmp_path} was trained with diffusion.variance=fixed_small, this run has "
+                       "diffusion.variance=fixed_large; use diffusion.variance=fixed_small or start without init_from")
 
 
 # --- sample.py and evaluate.py ckpt=<diffusers folder> ----------------------------------------------------------
