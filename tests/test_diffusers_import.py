@@ -17,7 +17,7 @@ from diffusion.checkpointing import init_weights, load_module, read_weights
 from diffusion.errors import UserError
 from diffusion.images import to_uint8
 from diffusion.schedules import linear_beta_schedule
-from helpers import model_kwargs, run_script, save_digits_pipeline, train_cfg
+from helpers import compose_cfg, model_kwargs, run_script, save_digits_pipeline, train_cfg
 
 # google/ddpm-cifar10-32's two config files as published (the paper's CIFAR-10 model converted to diffusers).
 RELEASED_UNET = {
@@ -132,6 +132,17 @@ def test_evaluate_script_scores_a_diffusers_folder(folder, tmp_path):
     assert all(math.isfinite(v) for v in report["quality"].values())
     assert report["nll"]["prior_bpd"] < report["nll"]["bpd"] and math.isfinite(report["nll"]["bpd"])
     assert f"protocol {report['protocol_id']}" in result.stdout
+
+
+def test_figures_of_a_diffusers_folder(folder, tmp_path):
+    cfg = compose_cfg("figures", [f"ckpt={folder}", "num_images=2", "num_samples=4", "num_reconstructions=2",
+                                  "num_lambdas=3", "rd_images=4", f"output_dir={tmp_path}", "sampler.name=ddim",
+                                  "sampler.steps=3"], tmp_path / "h")  # fmt: skip
+    paths = run.figures(cfg)
+    assert {"forward", "reverse", "samples", "rate_distortion"} <= set(paths)
+    assert all(Path(p).is_file() for p in paths.values())
+    rate_distortion = json.loads(paths["rate_distortion_json"].read_text())
+    assert rate_distortion["steps"] == list(range(20)) and math.isfinite(rate_distortion["total_bpd"])  # the folder's T
 
 
 # --- train.py init_from= --------------------------------------------------------------------------------------
