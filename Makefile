@@ -7,9 +7,10 @@ BENCH_STAMP := $(VENV)/.installed-bench
 PYTEST_ARGS ?=
 CKPT ?=
 DIR ?=
+OUT  ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test lint bench train sample report clean
+.PHONY: help setup test lint bench train sample report export clean
 
 help:  ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-8s %s\n", $$1, $$2}'
@@ -45,6 +46,9 @@ sample: $(STAMP)  ## Sample from a checkpoint: make sample CKPT=path/to/last.ckp
 report: $(STAMP)  ## Tabulate a sweep: make report DIR=multirun/<name>/<time> (report.md, report.csv, plots)
 	@test -n "$(DIR)" || { echo "error: no sweep folder given; make report DIR=multirun/<name>/<time>" >&2; exit 2; }
 	$(PY) report.py $(DIR)
+
+export: $(STAMP)  ## Export a checkpoint as a diffusers folder: make export CKPT=path/to/last.ckpt OUT=dir
+	$(PY) export.py ckpt=$(CKPT) out=$(OUT)
 
 clean:  ## Remove run outputs (keeps .venv)
 	rm -rf outputs multirun .pytest_cache

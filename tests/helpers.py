@@ -60,3 +60,24 @@ def model_kwargs(*overrides: str) -> dict:
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="train", overrides=list(overrides))
     return net_kwargs(cfg)
+
+
+# diffusers' UNet2DModel spelling of `train.py debug=fast`'s network (conf/model/digits.yaml with ch=32,
+# dropout 0) and DDPMScheduler spelling of its schedule (T=20, linear 1e-4..0.02) and fixed_large variance.
+DIGITS_UNET = dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(32, 64, 64), layers_per_block=1,
+                   down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+                   up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8, norm_eps=1e-6,
+                   attention_head_dim=None, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1)  # fmt: skip
+DIGITS_SCHEDULER = dict(num_train_timesteps=20, beta_start=1e-4, beta_end=0.02, variance_type="fixed_large")
+
+
+def save_digits_pipeline(folder: Path, seed: int = 0, **scheduler_overrides) -> Path:
+    """A DDPMPipeline folder written by diffusers' own save_pretrained, of the digits debug network (random)."""
+    import diffusers
+    import torch
+
+    torch.manual_seed(seed)
+    unet = diffusers.UNet2DModel(**DIGITS_UNET)
+    scheduler = diffusers.DDPMScheduler(**{**DIGITS_SCHEDULER, **scheduler_overrides})
+    diffusers.DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(folder)
+    return folder

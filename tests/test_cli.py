@@ -21,6 +21,9 @@ CASES = [
     (["trainer.accelerator=gpu"], ["no CUDA GPU is visible; use trainer=cpu"]),
     (["data=mnist", "data.image_size=30"], ["model.image_size=30", "not divisible"]),
     (["ckpt_path=/nonexistent/last.ckpt"], ["ckpt_path /nonexistent/last.ckpt does not exist"]),
+    (["init_from=/nonexistent/model"], ["init_from /nonexistent/model does not exist", "a local diffusers folder"]),
+    (["init_from=/nonexistent/model", "ckpt_path=/nonexistent/last.ckpt"],
+     ["are both set: ckpt_path resumes a run (weights, optimizer, step count)", "drop one"]),
 ]
 
 

@@ -6,6 +6,8 @@
     glue        module, data/, callbacks/, metrics/, evaluation, checkpointing, distributed: Lightning and
                 torchmetrics, but plain Python objects in, so never hydra or omegaconf
     metrics/    no Lightning either: scores usable outside a Trainer
+    diffusers_* reading and writing diffusers folders: torch and safetensors, never diffusers itself (a dev
+                dependency) nor a framework
     callbacks/  imported by nothing but run/ (and tests): what two callers need lives a layer down
     run/        imported by nothing but the entry points (and tests); cli's guarded() writes the job's
                 status.json through run.job_status alone
@@ -79,6 +81,14 @@ def test_nn_knows_nothing_of_schedules():
 def test_glue_takes_plain_objects(name):
     for path in modules(name):
         assert not roots(imported(path)) & CONFIG_FRAMEWORKS, path
+
+
+@pytest.mark.parametrize("name", ["diffusers_format", "diffusers_unet"])
+def test_diffusers_folders_need_neither_diffusers_nor_a_framework(name):
+    for path in modules(name):
+        names = imported(path)
+        assert not roots(names) & (FRAMEWORKS | {"diffusers"}), path
+        assert not ours(names) & HIGHER, path
 
 
 def test_metrics_need_no_lightning():

@@ -5,6 +5,7 @@ renames it onto the final name: a full disk or a crash leaves the previous check
 (Lightning's own writer stages the file in the system temp directory, which may lie on another disk,
 and then copies it under the final name, so a copy that fails part-way leaves a truncated checkpoint.)
 `check_checkpoint` loads a .ckpt the way resuming and sampling do and says in one line what is wrong.
+`load_module` and `init_weights` also take a local diffusers folder (`diffusion.diffusers_format`).
 """
 
 import contextlib
@@ -24,11 +25,13 @@ import torch
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from diffusion.diffusers_format import read_diffusers_folder
 from diffusion.errors import UserError
 from diffusion.module import DiffusionModule
 from diffusion.posthoc_ema import load_posthoc_ema
 
 EXAMPLE = "e.g. outputs/<name>/<time>/checkpoints/last.ckpt"
+DIFFUSERS_FILES = ("model_index.json", "unet/config.json", "config.json")
 _FIXES = {
     errno.ENOSPC: "free space on that disk",
     errno.EDQUOT: "free space within your disk quota",
@@ -190,12 +193,16 @@ def _check_kind(path: Path, ckpt: Any) -> None:
                         f"{absent}); give a .ckpt file written by train.py, {EXAMPLE}")
 
 
-def _check_matches(path: Path, hparams: dict, expected: dict, start_over: str) -> None:
-    """The checkpoint's network, betas, parameterization and variance against this run's."""
+def _check_matches(path: Path, hparams: dict, expected: dict, start_over: str | None = None,
+                   option: str = "ckpt_path") -> None:
+    """The checkpoint's network, betas, parameterization and variance against this run's (`option` names the
+    setting that brought the checkpoint in: ckpt_path or init_from; `start_over` how to go without it)."""
     found = _model_difference(hparams, expected)
     if found is not None:
         difference, fix = found
-        raise ModelMismatch(f"checkpoint {path} was trained with {difference}; {fix} or {start_over}", difference)
+        source = f"checkpoint {path}" if option == "ckpt_path" else f"{option} {path}"
+        raise ModelMismatch(f"{source} was trained with {difference}; {fix} or {start_over or f'start without {option}'}",
+                            difference)
 
 
 def _model_difference(hparams: dict, expected: dict) -> tuple[str, str] | None:
@@ -252,17 +259,55 @@ def _fmt(value: Any) -> str:
     return "[" + ",".join(_fmt(v) for v in value) + "]" if isinstance(value, list) else str(value)
 
 
-def load_module(ckpt, map_location: str | torch.device = "cpu", weights: str = "ema") -> DiffusionModule:
-    """A trained module from a checkpoint alone, in eval mode: the EMA weights (the checkpoint's state_dict,
-    which is the raw weights when trained without EMA) or, with weights="raw", the raw ones."""
+def check_source(source, key: str = "ckpt") -> Path:
+    """A path that exists and is a file (a checkpoint, checked when read) or a diffusers folder; else one line."""
+    path = Path(source)
+    if not path.exists():
+        raise UserError(f"{key} {source} does not exist; give a .ckpt file from a training run ({EXAMPLE}) or a "
+                        "local diffusers folder (written by save_pretrained)")
+    if path.is_dir() and not any((path / name).is_file() for name in DIFFUSERS_FILES):
+        raise UserError(f"{key} {source} is a directory but not a diffusers folder (no {', '.join(DIFFUSERS_FILES)}); "
+                        f"give a .ckpt file, e.g. {path / 'last.ckpt'}, or a folder written by save_pretrained")
+    return path
+
+
+def read_weights(source, weights: str = "ema", key: str = "ckpt") -> tuple[dict, dict[str, torch.Tensor]]:
+    """(hyperparameters, the U-Net's state dict) of a training checkpoint or a local diffusers folder.
+
+    A checkpoint gives its EMA weights (its state_dict, the raw weights when trained without EMA) or, with
+    weights="raw", the raw ones; a diffusers folder holds one set (the released one), taken as "ema".
+    """
     if weights not in ("ema", "raw"):
         raise UserError(f"weights must be 'ema' or 'raw', got {weights!r}; try weights=ema")
-    state = _checked(ckpt)
-    if weights == "raw" and "current_model_state" not in state:
-        raise UserError(f"{ckpt} holds no raw weights (trained without EMA); use weights=ema")
-    module = DiffusionModule(**state["hyper_parameters"])
-    module.load_state_dict(state["state_dict"] if weights == "ema" else state["current_model_state"])
+    path = check_source(source, key)
+    if path.is_dir():
+        if weights == "raw":
+            raise UserError(f"{key} {source} is a diffusers folder, which holds one set of weights; use weights=ema")
+        unet_kwargs, state, betas, parameterization, variance, _ = read_diffusers_folder(path)
+        hparams = {"net": unet_kwargs, "betas": betas.tolist(), "parameterization": parameterization,
+                   "variance": variance}
+        return hparams, state
+    ckpt = check_checkpoint(path)
+    if weights == "raw" and "current_model_state" not in ckpt:
+        raise UserError(f"{source} holds no raw weights (trained without EMA); use weights=ema")
+    state = ckpt["state_dict"] if weights == "ema" else ckpt["current_model_state"]
+    return ckpt["hyper_parameters"], {k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")}
+
+
+def load_module(ckpt, map_location: str | torch.device = "cpu", weights: str = "ema") -> DiffusionModule:
+    """A trained module from a checkpoint or a diffusers folder alone, in eval mode (weights: see read_weights)."""
+    hparams, state = read_weights(ckpt, weights)
+    module = DiffusionModule(**hparams)
+    module.net.load_state_dict(state)
     return module.to(map_location).eval()
+
+
+def init_weights(source, expected: dict) -> dict[str, torch.Tensor]:
+    """The U-Net weights a new run starts from (init_from): a checkpoint's EMA weights or a diffusers folder's,
+    refused in one line unless they have this run's network, betas, parameterization and variance."""
+    hparams, state = read_weights(source, "ema", key="init_from")
+    _check_matches(Path(source), hparams, expected, option="init_from")
+    return state
 
 
 def load_posthoc_module(ckpt, sigma_rel: float, snapshot_dir=None,
@@ -272,8 +317,12 @@ def load_posthoc_module(ckpt, sigma_rel: float, snapshot_dir=None,
 
     Returns the module in eval mode and `load_posthoc_ema`'s info (step, fit error, range, snapshot weights).
     """
-    state = _checked(ckpt)
-    folder = Path(snapshot_dir) if snapshot_dir else Path(ckpt).resolve().parent.parent / "posthoc_ema"
+    path = check_source(ckpt)
+    if path.is_dir():
+        raise UserError(f"ckpt {ckpt} is a diffusers folder, which has no post-hoc EMA snapshots; give a training "
+                        "run's .ckpt, or drop ema.sigma_rel")
+    state = check_checkpoint(path)
+    folder = Path(snapshot_dir) if snapshot_dir else path.resolve().parent.parent / "posthoc_ema"
     net_state, info = load_posthoc_ema(folder, sigma_rel, max_step=int(state["global_step"]))
     module = DiffusionModule(**state["hyper_parameters"])
     try:
@@ -283,9 +332,3 @@ def load_posthoc_module(ckpt, sigma_rel: float, snapshot_dir=None,
                         f"({str(err).splitlines()[0]}); give that run's folder with ema.snapshot_dir=...") from err
     return module.to(map_location).eval(), {**info, "checkpoint_step": int(state["global_step"]),
                                              "snapshot_dir": str(folder)}
-
-
-def _checked(ckpt) -> dict:
-    if not Path(ckpt).exists():
-        raise UserError(f"ckpt {ckpt} does not exist; give the path of a .ckpt file from a training run, {EXAMPLE}")
-    return check_checkpoint(ckpt)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from diffusion.diffusers_unet import from_diffusers_state_dict, to_diffusers_state_dict
 from diffusion.errors import UserError
 from diffusion.nn import UNet
 from diffusion.nn.layers import timestep_embedding
@@ -172,37 +173,12 @@ def test_wrong_timestep_shape_raises():
         model(torch.zeros(2, 3, 16, 16), torch.zeros(1, dtype=torch.long))
 
 
-def diffusers_state_dict(model: UNet) -> dict[str, torch.Tensor]:
-    """Our weights under diffusers' UNet2DModel names (q/k/v split, dense layers as matrices)."""
-    levels = len(model.down)
-    renames = [("temb.dense.0", "time_embedding.linear_1"), ("temb.dense.1", "time_embedding.linear_2"),
-               ("norm_out", "conv_norm_out"), ("mid.block_1", "mid_block.resnets.0"),
-               ("mid.block_2", "mid_block.resnets.1"), ("mid.attn_1", "mid_block.attentions.0"),
-               (".block.", ".resnets."), (".attn.", ".attentions."), ("temb_proj", "time_emb_proj"),
-               ("nin_shortcut", "conv_shortcut"), ("downsample.conv", "downsamplers.0.conv"),
-               ("upsample.conv", "upsamplers.0.conv"), (".norm.", ".group_norm."),
-               ("proj_out", "to_out.0")]  # fmt: skip
-    out = {}
-    for name, value in model.state_dict().items():
-        parts = name.split(".")
-        if parts[0] in ("down", "up"):  # diffusers lists up blocks from the lowest resolution
-            i = int(parts[1]) if parts[0] == "down" else levels - 1 - int(parts[1])
-            name = ".".join([f"{parts[0]}_blocks", str(i), *parts[2:]])
-        for old, new in renames:
-            name = name.replace(old, new)
-        if ".qkv." in name:
-            for proj, chunk in zip(("to_q", "to_k", "to_v"), value.chunk(3), strict=True):
-                out[name.replace("qkv", proj)] = chunk
-        else:
-            out[name] = value
-    return out
-
-
 def test_same_function_as_diffusers_port_of_the_paper():
     """With the same weights, diffusers' UNet2DModel configured as google/ddpm-cifar10-32 agrees."""
     import diffusers  # a dev dependency: the comparison always runs in `make test`
 
-    ours = perturbed(UNet(**{**SMALL, "ch_mult": (1, 2, 2), "num_res_blocks": 2})).double()
+    kwargs = {**SMALL, "ch_mult": (1, 2, 2), "num_res_blocks": 2}
+    ours = perturbed(UNet(**kwargs)).double()
     theirs = diffusers.UNet2DModel(
         sample_size=16, in_channels=3, out_channels=3, block_out_channels=(16, 32, 32), layers_per_block=2,
         down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
@@ -212,10 +188,11 @@ def test_same_function_as_diffusers_port_of_the_paper():
     # Both embed t in float32 with the same formula but a different order of operations; share ours so the
     # comparison is of the network alone (the embedding has its own test above).
     theirs.time_proj.forward = lambda t: timestep_embedding(t, 16)
-    state = diffusers_state_dict(ours)
-    reference = theirs.state_dict()
-    assert state.keys() == reference.keys()
-    theirs.load_state_dict({k: v.reshape(reference[k].shape) for k, v in state.items()})
+    state = to_diffusers_state_dict(ours.state_dict(), len(ours.down))
+    assert state.keys() == theirs.state_dict().keys()
+    theirs.load_state_dict(state)  # shapes too: the attention's 1x1 convs become Linear matrices
+    back = from_diffusers_state_dict(theirs.state_dict(), kwargs, learned_variance=False)
+    assert all(torch.equal(back[k], v) for k, v in ours.state_dict().items())
     x, t = inputs(ours)
     with torch.no_grad():
         torch.testing.assert_close(ours(x.double(), t), theirs(x.double(), t).sample, atol=1e-10, rtol=1e-10)

@@ -28,6 +28,7 @@ from diffusion.config.callbacks import (
 from diffusion.config.entry import (
     BpdConfig,
     EvaluateConfig,
+    ExportConfig,
     FiguresConfig,
     PathsConfig,
     SampleConfig,
@@ -78,6 +79,7 @@ def register_configs() -> None:
     cs.store(name="base_sample", node=SampleConfig)
     cs.store(name="base_evaluate", node=EvaluateConfig)
     cs.store(name="base_figures", node=FiguresConfig)
+    cs.store(name="base_export", node=ExportConfig)
     for group, name, node in [
         ("schedule", "base_schedule_range", RangeScheduleConfig),
         ("schedule", "base_schedule_sigmoid", SigmoidScheduleConfig),
@@ -99,9 +101,9 @@ def register_configs() -> None:
 __all__ = [
     "PRECISIONS", "BpdConfig", "CIFAR10DataConfig", "CallbacksConfig", "CheckpointConfig", "CosineScheduleConfig",
     "DataConfig", "DiffusionConfig", "DigitsDataConfig", "EMAConfig", "EvaluateConfig", "ExplicitScheduleConfig",
-    "FeatureExtractorConfig", "FiguresConfig", "FileDataConfig", "ImageFolderDataConfig", "LRMonitorConfig",
-    "LossByTConfig", "LossConfig", "MNISTDataConfig", "OptimConfig", "OptimizerConfig", "PaperFiguresConfig",
-    "PathsConfig", "PostHocEMAConfig",
+    "ExportConfig", "FeatureExtractorConfig", "FiguresConfig", "FileDataConfig", "ImageFolderDataConfig",
+    "LRMonitorConfig", "LossByTConfig", "LossConfig", "MNISTDataConfig", "OptimConfig", "OptimizerConfig",
+    "PaperFiguresConfig", "PathsConfig", "PostHocEMAConfig",
     "RNGStateConfig", "RangeScheduleConfig", "RanksInSyncConfig", "SampleConfig", "SampleGridConfig",
     "SampleQualityConfig", "SamplerTableConfig", "ScheduleConfig", "ScheduleLogConfig", "SigmoidScheduleConfig",
     "TrainConfig", "TrainerConfig", "UNetConfig", "ValidationConfig", "WandbConfig", "WarmupConfig",

@@ -1,4 +1,4 @@
-"""Schemas of the entry points' top-level configs: train, sample, figures, evaluate (and logger, paths)."""
+"""Schemas of the entry points' top-level configs: train, sample, figures, evaluate, export (and logger, paths)."""
 
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +43,7 @@ class TrainConfig:
     name: str = checked("default", nonempty_text())
     seed: int = checked(0, seed())
     ckpt_path: str | None = None  # a checkpoint path, or "last": the newest last.ckpt of runs named `name`
+    init_from: str | None = None  # fine-tune: start from the U-Net weights of a .ckpt or a diffusers folder
     schedule: ScheduleConfig = MISSING
     model: UNetConfig = MISSING
     data: DataConfig = MISSING
@@ -68,6 +69,15 @@ class SampleConfig:
     weights: str = checked("ema", one_of("ema", "raw"))
     device: str = checked("auto", device())
     output_dir: str = "${hydra:runtime.output_dir}"
+
+
+@dataclass
+class ExportConfig:
+    """export.py: a checkpoint as a diffusers DDPMPipeline folder (UNet2DModel, DDPMScheduler, model card)."""
+
+    ckpt: str = MISSING
+    out: str = MISSING  # a new or empty folder
+    weights: str = "ema"  # ema | raw
 
 
 @dataclass

@@ -98,6 +98,33 @@ def _check_builds(cfg: DictConfig) -> None:
     optimizer = _built(lambda: instantiate(cfg.optim.optimizer)(params=[param]), "optim.optimizer")
     if cfg.optim.lr_scheduler is not None:
         _built(lambda: instantiate(cfg.optim.lr_scheduler)(optimizer=optimizer), "optim.lr_scheduler")
+    if cfg.init_from is not None:
+        _check_init_from(cfg)
+
+
+def _check_init_from(cfg: DictConfig) -> None:
+    """init_from starts a new run from weights; ckpt_path resumes one: never both. The weights themselves are
+    checked against the run's network and schedule when train() starts, before anything is built."""
+    from diffusion.checkpointing import check_source
+
+    if cfg.ckpt_path is not None:
+        raise UserError(f"init_from={cfg.init_from} and ckpt_path={cfg.ckpt_path} are both set: ckpt_path resumes a "
+                        "run (weights, optimizer, step count), init_from starts a new one from weights only; drop one")
+    check_source(cfg.init_from, "init_from")
+
+
+def check_export(cfg: DictConfig) -> None:
+    """export.py: the weights are ema or raw, the output folder is new or empty, the checkpoint exists."""
+    from pathlib import Path
+
+    from diffusion.checkpointing import check_source
+
+    _require(cfg.weights in ("ema", "raw"), "weights", cfg.weights, "'ema' or 'raw'", "try weights=ema")
+    out = Path(cfg.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"out={cfg.out} already exists and is not an empty folder; choose a new folder, e.g. "
+                        f"out={cfg.out.rstrip('/')}-2, or remove it")
+    check_source(cfg.ckpt, "ckpt")
 
 
 def _built(build: Callable[[], Any], key: str) -> Any:
@@ -235,13 +262,16 @@ def _fmt_value(value: Any) -> str:
 
 
 def validate_entry(config_name: str, cfg: DictConfig) -> None:
-    """The checks of an entry point's config before Hydra starts the job: train.py's all; the others' rules,
-    targets, samplers and data module (their checkpoint is read by the job itself, before its first image);
-    evaluate's post-hoc EMA width."""
+    """The checks of an entry point's config before Hydra starts the job: train.py's all; export.py's paths; the
+    others' rules, targets, samplers and data module (their checkpoint is read by the job itself, before its first
+    image); evaluate's post-hoc EMA width."""
     if config_name == "train":
         validate(cfg)
         return
     check_rules(cfg)
+    if config_name == "export":
+        check_export(cfg)
+        return
     check_targets(cfg)
     check_samplers(cfg)
     if "feature_extractor" in cfg:

@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion.callbacks import GracefulInterrupt, SampleGrid, SampleQualityCallback, StepProgressBar
-from diffusion.checkpointing import AtomicCheckpointIO, ModelMismatch, check_checkpoint
+from diffusion.checkpointing import AtomicCheckpointIO, ModelMismatch, check_checkpoint, init_weights
 from diffusion.config import validate
 from diffusion.distributed import JobDDPStrategy
 from diffusion.errors import UserError
@@ -71,6 +71,18 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
         raise UserError(f"ckpt_path {ckpt_path} does not exist; give the path of a .ckpt file, or ckpt_path=last "
                         "to resume the newest run of the same name")
     return ckpt_path
+
+
+def _init_from(cfg: DictConfig, betas: torch.Tensor) -> dict[str, torch.Tensor] | None:
+    """The U-Net weights of cfg.init_from (fine-tuning: weights only, step 0, a fresh optimizer), checked against
+    this run's network, betas, parameterization and variance before anything is built."""
+    if cfg.init_from is None:
+        return None
+    expected = {"net": net_kwargs(cfg), "betas": betas.tolist(), "parameterization": cfg.diffusion.parameterization,
+                "variance": cfg.diffusion.variance}
+    state = init_weights(cfg.init_from, expected)
+    print(f"init_from: the U-Net starts from the weights of {cfg.init_from} (step 0, a new optimizer)")
+    return state
 
 
 def sweep_group(name: str, group: str | None, sweep_dir) -> str:
@@ -197,9 +209,12 @@ def train(cfg: DictConfig, extra_callbacks: tuple = ()) -> dict[str, float]:
 def _fit(cfg: DictConfig, output_dir: Path, extra_callbacks: tuple) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     betas = instantiate(cfg.schedule)
+    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, output_dir)
+    init = _init_from(cfg, betas) if ckpt_path is None else None  # a requeued fine-tuning run resumes instead
     datamodule = _data(cfg)
     module = build_module(cfg, betas)
-    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, output_dir)
+    if init is not None:
+        module.net.load_state_dict(init)
     if ckpt_path is not None:
         check_resumable(ckpt_path, module, output_dir, own=cfg.ckpt_path is None)
     if cfg.callbacks.checkpoint is not None:
