@@ -14,7 +14,9 @@ import copy
 import fnmatch
 import functools
 import io
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from hydra._internal.config_loader_impl import ConfigLoaderImpl
@@ -25,13 +27,16 @@ from omegaconf.nodes import BooleanNode, FloatNode, IntegerNode, StringNode
 from diffusion.cli import CONF_DIR, check_composed, explained, precheck
 from diffusion.config import register_configs
 
+_FILE = Path(tempfile.mkdtemp(prefix="fuzz-")) / "last.ckpt"  # export.py checks that its checkpoint exists
+_FILE.touch()
 BASE = {  # what each entry point needs to compose; the checkpoint is read by the job, after these checks
     "train": ["debug=fast", "logger=none"],
     "sample": ["ckpt=/nonexistent/last.ckpt"],
     "evaluate": ["ckpt=/nonexistent/last.ckpt", "logger=none"],
     "figures": ["ckpt=/nonexistent/last.ckpt"],
+    "export": [f"ckpt={_FILE}", f"out={_FILE.parent}/exported"],
 }
-SKIP = ("hydra.*", "*._partial_", "paper_card.*", "ckpt", "ckpt_path", "paths.*", "*output_dir", "*.save_dir",
+SKIP = ("hydra.*", "*._partial_", "paper_card.*", "ckpt", "ckpt_path", "paths.*", "*output_dir", "*.save_dir", "out",
         "*.dirpath", "data.root")  # paths: their existence and writability are checked when used (test_preflight)
 
 BY_TYPE = {
@@ -110,6 +115,7 @@ ACCEPTED = [
       for k in ("forward", "reverse", "reconstruction", "interpolation")),
     ("model.attn_resolutions", "[]", "a U-Net without attention"),
     ("callbacks.quality.extra_samplers", "[]", "no extra samplers (the default)"),
+    ("ema.snapshot_dir", "''", "'': the default folder (<run>/posthoc_ema), as null"),
 ]
 
 

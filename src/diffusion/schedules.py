@@ -32,7 +32,7 @@ def _check_range(beta_start: float, beta_end: float) -> None:
     if not beta_start < beta_end < 1.0:
         raise UserError(
             f"schedule.beta_end must be in (beta_start={beta_start}, 1), got {beta_end}; "
-            "try schedule.beta_end=0.02"
+            f"try schedule.beta_end={0.02 if beta_start < 0.02 else min(2 * beta_start, 0.999):g}"
         )
 
 

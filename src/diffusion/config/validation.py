@@ -131,13 +131,19 @@ def _built(build: Callable[[], Any], key: str) -> Any:
     """build(); its UserError or argument error as one line naming the config group."""
     try:
         return build()
-    except UserError as err:
-        message = str(err)
+    except (UserError, InstantiationException) as err:
+        cause = err if isinstance(err, UserError) else err.__cause__
+        if not isinstance(cause, UserError):
+            reason = " ".join(str(cause or err).split())
+            raise UserError(f"{key} cannot be built with these settings ({reason}); fix them, e.g. drop the "
+                            f"overrides of {key}") from err
+        message = str(cause)
         raise UserError(message if message.startswith(key.split(".")[0]) else f"{key}: {message}") from err
-    except (ValueError, TypeError, RuntimeError, InstantiationException) as err:
+    except (ValueError, TypeError, RuntimeError) as err:
         reason = " ".join(str(err.__cause__ or err).split())
         raise UserError(f"{key} cannot be built with these settings ({reason}); fix them, e.g. drop the "
                         f"overrides of {key}") from err
+
 
 def _require(ok: bool, key: str, value: Any, rule: str, fix: str) -> None:
     if not ok:
@@ -278,5 +284,8 @@ def validate_entry(config_name: str, cfg: DictConfig) -> None:
         check_feature_extractor(cfg.feature_extractor, "feature_extractor")
     if config_name == "evaluate":
         check_posthoc_sigma_rel(cfg.ema.sigma_rel)
+        if cfg.ema.snapshot_dir and cfg.ema.sigma_rel is None:
+            raise UserError(f"ema.snapshot_dir={cfg.ema.snapshot_dir} is read only with ema.sigma_rel (a post-hoc EMA "
+                            "width), which is null; set ema.sigma_rel=0.05, or drop ema.snapshot_dir")
     if "data" in cfg:
         _built(lambda: instantiate(cfg.data), "data")
