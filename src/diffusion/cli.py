@@ -144,6 +144,8 @@ def explained(config_name: str, check: Callable[[], DictConfig]) -> DictConfig |
     try:
         return check()
     except UserError as err:
+        if full_errors():
+            raise
         fail(str(err))
     except (HydraException, OmegaConfBaseException, ValueError) as err:
         if full_errors():
