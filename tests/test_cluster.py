@@ -57,7 +57,7 @@ def test_slurm_launcher_asks_sbatch_for_one_task_per_gpu_and_the_requeue_signal(
     env = {**os.environ, "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}"}
     done = run_train("-m", "hydra/launcher=slurm", *QUIET, "trainer=ddp", "trainer.num_nodes=2",
                      "hydra.launcher.gpus_per_node=4", "hydra.launcher.account=proj42",
-                     "hydra.launcher.partition=gpu", "schedule=linear,cosine", cwd=tmp_path, env=env, timeout=120)
+                     "hydra.launcher.partition=gpu", "schedule=linear,cosine", cwd=tmp_path, env=env, timeout=300)
     assert done.returncode != 0 and "simulated" in done.stderr  # nothing was queued
     flags = [line for line in script.read_text().splitlines() if line.startswith("#SBATCH")]
     for flag in ("--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--cpus-per-task=8", "--mem-per-gpu=32G",

@@ -131,9 +131,11 @@ def precheck(config_name: str, argv: list[str]) -> DictConfig | None:
     multirun = "-m" in argv or "--multirun" in argv
 
     def check_every_job() -> DictConfig:
+        here = True
         for i, overrides in enumerate(jobs_to_check(_user_overrides(argv))):
-            # The first job is composed with Hydra's own settings too, to check the run directory once.
-            cfg = _check_one(config_name, overrides, _hydra_overrides(argv) if i == 0 else None, multirun)
+            # The first job is composed with Hydra's own settings too, to check the run directory once and to
+            # see whether the jobs run here or on other machines (a SLURM launcher: their GPUs are not ours).
+            cfg, here = _check_one(config_name, overrides, _hydra_overrides(argv) if i == 0 else None, multirun, here)
         return cfg
 
     return explained(config_name, check_every_job)
@@ -161,21 +163,23 @@ def _hydra_overrides(argv: list[str]) -> list[str]:
 
 
 def _check_one(config_name: str, overrides: list[str], hydra_overrides: list[str] | None = None,
-               multirun: bool = False) -> DictConfig:
+               multirun: bool = False, here: bool = True) -> tuple[DictConfig, bool]:
     """Compose one job's config and check it: no key outside the schema, no missing value, every rule; with
-    hydra_overrides, also that the run (or sweep) directory can be created."""
+    hydra_overrides, also that the run (or sweep) directory can be created and whether the job runs here."""
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name=config_name, overrides=[*overrides, *(hydra_overrides or [])],
                       return_hydra_config=hydra_overrides is not None)
     if hydra_overrides is not None:
         _check_output_dir(cfg, "hydra.sweep.dir" if multirun else "hydra.run.dir")
+        here = not (multirun and "slurm" in str(OmegaConf.select(cfg, "hydra.launcher._target_")).lower())
         with open_dict(cfg):
             del cfg["hydra"]
-    return check_composed(config_name, cfg)
+    return check_composed(config_name, cfg, here), here
 
 
-def check_composed(config_name: str, cfg: DictConfig) -> DictConfig:
-    """Check a composed job config: no key outside the schema, no missing value, every rule."""
+def check_composed(config_name: str, cfg: DictConfig, here: bool = True) -> DictConfig:
+    """Check a composed job config: no key outside the schema, no missing value, every rule (here=False: the job
+    runs on another machine, whose devices are checked when it starts there)."""
     unknown = _keys_outside_schema(cfg)
     if unknown:
         raise UserError(f"unknown config key '{unknown[0]}' (the schema has no such field, '+' cannot add one); "
@@ -183,7 +187,7 @@ def check_composed(config_name: str, cfg: DictConfig) -> DictConfig:
     missing = _missing_keys(cfg)
     if missing:
         raise UserError(f"{missing[0]} has no value and is required; set {missing[0]}=...")
-    validate_entry(config_name, cfg)
+    validate_entry(config_name, cfg, here)
     return cfg
 
 

@@ -18,7 +18,7 @@ from diffusion.errors import UserError
 from diffusion.sampling import SamplerSpec, as_sampler_spec
 
 
-def validate(cfg: DictConfig) -> None:
+def validate(cfg: DictConfig, here: bool = True) -> None:
     """Check a train.py config: every field's rule, then what needs several fields or building a piece (the
     schedule, the network on the meta device, the data module's constructor, the optimizer on a dummy parameter).
     Nothing here touches a disk, a device or the network; run/preflight.py does that."""
@@ -26,13 +26,14 @@ def validate(cfg: DictConfig) -> None:
     check_targets(cfg)
     T = len(_built(lambda: instantiate(cfg.schedule), "schedule"))
     check_samplers(cfg, T)
-    _check_cross_fields(cfg)
+    _check_cross_fields(cfg, here)
     if cfg.callbacks.get("quality") is not None:
         check_feature_extractor(cfg.callbacks.quality.feature_extractor, "callbacks.quality.feature_extractor")
     _check_builds(cfg)
 
 
-def _check_cross_fields(cfg: DictConfig) -> None:
+def _check_cross_fields(cfg: DictConfig, here: bool = True) -> None:
+    """here=False: the job runs on another machine (a SLURM launcher), whose devices are not this one's."""
     for key, data_key in (("in_channels", "channels"), ("image_size", "image_size")):
         if cfg.model[key] != cfg.data[data_key]:
             raise UserError(f"model.{key}={cfg.model[key]} differs from the data's data.{data_key}={cfg.data[data_key]} "
@@ -43,7 +44,7 @@ def _check_cross_fields(cfg: DictConfig) -> None:
     if str(cfg.trainer.precision) == "16-mixed" and cfg.trainer.accelerator == "cpu":
         raise UserError("trainer.precision=16-mixed needs a CUDA GPU (fp16 autocast with gradient scaling), got "
                         "trainer.accelerator=cpu; use trainer.precision=bf16-mixed on CPU")
-    if cfg.trainer.accelerator in ("gpu", "cuda"):
+    if here and cfg.trainer.accelerator in ("gpu", "cuda"):
         import torch
 
         if not torch.cuda.is_available():
@@ -267,12 +268,12 @@ def _fmt_value(value: Any) -> str:
     return "''" if value == "" else "null" if value is None else str(value)
 
 
-def validate_entry(config_name: str, cfg: DictConfig) -> None:
+def validate_entry(config_name: str, cfg: DictConfig, here: bool = True) -> None:
     """The checks of an entry point's config before Hydra starts the job: train.py's all; export.py's paths; the
     others' rules, targets, samplers and data module (their checkpoint is read by the job itself, before its first
     image); evaluate's post-hoc EMA width."""
     if config_name == "train":
-        validate(cfg)
+        validate(cfg, here)
         return
     check_rules(cfg)
     if config_name == "export":
