@@ -18,6 +18,7 @@ import os
 import platform
 import re
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,7 +28,10 @@ import torch
 import torch.nn.functional as F
 from diffusers import UNet2DModel
 
-from diffusion.nn import UNet, unet_config
+from diffusion.nn import UNet
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from helpers import model_kwargs  # noqa: E402  conf/model/cifar10.yaml's network, as train.py builds it
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -75,7 +79,7 @@ def make_models(dropout: float, device: torch.device) -> dict[str, tuple[torch.n
     """name -> (module, forward(net, x, t) -> eps); every module freshly initialised."""
     torch.manual_seed(0)
     # ours as conf/model/cifar10.yaml builds it: NHWC inside the model (model.channels_last=true)
-    ours = UNet(**{**unet_config("cifar10"), "dropout": dropout}, channels_last=True).to(device)
+    ours = UNet(**{**model_kwargs("data=cifar10"), "dropout": dropout, "channels_last": True}).to(device)
     theirs = diffusers_cifar10(dropout).to(device)
     count_ours, count_theirs = num_params(ours), num_params(theirs)
     print(f"parameters: ours {count_ours:,}  diffusers {count_theirs:,}")

@@ -41,6 +41,7 @@ class DiffusionModule(L.LightningModule):
         val_bpd_images: int = 16,
         loss_bins: int = 10,
         on_nonfinite: str = "stop",
+        nonfinite_check_every_n_steps: int = 100,
         compile: bool = False,
         optimizer: Callable | None = None,
         lr_scheduler: Callable | None = None,
@@ -57,6 +58,7 @@ class DiffusionModule(L.LightningModule):
         # No sync at compute: each rank already holds the global batch's values (see _log_binned).
         self.train_bin_loss = torch.nn.ModuleList(MeanMetric(sync_on_compute=False) for _ in range(self.loss_bins))
         self.nonfinite_skips = 0
+        self._first_nonfinite: tuple[Tensor, Tensor] | None = None  # (step, loss) of the first NaN/inf loss, or -1
         self._step_draw: tuple[Tensor, Tensor, Tensor] | None = None  # this optimizer step's (t, w, ε)
 
     @property
@@ -74,10 +76,14 @@ class DiffusionModule(L.LightningModule):
         if out.vlb is not None:
             self._update_timestep_sampler(t, out.vlb)
         loss = (out.loss * weights).mean()
-        if not torch.isfinite(loss):
-            return self._nonfinite(loss)
-        # Logged as the mean over ranks: the global batch's loss, comparable across device counts.
-        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
+        if self.hparams.on_nonfinite == "skip":  # skipping a step needs its answer now: one host sync per step
+            if not torch.isfinite(loss):
+                return self._nonfinite(loss)
+        else:
+            self._watch_nonfinite(loss)
+        # Logged as the mean over ranks: the global batch's loss, comparable across device counts. Not prog_bar:
+        # Lightning reads those on the host after every batch; StepProgressBar shows it at the logging cadence.
+        self.log("train/loss", loss, sync_dist=True)
         self.log("train/mse", out.mse.mean(), sync_dist=True)
         if out.vlb is not None:
             self.log("train/vlb_bpd_term", out.vlb.mean())
@@ -106,7 +112,24 @@ class DiffusionModule(L.LightningModule):
         rows = slice(micro * world * B + rank, (micro + 1) * world * B, world)
         return tuple(x[rows] for x in self._step_draw)
 
-    def _nonfinite(self, loss: Tensor) -> None:
+    def _watch_nonfinite(self, loss: Tensor) -> None:
+        """on_nonfinite=stop: note the first NaN/inf loss on the device; read it (a host sync) only every
+        `nonfinite_check_every_n_steps` steps and before every checkpoint, and stop if there was one."""
+        if self._first_nonfinite is None:
+            self._first_nonfinite = (torch.full((), -1, device=loss.device), torch.zeros((), device=loss.device))
+        step, value = self._first_nonfinite
+        new = torch.logical_and(~torch.isfinite(loss.detach()), step < 0)
+        self._first_nonfinite = (torch.where(new, self.global_step, step), torch.where(new, loss.detach(), value))
+        if (self.global_step + 1) % self.hparams.nonfinite_check_every_n_steps == 0:
+            self.raise_if_nonfinite()
+
+    def raise_if_nonfinite(self) -> None:
+        """Stop (NonFiniteLoss) if a NaN/inf loss was noted since the run started."""
+        if self._first_nonfinite is not None and int(self._first_nonfinite[0]) >= 0:
+            step, value = self._first_nonfinite
+            self._nonfinite(value, int(step))
+
+    def _nonfinite(self, loss: Tensor, step: int | None = None) -> None:
         """A NaN/inf loss: skip the step (loss.on_nonfinite=skip, counted) or stop before anything is saved."""
         if self.hparams.on_nonfinite == "skip":
             self.nonfinite_skips += 1
@@ -114,7 +137,8 @@ class DiffusionModule(L.LightningModule):
             return None  # Lightning skips backward and the optimizer step
         callback = self.trainer.checkpoint_callback if self._trainer is not None else None
         last = getattr(callback, "last_model_path", "") or "none saved yet"
-        raise NonFiniteLoss(f"training loss is {loss.item()} at step {self.global_step}; nothing after the last "
+        step = self.global_step if step is None else step
+        raise NonFiniteLoss(f"training loss is {loss.item()} at step {step}; nothing after the last "
                             f"good checkpoint ({last}) was saved; lower optim.optimizer.lr, or set "
                             "loss.on_nonfinite=skip to skip such steps")
 
@@ -132,12 +156,20 @@ class DiffusionModule(L.LightningModule):
             # Every rank bins the whole global batch (a few floats), so all ranks log the same bins: a bin
             # logged on one rank only would leave the others waiting in its epoch-end sync.
             t, mse = self.all_gather(t).reshape(-1), self.all_gather(mse).reshape(-1)
-        which = t * bins // T
-        for k, metric in enumerate(self.train_bin_loss):
-            mask = which == k
-            if mask.any():
-                metric.update(mse[mask])
-                self.log(f"train_loss_by_t/{self._bin_label(k)}", metric, on_step=False, on_epoch=True)
+        # sums and counts per bin by index_add_ (no mask.any(): no host sync), added to each bin's MeanMetric state
+        which = t * bins // T  # (N,)
+        mse = mse.float()
+        sums = torch.zeros(bins, device=mse.device).index_add_(0, which, mse)
+        counts = torch.zeros(bins, device=mse.device).index_add_(0, which, torch.ones_like(mse))
+        torch._foreach_add_([m.mean_value for m in self.train_bin_loss], list(sums.unbind()))
+        torch._foreach_add_([m.weight for m in self.train_bin_loss], list(counts.unbind()))
+
+    def on_train_epoch_end(self) -> None:
+        # After the callbacks' hooks (LossByTLog reads loss_by_t first); one host read per epoch.
+        for label, value in self.loss_by_t().items():
+            self.log(f"train_loss_by_t/{label}", value)
+        for metric in self.train_bin_loss:
+            metric.reset()
 
     def _bin_label(self, k: int) -> str:
         T, bins = self.num_timesteps, self.loss_bins
@@ -145,8 +177,9 @@ class DiffusionModule(L.LightningModule):
 
     def loss_by_t(self) -> dict[str, float]:
         """This epoch's mean L_simple in each bin of t that had samples: what is logged as train_loss_by_t/*
-        at the epoch's end (read before then: Lightning resets the bins after logging them)."""
-        return {self._bin_label(k): float(m.compute()) for k, m in enumerate(self.train_bin_loss) if m.update_count}
+        at the epoch's end (read before then: on_train_epoch_end resets the bins after logging them)."""
+        return {self._bin_label(k): float(m.mean_value / m.weight) for k, m in enumerate(self.train_bin_loss)
+                if m.weight > 0}
 
     def validation_step(self, x0: Tensor, batch_idx: int) -> None:
         # L_simple at fixed t with noise fixed by (batch, t), so numbers are comparable across evaluations.
@@ -187,6 +220,8 @@ class DiffusionModule(L.LightningModule):
             self.net.compile()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.hparams.on_nonfinite == "stop":
+            self.raise_if_nonfinite()  # never a checkpoint of weights a NaN/inf step has touched
         checkpoint["timestep_sampler"] = self.timestep_sampler.state_dict()
         checkpoint["nonfinite_skips"] = self.nonfinite_skips
         # The epoch's binned losses so far: a run resumed mid-epoch logs the whole epoch's means at its end.

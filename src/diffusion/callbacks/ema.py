@@ -1,9 +1,25 @@
-"""EMA of the network's weights through Lightning's EMAWeightAveraging, with a warm-up of the decay."""
+"""EMA of the network's weights through Lightning's EMAWeightAveraging, with a warm-up of the decay.
+
+The update is one foreach lerp over all parameters (`ema_update_`), with the decay computed on the host from
+a Python count of updates: torch's AveragedModel would read its device-side count (`n_averaged == 0`, and
+`float(num_averaged)` for every tensor in a warm-up avg_fn), a host-device sync each step.
+"""
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import EMAWeightAveraging
 from torch import Tensor
+
+
+def ema_decay(decay: float, warmup: bool, num_averaged: int) -> float:
+    """The decay of update number num_averaged + 1: min(decay, (1 + n) / (10 + n)) with warm-up, else decay."""
+    return min(decay, (1.0 + num_averaged) / (10.0 + num_averaged)) if warmup else decay
+
+
+@torch.no_grad()
+def ema_update_(averaged: list[Tensor], current: list[Tensor], decay: float) -> None:
+    """averaged <- decay * averaged + (1 - decay) * current, one foreach op over all tensors."""
+    torch._foreach_lerp_(averaged, current, 1.0 - decay)
 
 
 def ema_warmup_avg_fn(decay: float, warmup: bool):
@@ -32,7 +48,34 @@ class EMA(EMAWeightAveraging):
     def __init__(self, decay: float = 0.9999, warmup: bool = True):
         super().__init__(decay=decay, use_buffers=False)
         self.decay, self.warmup = decay, warmup
-        self._kwargs["avg_fn"] = ema_warmup_avg_fn(decay, warmup)
+        self._kwargs["avg_fn"] = ema_warmup_avg_fn(decay, warmup)  # what AveragedModel would use elsewhere
+        self._num_averaged: int | None = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        """WeightAveraging's update, as one foreach op with a host-side count (no host-device sync)."""
+        if trainer.global_step <= self._latest_update_step or not self.should_update(step_idx=trainer.global_step - 1):
+            return
+        averaged_model = self._average_model
+        if self._num_averaged is None:  # the count restored with the averages: read once per fit
+            self._num_averaged = int(averaged_model.n_averaged)
+        averaged = [p.detach() for p in averaged_model.parameters()]
+        current = [p.detach().to(a.device) for p, a in zip(pl_module.parameters(), averaged, strict=True)]
+        if self._num_averaged == 0:
+            torch._foreach_copy_(averaged, current)
+        else:
+            ema_update_(averaged, current, ema_decay(self.decay, self.warmup, self._num_averaged))
+        averaged_model.n_averaged.add_(1)  # the device-side count stays what AveragedModel's would be (checkpoints)
+        self._num_averaged += 1
+        self._latest_update_step = trainer.global_step
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self._num_averaged = None
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        super().on_load_checkpoint(trainer, pl_module, checkpoint)
+        self._num_averaged = None  # read again from the restored n_averaged
 
     def averaged_module(self) -> L.LightningModule | None:
         """The EMA copy of the LightningModule (None before fit starts)."""

@@ -3,6 +3,7 @@
 Lightning's TQDM bar counts the batches of each epoch and names the epoch out of max_epochs, which for a run
 budgeted in steps (max_epochs=-1) reads "Epoch 36/-2". Runs here are budgeted in steps, so one bar goes
 from the step the run starts at (a resumed run: its checkpoint's) to max_steps; validation keeps its own bar.
+The loss beside it is read (a host-device sync) at the logging cadence, trainer.log_every_n_steps, not every step.
 """
 
 import lightning as L
@@ -28,14 +29,18 @@ class StepProgressBar(TQDMProgressBar):
         bar, step = self.train_progress_bar, trainer.global_step
         if bar is not None and self._should_update(step, bar.total):
             _update_n(bar, step)
-            bar.set_postfix(self.get_metrics(trainer, pl_module))
+            if step % trainer.log_every_n_steps == 0 or step == bar.total:  # reading the loss syncs the device
+                bar.set_postfix(self.get_metrics(trainer, pl_module))
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.train_progress_bar.disable:
             self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
-        """The logged progress-bar metrics, without Lightning's version number ("v_num")."""
+        """The logged progress-bar metrics and the training loss, without Lightning's version number ("v_num")."""
         metrics = super().get_metrics(trainer, pl_module)
         metrics.pop("v_num", None)
+        loss = trainer.callback_metrics.get("train/loss")  # not prog_bar: see DiffusionModule.training_step
+        if loss is not None and trainer.training:
+            metrics["train/loss"] = float(loss)
         return metrics

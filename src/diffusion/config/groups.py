@@ -89,6 +89,9 @@ class LossConfig:
     min_snr_gamma: float | None = checked(None, optional(positive()))
     timestep_sampler: str = checked("uniform", one_of("uniform", "importance"))
     on_nonfinite: str = checked("stop", one_of("stop", "skip"))  # stop: end (last good checkpoint kept) | skip: counted
+    # stop: the loss is read on the host (a sync) every N steps and before each checkpoint; 1: every step.
+    # skip reads every step's loss whatever this says (it must know before the optimizer step)
+    nonfinite_check_every_n_steps: int = checked(100, at_least(1))
 
 
 @dataclass
@@ -99,6 +102,10 @@ class OptimizerConfig:
     betas: list[float] = checked(rule=each(between(0, 1, high_open=True), size=2), factory=lambda: [0.9, 0.999])
     eps: float = checked(1e-8, positive())
     weight_decay: float = checked(0.0, at_least(0, integer=False))
+    # the update over all tensors at once: foreach (a few multi-tensor ops) or fused (one kernel per group);
+    # null lets torch choose (foreach on CUDA, one tensor at a time on CPU); not both true
+    foreach: bool | None = None
+    fused: bool | None = None
 
 
 @dataclass
@@ -145,6 +152,7 @@ class DigitsDataConfig(DataConfig):
     channels: int = 1
     image_size: int = 8
     val_size: int = checked(297, between(1, 1796))
+    on_device: bool = False  # train split on the accelerator once, batches and flips drawn there (no workers)
 
 
 @dataclass
@@ -158,6 +166,7 @@ class MNISTDataConfig(FileDataConfig):
     _target_: str = "diffusion.data.MNISTDataModule"
     channels: int = 1
     image_size: int = checked(32, between(28, 4096))  # the 28×28 images padded with background
+    on_device: bool = False  # train split on the accelerator once, batches and flips drawn there (no workers)
 
 
 @dataclass
@@ -166,6 +175,7 @@ class CIFAR10DataConfig(FileDataConfig):
     channels: int = 3
     image_size: int = 32
     random_flip: bool = True
+    on_device: bool = False  # train split on the accelerator once, batches and flips drawn there (no workers)
 
 
 @dataclass

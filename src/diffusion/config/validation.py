@@ -57,6 +57,24 @@ def _check_cross_fields(cfg: DictConfig, here: bool = True) -> None:
                         f"in [0.0, 1.0], got {lvb!r}; try trainer.limit_val_batches=null")
     if cfg.callbacks.get("posthoc_ema") is not None:
         _check_posthoc_ema(cfg.callbacks.posthoc_ema)
+    _check_optimizer_kernels(cfg)
+
+
+def _check_optimizer_kernels(cfg: DictConfig) -> None:
+    """optim.optimizer.fused and foreach: not both, and fused only where torch has fused kernels for the device."""
+    opt = cfg.optim.optimizer
+    if opt.get("fused") and opt.get("foreach"):
+        raise UserError("optim.optimizer.fused=true and optim.optimizer.foreach=true exclude each other; "
+                        "keep one, e.g. optim.optimizer.foreach=null")
+    if opt.get("fused"):
+        import torch
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+        accelerator = cfg.trainer.accelerator
+        device = {"gpu": "cuda", "auto": "cuda" if torch.cuda.is_available() else "cpu"}.get(accelerator, accelerator)
+        if device not in _get_fused_kernels_supported_devices():
+            raise UserError(f"optim.optimizer.fused=true has no fused kernels on {device} in torch {torch.__version__}"
+                            f" (trainer.accelerator={accelerator}); use optim.optimizer.foreach=true instead")
     if cfg.optimized_metric is not None:
         logged = logged_metrics(cfg)
         if cfg.optimized_metric not in logged:

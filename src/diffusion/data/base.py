@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from diffusion.data.loader import EpochSampler, ResumableLoader, _ModelInputs
+from diffusion.data.loader import DeviceLoader, EpochSampler, ResumableLoader, _ModelInputs
 from diffusion.errors import UserError
 
 SPLITS = ("train", "val")
@@ -54,7 +54,7 @@ class ImageDataModule(L.LightningDataModule):
     eval_num_samples = 1_000
 
     def __init__(self, root: str, batch_size: int, num_workers: int, download: bool, seed: int,
-                 random_flip: bool, *, channels: int, image_size: int):
+                 random_flip: bool, *, channels: int, image_size: int, on_device: bool = False):
         super().__init__()
         if batch_size < 1:
             raise UserError(f"data.batch_size must be >= 1, got {batch_size}; try data.batch_size=128")
@@ -64,7 +64,7 @@ class ImageDataModule(L.LightningDataModule):
             raise UserError(f"data.seed must be >= 0, got {seed}; try data.seed=0")
         self.root, self.batch_size, self.num_workers = Path(root).expanduser(), batch_size, num_workers
         self.download, self.seed, self.random_flip = download, seed, random_flip
-        self.channels, self.image_size = channels, image_size
+        self.channels, self.image_size, self.on_device = channels, image_size, on_device
         self._splits: dict[str, Dataset] = {}
 
     def require_shape(self, channels: int, image_size: int) -> None:
@@ -122,6 +122,9 @@ class ImageDataModule(L.LightningDataModule):
         dataset = _ModelInputs(self._split("train"))
         sampler = EpochSampler(dataset, self.seed, self.random_flip, num_replicas=trainer.world_size if trainer else 1,
                                rank=trainer.global_rank if trainer else 0)
+        if self.on_device:  # the same draws, gathered from a copy of the images on the training device
+            device = trainer.strategy.root_device if trainer else torch.device("cpu")
+            return DeviceLoader(self._split("train").images, sampler, self.batch_size, device)
         return ResumableLoader(dataset, sampler=sampler, drop_last=True, **self._loader_kwargs())
 
     def val_dataloader(self) -> DataLoader:

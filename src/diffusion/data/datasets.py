@@ -34,8 +34,9 @@ class DigitsDataModule(ImageDataModule):
     quality_extractor = "digits"
 
     def __init__(self, batch_size: int = 128, num_workers: int = 0, seed: int = 0, random_flip: bool = False,
-                 val_size: int = 297, channels: int = 1, image_size: int = 8):
-        super().__init__("", batch_size, num_workers, False, seed, random_flip, channels=1, image_size=8)
+                 val_size: int = 297, channels: int = 1, image_size: int = 8, on_device: bool = False):
+        super().__init__("", batch_size, num_workers, False, seed, random_flip, channels=1, image_size=8,
+                         on_device=on_device)
         self.require_shape(channels, image_size)
         if random_flip:
             raise UserError("data.random_flip=true would mirror digits into other symbols; set data.random_flip=false")
@@ -61,9 +62,10 @@ class MNISTDataModule(ImageDataModule):
     dataset_class = datasets.MNIST
 
     def __init__(self, root: str, batch_size: int, num_workers: int = 0, download: bool = False,
-                 seed: int = 0, random_flip: bool = False, image_size: int = 32, channels: int = 1):
+                 seed: int = 0, random_flip: bool = False, image_size: int = 32, channels: int = 1,
+                 on_device: bool = False):
         super().__init__(root, batch_size, num_workers, download, seed, random_flip,
-                         channels=1, image_size=image_size)
+                         channels=1, image_size=image_size, on_device=on_device)
         self.require_shape(channels, image_size)
         if image_size < 28:
             raise UserError(f"data.image_size must be >= 28 for {self.name} (it pads the 28x28 images with "
@@ -105,8 +107,10 @@ class CIFAR10DataModule(ImageDataModule):
     eval_num_samples = 50_000  # Ho et al. 2020: FID and IS of 50,000 samples
 
     def __init__(self, root: str, batch_size: int, num_workers: int = 0, download: bool = False,
-                 seed: int = 0, random_flip: bool = True, channels: int = 3, image_size: int = 32):
-        super().__init__(root, batch_size, num_workers, download, seed, random_flip, channels=3, image_size=32)
+                 seed: int = 0, random_flip: bool = True, channels: int = 3, image_size: int = 32,
+                 on_device: bool = False):
+        super().__init__(root, batch_size, num_workers, download, seed, random_flip, channels=3, image_size=32,
+                         on_device=on_device)
         self.require_shape(channels, image_size)
 
     def _fetch(self) -> None:

@@ -2,10 +2,12 @@
 
 The train order and the flips are a function of (seed, epoch) alone (`EpochSampler`), and the train loader
 tells Lightning how far into the epoch it got (`ResumableLoader`), so a run resumed from a checkpoint taken in
-the middle of an epoch sees exactly the batches the uninterrupted run would have seen.
+the middle of an epoch sees exactly the batches the uninterrupted run would have seen. `DeviceLoader` draws
+the same batches from a copy of the images on the accelerator (data.on_device=true).
 """
 
 import numpy as np
+import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
@@ -84,3 +86,43 @@ class ResumableLoader(DataLoader):
             yield batch
         self.sampler.set_epoch(self._epoch + 1)  # a whole pass (outside Lightning, which sets it): a new order
 
+
+
+class DeviceLoader:
+    """The train loader of `data.on_device=true`: the uint8 split copied to the device once, each batch gathered
+    and flipped there (no DataLoader, no workers). Order and flips are `EpochSampler`'s, position and resume are
+    `ResumableLoader`'s, so a seed gives the same batches, bit for bit, on either path."""
+
+    def __init__(self, images: Tensor, sampler: EpochSampler, batch_size: int, device):
+        self.images, self.sampler, self.batch_size, self.device = images, sampler, batch_size, device
+        self._on_device: Tensor | None = None
+        self._epoch, self._served, self._resuming = 0, 0, False
+
+    def __len__(self) -> int:
+        return len(self.sampler) // self.batch_size  # the last partial batch is dropped
+
+    state_dict = ResumableLoader.state_dict
+    load_state_dict = ResumableLoader.load_state_dict
+
+    def __iter__(self):
+        return self._batches()
+
+    def _batches(self):
+        if self._on_device is None:
+            self._on_device = self.images.to(self.device)  # (N, C, H, W) uint8, once
+        if self._resuming:
+            self.sampler.set_epoch(self._epoch)
+        else:
+            self._epoch, self._served = self.sampler.epoch, 0
+        self._resuming = False
+        self.sampler.start = self._served * self.batch_size
+        pairs = list(self.sampler)  # this rank's (index, flip) draws from the resumed position on
+        index = torch.tensor([i for i, _ in pairs], dtype=torch.long).to(self.device, non_blocking=True)
+        flips = torch.tensor([f for _, f in pairs], dtype=torch.bool).to(self.device, non_blocking=True)
+        for start in range(0, len(pairs) - self.batch_size + 1, self.batch_size):
+            rows = slice(start, start + self.batch_size)
+            x = self._on_device[index[rows]]  # (B, C, H, W) uint8
+            x = torch.where(flips[rows].view(-1, 1, 1, 1), x.flip(-1), x)
+            self._served += 1
+            yield to_model_range(x)
+        self.sampler.set_epoch(self._epoch + 1)

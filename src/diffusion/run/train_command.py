@@ -43,6 +43,7 @@ def build_module(cfg: DictConfig, betas: torch.Tensor) -> DiffusionModule:
         val_timestep_fractions=tuple(cfg.validation.timestep_fractions),
         val_bpd_images=cfg.validation.bpd_images,
         on_nonfinite=cfg.loss.on_nonfinite,
+        nonfinite_check_every_n_steps=cfg.loss.nonfinite_check_every_n_steps,
         compile=cfg.model.compile,
         optimizer=instantiate(cfg.optim.optimizer),
         lr_scheduler=instantiate(cfg.optim.lr_scheduler) if cfg.optim.lr_scheduler is not None else None,
