@@ -180,7 +180,8 @@ def test_evaluate_sweeps_the_guidance_scale_and_figures_draw(conditional_run, tm
     assert [r["guidance_scale"] for r in rows] == [0.0, 2.0]
     assert all(0 <= r["class_accuracy"] <= 1 and r["fid_train"] > 0 for r in rows)
     assert json.loads((tmp_path / "e" / "guidance.json").read_text())[1]["fid_train"] == rows[1]["fid_train"]
-    assert (tmp_path / "e" / "guidance.png").stat().st_size > 0 and "| 2 |" in (tmp_path / "e" / "guidance.md").read_text()
+    assert (tmp_path / "e" / "guidance.png").stat().st_size > 0
+    assert "| 2 |" in (tmp_path / "e" / "guidance.md").read_text()
     paths = run.figures(compose_cfg("figures", [f"ckpt={ckpt}", "num_samples=10", "rd_images=8", "sampler.name=ddim",
                                                 "sampler.steps=2", "sampler.guidance_scale=1.5"], tmp_path / "f"))
     assert np.asarray(Image.open(paths["samples"])).shape[0] == 10 * 34 + 2  # a row per digit
@@ -216,3 +217,11 @@ def test_a_class_count_that_is_not_the_datas_is_an_error_before_training(tmp_pat
     with pytest.raises(UserError, match="model.num_classes=7, but digits has 10 classes; set model.num_classes=10"):
         run.train(train_cfg(tmp_path, "model.num_classes=7", "logger=none"))
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_conditional_net_is_not_exported_to_diffusers():
+    from diffusion.diffusers_unet import unet_config_from_kwargs
+
+    assert unet_config_from_kwargs(model_kwargs("debug=fast"), False)["sample_size"] == 8
+    with pytest.raises(UserError, match="class-conditional U-Net .* cannot be exported"):
+        unet_config_from_kwargs(NET, False)
