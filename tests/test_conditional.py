@@ -160,6 +160,7 @@ def test_a_conditional_run_stores_its_classes_and_draws_a_row_per_class(conditio
     assert grid.shape[0] == 10 * 34 + 2 and grid.shape[1] == 2 * 34 + 2  # 10 rows (one per digit) of 2, at 32 px
 
 
+@pytest.mark.slow
 def test_sample_py_draws_the_labels_asked_for_and_refuses_others(conditional_run, tmp_path):
     ckpt = conditional_run / "checkpoints" / "last.ckpt"
     done = run_script("sample.py", f"ckpt={ckpt}", "num_samples=5", "labels=[3,3,7]", "sampler.name=ddim",
@@ -187,6 +188,7 @@ def test_evaluate_sweeps_the_guidance_scale_and_figures_draw(conditional_run, tm
     assert np.asarray(Image.open(paths["samples"])).shape[0] == 10 * 34 + 2  # a row per digit
 
 
+@pytest.mark.slow
 def test_guidance_of_an_unconditional_checkpoint_is_one_line(tmp_path):
     out = tmp_path / "plain"
     run.train(train_cfg(out, "logger=none", "callbacks.samples=null", "trainer.max_steps=1"))
