@@ -116,6 +116,8 @@ ACCEPTED = [
     ("model.attn_resolutions", "[]", "a U-Net without attention"),
     ("callbacks.quality.extra_samplers", "[]", "no extra samplers (the default)"),
     ("ema.snapshot_dir", "''", "'': the default folder (<run>/posthoc_ema), as null"),
+    ("diffusion.cond_drop_prob", "0.0", "0: labels never dropped (a conditional model that cannot be guided)"),
+    ("sampler.guidance_scale", "0.0", "w = 0: the unconditional pass of a class-conditional model (checked at load)"),
 ]
 
 

@@ -57,3 +57,24 @@ def test_multirun_with_ddp_runs_each_job_once_in_its_own_directory(tmp_path):
         assert sorted(_history(job, "train/loss")) == [0, 1]  # trainer.max_steps=2
     assert len(groups) == 1 and groups.pop().startswith("default-")
     assert len(configs) == 4  # each job its own (schedule, T), as tags for the dashboard
+
+
+def test_two_processes_train_a_class_conditional_model_as_one(tmp_path):
+    # Labels follow their images onto the ranks, and each rank drops the labels of its rows of the global draw.
+    cond = ["model.num_classes=10", "diffusion.cond_drop_prob=0.5", "validation.bpd_images=0"]
+    single = run_script("train.py", *TINY, *cond, "trainer=cpu", "data.batch_size=32",
+                        f"hydra.run.dir={tmp_path / 'one'}", cwd=tmp_path)
+    assert single.returncode == 0, single.stderr[-3000:]
+    ddp = run_script("train.py", *TINY, *cond, "trainer=ddp_cpu", "data.batch_size=16",
+                     f"hydra.run.dir={tmp_path / 'two'}", cwd=tmp_path, timeout=600)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    one, two = _history(tmp_path / "one", "train/loss"), _history(tmp_path / "two", "train/loss")
+    assert sorted(one) == sorted(two) and len(one) == 4
+    torch.testing.assert_close(torch.tensor([two[s] for s in sorted(two)]), torch.tensor([one[s] for s in sorted(one)]),
+                               rtol=1e-5, atol=1e-6)
+    state_one = torch.load(tmp_path / "one" / "checkpoints" / "last.ckpt", weights_only=True)
+    state_two = torch.load(tmp_path / "two" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert state_two["hyper_parameters"]["class_names"] == [str(k) for k in range(10)]
+    weights = "current_model_state"
+    torch.testing.assert_close(state_two[weights]["net.label_emb.weight"], state_one[weights]["net.label_emb.weight"],
+                               rtol=1e-4, atol=1e-5)

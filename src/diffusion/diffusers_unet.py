@@ -196,6 +196,9 @@ def unet_config_from_kwargs(unet_kwargs: dict, learned_variance: bool) -> dict:
     k = {**defaults, **unet_kwargs}
     if unet_kwargs.get("learned_variance", learned_variance) != learned_variance:
         raise UserError(f"net.learned_variance={k['learned_variance']} contradicts the variance; drop it from net")
+    if k["num_classes"] is not None:
+        raise UserError(f"a class-conditional U-Net (num_classes={k['num_classes']}) cannot be exported: "
+                        "DDPMPipeline draws unconditional samples; sample it with sample.py instead")
     if not k["resamp_with_conv"]:
         raise UserError("resamp_with_conv=False cannot be exported: diffusers' blocks always resample with a conv")
     if k["ch_mult"][0] != 1:

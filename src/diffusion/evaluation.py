@@ -19,7 +19,7 @@ from diffusion.images import to_model_range, to_uint8
 from diffusion.likelihood import variational_bound
 from diffusion.metrics.quality import SampleQuality
 from diffusion.module import DiffusionModule
-from diffusion.sampling import SamplerSpec, chunk_bounds, draw_chunk
+from diffusion.sampling import SamplerSpec, chunk_bounds, draw_chunk, draw_labels
 
 
 class Evaluator(L.LightningModule):
@@ -36,6 +36,7 @@ class Evaluator(L.LightningModule):
         self.sampling_seconds = SumMetric()  # summed over ranks: device-seconds spent sampling
         self.kinds: list[str] = []
         self.results: dict = {}
+        self.labels = draw_labels(model.net, sampler, num_samples)  # (N,) class-conditional models: balanced
 
     def test_dataloader(self) -> list[DataLoader]:
         rank, world = self.global_rank, self.trainer.world_size
@@ -54,6 +55,9 @@ class Evaluator(L.LightningModule):
         if self.metric is None:
             return
         self.metric.reset()  # a metric reused from an earlier pass keeps only its reference features
+        names = self.metric.extractor.class_names
+        classifies = names is not None and self.labels is not None and list(names) == list(self.model.class_names or [])
+        self.metric.requested_labels = self.labels if classifies else None
         for name, images in self.references.items():  # every rank takes part: features computed in shards
             if name not in self.metric.references:
                 self.metric.set_reference(name, images)
@@ -68,8 +72,9 @@ class Evaluator(L.LightningModule):
         """Chunk k of the N samples (see diffusion.sampling.draw), timed, into the metric."""
         net = self.model.net
         began = time.perf_counter()
+        labels = None if self.labels is None else self.labels[int(start):int(stop)]
         x0 = draw_chunk(net, self.model.diffusion, self.sampler, int(k), int(stop) - int(start),
-                        shape=net.image_shape, seed=self.seed, device=self.device).x0
+                        shape=net.image_shape, seed=self.seed, device=self.device, labels=labels).x0
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.sampling_seconds.update(time.perf_counter() - began)

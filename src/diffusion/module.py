@@ -43,11 +43,22 @@ class DiffusionModule(L.LightningModule):
         on_nonfinite: str = "stop",
         nonfinite_check_every_n_steps: int = 100,
         compile: bool = False,
+        cond_drop_prob: float = 0.1,
+        class_names: list[str] | None = None,
         optimizer: Callable | None = None,
         lr_scheduler: Callable | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        conditional = net.get("num_classes") is not None
+        # An unconditional module saves exactly the hyperparameters it saved before labels existed.
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler",
+                                          *(() if conditional else ("cond_drop_prob", "class_names"))])
+        if not 0 <= cond_drop_prob <= 1:
+            raise UserError(f"diffusion.cond_drop_prob must be in [0, 1], got {cond_drop_prob}; "
+                            "try diffusion.cond_drop_prob=0.1")
+        if conditional and class_names is not None and len(class_names) != net["num_classes"]:
+            raise UserError(f"{len(class_names)} class names for model.num_classes={net['num_classes']}; "
+                            f"set model.num_classes={len(class_names)}")
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.net = UNet(**net, learned_variance=variance == "learned_range")
         self.diffusion = GaussianDiffusion(torch.tensor(betas, dtype=torch.float64), parameterization, variance)
@@ -59,19 +70,48 @@ class DiffusionModule(L.LightningModule):
         self.train_bin_loss = torch.nn.ModuleList(MeanMetric(sync_on_compute=False) for _ in range(self.loss_bins))
         self.nonfinite_skips = 0
         self._first_nonfinite: tuple[Tensor, Tensor] | None = None  # (step, loss) of the first NaN/inf loss, or -1
-        self._step_draw: tuple[Tensor, Tensor, Tensor] | None = None  # this optimizer step's (t, w, ε)
+        self._step_draw: tuple[Tensor, ...] | None = None  # this optimizer step's (t, w, ε[, label dropped])
 
     @property
     def num_timesteps(self) -> int:
         return self.diffusion.num_timesteps
 
-    def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
-        return self.net(x_t, t)
+    @property
+    def num_classes(self) -> int | None:
+        """The label count of a class-conditional model, None for an unconditional one."""
+        return self.net.num_classes
 
-    def training_step(self, x0: Tensor, batch_idx: int) -> Tensor:
+    @property
+    def class_names(self) -> list[str] | None:
+        """The classes' names (index order) when the data named them, else None."""
+        return self.hparams.get("class_names")
+
+    def forward(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        return self.net(x_t, t, y)
+
+    def _net_given(self, y: Tensor | None) -> Callable[[Tensor, Tensor], Tensor]:
+        """The network as a model(x_t, t) callable, conditioned on labels y when the model takes them."""
+        if y is None or self.num_classes is None:
+            return self.net
+        return lambda x_t, t: self.net(x_t, t, y)
+
+    def _split_batch(self, batch) -> tuple[Tensor, Tensor | None]:
+        """(x0, labels): a batch is images alone, or (images, labels) for a class-conditional model."""
+        if isinstance(batch, Tensor):
+            if self.num_classes is not None:
+                raise UserError("a class-conditional model (model.num_classes set) got a batch without labels; "
+                                "train it with train.py, which asks the data for labels")
+            return batch, None
+        x0, y = batch
+        return x0, y
+
+    def training_step(self, batch, batch_idx: int) -> Tensor:
         # Algorithm 1: t ~ Uniform (or importance-sampled), ε ~ N(0, I), a gradient step on the loss.
-        t, weights, eps = self._draw(x0, batch_idx)
-        out = training_losses(self.net, self.diffusion, x0, t, eps, self.hparams.loss_type,
+        x0, y = self._split_batch(batch)
+        t, weights, eps, *dropped = self._draw(x0, batch_idx)
+        if y is not None:  # classifier-free guidance training: a share of labels replaced by "no label"
+            y = torch.where(dropped[0], torch.full_like(y, self.net.null_label), y)
+        out = training_losses(self._net_given(y), self.diffusion, x0, t, eps, self.hparams.loss_type,
                               self.hparams.vlb_weight, self.hparams.min_snr_gamma)
         if out.vlb is not None:
             self._update_timestep_sampler(t, out.vlb)
@@ -90,8 +130,9 @@ class DiffusionModule(L.LightningModule):
         self._log_binned(t, out.mse.detach())
         return loss
 
-    def _draw(self, x0: Tensor, batch_idx: int) -> tuple[Tensor, Tensor, Tensor]:
-        """t, importance weights and ε for this rank's images, drawn for the whole optimizer step and sliced.
+    def _draw(self, x0: Tensor, batch_idx: int) -> tuple[Tensor, ...]:
+        """t, importance weights and ε (and, for a class-conditional model, whether each label is dropped) for
+        this rank's images, drawn for the whole optimizer step and sliced.
 
         Every rank seeds the same RNG and, at the first micro-batch of a step, draws (t, ε) for all
         W ranks × A accumulated micro-batches × B images; micro-batch k of rank r keeps rows r, r + W, ...
@@ -109,6 +150,9 @@ class DiffusionModule(L.LightningModule):
             t, weights = self.timestep_sampler.sample(n, x0.device)  # (W·A·B,)
             eps = torch.randn((n, *x0.shape[1:]), device=x0.device, dtype=x0.dtype)  # (W·A·B, C, H, W)
             self._step_draw = (t, weights, eps)
+            if self.num_classes is not None:  # after ε, so an unconditional run draws exactly what it did
+                dropped = torch.rand(n, device=x0.device) < self.hparams.cond_drop_prob  # (W·A·B,)
+                self._step_draw = (*self._step_draw, dropped)
         rows = slice(micro * world * B + rank, (micro + 1) * world * B, world)
         return tuple(x[rows] for x in self._step_draw)
 
@@ -181,23 +225,27 @@ class DiffusionModule(L.LightningModule):
         return {self._bin_label(k): float(m.mean_value / m.weight) for k, m in enumerate(self.train_bin_loss)
                 if m.weight > 0}
 
-    def validation_step(self, x0: Tensor, batch_idx: int) -> None:
+    def validation_step(self, batch, batch_idx: int) -> None:
         # L_simple at fixed t with noise fixed by (batch, t), so numbers are comparable across evaluations.
+        # A class-conditional model is scored given the true labels.
+        x0, y = self._split_batch(batch)
+        model = self._net_given(y)
         gen = torch.Generator(device=x0.device).manual_seed(batch_idx)
         losses = []
         for step in self.val_timesteps:
             t = torch.full((x0.shape[0],), step, device=x0.device, dtype=torch.long)
             eps = torch.randn(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)
-            mse = training_losses(self.net, self.diffusion, x0, t, eps).mse.mean()
+            mse = training_losses(model, self.diffusion, x0, t, eps).mse.mean()
             self.log(f"val/loss_t{step:04d}", mse, batch_size=x0.shape[0])
             losses.append(mse)
         self.log("val/loss", torch.stack(losses).mean(), prog_bar=True, batch_size=x0.shape[0])
         if batch_idx == 0 and self.hparams.val_bpd_images > 0:
-            self._log_bpd(x0[: self.hparams.val_bpd_images], gen)
+            n = self.hparams.val_bpd_images
+            self._log_bpd(x0[:n], gen, None if y is None else y[:n])
 
-    def _log_bpd(self, x0: Tensor, gen: torch.Generator) -> None:
+    def _log_bpd(self, x0: Tensor, gen: torch.Generator, y: Tensor | None = None) -> None:
         """The full variational bound (T network evaluations) on a small fixed batch, Ho et al. 2020 Table 2."""
-        bound = variational_bound(self.net, self.diffusion, x0, generator=gen)
+        bound = variational_bound(self._net_given(y), self.diffusion, x0, generator=gen)
         self.log("val/bpd", bound.total_bpd.mean(), prog_bar=True, batch_size=x0.shape[0], sync_dist=True)
         self.log("val/prior_bpd", bound.prior_bpd.mean(), batch_size=x0.shape[0], sync_dist=True)
 

@@ -19,7 +19,16 @@ from diffusion.errors import UserError
 from diffusion.gaussian import GaussianDiffusion
 from diffusion.images import save_grid, save_rows
 from diffusion.likelihood import LOG2, variational_bound
-from diffusion.sampling import SampleOutput, SamplerSpec, ancestral_loop, draw, draw_chunk, eval_mode
+from diffusion.sampling import (
+    SampleOutput,
+    SamplerSpec,
+    ancestral_loop,
+    class_rows,
+    draw,
+    draw_chunk,
+    eval_mode,
+    num_classes_of,
+)
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -293,8 +302,10 @@ def _render_all(net: Model, diffusion: GaussianDiffusion, x0: Tensor, out_dir: P
     interps = [interpolate(net, diffusion, images[0:n - 1:2], images[1:n:2], t, lambdas, gen()) for t in steps]
     paths["interpolation"] = save_rows(torch.stack([interpolation_rows(i) for i in interps], 1).flatten(0, 1),
                                        out_dir / "interpolation.png")
-    samples = draw(net, diffusion, spec.sampler, spec.num_samples, shape=tuple(images.shape[1:]), seed=spec.seed,
-                   chunk_size=spec.num_samples).images
-    paths["samples"] = save_grid(samples, out_dir / "samples.png", pad_value=1.0)
+    labels, nrow = class_rows(spec.num_samples, num_classes_of(net))  # class-conditional: a row per class
+    count = spec.num_samples if labels is None else len(labels)
+    samples = draw(net, diffusion, spec.sampler, count, shape=tuple(images.shape[1:]), seed=spec.seed,
+                   chunk_size=count, labels=labels).images
+    paths["samples"] = save_grid(samples, out_dir / "samples.png", nrow, pad_value=1.0)
     rd = progressive_coding(net, diffusion, x0[: spec.rd_images], gen())
     return paths | write_rate_distortion(rd, out_dir)

@@ -7,14 +7,16 @@ import lightning as L
 from diffusion.callbacks.ema import averaged_net
 from diffusion.errors import UserError
 from diffusion.images import image_grid, save_png, side_by_side
-from diffusion.sampling import SamplerSpec, as_sampler_spec, draw
+from diffusion.sampling import SamplerSpec, as_sampler_spec, class_rows, draw, num_classes_of
 
 
 class SampleGrid(L.Callback):
     """Every N steps: a PNG of raw | EMA samples in <run>/samples/ and an image on every logger.
 
     At the end of training: `final_ema.png`, the EMA weights (the raw ones without EMA) with final_sampler.
-    Every grid starts from the same x_T and noise (seed), so grids differ only by the weights.
+    Every grid starts from the same x_T and noise (seed), so grids differ only by the weights. A
+    class-conditional model's grid has one row per class (about num_samples / K images each), top to bottom
+    in class order, drawn with the sampler's guidance scale.
     """
 
     def __init__(self, every_n_steps: int = 10_000, num_samples: int = 64, seed: int = 0,
@@ -31,10 +33,12 @@ class SampleGrid(L.Callback):
         self.final_path: Path | None = None
 
     def grid(self, net, pl_module: L.LightningModule, sampler: SamplerSpec):
-        """One grid of num_samples images of `net`, in [0, 1]."""
-        drawn = draw(net, pl_module.diffusion, sampler, self.num_samples, shape=net.image_shape, seed=self.seed,
-                     chunk_size=self.num_samples, device=pl_module.device)
-        return image_grid(drawn.images)
+        """One grid of num_samples images of `net` (a class-conditional net: one row per class), in [0, 1]."""
+        labels, nrow = class_rows(self.num_samples, num_classes_of(net))
+        n = self.num_samples if labels is None else len(labels)
+        drawn = draw(net, pl_module.diffusion, sampler, n, shape=net.image_shape, seed=self.seed,
+                     chunk_size=n, device=pl_module.device, labels=labels)
+        return image_grid(drawn.images, nrow)
 
     def _save_and_log(self, trainer: L.Trainer, image, name: str, key: str, caption: str) -> Path:
         path = save_png(image, Path(trainer.default_root_dir) / "samples" / f"{name}.png")

@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from torch import Tensor  # noqa: E402
 
 from diffusion.likelihood import nats_to_bpd, prior_kl  # noqa: E402
 
@@ -35,7 +36,8 @@ class ScheduleLogger(L.Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         diffusion = pl_module.diffusion
-        x0 = next(iter(trainer.datamodule.val_dataloader()))[:64].to(pl_module.device)
+        batch = next(iter(trainer.datamodule.val_dataloader()))
+        x0 = (batch if isinstance(batch, Tensor) else batch[0])[:64].to(pl_module.device)  # images, not labels
         prior_bpd = nats_to_bpd(prior_kl(diffusion, x0), x0[0].numel()).mean().item()
         ac_T = diffusion.alphas_cumprod_float64[-1].item()
         stats = {"schedule/prior_bpd_L_T": prior_bpd, "schedule/alpha_bar_T": ac_T,

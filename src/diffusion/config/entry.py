@@ -16,7 +16,20 @@ from diffusion.config.groups import (
     UNetConfig,
     ValidationConfig,
 )
-from diffusion.config.rules import Rule, at_least, checked, device, devices, each, nonempty_text, one_of, optional, seed
+from diffusion.config.rules import (
+    Rule,
+    at_least,
+    between,
+    checked,
+    device,
+    devices,
+    each,
+    label_choice,
+    nonempty_text,
+    one_of,
+    optional,
+    seed,
+)
 from diffusion.sampling import SamplerSpec
 
 
@@ -69,6 +82,8 @@ class SampleConfig:
     weights: str = checked("ema", one_of("ema", "raw"))
     device: str = checked("auto", device())
     output_dir: str = "${hydra:runtime.output_dir}"
+    # class-conditional checkpoints: null/balanced, or [3,3,7] / [cat,dog] repeated in turn to fill num_samples
+    labels: Any = checked(None, label_choice())
 
 
 @dataclass
@@ -156,6 +171,8 @@ class EvaluateConfig:
     max_reference_images: int | None = checked(None, optional(at_least(4)))
     bpd: BpdConfig = field(default_factory=BpdConfig)
     sampler_table: SamplerTableConfig = field(default_factory=SamplerTableConfig)
+    # class-conditional checkpoints: score the sampler at each guidance scale w (guidance.md/.json/.png)
+    guidance_table: list[float] | None = checked(None, optional(each(between(0, 100))))
     accelerator: str = checked("auto", one_of("auto", "cpu", "gpu", "cuda"))
     devices: Any = checked("auto", devices())  # auto: every GPU of the machine (else 1 CPU process)
     progress_bar: bool = True

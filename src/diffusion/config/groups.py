@@ -74,12 +74,15 @@ class UNetConfig:
     resamp_with_conv: bool = True
     channels_last: bool = False  # NHWC inside the net: faster for large maps (GPU, CIFAR-size CPU), not for 8×8
     compile: bool = False  # torch.compile the net for training (first steps slower while it compiles)
+    num_classes: int | None = checked(None, optional(between(1, 100_000)))  # null: unconditional; N: class-conditional
 
 
 @dataclass
 class DiffusionConfig:
     parameterization: str = checked("eps", one_of("eps", "x0", "v", "mean"))
     variance: str = checked("fixed_large", one_of("fixed_large", "fixed_small", "learned_range"))  # σ²=β | β̃ | learned
+    # share of labels replaced by "no label" in training (classifier-free guidance); used when model.num_classes is set
+    cond_drop_prob: float = checked(0.1, between(0, 1))
 
 
 @dataclass

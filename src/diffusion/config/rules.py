@@ -110,6 +110,19 @@ def device() -> Rule:
     return Rule(ok, "auto, cpu, cuda or cuda:N")
 
 
+def label_choice() -> Rule:
+    """Which labels samples of a class-conditional model get: null or balanced (the same count per class), or a
+    non-empty list of class indices >= 0 or class names (the model's class count is checked at load)."""
+    def ok(x: Any) -> bool:
+        if x is None or x == "balanced":
+            return True
+        return (isinstance(x, Sequence) and not isinstance(x, str) and len(x) > 0 and
+                all((isinstance(i, int) and not isinstance(i, bool) and i >= 0) or (isinstance(i, str) and i.strip())
+                    for i in x))
+
+    return Rule(ok, "null, balanced, or a list of class indices or class names such as [3,3,7]")
+
+
 def strategy() -> Rule:
     """A name Lightning's strategy registry knows ("auto", "ddp", "fsdp", ...)."""
     def ok(x: Any) -> bool:

@@ -26,6 +26,11 @@ def validate(cfg: DictConfig, here: bool = True) -> None:
     check_targets(cfg)
     T = len(_built(lambda: instantiate(cfg.schedule), "schedule"))
     check_samplers(cfg, T)
+    for key, node in _walk(cfg):  # a training run's samplers guide only a class-conditional model
+        if OmegaConf.get_type(node) is SamplerSpec and node.get("guidance_scale") is not None \
+                and cfg.model.get("num_classes") is None:
+            raise UserError(f"{key}.guidance_scale={node.guidance_scale} needs a class-conditional model; set "
+                            f"model.num_classes=N or drop {key}.guidance_scale")
     _check_cross_fields(cfg, here)
     if cfg.callbacks.get("quality") is not None:
         check_feature_extractor(cfg.callbacks.quality.feature_extractor, "callbacks.quality.feature_extractor")

@@ -47,6 +47,10 @@ class ImageDataModule(L.LightningDataModule):
 
     What evaluation asks of a data set is asked of its module: `quality_extractor` (the feature extractor
     that scores samples of it) and `eval_num_samples` (how many samples evaluate.py scores by default).
+
+    Every data set has labels: `labels(split)` (int64 (N,) class indices) and `class_names` (index order).
+    The loaders yield them beside the images, as (images, labels) batches, once `with_labels` is set (a
+    class-conditional model's run sets it); otherwise batches are images alone, as before labels existed.
     """
 
     name = "images"
@@ -66,6 +70,8 @@ class ImageDataModule(L.LightningDataModule):
         self.download, self.seed, self.random_flip = download, seed, random_flip
         self.channels, self.image_size, self.on_device = channels, image_size, on_device
         self._splits: dict[str, Dataset] = {}
+        self._labels: dict[str, Tensor] = {}
+        self.with_labels = False
 
     def require_shape(self, channels: int, image_size: int) -> None:
         """The configured data.channels and data.image_size must be what this data set gives."""
@@ -77,6 +83,33 @@ class ImageDataModule(L.LightningDataModule):
     def _load_split(self, split: str) -> Dataset:
         """The split's images as a dataset of uint8 (C, H, W) tensors."""
         raise NotImplementedError
+
+    def _load_labels(self, split: str) -> Tensor:
+        """The split's class indices as int64 (N,), in the order of `_load_split`'s images."""
+        raise NotImplementedError
+
+    @property
+    def class_names(self) -> list[str]:
+        """The names of the classes, in index order."""
+        raise NotImplementedError
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def labels(self, split: str) -> Tensor:
+        """The split's labels (int64 (N,)), loaded once; one per image, each in [0, num_classes)."""
+        if split not in self._labels:
+            labels, n = self._load_labels(split), len(self._split(split))
+            if len(labels) != n or (n and not 0 <= int(labels.min()) <= int(labels.max()) < self.num_classes):
+                raise UserError(f"{self.name} {split} split {self._where()} has {len(labels)} labels for {n} images, "
+                                f"or labels outside [0, {self.num_classes}); {_NOT_FOUND}")
+            self._labels[split] = labels.long()
+        return self._labels[split]
+
+    def _inputs(self, split: str) -> Dataset:
+        """The split as model inputs: images in [-1, 1], with their labels when `with_labels` is set."""
+        return _ModelInputs(self._split(split), self.labels(split) if self.with_labels else None)
 
     def _fetch(self) -> None:
         """Download the dataset into root (only called with download=True)."""
@@ -119,7 +152,7 @@ class ImageDataModule(L.LightningDataModule):
     def train_dataloader(self) -> ResumableLoader:
         """Shuffled and flipped as (seed, epoch) say, this rank's share under DDP, last partial batch dropped."""
         trainer = self.trainer
-        dataset = _ModelInputs(self._split("train"))
+        dataset = self._inputs("train")
         sampler = EpochSampler(dataset, self.seed, self.random_flip, num_replicas=trainer.world_size if trainer else 1,
                                rank=trainer.global_rank if trainer else 0)
         if self.on_device:  # the same draws, gathered from a copy of the images on the training device
@@ -128,7 +161,7 @@ class ImageDataModule(L.LightningDataModule):
         return ResumableLoader(dataset, sampler=sampler, drop_last=True, **self._loader_kwargs())
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(_ModelInputs(self._split("val")), **self._loader_kwargs())
+        return DataLoader(self._inputs("val"), **self._loader_kwargs())
 
     def _loader_kwargs(self) -> dict:
         # Each loader has its own generator, so starting an epoch never draws from the global RNG,

@@ -11,6 +11,9 @@ from diffusion.data.base import SPLIT_SEED, ImageDataModule, _Images, require_fi
 from diffusion.data.readers import REFETCH, read_cifar_batch, read_idx
 from diffusion.errors import UserError
 
+# The release's batches.meta label_names, in index order.
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
 
 def load_digits_split(split: str, val_size: int = 297) -> tuple[torch.Tensor, torch.Tensor]:
     """A split of scikit-learn's 1,797 8x8 digits: uint8 (N, 1, 8, 8) images (0..16 -> round(x * 255 / 16))
@@ -50,6 +53,13 @@ class DigitsDataModule(ImageDataModule):
     def _load_split(self, split: str) -> Dataset:
         return _Images(load_digits_split(split, self.val_size)[0])
 
+    def _load_labels(self, split: str) -> torch.Tensor:
+        return load_digits_split(split, self.val_size)[1]
+
+    @property
+    def class_names(self) -> list[str]:
+        return [str(k) for k in range(10)]
+
 
 class MNISTDataModule(ImageDataModule):
     """MNIST through torchvision (root/MNIST/raw/*-ubyte): train = the 60k train set, val = the 10k test set.
@@ -60,6 +70,7 @@ class MNISTDataModule(ImageDataModule):
 
     name = "MNIST"
     dataset_class = datasets.MNIST
+    classes = tuple(str(k) for k in range(10))
 
     def __init__(self, root: str, batch_size: int, num_workers: int = 0, download: bool = False,
                  seed: int = 0, random_flip: bool = False, image_size: int = 32, channels: int = 1,
@@ -67,6 +78,7 @@ class MNISTDataModule(ImageDataModule):
         super().__init__(root, batch_size, num_workers, download, seed, random_flip,
                          channels=1, image_size=image_size, on_device=on_device)
         self.require_shape(channels, image_size)
+        self._labels_read: dict[str, torch.Tensor] = {}
         if image_size < 28:
             raise UserError(f"data.image_size must be >= 28 for {self.name} (it pads the 28x28 images with "
                             f"background), got {image_size}; try data.image_size=32")
@@ -85,9 +97,19 @@ class MNISTDataModule(ImageDataModule):
         if images.shape[1:] != (28, 28) or n_labels != len(images):
             raise UserError(f"{self.name} files {self.root / files[0]} and its labels hold {tuple(images.shape)} "
                             f"images and {n_labels} labels, not N 28x28 images and N labels; {REFETCH}")
+        self._labels_read[split] = read_idx(self.root / files[1], "labels", self.name).long()
         before = (self.image_size - 28) // 2
         after = self.image_size - 28 - before
         return _Images(torch.nn.functional.pad(images.unsqueeze(1), (before, after, before, after), value=0))
+
+
+    def _load_labels(self, split: str) -> torch.Tensor:
+        self._split(split)  # reads the labels beside the images
+        return self._labels_read[split]
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.classes)
 
 
 class FashionMNISTDataModule(MNISTDataModule):
@@ -95,6 +117,7 @@ class FashionMNISTDataModule(MNISTDataModule):
 
     name = "Fashion-MNIST"
     dataset_class = datasets.FashionMNIST
+    classes = tuple(datasets.FashionMNIST.classes)  # "T-shirt/top", "Trouser", ...
 
 
 class CIFAR10DataModule(ImageDataModule):
@@ -112,6 +135,7 @@ class CIFAR10DataModule(ImageDataModule):
         super().__init__(root, batch_size, num_workers, download, seed, random_flip, channels=3, image_size=32,
                          on_device=on_device)
         self.require_shape(channels, image_size)
+        self._labels_read: dict[str, torch.Tensor] = {}
 
     def _fetch(self) -> None:
         for train in (True, False):
@@ -121,5 +145,14 @@ class CIFAR10DataModule(ImageDataModule):
         files = datasets.CIFAR10.train_list if split == "train" else datasets.CIFAR10.test_list
         relpaths = [f"{datasets.CIFAR10.base_folder}/{name}" for name, _ in files]
         require_files(self.name, self.root, relpaths)
-        images = np.concatenate([read_cifar_batch(self.root / relpath) for relpath in relpaths])  # (N, 3, 32, 32)
-        return _Images(torch.from_numpy(images))
+        batches = [read_cifar_batch(self.root / relpath, with_labels=True) for relpath in relpaths]
+        self._labels_read[split] = torch.from_numpy(np.concatenate([labels for _, labels in batches]))
+        return _Images(torch.from_numpy(np.concatenate([images for images, _ in batches])))  # (N, 3, 32, 32)
+
+    def _load_labels(self, split: str) -> torch.Tensor:
+        self._split(split)  # reads the labels beside the images
+        return self._labels_read[split]
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(CIFAR10_CLASSES)

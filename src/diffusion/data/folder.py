@@ -129,7 +129,9 @@ class _ImageFiles(Dataset):
 
 
 class ImageFolderDataModule(ImageDataModule):
-    """Any folder of images (searched recursively; subfolders optional, labels ignored).
+    """Any folder of images (searched recursively). Its classes are its top-level subfolders, sorted by name
+    (`root/<class>/.../x.png`); only a class-conditional model asks for them, and then every image must lie
+    in one.
 
     Each image is converted to RGB (channels=3) or L (channels=1) as the module docstring says,
     center-cropped to a square and resized to `image_size` (bicubic). A fixed share `val_fraction` of the
@@ -185,6 +187,25 @@ class ImageFolderDataModule(ImageDataModule):
             raise UserError(f"{len(bad)} of {len(paths)} image files in {root} cannot be used, first "
                             f"{bad[0][0]}: {bad[0][1]}")
         return paths
+
+    def _class_of(self, path: Path) -> str | None:
+        parts = path.relative_to(self.root.resolve()).parts
+        return parts[0] if len(parts) > 1 else None
+
+    @cached_property
+    def class_names(self) -> list[str]:
+        """The top-level subfolders holding images, sorted: class k is the k-th of them."""
+        paths = [*self._files["train"], *self._files["val"]]
+        loose = [path for path in paths if self._class_of(path) is None]
+        if loose:
+            raise UserError(f"image folder {self.root.resolve()} has {len(loose)} images outside any class subfolder "
+                            f"(first {loose[0].name}); a class-conditional model needs root/<class>/<image>: move "
+                            "them into class folders, or train unconditionally (model.num_classes=null)")
+        return sorted({self._class_of(path) for path in paths})
+
+    def _load_labels(self, split: str) -> torch.Tensor:
+        index = {name: k for k, name in enumerate(self.class_names)}
+        return torch.tensor([index[self._class_of(path)] for path in self._files[split]], dtype=torch.long)
 
     def _load_split(self, split: str) -> Dataset:
         return _ImageFiles(self._files[split], "RGB" if self.channels == 3 else "L", self.image_size,

@@ -15,10 +15,11 @@ from diffusion.images import to_model_range
 
 
 class _ModelInputs(Dataset):
-    """uint8 (C, H, W) images -> float32 in [-1, 1], by index or by (index, flip) as `EpochSampler` draws them."""
+    """uint8 (C, H, W) images -> float32 in [-1, 1], by index or by (index, flip) as `EpochSampler` draws them;
+    with `labels` (N,), each item is (image, its label), so a label travels with its image wherever it goes."""
 
-    def __init__(self, images: Dataset):
-        self.images = images
+    def __init__(self, images: Dataset, labels: Tensor | None = None):
+        self.images, self.labels = images, labels
 
     def __len__(self) -> int:
         return len(self.images)
@@ -26,7 +27,8 @@ class _ModelInputs(Dataset):
     def __getitem__(self, key: int | tuple[int, bool]) -> Tensor:
         index, flip = key if isinstance(key, tuple) else (key, False)
         x = self.images[index]  # (C, H, W) uint8
-        return to_model_range(x.flip(-1) if flip else x)
+        x = to_model_range(x.flip(-1) if flip else x)
+        return x if self.labels is None else (x, self.labels[index])
 
 
 class EpochSampler(DistributedSampler):

@@ -43,8 +43,9 @@ def read_idx(path: Path, kind: str, name: str = "MNIST") -> torch.Tensor:
     return read_image_file(str(path)) if kind == "images" else read_label_file(str(path))
 
 
-def read_cifar_batch(path: Path) -> np.ndarray:
-    """One CIFAR-10 python batch -> uint8 (N, 3, 32, 32), or a UserError naming the file."""
+def read_cifar_batch(path: Path, with_labels: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """One CIFAR-10 python batch -> uint8 (N, 3, 32, 32) (and with_labels: its int64 (N,) labels), or a
+    UserError naming the file."""
     try:
         with open(path, "rb") as f:
             batch = pickle.load(f, encoding="latin1")  # the release was pickled by Python 2
@@ -55,7 +56,13 @@ def read_cifar_batch(path: Path) -> np.ndarray:
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         raise UserError(f"{path} is not a CIFAR-10 batch: it holds {_describe(batch)}, where a dict whose 'data' "
                         f"is a uint8 array of shape (N, 3072) belongs; {REFETCH}")
-    return data.reshape(-1, 3, 32, 32)
+    if not with_labels:
+        return data.reshape(-1, 3, 32, 32)
+    labels = np.asarray(batch.get("labels", []))
+    if labels.shape != (len(data),) or not np.issubdtype(labels.dtype, np.integer):
+        raise UserError(f"{path} holds {len(data)} CIFAR-10 images but its 'labels' are {labels.size} values of "
+                        f"type {labels.dtype}, not one integer per image; {REFETCH}")
+    return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)
 
 
 def _describe(obj) -> str:

@@ -45,6 +45,7 @@ class FeatureExtractor(nn.Module):
 
     name: str = "features"
     num_features: int | None = None
+    class_names: tuple[str, ...] | None = None  # what its logits classify, when they are a data set's classes
 
     def __init__(self):
         super().__init__()
@@ -145,6 +146,7 @@ class DigitsFeatures(FeatureExtractor):
     """
 
     num_features = 64
+    class_names = tuple(str(k) for k in range(10))  # its logits are the digits' classes
 
     def __init__(self, cache_dir: str | Path | None = None):
         super().__init__()

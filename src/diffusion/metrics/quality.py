@@ -77,6 +77,9 @@ class SampleQuality(Metric):
         self.k, self.kid_subsets, self.kid_subset_size = k, kid_subsets, kid_subset_size
         self.is_splits, self.kid_seed = is_splits, kid_seed
         self.references: dict[str, Reference] = {}
+        # (N,) the label each sample number was asked for, set by the caller when the extractor classifies the
+        # model's classes: compute() then adds class_accuracy, the share of samples classified as asked
+        self.requested_labels: Tensor | None = None
         self.add_state("gen_features", [], dist_reduce_fx="cat")
         self.add_state("gen_logits", [], dist_reduce_fx="cat")
         self.add_state("gen_index", [], dist_reduce_fx="cat")
@@ -151,6 +154,9 @@ class SampleQuality(Metric):
         if _nonempty(self.gen_logits):
             logits = dim_zero_cat(self.gen_logits)[order]
             scores["is"], scores["is_std"] = inception_score(logits, self.is_splits_for(len(logits)))
+            if self.requested_labels is not None:
+                asked = self.requested_labels.to(logits.device)[index[order]]  # (M,) in sample order
+                scores["class_accuracy"] = (logits.argmax(1) == asked).double().mean().item()
         return scores
 
     def _kid(self, real: Tensor, fake: Tensor) -> tuple[float, float]:

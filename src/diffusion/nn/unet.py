@@ -1,4 +1,9 @@
-"""The DDPM U-Net of Ho et al. 2020 (`diffusion_tf/models/unet.py`): (x_t, t) -> eps (and variance).
+"""The DDPM U-Net of Ho et al. 2020 (`diffusion_tf/models/unet.py`): (x_t, t[, y]) -> eps (and variance).
+
+With `num_classes=K` it is class-conditional (Ho & Salimans 2022, classifier-free guidance): a learned
+embedding of the label y in {0..K-1}, or of the extra "no label" class K, is added to the time embedding
+before the nonlinearity every residual block sees. Without it (the default) nothing is added and the
+network, its parameters and its outputs are exactly the unconditional ones.
 
 Its shapes for each data set (the paper's CIFAR-10 and 256×256 nets, the small ones) are configs:
 conf/model/*.yaml, written there only.
@@ -74,6 +79,7 @@ class UNet(nn.Module):
         num_groups: int = 32,
         resamp_with_conv: bool = True,
         channels_last: bool = False,
+        num_classes: int | None = None,
     ):
         super().__init__()
         ch_mult, attn_resolutions = tuple(ch_mult), tuple(attn_resolutions)
@@ -82,6 +88,12 @@ class UNet(nn.Module):
         self.num_res_blocks = num_res_blocks
         block_kw = dict(temb_ch=4 * ch, dropout=dropout, num_groups=num_groups)
         self.temb = TimestepEmbedding(ch, 4 * ch)
+        if num_classes is not None and (isinstance(num_classes, bool) or num_classes < 1):
+            raise UserError(f"model.num_classes must be >= 1 or null (unconditional), got {num_classes}; "
+                            "try model.num_classes=10 for the digits")
+        self.num_classes = num_classes
+        if num_classes is not None:  # row num_classes is "no label", what dropped labels and guidance use
+            self.label_emb = nn.Embedding(num_classes + 1, 4 * ch)
         self.conv_in = conv3x3(in_channels, ch)
         self.down, skip_channels = self._build_down(ch, ch_mult, attn_resolutions, resamp_with_conv, block_kw)
         c = ch * ch_mult[-1]
@@ -135,6 +147,11 @@ class UNet(nn.Module):
             res *= 2
         return nn.ModuleList(levels)
 
+    @property
+    def null_label(self) -> int | None:
+        """The index of the "no label" class (num_classes), or None for an unconditional net."""
+        return self.num_classes
+
     def _check_input(self, x: torch.Tensor, t: torch.Tensor) -> None:
         """Raise a one-line UserError for inputs of the wrong shape."""
         expected = (self.in_channels, self.image_size, self.image_size)
@@ -146,10 +163,19 @@ class UNet(nn.Module):
         if t.shape != (x.shape[0],):
             raise UserError(f"timesteps t have shape {tuple(t.shape)}, expected ({x.shape[0]},): one per image")
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Predict from x_t (B, C, H, W) and timesteps t (B,) the (B, C_out, H, W) network output."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Predict from x_t (B, C, H, W), timesteps t (B,) and, if conditional, labels y (B,) (None: "no
+        label" for all) the (B, C_out, H, W) network output."""
         self._check_input(x, t)
-        temb_act = F.silu(self.temb(t))  # (B, 4ch), shared by every residual block
+        temb = self.temb(t)  # (B, 4ch)
+        if self.num_classes is not None:
+            if y is None:
+                y = torch.full_like(t, self.num_classes)
+            temb = temb + self.label_emb(y)  # (B, 4ch): label embedding added to the time embedding
+        elif y is not None:
+            raise UserError("labels were given to an unconditional U-Net (model.num_classes is null); "
+                            "train with model.num_classes=N to condition on labels")
+        temb_act = F.silu(temb)  # (B, 4ch), shared by every residual block
         # Down path: every block output and every downsampled map is kept for a skip connection.
         hs = [self.conv_in(x.contiguous(memory_format=self.memory_format))]  # (B, ch, H, W)
         for level in self.down:

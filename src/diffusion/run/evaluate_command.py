@@ -19,11 +19,18 @@ from diffusion.metrics.quality import SampleQuality, describe, make_protocol, pr
 from diffusion.run import job_status
 from diffusion.run.console import quiet_console
 from diffusion.run.figures_command import check_data_fits
+from diffusion.run.guidance_table import (
+    best_row,
+    guidance_rows,
+    guidance_samplers,
+    log_guidance_table,
+    write_guidance_table,
+)
 from diffusion.run.preflight import build_trainer, check_device, check_logger, writable_dir
 from diffusion.run.sampler_table import log_table, table_rows, table_samplers, write_table
 from diffusion.run.stopping import stop_on_signals, written_since
 from diffusion.run.train_command import sweep_info
-from diffusion.sampling import SamplerSpec, as_sampler_spec
+from diffusion.sampling import SamplerSpec, as_sampler_spec, check_guidance, sampler_label
 
 
 def _setup(cfg: DictConfig):
@@ -37,8 +44,12 @@ def _setup(cfg: DictConfig):
     if cfg.accelerator in ("gpu", "cuda"):
         check_device("cuda", "accelerator")
     module, weights, posthoc = _load(cfg)
-    as_sampler_spec(OmegaConf.to_container(cfg.sampler, resolve=True)).check_steps(module.diffusion.num_timesteps)
+    sampler = as_sampler_spec(OmegaConf.to_container(cfg.sampler, resolve=True))
+    sampler.check_steps(module.diffusion.num_timesteps)
+    check_guidance(sampler.guidance_scale, module.num_classes)
     table = table_samplers(cfg.sampler_table, module.diffusion.num_timesteps) if cfg.sampler_table.enabled else []
+    if cfg.guidance_table is not None:  # every scale checked before any sampling
+        guidance_samplers(list(cfg.guidance_table), sampler, module.num_classes)
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     check_data_fits(datamodule, module, cfg.ckpt)
@@ -135,6 +146,9 @@ def _evaluate(cfg: DictConfig) -> dict:
     if cfg.sampler_table.enabled:
         done = {_key(sampler, num_samples, module.diffusion.num_timesteps): (results, protocol)}
         report["sampler_table"] = sampler_table(cfg, module, datamodule, metric, weights, table, done=done)
+    if cfg.guidance_table is not None:
+        done = {_key(sampler, num_samples, module.diffusion.num_timesteps): (results, protocol)}
+        report["guidance_table"] = guidance_table(cfg, module, datamodule, metric, weights, sampler, num_samples, done)
     if rank_zero_only.rank == 0:
         _write(report, out, cfg, extractor)
     job_status.record(step=posthoc["step"] if posthoc else None, metrics=_scores(report), weights=weights,
@@ -161,6 +175,20 @@ def sampler_table(cfg: DictConfig, module, datamodule, metric: SampleQuality, we
     return table_rows(table, run, n, T)
 
 
+def guidance_table(cfg: DictConfig, module, datamodule, metric: SampleQuality, weights: str, sampler: SamplerSpec,
+                   n: int, done: dict) -> list[dict]:
+    """The rows of the guidance table (diffusion.run.guidance_table): the sampler at each w of cfg.guidance_table;
+    a pass already made (`done`, the main one) is reused."""
+    T = module.diffusion.num_timesteps
+
+    def run(spec: SamplerSpec) -> tuple[dict, dict]:
+        if _key(spec, n, T) not in done:
+            done[_key(spec, n, T)] = _pass(cfg, module, datamodule, metric, weights, spec, n, bpd=False)
+        return done[_key(spec, n, T)]
+
+    return guidance_rows(guidance_samplers(list(cfg.guidance_table), sampler, module.num_classes), run, n)
+
+
 def _write(report: dict, out: Path, cfg: DictConfig, extractor: str) -> None:
     """The JSON report, the sampler table's files, the W&B summary, table and plot (offline by default) and the
     lines `evaluate.py` prints."""
@@ -169,6 +197,10 @@ def _write(report: dict, out: Path, cfg: DictConfig, extractor: str) -> None:
     rows = report.get("sampler_table")
     if rows:
         _, png = write_table(rows, rows[0]["num_samples"], extractor, out)
+    guided = report.get("guidance_table")
+    if guided:
+        unguided = {**report["protocol"]["sampler"], "guidance_scale": None}
+        _, guided_png = write_guidance_table(guided, sampler_label(unguided), extractor, out)
     scores = _scores(report)
     if cfg.logger is not None:
         logger = instantiate(cfg.logger, **sweep_info(cfg).get("wandb", {}))
@@ -177,6 +209,8 @@ def _write(report: dict, out: Path, cfg: DictConfig, extractor: str) -> None:
         logger.experiment.summary.update(scores)
         if rows:
             log_table(logger, rows, png)
+        if guided:
+            log_guidance_table(logger, guided, guided_png)
         import wandb
 
         wandb.finish()
@@ -184,6 +218,10 @@ def _write(report: dict, out: Path, cfg: DictConfig, extractor: str) -> None:
     if report["nll"] is not None:
         nll = report["nll"]
         print(f"NLL: {nll['bpd']:.4f} bits/dim on {cfg.bpd.split} (prior term {nll['prior_bpd']:.2e})")
+    if guided:
+        best = best_row(guided)
+        accuracy = f", class accuracy {best['class_accuracy']:.1%}" if "class_accuracy" in best else ""
+        print(f"best guidance: w={best['guidance_scale']:g}{accuracy}, FD (train) {best['fid_train']:.4g}")
     print(f"report: {out / 'report.json'}")
 
 

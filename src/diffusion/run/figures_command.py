@@ -13,7 +13,7 @@ from diffusion.paper_figures import FigureSpec, render_all
 from diffusion.run.console import quiet_console
 from diffusion.run.preflight import check_device, check_logger, writable_dir
 from diffusion.run.stopping import stop_on_signals, written_since
-from diffusion.sampling import as_sampler_spec
+from diffusion.sampling import as_sampler_spec, check_guidance
 
 
 def check_data_fits(datamodule, module, ckpt: str) -> None:
@@ -48,6 +48,7 @@ def _figures(cfg: DictConfig) -> dict[str, Path]:
     plain = OmegaConf.to_container(cfg, resolve=True)
     spec = FigureSpec(**{k: v for k, v in plain.items() if k in FigureSpec.__dataclass_fields__ and k != "sampler"},
                       sampler=as_sampler_spec(plain["sampler"]).check_steps(module.diffusion.num_timesteps))
+    check_guidance(spec.sampler.guidance_scale, module.num_classes)
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     check_data_fits(datamodule, module, cfg.ckpt)

@@ -10,7 +10,7 @@ from diffusion.errors import UserError
 from diffusion.images import save_grid, to_uint8
 from diffusion.run.console import quiet_console
 from diffusion.run.preflight import check_device, writable_dir
-from diffusion.sampling import as_sampler_spec, draw
+from diffusion.sampling import as_sampler_spec, check_guidance, draw, resolve_labels
 
 
 def sample(cfg: DictConfig) -> Path:
@@ -24,10 +24,16 @@ def sample(cfg: DictConfig) -> Path:
     out = writable_dir(cfg.output_dir, "output_dir")  # before the work, not after it
     module = load_module(cfg.ckpt, device, cfg.weights)
     spec.check_steps(module.diffusion.num_timesteps)
+    check_guidance(spec.guidance_scale, module.num_classes)
+    labels = resolve_labels(OmegaConf.to_container(cfg, resolve=True).get("labels"), cfg.num_samples,
+                            module.num_classes, module.class_names)
     drawn = draw(module.net, module.diffusion, spec, cfg.num_samples, shape=module.net.image_shape, seed=cfg.seed,
-                 chunk_size=cfg.batch_size, device=device)
+                 chunk_size=cfg.batch_size, device=device, labels=labels)
     uint8 = to_uint8(drawn.images).cpu()  # (N, C, H, W)
-    np.savez_compressed(out / "samples.npz", samples=uint8.permute(0, 2, 3, 1).numpy())
+    arrays = {"samples": uint8.permute(0, 2, 3, 1).numpy()}
+    if labels is not None:  # the label each image was asked for
+        arrays["labels"] = labels.numpy()
+    np.savez_compressed(out / "samples.npz", **arrays)
     grid_path = save_grid(drawn.images[:256], out / "samples.png")
     print(f"samples: {grid_path} and {out / 'samples.npz'}")
     return grid_path

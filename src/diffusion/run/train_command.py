@@ -1,5 +1,6 @@
 """train(cfg): build the data, module, callbacks, logger and Trainer from a composed config, and fit."""
 
+import json
 import os
 from pathlib import Path
 
@@ -26,11 +27,15 @@ def net_kwargs(cfg: DictConfig) -> dict:
     """The U-Net's arguments: conf/model's shape; channels and size from the data (model.in_channels is
     ${data.channels})."""
     net = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k not in ("_target_", "compile")}
+    if net.get("num_classes", None) is None:  # unconditional: the arguments (and checkpoints) of before labels
+        net.pop("num_classes", None)
     return {**net, "out_channels": net["in_channels"]}  # doubled inside the U-Net for a learned variance
 
 
-def build_module(cfg: DictConfig, betas: torch.Tensor) -> DiffusionModule:
-    """The LightningModule of a train config, with these betas."""
+def build_module(cfg: DictConfig, betas: torch.Tensor, class_names: list[str] | None = None) -> DiffusionModule:
+    """The LightningModule of a train config, with these betas (and, if class-conditional, the data's classes)."""
+    conditional = cfg.model.get("num_classes") is not None
+    labels = {"cond_drop_prob": cfg.diffusion.cond_drop_prob, "class_names": class_names} if conditional else {}
     return DiffusionModule(
         net=net_kwargs(cfg),
         betas=betas.tolist(),
@@ -47,6 +52,7 @@ def build_module(cfg: DictConfig, betas: torch.Tensor) -> DiffusionModule:
         compile=cfg.model.compile,
         optimizer=instantiate(cfg.optim.optimizer),
         lr_scheduler=instantiate(cfg.optim.lr_scheduler) if cfg.optim.lr_scheduler is not None else None,
+        **labels,
     )
 
 
@@ -105,12 +111,30 @@ def sweep_info(cfg: DictConfig) -> dict:
 
 
 def _data(cfg: DictConfig):
-    """The data module, its files found and read (the download on local rank 0 only, as Lightning does)."""
+    """The data module, its files found and read (the download on local rank 0 only, as Lightning does); for a
+    class-conditional model, its labels too, their count checked against model.num_classes."""
     datamodule = instantiate(cfg.data)
     if os.environ.get("LOCAL_RANK", "0") == "0":
         datamodule.prepare_data()
     datamodule.setup("fit")
+    num_classes = cfg.model.get("num_classes")
+    if num_classes is not None:
+        if datamodule.num_classes != num_classes:
+            raise UserError(f"model.num_classes={num_classes}, but {datamodule.name} has {datamodule.num_classes} "
+                            f"classes; set model.num_classes={datamodule.num_classes}")
+        for split in ("train", "val"):
+            datamodule.labels(split)  # read and checked before training starts
+        datamodule.with_labels = True
     return datamodule
+
+
+def write_classes(output_dir: Path, class_names: list[str]) -> Path:
+    """classes.json in the run directory: the class names in index order (what sample.py's labels= may name)."""
+    path = output_dir / "classes.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(class_names, indent=1) + "\n")
+    os.replace(tmp, path)
+    return path
 
 
 def _logger(cfg: DictConfig):
@@ -213,7 +237,10 @@ def _fit(cfg: DictConfig, output_dir: Path, extra_callbacks: tuple) -> dict[str,
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, output_dir)
     init = _init_from(cfg, betas) if ckpt_path is None else None  # a requeued fine-tuning run resumes instead
     datamodule = _data(cfg)
-    module = build_module(cfg, betas)
+    class_names = datamodule.class_names if datamodule.with_labels else None
+    module = build_module(cfg, betas, class_names)
+    if class_names is not None and os.environ.get("LOCAL_RANK", "0") == "0":
+        write_classes(output_dir, class_names)
     if init is not None:
         module.net.load_state_dict(init)
     if ckpt_path is not None:

@@ -12,11 +12,22 @@ from diffusion.sampling.ancestral import (
     respace,
     respaced_sample,
 )
-from diffusion.sampling.draw import Chunk, Drawn, chunk_bounds, draw, draw_chunk, draw_chunks, eval_mode
+from diffusion.sampling.draw import Chunk, Drawn, chunk_bounds, draw, draw_chunk, draw_chunks, draw_labels, eval_mode
+from diffusion.sampling.guidance import (
+    GuidedModel,
+    balanced_labels,
+    check_guidance,
+    class_rows,
+    guide,
+    num_classes_of,
+    resolve_labels,
+)
 from diffusion.sampling.solvers import dpmpp_2m_sample, dpmpp_2m_sde_sample, heun_sample, unipc_sample
 from diffusion.sampling.spec import SAMPLERS, SamplerKind, SamplerSpec, as_sampler_spec, sampler_label
 
-__all__ = ["SAMPLERS", "Chunk", "Drawn", "Model", "Recorder", "SampleOutput", "SamplerKind", "SamplerSpec",
+__all__ = ["GuidedModel", "balanced_labels", "check_guidance", "class_rows", "draw_labels", "guide", "num_classes_of",
+           "resolve_labels", "SAMPLERS", "Chunk", "Drawn", "Model",
+           "Recorder", "SampleOutput", "SamplerKind", "SamplerSpec",
            "Trajectory", "ancestral_loop", "as_sampler_spec", "chunk_bounds", "ddim_sample", "ddpm_sample", "draw",
            "dpmpp_2m_sample", "dpmpp_2m_sde_sample", "draw_chunk", "draw_chunks", "eval_mode", "gaussian_noise",
            "heun_sample", "respace", "respaced_sample", "sampler_label", "unipc_sample"]

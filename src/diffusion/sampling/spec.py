@@ -6,6 +6,9 @@ keys work everywhere: `sampler.name=dpmpp_2m sampler.steps=10`. A setting the ch
 stays null, and setting it is an error; `resolved()` fills the settings a sampler uses from `SAMPLERS`, the
 one place their defaults are written. `steps` is a budget of network evaluations (NFE): every sampler makes
 `steps` calls except heun, which makes 2N-1 on N = (steps+1)//2 points (`SamplerKind.nfe`).
+`guidance_scale` w applies to every sampler of a class-conditional model: ε̂ = ε_u + w (ε_c − ε_u), w = 1
+conditional (the default, null), w = 0 unconditional (sampling/guidance.py); each network call then
+evaluates the batch twice (one forward of 2B) unless w is 0 or 1.
 """
 
 import difflib
@@ -19,6 +22,7 @@ from diffusion.sampling.ancestral import SampleOutput, ddim_sample, ddpm_sample,
 from diffusion.sampling.solvers import SOLVER_SPECS, SOLVERS, UNIPC_ORDERS, unipc_most_order
 from diffusion.schedules import SPACINGS
 
+MAX_GUIDANCE = 100  # a guidance scale beyond this only saturates the images
 SETTINGS = ("steps", "eta", "spacing", "order")  # what a sampler may or may not use; clip_denoised applies to all
 
 
@@ -85,6 +89,7 @@ class SamplerSpec:
     spacing: str | None = None  # linspace | leading | trailing | logsnr | karras: which of the T steps
     clip_denoised: bool = True  # clamp every predicted x0 to [-1, 1]
     order: int | None = None  # unipc's order p in {1, 2, 3} (default 3, lowered to what the steps allow)
+    guidance_scale: float | None = None  # classifier-free guidance w >= 0 (class-conditional models); null: 1
 
     def check(self, key: str = "sampler") -> "SamplerSpec":
         """Raise a one-line UserError naming `key.<field>` for anything wrong (T aside); return self."""
@@ -115,6 +120,10 @@ class SamplerSpec:
             raise UserError(f"{key}.spacing={_shown(self.spacing)} {why}; choose one of {list(kind.spacings)}")
         if self.order is not None:
             self._check_order(key, self.steps)
+        w = self.guidance_scale
+        if w is not None and (isinstance(w, bool) or not isinstance(w, int | float) or not 0 <= w <= MAX_GUIDANCE):
+            raise UserError(f"{key}.guidance_scale must be a number in [0, {MAX_GUIDANCE}], got {w!r}; try "
+                            f"{key}.guidance_scale=2 (1: conditional, 0: unconditional)")
         return self
 
     def _check_order(self, key: str, steps: int | None) -> None:
@@ -176,6 +185,8 @@ class SamplerSpec:
                      "eta": spec.eta, "spacing": spec.spacing, "clip_denoised": spec.clip_denoised}
         if "order" in SAMPLERS[spec.name].defaults:
             described["order"] = spec.order
+        if spec.guidance_scale is not None:  # only when set: unguided protocols stay those recorded before
+            described["guidance_scale"] = spec.guidance_scale
         return described
 
     def nfe(self, num_timesteps: int) -> int:
@@ -195,14 +206,16 @@ class SamplerSpec:
             value = getattr(self, setting)
             if value is not None and value != defaults.get(setting):
                 parts.append(value if setting == "spacing" else f"{setting}{value:g}")
+        if self.guidance_scale is not None:
+            parts.append(f"w{self.guidance_scale:g}")
         return "-".join(parts + ([] if self.clip_denoised else ["noclip"]))
 
 
 def sampler_label(described: Mapping[str, Any]) -> str:
     """The label of a described sampler (SamplerSpec.describe's dict, as protocols store it)."""
-    eta, order = described.get("eta"), described.get("order")
+    eta, order, w = described.get("eta"), described.get("order"), described.get("guidance_scale")
     return (f"{described['name']}-{described['steps']}" + (f" η={eta:g}" if eta is not None else "")
-            + (f" order={order}" if order is not None else ""))
+            + (f" order={order}" if order is not None else "") + (f" w={w:g}" if w is not None else ""))
 
 
 def as_sampler_spec(value: "SamplerSpec | Mapping[str, Any] | None", key: str = "sampler",
