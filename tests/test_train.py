@@ -184,6 +184,26 @@ def test_ckpt_path_last_finds_the_newest_run(tmp_path, trained):
     assert run.resolve_ckpt_path("last", base / "b") == str(target)
 
 
+def test_ckpt_path_last_picks_the_newest_of_several_runs(tmp_path):
+    """Three earlier runs whose names sort otherwise than their times: the last.ckpt written last wins,
+    and a run folder without a last.ckpt (a run that failed before its first checkpoint) is passed over."""
+    import os
+
+    base = tmp_path / "outputs" / "digits"
+    mtimes = {"2026-01-03_09-00-00": 1_000, "2026-01-01_09-00-00": 3_000, "2026-01-02_09-00-00": 2_000}
+    for name, mtime in mtimes.items():
+        ckpt = base / name / "checkpoints" / "last.ckpt"
+        ckpt.parent.mkdir(parents=True)
+        ckpt.write_bytes(b"x")
+        os.utime(ckpt, (mtime, mtime))
+    (base / "2026-01-04_09-00-00" / "checkpoints").mkdir(parents=True)  # newest folder, no checkpoint
+    newest = base / "2026-01-01_09-00-00" / "checkpoints" / "last.ckpt"
+    assert run.resolve_ckpt_path("last", base / "2026-01-05_09-00-00") == str(newest)
+    resumed = base / "2026-01-03_09-00-00" / "checkpoints" / "last.ckpt"
+    os.utime(resumed, (4_000, 4_000))  # that run was resumed and saved again
+    assert run.resolve_ckpt_path("last", base / "new") == str(resumed)
+
+
 @pytest.mark.parametrize("sampler", ["sampler.name=ddim sampler.steps=5 sampler.eta=0",
                                      "sampler.name=respaced sampler.steps=4 sampler.spacing=trailing",
                                      "sampler.name=ddpm",
