@@ -2,10 +2,12 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
@@ -81,3 +83,27 @@ def save_digits_pipeline(folder: Path, seed: int = 0, **scheduler_overrides) -> 
     scheduler = diffusers.DDPMScheduler(**{**DIGITS_SCHEDULER, **scheduler_overrides})
     diffusers.DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(folder)
     return folder
+
+
+class SignalAt(L.Callback):
+    """Sends `signum` to this process once, from `hook`, when the trainer's global step is `step`."""
+
+    def __init__(self, signum: signal.Signals, hook: str, step: int):
+        self.signum, self.hook, self.step, self.sent = signum, hook, step, False
+
+    def _send(self, trainer, hook: str) -> None:
+        if hook == self.hook and trainer.global_step == self.step and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)
+
+    def on_train_batch_start(self, trainer, *args):
+        self._send(trainer, "on_train_batch_start")
+
+    def on_validation_end(self, trainer, *args):
+        self._send(trainer, "on_validation_end")
+
+    def on_save_checkpoint(self, trainer, *args):
+        self._send(trainer, "on_save_checkpoint")
+
+    def on_validation_batch_end(self, trainer, *args):
+        self._send(trainer, "on_validation_batch_end")

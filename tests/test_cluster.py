@@ -133,6 +133,30 @@ def test_optuna_study_runs_its_trials_and_writes_the_best(tmp_path):
     assert params["schedule.num_timesteps"] in (10, 20)
 
 
+@pytest.mark.slow
+def test_optuna_study_minimizes_the_experiments_own_val_fid(tmp_path):
+    """experiment=optuna_digits as shipped (optimized_metric=val/fid): each trial scores its samples at the end,
+    and the study's best value is the smallest of the val/fid its trials wrote to their status.json."""
+    import json
+
+    done = run_train("-m", "experiment=optuna_digits", *QUIET, "hydra.sweeper.n_trials=2",
+                     "schedule.num_timesteps=choice(10,20)", "callbacks.quality.at_train_end=true",
+                     "callbacks.quality.num_samples=12", "callbacks.quality.max_reference_images=48", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [sweep] = tmp_path.glob("multirun/optuna_digits/*")
+    statuses = [json.loads((job / "status.json").read_text()) for job in sorted(sweep.glob("[0-9]*"))]
+    assert len(statuses) == 2 and all(s["status"] == "finished" for s in statuses)
+    fids = [s["quality"]["val/fid"] for s in statuses]
+    assert fids[0] != fids[1]
+    # The objective is train()'s metrics["val/fid"]: the trainer's callback_metrics, a float32 of the score.
+    assert [s["metrics"]["val/fid"] for s in statuses] == pytest.approx(fids, rel=1e-6)
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert best["best_value"] == pytest.approx(min(fids), rel=1e-6)
+    assert best["best_value"] == min(s["metrics"]["val/fid"] for s in statuses)
+    assert best["best_params"]["schedule.num_timesteps"] == statuses[fids.index(min(fids))]["quality_protocol"][
+        "num_timesteps"]
+
+
 def sweep_jobs(experiment: str) -> list[list[str]]:
     """The overrides of every job of an experiment's grid sweep (hydra.sweeper.params), as Hydra expands it."""
     register_configs()
@@ -186,3 +210,44 @@ def test_requeue_signal_follows_submitit_and_rejects_what_is_not_one(monkeypatch
     with pytest.raises(UserError, match=r"got 'SIGTERM'; use SIGUSR2") as err:
         GracefulInterrupt("SIGTERM")
     assert "\n" not in str(err.value)
+
+
+def test_table2_scores_with_an_ancestral_sampler_that_uses_sigma():
+    """DDIM at η=0 never uses Σ, so it would score the fixed-Σ and learned-Σ rows alike: the experiment's quality
+    sampler is ancestral (respaced or ddpm)."""
+    register_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", ["experiment=table2_ablation"])
+    assert cfg.callbacks.quality.sampler.name in ("respaced", "ddpm")
+
+
+@pytest.mark.slow
+def test_table2_sweep_through_train_py_finishes_all_eight_jobs(tmp_path):
+    """`train.py -m experiment=table2_ablation`, one step a job and a 5-step respaced quality sampler (debug=fast
+    alone would score with DDIM): 8 job folders, each status.json finished with its scores; with L_simple the
+    fixed-Σ and the learned-Σ jobs (Σ = sqrt(β β̃) there) score differently."""
+    import json
+
+    done = run_train("-m", "experiment=table2_ablation", *QUIET, "trainer.max_steps=1",
+                     "trainer.val_check_interval=100000", "callbacks.quality.at_train_end=true",
+                     "callbacks.quality.num_samples=8", "callbacks.quality.max_reference_images=32",
+                     "callbacks.quality.sampler.name=respaced", "callbacks.quality.sampler.steps=5",
+                     "hydra.sweep.subdir=${hydra.job.num}", cwd=tmp_path, timeout=900)  # short names
+    assert done.returncode == 0, done.stderr[-3000:]
+    [sweep] = tmp_path.glob("multirun/table2_ablation/*")
+    jobs = sorted(sweep.glob("[0-9]*"), key=lambda p: int(p.name.split("_")[0]))
+    assert len(jobs) == 8
+    status = {}
+    for job in jobs:
+        s = json.loads((job / "status.json").read_text())
+        assert s["status"] == "finished" and s["step"] == 1, (job.name, s["error"])
+        sampler = s["quality_protocol"]["sampler"]
+        assert (sampler["name"], sampler["steps"]) == ("respaced", 5), sampler
+        cfg = yaml.safe_load((job / ".hydra" / "config.yaml").read_text())
+        status[(cfg["diffusion"]["parameterization"], cfg["diffusion"]["variance"], cfg["loss"]["type"])] = s
+    assert len(status) == 8
+    printed = [line for line in done.stdout.splitlines() if line.startswith("quality: ")]
+    assert len(printed) == 8
+    # After one step the μ̃ nets still output about 0, whose x̂0 clips to ±1 wherever Σ is: only ε shows Σ here.
+    fixed, learned = (status[("eps", v, "simple")]["quality"] for v in ("fixed_large", "learned_range"))
+    assert fixed["val/fid"] != learned["val/fid"]

@@ -159,3 +159,21 @@ def test_nonfinite_loss_can_be_skipped_and_counted(tmp_path):
     state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert state["nonfinite_skips"] == 1 and state["global_step"] >= 5
     assert all(torch.isfinite(v).all() for v in state["current_model_state"].values())
+
+
+@pytest.mark.slow
+def test_a_signal_in_process_finishes_wandb_before_train_returns(tmp_path):
+    """Our code closes the W&B run on a stop, not the interpreter's exit hook (which would also write the exit
+    record, so a subprocess could not tell): checked in this process, before it ends."""
+    import wandb
+
+    from diffusion.errors import Interrupted
+    from helpers import SignalAt, wandb_records
+
+    with pytest.raises(Interrupted):
+        run.train(train_cfg(tmp_path, "callbacks.samples=null", "trainer.max_steps=6", "trainer.val_check_interval=6"),
+                  extra_callbacks=(SignalAt(signal.SIGTERM, "on_train_batch_start", 2),))
+    assert wandb.run is None
+    records = wandb_records(tmp_path)
+    assert [r for r in records if r.get("type") == "exit"], [r.get("type") for r in records]
+    assert any("train/loss" in r["history"]["item"] for r in records if r.get("type") == "history")

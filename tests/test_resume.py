@@ -58,6 +58,30 @@ def test_stop_and_resume_equals_the_uninterrupted_run(stop, uninterrupted, tmp_p
     assert {**first["losses"], **resumed["losses"]} == uninterrupted["losses"]
 
 
+IMPORTANCE = ["diffusion.variance=learned_range", "loss.type=hybrid", "loss.timestep_sampler=importance",
+              "data.batch_size=200", "model.ch=16"]  # 8 steps an epoch: the stop at 4 is mid-epoch
+
+
+@pytest.mark.slow
+def test_importance_sampled_training_resumes_bit_for_bit(tmp_path):
+    """loss.timestep_sampler=importance (Nichol & Dhariwal 2021 Eq. 18): its history of VLB terms is saved and
+    restored, so the t drawn after a resume, and all that follows, are those of the uninterrupted run."""
+    full = train(tmp_path / "full", *IMPORTANCE, "trainer.max_steps=6")
+    first = train(tmp_path / "first", *IMPORTANCE, "trainer.max_steps=4")
+    sampler = first["ckpt"]["timestep_sampler"]
+    assert (sampler["counts"] == 10).all()  # the history is full: t is already importance-sampled at the stop
+    resumed = train(tmp_path / "resumed", *IMPORTANCE, "trainer.max_steps=6",
+                    f"ckpt_path={tmp_path / 'first' / 'checkpoints' / 'last.ckpt'}")
+    want, got = full["ckpt"], resumed["ckpt"]
+    assert got["global_step"] == want["global_step"] == 6
+    assert_same_tensors(want["state_dict"], got["state_dict"], "EMA weights")
+    assert_same_tensors(want["current_model_state"], got["current_model_state"], "raw weights")
+    for p, state in want["optimizer_states"][0]["state"].items():
+        assert_same_tensors(state, got["optimizer_states"][0]["state"][p], f"Adam state of parameter {p}")
+    assert_same_tensors(want["timestep_sampler"], got["timestep_sampler"], "importance sampler history")
+    assert {**first["losses"], **resumed["losses"]} == full["losses"] and len(full["losses"]) == 6
+
+
 def test_checkpoint_holds_every_rank_rng_state_and_the_loader_position(uninterrupted):
     ckpt = uninterrupted["ckpt"]
     (state,) = ckpt["rng_states"]  # one process
@@ -141,19 +165,26 @@ def test_epoch_sampler_shards_ranks_and_skips_what_a_rank_has_seen():
 @pytest.mark.slow
 @pytest.mark.ddp
 def test_ddp_resume_mid_epoch_equals_the_uninterrupted_run(tmp_path):
-    """Two CPU processes (gloo) through train.py: every rank's RNG state saved, each rank's share resumed."""
+    """Two CPU processes (gloo) through train.py: every rank's RNG state saved, each rank's share resumed; the
+    weights, Adam's moments and every logged training loss (rank 0's W&B run) those of the uninterrupted run."""
     from helpers import run_script
 
-    ddp = ["debug=fast", "trainer.devices=2", "trainer.strategy=ddp", "trainer.accelerator=cpu", "logger=none",
+    ddp = ["debug=fast", "trainer.devices=2", "trainer.strategy=ddp", "trainer.accelerator=cpu",
            "data.batch_size=250", *RUN]  # 750 images a rank: 3 steps an epoch
     resume = f"ckpt_path={tmp_path / 'first' / 'checkpoints' / 'last.ckpt'}"
-    last = {}
+    last, losses = {}, {}
     for name, extra in [("full", [f"trainer.max_steps={N}"]), ("first", ["trainer.max_steps=4"]),
                         ("resumed", [f"trainer.max_steps={N}", resume])]:
         result = run_script("train.py", *ddp, *extra, f"hydra.run.dir={tmp_path / name}", cwd=tmp_path, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
         last[name] = torch.load(tmp_path / name / "checkpoints" / "last.ckpt", weights_only=True)
+        losses[name] = {h["trainer/global_step"]: h["train/loss"] for h in wandb_history(tmp_path / name)
+                        if "train/loss" in h}
     assert len(last["first"]["rng_states"]) == 2
     assert last["first"]["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "batches": 1}]
+    assert len(losses["full"]) == N and len(losses["first"]) == 4
+    assert {**losses["first"], **losses["resumed"]} == losses["full"]
+    for p, state in last["full"]["optimizer_states"][0]["state"].items():  # step, exp_avg, exp_avg_sq
+        assert_same_tensors(state, last["resumed"]["optimizer_states"][0]["state"][p], f"Adam state of parameter {p}")
     assert_same_tensors(last["full"]["state_dict"], last["resumed"]["state_dict"], "EMA weights")
     assert_same_tensors(last["full"]["current_model_state"], last["resumed"]["current_model_state"], "raw weights")

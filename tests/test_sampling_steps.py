@@ -158,3 +158,80 @@ def test_respaced_mean_oracle_keeps_the_forward_marginals():
         mean, var = np.sqrt(a[k]) * 0.5, 1 - a[k]
         assert abs(x.mean().item() - mean) < 5 * np.sqrt(var / n), k
         assert abs(x.var().item() - var) < 5 * var * np.sqrt(2 / n), k
+
+
+# --- the μ̃ parameterization with a model that is no oracle: every step recomputed --------------------------
+def mean_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Some deterministic μ̃-prediction, nonlinear in x; its implied x̂0 leaves [-1, 1] at large t."""
+    return 0.9 * x + 0.3 * torch.sin(2 * x + 0.1 * t.reshape(-1, 1, 1, 1))
+
+
+def x0_from_mean(x: torch.Tensor, mean: torch.Tensor, a: float, a_prev: float, beta: float) -> torch.Tensor:
+    """x̂0 by inverting Eq. 7 on the original chain, μ̃ = c1 x0 + c2 x_t, clipped to [-1, 1]."""
+    c1, c2 = beta * np.sqrt(a_prev) / (1 - a), (1 - a_prev) * np.sqrt(1 - beta) / (1 - a)
+    return ((mean - c2 * x) / c1).clamp(-1, 1)
+
+
+def mean_at(x: torch.Tensor, t: int) -> torch.Tensor:
+    return mean_model(x, torch.full((x.shape[0],), t))
+
+
+@pytest.mark.parametrize("variance", ["fixed_large", "fixed_small"])
+def test_ancestral_with_a_mean_model_steps_by_its_mean(variance):
+    """Algorithm 2 with μ_θ = the network's output itself (unclipped), σ_t² = β_t or β̃_t; x̂0 reported clipped."""
+    out = ddpm_sample(mean_model, diffusion(variance, "mean"), x_start(), generator=torch.Generator().manual_seed(4),
+                      record_steps=range(T))
+    gen, x, clipped = torch.Generator().manual_seed(4), x_start(), 0
+    for i, t in enumerate(reversed(range(T))):
+        torch.testing.assert_close(out.trajectory.x_t[i], x, rtol=0, atol=1e-12, msg=f"x entering step {t}")
+        a, a_prev = ALPHAS_CUMPROD[t], ALPHAS_CUMPROD_PREV[t]
+        mean = mean_at(x, t)
+        x0 = x0_from_mean(x, mean, a, a_prev, BETAS[t])
+        clipped += int((x0.abs() == 1).any())
+        torch.testing.assert_close(out.trajectory.x0_pred[i], x0, rtol=0, atol=1e-9, msg=f"x̂0 at step {t}")
+        x = mean
+        if t > 0:
+            x = x + ancestral_sigma2(variance, t, None) ** 0.5 * torch.randn(x.shape, generator=gen, dtype=x.dtype)
+    torch.testing.assert_close(out.x0, x, rtol=0, atol=1e-12)
+    assert clipped > 0  # the clipped x̂0 differs from the mean's: a mean rebuilt from it would be caught
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.6])
+def test_ddim_with_a_mean_model_follows_eq_12(eta):
+    """Song et al. 2021 Eq. 12 from x̂0 = Eq. 7 inverted on the original chain at each kept step, and its ε."""
+    kept = space_timesteps(T, "trailing", 7)
+    out = ddim_sample(mean_model, diffusion("fixed_small", "mean"), x_start(), spacing=kept, eta=eta,
+                      generator=torch.Generator().manual_seed(6), record_steps=kept)
+    gen, x = torch.Generator().manual_seed(6), x_start()
+    for i in reversed(range(len(kept))):
+        k = kept[i]
+        torch.testing.assert_close(out.trajectory.x_t[len(kept) - 1 - i], x, rtol=0, atol=1e-12, msg=f"step {k}")
+        a, a_prev = ALPHAS_CUMPROD[k], ALPHAS_CUMPROD[kept[i - 1]] if i > 0 else 1.0
+        x0 = x0_from_mean(x, mean_at(x, k), a, ALPHAS_CUMPROD_PREV[k], BETAS[k])
+        eps = (x - np.sqrt(a) * x0) / np.sqrt(1 - a)
+        sigma = eta * np.sqrt((1 - a_prev) / (1 - a)) * np.sqrt(1 - a / a_prev)  # Eq. 16
+        x = np.sqrt(a_prev) * x0 + np.sqrt(max(1 - a_prev - sigma**2, 0.0)) * eps
+        if eta > 0 and i > 0:
+            x = x + sigma * torch.randn(x.shape, generator=gen, dtype=x.dtype)
+    torch.testing.assert_close(out.x0, x, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("variance", ["fixed_large", "fixed_small"])
+def test_respaced_with_a_mean_model_uses_the_respaced_posterior(variance):
+    """x̂0 from μ̃ on the original chain, then Eq. 7's mean and σ² on the respaced chain, whose
+    β'_i = 1 - ᾱ_{k_i} / ᾱ_{k_{i-1}} (Nichol & Dhariwal 2021 Sec. 4)."""
+    kept = space_timesteps(T, "linspace", 6)
+    out = respaced_sample(mean_model, diffusion(variance, "mean"), x_start(), spacing=kept,
+                          generator=torch.Generator().manual_seed(8), record_steps=kept)
+    gen, x = torch.Generator().manual_seed(8), x_start()
+    for i in reversed(range(len(kept))):
+        k = kept[i]
+        torch.testing.assert_close(out.trajectory.x_t[len(kept) - 1 - i], x, rtol=0, atol=1e-12, msg=f"step {k}")
+        x0 = x0_from_mean(x, mean_at(x, k), ALPHAS_CUMPROD[k], ALPHAS_CUMPROD_PREV[k], BETAS[k])
+        a, a_prev = ALPHAS_CUMPROD[k], ALPHAS_CUMPROD[kept[i - 1]] if i > 0 else 1.0
+        beta = 1 - a / a_prev
+        x = (beta * np.sqrt(a_prev) * x0 + (1 - a_prev) * np.sqrt(1 - beta) * x) / (1 - a)  # Eq. 7, respaced
+        if i > 0:
+            sigma2 = beta if variance == "fixed_large" else beta * (1 - a_prev) / (1 - a)
+            x = x + np.sqrt(sigma2) * torch.randn(x.shape, generator=gen, dtype=x.dtype)
+    torch.testing.assert_close(out.x0, x, rtol=0, atol=1e-12)

@@ -5,17 +5,15 @@ process from a chosen hook, and resumed from the last.ckpt the stop wrote. Digit
 steps an epoch and 2 validation batches; validation every 2 steps, a checkpoint every step.
 """
 
-import os
 import signal
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 
 from diffusion import run
 from diffusion.errors import Interrupted
-from helpers import train_cfg, wandb_history
+from helpers import SignalAt, train_cfg, wandb_history
 
 N = 10
 RUN = ["data.batch_size=250", "model.ch=16", "model.dropout=0.1", "trainer.val_check_interval=2",
@@ -28,30 +26,6 @@ CHAIN = [
     (signal.SIGUSR2, "on_save_checkpoint", 6, 6),  # in the checkpoint write of the epoch's last step
     (signal.SIGTERM, "on_validation_batch_end", 8, 8),  # between the two batches of a validation
 ]
-
-
-class SignalAt(L.Callback):
-    """Sends `signum` to this process once, from `hook`, when the trainer's global step is `step`."""
-
-    def __init__(self, signum: signal.Signals, hook: str, step: int):
-        self.signum, self.hook, self.step, self.sent = signum, hook, step, False
-
-    def _send(self, trainer, hook: str) -> None:
-        if hook == self.hook and trainer.global_step == self.step and not self.sent:
-            self.sent = True
-            os.kill(os.getpid(), self.signum)
-
-    def on_train_batch_start(self, trainer, *args):
-        self._send(trainer, "on_train_batch_start")
-
-    def on_validation_end(self, trainer, *args):
-        self._send(trainer, "on_validation_end")
-
-    def on_save_checkpoint(self, trainer, *args):
-        self._send(trainer, "on_save_checkpoint")
-
-    def on_validation_batch_end(self, trainer, *args):
-        self._send(trainer, "on_validation_batch_end")
 
 
 def history(run_dir: Path) -> dict[tuple[int, str], float]:

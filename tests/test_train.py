@@ -184,6 +184,26 @@ def test_ckpt_path_last_finds_the_newest_run(tmp_path, trained):
     assert run.resolve_ckpt_path("last", base / "b") == str(target)
 
 
+def test_ckpt_path_last_picks_the_newest_of_several_runs(tmp_path):
+    """Three earlier runs whose names sort otherwise than their times: the last.ckpt written last wins,
+    and a run folder without a last.ckpt (a run that failed before its first checkpoint) is passed over."""
+    import os
+
+    base = tmp_path / "outputs" / "digits"
+    mtimes = {"2026-01-03_09-00-00": 1_000, "2026-01-01_09-00-00": 3_000, "2026-01-02_09-00-00": 2_000}
+    for name, mtime in mtimes.items():
+        ckpt = base / name / "checkpoints" / "last.ckpt"
+        ckpt.parent.mkdir(parents=True)
+        ckpt.write_bytes(b"x")
+        os.utime(ckpt, (mtime, mtime))
+    (base / "2026-01-04_09-00-00" / "checkpoints").mkdir(parents=True)  # newest folder, no checkpoint
+    newest = base / "2026-01-01_09-00-00" / "checkpoints" / "last.ckpt"
+    assert run.resolve_ckpt_path("last", base / "2026-01-05_09-00-00") == str(newest)
+    resumed = base / "2026-01-03_09-00-00" / "checkpoints" / "last.ckpt"
+    os.utime(resumed, (4_000, 4_000))  # that run was resumed and saved again
+    assert run.resolve_ckpt_path("last", base / "new") == str(resumed)
+
+
 @pytest.mark.parametrize("sampler", ["sampler.name=ddim sampler.steps=5 sampler.eta=0",
                                      "sampler.name=respaced sampler.steps=4 sampler.spacing=trailing",
                                      "sampler.name=ddpm",
@@ -223,3 +243,38 @@ def test_multirun_over_two_schedules_gives_two_complete_runs(tmp_path):
     assert len(run_ids) == 2  # one W&B run per job, not one reused
     betas = [torch.load(j / "checkpoints" / "last.ckpt", weights_only=True)["hyper_parameters"]["betas"] for j in jobs]
     assert betas[0] != betas[1] and len(betas[0]) == len(betas[1]) == 20
+
+
+@pytest.mark.slow
+def test_train_script_ends_with_the_quality_line_that_status_and_wandb_hold(tmp_path):
+    """`make train`'s last line through train.py: the final scores and protocol id, the same numbers that
+    status.json and the W&B summary (read with wandb's own reader) keep."""
+    import json
+    import re
+
+    from helpers import run_script, wandb_records
+
+    out = tmp_path / "run"
+    result = run_script("train.py", "debug=fast", "callbacks.samples=null", "callbacks.quality.at_train_end=true",
+                        "callbacks.quality.num_samples=12", "callbacks.quality.max_reference_images=48",
+                        f"hydra.run.dir={out}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    last = result.stdout.strip().splitlines()[-1]
+    match = re.fullmatch(r"quality: (.+) \[protocol ([0-9a-f]{8}): 12 samples ddim-2 η=0 ema vs train 48/val 48, "
+                         r"\S+ sha [0-9a-f]{8}\]", last)
+    assert match, last
+    printed = dict(pair.rsplit(" ", 1) for pair in match.group(1).split(" · "))
+    assert "val/fid" in printed
+    status = json.loads((out / "status.json").read_text())
+    assert status["status"] == "finished" and status["step"] == 4 and status["quality_protocol_id"] == match.group(2)
+    assert {k: f"{status['quality'][k]:.4g}" for k in printed} == printed
+    summary = {}
+    for record in wandb_records(out):
+        if record.get("type") == "summary":
+            summary.update(record["summary"].get("update", {}))
+    assert summary["quality_protocol_id"] == match.group(2)
+    # FIDs are summarised by their best (wandb_logger.py's define_metric): here the one measurement
+    best = {k: v["min"] if isinstance(v, dict) else v for k, v in summary.items() if k in status["quality"]}
+    assert best == status["quality"]
+    # metrics go through the trainer's callback_metrics, float32 tensors: the same number to float32 precision
+    assert status["metrics"]["val/fid"] == pytest.approx(status["quality"]["val/fid"], rel=1e-6)
