@@ -5,7 +5,8 @@ leaf's type, proposes values a user could mistype: wrong type, negative, zero, h
 `outcome()` runs the entry point's own checks in-process: the base command line is composed once per entry point
 and each bad value applied to a copy the way Hydra applies a value override after composing (its own
 `_apply_overrides_to_config`), then `diffusion.cli.check_composed` and `explained`, what `precheck` runs before
-Hydra starts a job. `full_outcome()` is `precheck` itself, for a sample that the test compares. ACCEPTED states, with a reason, every (key, value) that is valid and must pass.
+Hydra starts a job. `full_outcome()` is `precheck` itself, for a sample that the test compares. ACCEPTED states,
+with a reason, every (key, value) that is valid and must pass.
 Used by tests/test_config_fuzz.py and docs/bad_input_table.py (which writes docs/bad_inputs.md).
 """
 

@@ -29,7 +29,8 @@ def test_a_bad_value_is_one_line_or_stated_valid(case: Case):
     code, err = outcome(case)
     why = accepted_reason(case)
     if code == 0:
-        assert why is not None, f"{case.entry}.py accepted {case.override}, which fuzz_cases.ACCEPTED does not state valid"
+        assert why is not None, \
+            f"{case.entry}.py accepted {case.override}, which fuzz_cases.ACCEPTED does not state valid"
     else:
         assert why is None, f"{case.override} is stated valid ({why}) but was refused: {err}"
         lines = [line for line in err.splitlines() if line.strip()]

@@ -201,7 +201,8 @@ def _check_matches(path: Path, hparams: dict, expected: dict, start_over: str | 
     if found is not None:
         difference, fix = found
         source = f"checkpoint {path}" if option == "ckpt_path" else f"{option} {path}"
-        raise ModelMismatch(f"{source} was trained with {difference}; {fix} or {start_over or f'start without {option}'}",
+        start_over = start_over or f"start without {option}"
+        raise ModelMismatch(f"{source} was trained with {difference}; {fix} or {start_over}",
                             difference)
 
 

@@ -34,7 +34,8 @@ class PostHocEMAConfig:
     _target_: str = "diffusion.callbacks.PostHocEMA"
     sigma_rels: list[float] = field(default_factory=lambda: [0.05, 0.10])  # EDM2's two tracked widths
     every_n_steps: int | None = checked(None, optional(at_least(1)))  # None: trainer.max_steps / num_snapshots
-    num_snapshots: int = checked(16, between(1, 10_000))  # snapshots a run keeps when every_n_steps is None (16: σ_rel in about [0.028, 0.23])
+    # snapshots a run keeps when every_n_steps is None (16: σ_rel in about [0.028, 0.23])
+    num_snapshots: int = checked(16, between(1, 10_000))
     dirpath: str | None = None  # None: <run>/posthoc_ema
 
 

@@ -141,7 +141,8 @@ class DataConfig:
     _target_: str = MISSING
     channels: int = checked(rule=between(1, 64))  # what the images are: the network takes its shape from these two
     image_size: int = checked(rule=between(1, 4096))
-    batch_size: int = checked(128, between(1, 65_536))  # per device: the global batch is batch_size × devices × num_nodes
+    # per device: the global batch is batch_size × devices × num_nodes
+    batch_size: int = checked(128, between(1, 65_536))
     num_workers: int = checked(0, between(0, 1024))
     seed: int = checked(0, seed())
     random_flip: bool = False
@@ -188,7 +189,8 @@ class ImageFolderDataConfig(FileDataConfig):
     image_size: int = checked(64, between(1, 4096))
     channels: int = checked(3, one_of(1, 3))
     val_fraction: float = checked(0.05, between(0, 1, low_open=True, high_open=True))
-    max_image_pixels: int | None = checked(89_478_485, optional(at_least(1)))  # PIL's decompression-bomb limit; null: none
+    # PIL's decompression-bomb limit; null: none
+    max_image_pixels: int | None = checked(89_478_485, optional(at_least(1)))
 
 
 PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true")

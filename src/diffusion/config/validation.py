@@ -41,7 +41,8 @@ def _check_cross_fields(cfg: DictConfig, here: bool = True) -> None:
     """here=False: the job runs on another machine (a SLURM launcher), whose devices are not this one's."""
     for key, data_key in (("in_channels", "channels"), ("image_size", "image_size")):
         if cfg.model[key] != cfg.data[data_key]:
-            raise UserError(f"model.{key}={cfg.model[key]} differs from the data's data.{data_key}={cfg.data[data_key]} "
+            raise UserError(f"model.{key}={cfg.model[key]} differs from the data's "
+                            f"data.{data_key}={cfg.data[data_key]} "
                             f"(the network takes its shape from the data); drop model.{key}=, or set data.{data_key}")
     if cfg.loss.timestep_sampler == "importance" and cfg.loss.type == "simple":
         raise UserError("loss.timestep_sampler=importance needs the bound (its weights come from the VLB terms), got "
