@@ -118,11 +118,20 @@ def test_full_traceback_on_request(tmp_path):
 
 
 def test_readme_table_lists_every_case():
-    """docs/bad_inputs.md is generated from CASES by docs/bad_input_table.py: regenerate it when they change."""
+    """docs/bad_inputs.md is generated from CASES by docs/bad_input_table.py: regenerate it when they change.
+    The README quotes its count."""
+    import re
+
     from helpers import ROOT
 
     table = (ROOT / "docs" / "bad_inputs.md").read_text()
     for overrides, fragments in CASES:
-        row = next((line for line in table.splitlines() if line.startswith(f"| `{' '.join(overrides)}` |")), None)
+        row = next((line for line in table.splitlines()
+                    if line.startswith(f"| `train.py` | `debug=fast logger=none {' '.join(overrides)}` |")), None)
         assert row is not None, f"{overrides} missing: run docs/bad_input_table.py"
         assert all(fragment.replace("|", "\\|") in row for fragment in fragments), row
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| script")
+            and not line.startswith("| fault")]
+    count = int(re.search(r"\*\*(\d+) bad inputs\*\*", table).group(1))
+    assert count == len(rows)
+    assert f"**{count} bad inputs**" in (ROOT / "README.md").read_text()
