@@ -228,3 +228,16 @@ def test_loss_by_t_file_holds_each_epochs_logged_values(tmp_path):
         assert set(row) - {"step"} == set(expected) <= {f"t{2 * k:04d}-{2 * k + 1:04d}" for k in range(10)}
         assert all(math.isclose(row[k], expected[k], rel_tol=1e-6) for k in expected)
     assert all(len(r) < 11 for r in rows)  # 8 draws an epoch leave bins empty: logged as nothing, not as before
+
+
+def test_the_wandb_group_of_an_evaluate_sweep_whose_saved_folder_needs_hydras_resolver(tmp_path):
+    """evaluate.py's sweep folder is saved as multirun/evaluate/${now:...}, which only Hydra resolves: the
+    report takes the job folder's parent instead of failing with a traceback."""
+    from omegaconf import OmegaConf
+
+    from diffusion.run.sweep_report import wandb_target
+
+    hydra = OmegaConf.create({"mode": "MULTIRUN", "sweep": {"dir": "multirun/evaluate/${now:%Y-%m-%d_%H-%M-%S}"}})
+    config = OmegaConf.create({"name": "evaluate", "logger": {"project": "diffusion", "group": None, "offline": True}})
+    job = {"path": tmp_path / "2026-12-01_05-43-40" / "0_ema.sigma_rel=0.1", "hydra": hydra, "config": config}
+    assert wandb_target([job]) == {"project": "diffusion", "group": "evaluate-2026-12-01_05-43-40", "offline": True}

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from diffusion.callbacks.loss_by_t import read_loss_by_t
 from diffusion.errors import UserError
@@ -175,6 +176,15 @@ def _cell(value: Any) -> str:
     return str(value).replace("|", "\\|")
 
 
+def _sweep_dir(job: dict) -> str:
+    """The sweep folder the job ran in: its saved hydra.sweep.dir, or, when that holds an interpolation only Hydra
+    resolves (evaluate.py's ${now:...}), the job folder's parent (the sweep's subdir is one folder)."""
+    try:
+        return str(job["hydra"].sweep.dir)
+    except OmegaConfBaseException:
+        return str(Path(job["path"]).parent)
+
+
 def wandb_target(jobs: list[dict]) -> dict | None:
     """project, group and offline mode of the jobs' W&B runs (None when they logged without W&B)."""
     loggers = [job["config"].get("logger") for job in jobs]
@@ -182,7 +192,7 @@ def wandb_target(jobs: list[dict]) -> dict | None:
         return None
     groups = set()
     for job, logger in zip(jobs, loggers, strict=True):
-        sweep_dir = job["hydra"].sweep.dir if job["hydra"] is not None and job["hydra"].mode == "MULTIRUN" else None
+        sweep_dir = _sweep_dir(job) if job["hydra"] is not None and job["hydra"].mode == "MULTIRUN" else None
         groups.add(sweep_group(job["config"].name, logger.group, sweep_dir) if sweep_dir else logger.group)
     return {"project": loggers[0].project, "group": groups.pop() if len(groups) == 1 else None,
             "offline": bool(loggers[0].offline)}
