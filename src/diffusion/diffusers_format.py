@@ -27,7 +27,6 @@ from diffusion.diffusers_unet import (
 )
 from diffusion.errors import UserError
 from diffusion.schedules import (
-    SPACINGS,
     cosine_beta_schedule,
     linear_beta_schedule,
     quadratic_beta_schedule,
@@ -52,6 +51,9 @@ VARIANCE_TYPES = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small"
 
 
 # --- DDPMScheduler / DDIMScheduler config <-> betas, parameterization, variance ---------------------------
+DIFFUSERS_SPACINGS = ("linspace", "leading", "trailing")  # diffusers' schedulers' timestep_spacing values
+
+
 def _betas_from_config(c: dict, file: Path | str) -> Tensor:
     """The float64 betas the config describes (diffusers builds the same formulas in float32)."""
     T = c["num_train_timesteps"]
@@ -88,8 +90,8 @@ def _check_sampling_fields(c: dict, cls: str, file: Path | str) -> None:
             raise refuse(file, field, c[field], f"{why}; it must be {value!r}")
     if c["clip_sample"] and c["clip_sample_range"] != 1.0:
         raise refuse(file, "clip_sample_range", c["clip_sample_range"], "our samplers clip x0 to [-1, 1]; use 1.0")
-    if c["timestep_spacing"] not in SPACINGS:
-        raise refuse(file, "timestep_spacing", c["timestep_spacing"], f"choose one of {list(SPACINGS)}")
+    if c["timestep_spacing"] not in DIFFUSERS_SPACINGS:
+        raise refuse(file, "timestep_spacing", c["timestep_spacing"], f"choose one of {list(DIFFUSERS_SPACINGS)}")
 
 
 def schedule_from_config(cfg: dict, learned_variance: bool,
