@@ -90,7 +90,7 @@ def test_a_train_sweep_of_four_jobs_gives_four_rows_and_the_failed_jobs_error(tm
         assert float(row["wall_seconds"]) == pytest.approx(status["wall_seconds"])
     assert rows[3][fid] == ""
     markdown = (sweep / "report.md").read_text()
-    assert "| 3 | 1e+30 | failed | 1 |" in markdown and "report_vs_optim.optimizer.lr.png" in markdown
+    assert "| 3 | 1e+30 | failed | 2 |" in markdown and "report_vs_optim.optimizer.lr.png" in markdown
     for png in ("report_vs_optim.optimizer.lr.png", "report_loss_by_t.png"):
         assert (sweep / png).stat().st_size > 5000
 
