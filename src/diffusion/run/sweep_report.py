@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from diffusion.callbacks.loss_by_t import read_loss_by_t
 from diffusion.errors import UserError
@@ -177,12 +176,11 @@ def _cell(value: Any) -> str:
 
 
 def _sweep_dir(job: dict) -> str:
-    """The sweep folder the job ran in: its saved hydra.sweep.dir, or, when that holds an interpolation only Hydra
-    resolves (evaluate.py's ${now:...}), the job folder's parent (the sweep's subdir is one folder)."""
-    try:
-        return str(job["hydra"].sweep.dir)
-    except OmegaConfBaseException:
-        return str(Path(job["path"]).parent)
+    """The sweep folder the job ran in: its saved hydra.sweep.dir when that is a plain path, else the job folder's
+    parent (a saved ${now:...} or ${run_id:} resolves to another time when read later, or not at all outside
+    Hydra; the sweep's subdir is one folder)."""
+    raw = OmegaConf.to_container(job["hydra"].sweep, resolve=False).get("dir")
+    return str(raw) if raw is not None and "${" not in str(raw) else str(Path(job["path"]).parent)
 
 
 def wandb_target(jobs: list[dict]) -> dict | None:
