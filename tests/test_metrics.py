@@ -94,11 +94,22 @@ def test_inception_score_equals_numpy(gen):
     metric = SampleQuality(extractor, is_splits=4)
     metric.set_reference("r", _numbered(range(100)))
     metric.update(_numbered(range(400)))
-    p = torch.softmax(logits, 1).numpy()
+    p = torch.softmax(logits, 1).numpy()[torch.randperm(400, generator=torch.Generator().manual_seed(0)).numpy()]
     per_split = [np.exp((q * (np.log(q) - np.log(q.mean(0)))).sum(1).mean()) for q in np.split(p, 4)]
     scores = metric.compute()
     assert scores["is"] == pytest.approx(np.mean(per_split), rel=1e-10)
     assert scores["is_std"] == pytest.approx(np.std(per_split), rel=1e-8)
+
+
+def test_inception_score_of_samples_in_label_order():
+    """A conditional model's balanced samples come sorted by label: 10 confident classes of 100 samples each
+    score IS = 10 (every split sees every class), not 1 (one class per contiguous split)."""
+    logits = torch.eye(10, dtype=torch.float64).repeat_interleave(100, 0) * 30  # (1000, 10), sorted by class
+    extractor = ModuleFeatures(_Logits(logits), "logits")
+    metric = SampleQuality(extractor, is_splits=10)
+    metric.set_reference("r", _numbered(range(100)))
+    metric.update(_numbered(range(1000)))
+    assert metric.compute()["is"] == pytest.approx(10, rel=0.1)
 
 
 def _numbered(numbers) -> torch.Tensor:

@@ -43,8 +43,13 @@ def manifold_coverage(points: Tensor, centers: Tensor, radii: Tensor, chunk: int
 
 
 def inception_score(logits: Tensor, splits: int) -> tuple[float, float]:
-    """exp E_x KL(p(y|x) || p(y)) per split, mean and std over splits (Salimans et al. 2016)."""
-    log_p = logits.double().log_softmax(dim=1)  # (N, K)
+    """exp E_x KL(p(y|x) || p(y)) per split, mean and std over splits (Salimans et al. 2016).
+
+    The splits are drawn from the samples in a fixed random order (torch.randperm seeded 0), as torchmetrics
+    shuffles before splitting: samples come in label order from a class-conditional model (balanced labels are
+    sorted), and contiguous splits would each hold one or two classes, an IS near 1 whatever the samples."""
+    order = torch.randperm(len(logits), generator=torch.Generator().manual_seed(0)).to(logits.device)
+    log_p = logits.double()[order].log_softmax(dim=1)  # (N, K)
     scores = []
     for part in log_p.chunk(splits):
         log_marginal = part.exp().mean(dim=0).log()  # log p(y) over the split
