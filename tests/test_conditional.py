@@ -227,3 +227,14 @@ def test_a_conditional_net_is_not_exported_to_diffusers():
     assert unet_config_from_kwargs(model_kwargs("debug=fast"), False)["sample_size"] == 8
     with pytest.raises(UserError, match="class-conditional U-Net .* cannot be exported"):
         unet_config_from_kwargs(NET, False)
+
+
+def test_the_best_w_is_the_lowest_fd_among_those_that_follow_their_labels():
+    from diffusion.run.guidance_table import best_row
+
+    rows = [{"guidance_scale": w, "fid_train": fd, "class_accuracy": acc}
+            for w, fd, acc in [(0, 0.28, 0.11), (1, 0.11, 0.92), (2, 0.12, 0.996), (3, 0.25, 1.0)]]
+    assert best_row(rows)["guidance_scale"] == 2  # not w=3: 100% classified, but twice the FD
+    assert best_row(rows[:2])["guidance_scale"] == 1  # none reaches 95%: the most accurate
+    unclassified = [{"guidance_scale": w, "fid_train": fd} for w, fd in [(0, 0.3), (1, 0.2), (2, 0.25)]]
+    assert best_row(unclassified)["guidance_scale"] == 1
