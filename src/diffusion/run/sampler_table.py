@@ -78,9 +78,13 @@ def write_table(rows: list[dict], num_samples: int, extractor: str, out: Path) -
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for name in dict.fromkeys(row["name"] for row in rows):
         points = sorted((row["nfe"], row["fid_train"]) for row in rows if row["name"] == name)
-        ax.plot(*zip(*points, strict=True), "o-", label=name)
-    ax.set(xscale="log", xlabel="NFE (network evaluations per image)", ylabel=f"FD ({extractor} features, train)",
-           title=f"Quality per NFE ({num_samples} samples each)")
+        line = ax.plot(*zip(*points, strict=True), "o-", label=name)[0]
+        if len(points) == 1:  # a single budget (ancestral over all T): a reference level across the plot
+            ax.axhline(points[0][1], color=line.get_color(), linestyle="--", linewidth=1,
+                       label=f"{name}-{points[0][0]} level")
+    # FD spans orders of magnitude between 5 and 100 NFE: both axes logarithmic
+    ax.set(xscale="log", yscale="log", xlabel="NFE (network evaluations per image)",
+           ylabel=f"FD ({extractor} features, train)", title=f"Quality per NFE ({num_samples} samples each)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     png = out / "samplers.png"
