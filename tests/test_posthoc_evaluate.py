@@ -39,9 +39,11 @@ def test_callback_node_composes_with_its_defaults_and_the_recipes_cadence(tmp_pa
     assert compose_cfg("train", ["experiment=digits"], tmp_path).callbacks.posthoc_ema.num_snapshots == 12
     assert compose_cfg("train", ["experiment=cifar10_ddpm"], tmp_path).callbacks.posthoc_ema.every_n_steps == 10000
     assert compose_cfg("train", ["callbacks.posthoc_ema=null"], tmp_path).callbacks.posthoc_ema is None
-    for override, expected in [("callbacks.posthoc_ema.sigma_rels=[0.05,0.5]", "sigma_rels must be distinct widths"),
-                               ("callbacks.posthoc_ema.num_snapshots=0", r"num_snapshots must be in \[1, 10000\], got 0; try callbacks.posthoc_ema.num_snapshots=16"),
-                               ("callbacks.posthoc_ema.every_n_steps=0", "every_n_steps must be null or an integer >= 1, got 0")]:
+    for override, expected in [
+            ("callbacks.posthoc_ema.sigma_rels=[0.05,0.5]", "sigma_rels must be distinct widths"),
+            ("callbacks.posthoc_ema.num_snapshots=0",
+             r"num_snapshots must be in \[1, 10000\], got 0; try callbacks.posthoc_ema.num_snapshots=16"),
+            ("callbacks.posthoc_ema.every_n_steps=0", "every_n_steps must be null or an integer >= 1, got 0")]:
         with pytest.raises(UserError, match=expected) as info:
             validate(compose_cfg("train", [override], tmp_path))
         assert "\n" not in str(info.value)

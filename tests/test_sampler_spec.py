@@ -116,6 +116,10 @@ def test_describe_adds_order_for_unipc_only_and_labels_say_it():
         "name": "dpmpp_2m_sde", "steps": 5, "eta": 1.0, "spacing": "logsnr", "clip_denoised": True}
     assert [SamplerSpec(n, steps=10).label(1000) for n in FAST] == [
         "dpmpp_2m-10", "dpmpp_2m_sde-10 η=1", "unipc-10 order=3", "heun-10"]
+    # a spacing away from the sampler's default is named (the tables' rows differ), the default is not
+    assert SamplerSpec("dpmpp_2m", steps=10, spacing="karras").label(1000) == "dpmpp_2m-10 karras"
+    assert SamplerSpec("dpmpp_2m", steps=10, spacing="logsnr").label(1000) == "dpmpp_2m-10"
+    assert SamplerSpec("ddim", steps=50, spacing="trailing").label(1000) == "ddim-50 η=0 trailing"
 
 
 def test_tags_name_the_sampler_its_steps_and_what_was_set_away_from_the_defaults():

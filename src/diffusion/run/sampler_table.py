@@ -6,6 +6,7 @@ are skipped with a printed note. An entry of a table the user wrote that cannot 
 sampling. Rows go to report.json, samplers.md and samplers.png (FD against NFE, one line per sampler).
 """
 
+import re
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -76,8 +77,11 @@ def write_table(rows: list[dict], num_samples: int, extractor: str, out: Path) -
     md = out / "samplers.md"
     md.write_text("\n".join(lines) + "\n")
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for name in dict.fromkeys(row["name"] for row in rows):
-        points = sorted((row["nfe"], row["fid_train"]) for row in rows if row["name"] == name)
+    def line_of(row: dict) -> str:  # the label without the steps: 'dpmpp_2m', 'ddim η=0', 'unipc order=3 karras'
+        return re.sub(r"-\d+", "", row["sampler"], count=1)
+
+    for name in dict.fromkeys(line_of(row) for row in rows):
+        points = sorted((row["nfe"], row["fid_train"]) for row in rows if line_of(row) == name)
         line = ax.plot(*zip(*points, strict=True), "o-", label=name)[0]
         if len(points) == 1:  # a single budget (ancestral over all T): a reference level across the plot
             ax.axhline(points[0][1], color=line.get_color(), linestyle="--", linewidth=1,

@@ -212,10 +212,15 @@ class SamplerSpec:
 
 
 def sampler_label(described: Mapping[str, Any]) -> str:
-    """The label of a described sampler (SamplerSpec.describe's dict, as protocols store it)."""
+    """The label of a described sampler (SamplerSpec.describe's dict, as protocols store it); the spacing only
+    where it is not the sampler's default ('dpmpp_2m-10 karras')."""
     eta, order, w = described.get("eta"), described.get("order"), described.get("guidance_scale")
+    kind = SAMPLERS.get(described["name"])
+    spacing = described.get("spacing")
+    spacing = spacing if spacing is not None and kind is not None and spacing != kind.defaults.get("spacing") else None
     return (f"{described['name']}-{described['steps']}" + (f" η={eta:g}" if eta is not None else "")
-            + (f" order={order}" if order is not None else "") + (f" w={w:g}" if w is not None else ""))
+            + (f" order={order}" if order is not None else "") + (f" {spacing}" if spacing is not None else "")
+            + (f" w={w:g}" if w is not None else ""))
 
 
 def as_sampler_spec(value: "SamplerSpec | Mapping[str, Any] | None", key: str = "sampler",
