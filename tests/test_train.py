@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
 from diffusion import run
@@ -243,6 +244,26 @@ def test_multirun_over_two_schedules_gives_two_complete_runs(tmp_path):
     assert len(run_ids) == 2  # one W&B run per job, not one reused
     betas = [torch.load(j / "checkpoints" / "last.ckpt", weights_only=True)["hyper_parameters"]["betas"] for j in jobs]
     assert betas[0] != betas[1] and len(betas[0]) == len(betas[1]) == 20
+
+
+@pytest.mark.slow
+def test_a_sweep_over_many_overrides_names_its_job_folder_within_the_file_system_limit(tmp_path):
+    """Hydra names a job's folder after its overrides; past 255 bytes the sweep died with "File name too long".
+    The folder name is cut to 120 characters with a hash of the whole; the overrides stay in .hydra/."""
+    from helpers import run_script
+
+    overrides = ["callbacks.quality.num_samples=12", "callbacks.quality.max_reference_images=48",
+                 "callbacks.samples.num_samples=4", "optim.optimizer.weight_decay=0.0", "optim.optimizer.eps=1e-08",
+                 "optim.lr_scheduler.total_iters=2", "trainer.gradient_clip_val=0.5", "validation.bpd_images=2",
+                 "callbacks.checkpoint.every_n_train_steps=3", "data.val_size=297"]
+    result = run_script("train.py", "-m", "debug=fast", "logger=none", "trainer.max_steps=2", *overrides,
+                        f"hydra.sweep.dir={tmp_path}", cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (job,) = [p for p in tmp_path.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    assert len(",".join(overrides)) > 255 and len(job.name.split("_", 1)[1]) <= 120 and job.name.startswith("0_callbacks.checkpoint")
+    assert (job / "checkpoints" / "last.ckpt").is_file()
+    saved = OmegaConf.load(job / ".hydra" / "overrides.yaml")
+    assert set(overrides) <= set(saved)
 
 
 @pytest.mark.slow

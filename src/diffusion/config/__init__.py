@@ -4,6 +4,7 @@ OmegaConf checks every key and type against these dataclasses while Hydra compos
 ranges and cross-group consistency before anything is built. YAML files in conf/ choose and override.
 """
 
+import hashlib
 import os
 from datetime import datetime
 
@@ -70,10 +71,26 @@ def run_id() -> str:
     return datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
 
 
+MAX_DIRNAME = 120  # characters of a job folder's name: file systems allow 255 bytes
+
+
+def short_dirname(name: str) -> str:
+    """A multirun job's folder name from its overrides (Hydra's override_dirname): as is up to 120 characters,
+    else its first 111 and a hash of the whole, so a sweep over many overrides does not fail with "File name
+    too long" (the overrides themselves stay in the job's .hydra/overrides.yaml)."""
+    name = str(name)
+    if len(name) <= MAX_DIRNAME:
+        return name
+    return f"{name[:MAX_DIRNAME - 9]}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+
+
 def register_configs() -> None:
-    """Put every schema in Hydra's ConfigStore, as base_<group> or base_<group>_<option>; add ${run_id:}."""
+    """Put every schema in Hydra's ConfigStore, as base_<group> or base_<group>_<option>; add ${run_id:} and
+    ${short_dirname:...}."""
     if not OmegaConf.has_resolver("run_id"):
         OmegaConf.register_new_resolver("run_id", run_id, use_cache=True)
+    if not OmegaConf.has_resolver("short_dirname"):
+        OmegaConf.register_new_resolver("short_dirname", short_dirname)
     cs = ConfigStore.instance()
     cs.store(name="base_train", node=TrainConfig)
     cs.store(name="base_sample", node=SampleConfig)
