@@ -20,7 +20,7 @@ from diffusion.config import validate
 from diffusion.data import CIFAR10DataModule, EpochSampler
 from diffusion.data.loader import DeviceLoader, ResumableLoader, _ModelInputs
 from diffusion.errors import UserError
-from helpers import ROOT, train_cfg
+from helpers import ROOT, compose_cfg, train_cfg
 from test_data import cifar_pattern, write_cifar
 
 QUIET = ["callbacks.samples=null", "trainer.val_check_interval=1000", "callbacks.checkpoint.every_n_train_steps=1000",
@@ -59,9 +59,9 @@ class Watch(L.Callback):
             self.mode.__exit__(None, None, None)
 
 
-@pytest.mark.parametrize(("extra", "per_step"), [([], 0), (["data.on_device=true"], 0),
+@pytest.mark.parametrize(("extra", "per_step"), [(["data.on_device=false"], 0), (["data.on_device=true"], 0),
                                                  (["loss.nonfinite_check_every_n_steps=1"], 1)],
-                         ids=["default", "on_device", "check_every_step"])
+                         ids=["loader", "on_device", "check_every_step"])
 def test_training_steps_read_nothing_back_from_the_device(tmp_path, extra, per_step):
     """Four real steps of train.py's default callbacks (EMA, post-hoc EMA, W&B, LR monitor, binned loss, the
     bar): no host read, unless a setting asks for one (the non-finite check every step: one read a step)."""
@@ -114,7 +114,8 @@ def test_on_device_training_equals_the_loader_path_and_resumes_mid_epoch(tmp_pat
     common = ["logger=none", "callbacks.samples=null", "data.batch_size=500", "trainer.deterministic=true",
               "callbacks.checkpoint.every_n_train_steps=1", "callbacks.checkpoint.save_top_k=0"]
     last = {}
-    for name, extra in [("loader", ["trainer.max_steps=4"]), ("device", ["trainer.max_steps=4", "data.on_device=true"]),
+    for name, extra in [("loader", ["trainer.max_steps=4", "data.on_device=false"]),
+                        ("device", ["trainer.max_steps=4", "data.on_device=true"]),
                         ("first", ["trainer.max_steps=2", "data.on_device=true"]),
                         ("resumed", ["trainer.max_steps=4", "data.on_device=true",
                                      f"ckpt_path={tmp_path / 'first' / 'checkpoints' / 'last.ckpt'}"])]:
@@ -124,6 +125,9 @@ def test_on_device_training_equals_the_loader_path_and_resumes_mid_epoch(tmp_pat
         for key in ("state_dict", "current_model_state"):
             a, b = last["loader"][key], last[name][key]
             assert all(torch.equal(a[k], b[k]) for k in a), (name, key)
+    # so the digits, small enough for any accelerator, are on the device by default (make train's numbers stay)
+    assert compose_cfg("train", ["experiment=digits"], tmp_path / "cfg").data.on_device is True
+    assert compose_cfg("train", ["experiment=cifar10_ddpm"], tmp_path / "cfg").data.on_device is False
 
 
 def test_optimizer_foreach_and_fused_are_checked_and_reach_torch(tmp_path, monkeypatch):
