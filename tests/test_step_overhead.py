@@ -107,6 +107,19 @@ def test_on_device_batches_equal_the_loaders_with_flips_shards_and_resume(tmp_pa
     assert torch.equal(torch.cat(list(resumed)), full[8:])  # the rest of epoch 0, flips included
 
 
+def test_on_device_batches_carry_their_labels_as_the_loaders_do(tmp_path):
+    """A class-conditional run on the device path: (images, labels) batches equal to the DataLoader's."""
+    write_cifar(tmp_path, np.stack([cifar_pattern(i) for i in range(46)]), n_test=6)  # 5 batches: labels 0..4
+    batches = {}
+    for on_device in (False, True):
+        data = CIFAR10DataModule(str(tmp_path), batch_size=4, seed=7, on_device=on_device)
+        data.with_labels = True
+        batches[on_device] = list(data.train_dataloader())
+    for (xa, ya), (xb, yb) in zip(batches[False], batches[True], strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert len(batches[True]) == 10 and len(set(torch.cat([y for _, y in batches[True]]).tolist())) == 5
+
+
 @pytest.mark.slow
 def test_on_device_training_equals_the_loader_path_and_resumes_mid_epoch(tmp_path):
     """train.py with data.on_device=true: the loader path's weights after 4 steps (3 an epoch), bit for bit,

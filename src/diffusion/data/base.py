@@ -157,7 +157,8 @@ class ImageDataModule(L.LightningDataModule):
                                rank=trainer.global_rank if trainer else 0)
         if self.on_device:  # the same draws, gathered from a copy of the images on the training device
             device = trainer.strategy.root_device if trainer else torch.device("cpu")
-            return DeviceLoader(self._split("train").images, sampler, self.batch_size, device)
+            return DeviceLoader(self._split("train").images, sampler, self.batch_size, device,
+                                labels=self.labels("train") if self.with_labels else None)
         return ResumableLoader(dataset, sampler=sampler, drop_last=True, **self._loader_kwargs())
 
     def val_dataloader(self) -> DataLoader:

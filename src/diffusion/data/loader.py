@@ -93,11 +93,14 @@ class ResumableLoader(DataLoader):
 class DeviceLoader:
     """The train loader of `data.on_device=true`: the uint8 split copied to the device once, each batch gathered
     and flipped there (no DataLoader, no workers). Order and flips are `EpochSampler`'s, position and resume are
-    `ResumableLoader`'s, so a seed gives the same batches, bit for bit, on either path."""
+    `ResumableLoader`'s, so a seed gives the same batches, bit for bit, on either path. With `labels` (N,) (a
+    class-conditional run), batches are (images, labels), as the DataLoader's are."""
 
-    def __init__(self, images: Tensor, sampler: EpochSampler, batch_size: int, device):
+    def __init__(self, images: Tensor, sampler: EpochSampler, batch_size: int, device, labels: Tensor | None = None):
         self.images, self.sampler, self.batch_size, self.device = images, sampler, batch_size, device
+        self.labels = labels
         self._on_device: Tensor | None = None
+        self._labels_on_device: Tensor | None = None
         self._epoch, self._served, self._resuming = 0, 0, False
 
     def __len__(self) -> int:
@@ -112,6 +115,8 @@ class DeviceLoader:
     def _batches(self):
         if self._on_device is None:
             self._on_device = self.images.to(self.device)  # (N, C, H, W) uint8, once
+            if self.labels is not None:
+                self._labels_on_device = self.labels.long().to(self.device)  # (N,)
         if self._resuming:
             self.sampler.set_epoch(self._epoch)
         else:
@@ -126,5 +131,8 @@ class DeviceLoader:
             x = self._on_device[index[rows]]  # (B, C, H, W) uint8
             x = torch.where(flips[rows].view(-1, 1, 1, 1), x.flip(-1), x)
             self._served += 1
-            yield to_model_range(x)
+            if self._labels_on_device is None:
+                yield to_model_range(x)
+            else:
+                yield to_model_range(x), self._labels_on_device[index[rows]]
         self.sampler.set_epoch(self._epoch + 1)
