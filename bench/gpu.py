@@ -30,9 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import lightning as L  # noqa: E402
 
-from diffusion import run  # noqa: E402
-from diffusion.diffusers_unet import unet_config_from_kwargs  # noqa: E402
+from diffusion.formats.diffusers_unet import unet_config_from_kwargs  # noqa: E402
 from diffusion.nn import UNet  # noqa: E402
+from diffusion.run.commands.train import train  # noqa: E402
 from helpers import compose_cfg, model_kwargs  # noqa: E402
 from overhead import fake_cifar10, sync  # noqa: E402
 from unet_throughput import RESULTS, environment, machine_name, make_step, time_interleaved  # noqa: E402
@@ -111,7 +111,7 @@ def train_py_step(args, device) -> dict:
             overrides += ["model.ch=32", "data.batch_size=2", "schedule.num_timesteps=20", "data.num_workers=0"]
         timer = StepTimer(args.train_skip, args.train_steps)
         start = time.perf_counter()
-        run.train(compose_cfg("train", overrides, Path(tmp) / "run"), extra_callbacks=(timer,))
+        train(compose_cfg("train", overrides, Path(tmp) / "run"), extra_callbacks=(timer,))
     batch = 2 if args.smoke else args.batch
     return {"overrides": overrides, "s_per_step": timer.seconds, "img_per_s": batch / timer.seconds,
             "wall_s": time.perf_counter() - start}

@@ -32,10 +32,13 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # helpers.compose_cfg: train.py's config
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from diffusion import run  # noqa: E402
-from diffusion.callbacks.ema import ema_update_, ema_warmup_avg_fn  # noqa: E402
+import diffusion.run.commands.train as train_module  # noqa: E402
+from diffusion.lightning.callbacks.ema import ema_update_, ema_warmup_avg_fn  # noqa: E402
 from diffusion.nn import UNet  # noqa: E402
-from diffusion.run.train_command import net_kwargs  # noqa: E402
+from diffusion.run.commands.train import (
+    net_kwargs,  # noqa: E402
+    train,  # noqa: E402
+)
 from helpers import compose_cfg  # noqa: E402
 from unet_throughput import environment, machine_name, save  # noqa: E402
 
@@ -137,11 +140,11 @@ def overhead(model: str, extra: list[str], out: Path) -> dict:
         fake_cifar10(out / "data")
         overrides = [*overrides, f"data.root={out / 'data'}", "data.num_workers=0"]
     cfg = compose_cfg("train", [*overrides, *QUIET, *extra], out / "run")
-    datamodule = run.train_command._data(cfg)
+    datamodule = train_module._data(cfg)
     images = datamodule._split("train").images
     probe = Interleave(cfg, images, chunk, chunks)
     start = time.perf_counter()
-    run.train(cfg, extra_callbacks=(probe,))
+    train(cfg, extra_callbacks=(probe,))
     full, bare = statistics.median(probe.full), statistics.median(probe.bare)
     return {"overrides": [*overrides, *extra], "chunk_steps": chunk, "full_s": probe.full, "bare_s": probe.bare,
             "full_median_s": full, "bare_median_s": bare, "overhead": full / bare - 1,

@@ -4,7 +4,7 @@
 leaf's type, proposes values a user could mistype: wrong type, negative, zero, huge, empty, a typo'd choice.
 `outcome()` runs the entry point's own checks in-process: the base command line is composed once per entry point
 and each bad value applied to a copy the way Hydra applies a value override after composing (its own
-`_apply_overrides_to_config`), then `diffusion.cli.check_composed` and `explained`, what `precheck` runs before
+`_apply_overrides_to_config`), then run/jobs/precheck.py's `check_composed` and `explained`, what `precheck` runs before
 Hydra starts a job. `full_outcome()` is `precheck` itself, for a sample that the test compares. ACCEPTED states,
 with a reason, every (key, value) that is valid and must pass.
 Used by tests/test_config_fuzz.py and docs/bad_input_table.py (which writes docs/bad_inputs.md).
@@ -25,8 +25,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.nodes import BooleanNode, FloatNode, IntegerNode, StringNode
 
-from diffusion.cli import CONF_DIR, check_composed, explained, precheck
 from diffusion.config import register_configs
+from diffusion.run.jobs.precheck import CONF_DIR, check_composed, explained, precheck
 
 _FILE = Path(tempfile.mkdtemp(prefix="fuzz-")) / "last.ckpt"  # export.py checks that its checkpoint exists
 _FILE.touch()

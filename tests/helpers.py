@@ -12,9 +12,9 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-from diffusion.cli import CONF_DIR
 from diffusion.config import register_configs
-from diffusion.run.train_command import net_kwargs
+from diffusion.run.commands.train import net_kwargs
+from diffusion.run.jobs.precheck import CONF_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 

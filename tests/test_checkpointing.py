@@ -13,11 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion import run
-from diffusion.checkpointing import AtomicCheckpointIO, check_checkpoint
+from diffusion.core.schedules import cosine_beta_schedule, linear_beta_schedule
 from diffusion.errors import UserError
-from diffusion.run.train_command import check_resumable
-from diffusion.schedules import cosine_beta_schedule, linear_beta_schedule
+from diffusion.lightning.checkpoints import AtomicCheckpointIO, check_checkpoint
+from diffusion.run.commands.train import build_module, check_resumable, train
 from helpers import ROOT, train_cfg
 
 
@@ -39,7 +38,7 @@ def trained(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(L.Trainer, "fit", spy_fit)
         mp.setattr(AtomicCheckpointIO, "save_checkpoint", spy_save)
-        run.train(train_cfg(out, "logger=none", "callbacks.samples=null"))
+        train(train_cfg(out, "logger=none", "callbacks.samples=null"))
     return out, seen
 
 
@@ -57,11 +56,11 @@ FILL_THE_DISK = r"""
 import json, resource, shutil, signal, sys
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
-from diffusion.checkpointing import AtomicCheckpointIO
+from diffusion.lightning.checkpoints import AtomicCheckpointIO
 from diffusion.data import DigitsDataModule
 from diffusion.errors import UserError
-from diffusion.module import DiffusionModule
-from diffusion.schedules import linear_beta_schedule
+from diffusion.lightning.module import DiffusionModule
+from diffusion.core.schedules import linear_beta_schedule
 
 ckpt_dir, good_copy, limit = sys.argv[1], sys.argv[2], int(sys.argv[3])
 
@@ -140,7 +139,7 @@ def _error(path, expected=None) -> str:
 def test_a_good_checkpoint_loads_and_matches_its_own_config(trained, tmp_path):
     out, _ = trained
     path = out / "checkpoints" / "last.ckpt"
-    same = run.build_module(train_cfg(tmp_path, "model.dropout=0.3"), linear_beta_schedule(20)).hparams
+    same = build_module(train_cfg(tmp_path, "model.dropout=0.3"), linear_beta_schedule(20)).hparams
     ckpt = check_checkpoint(path, same)  # dropout does not change what the weights mean
     assert ckpt["global_step"] == 4 and set(ckpt["state_dict"]) == set(ckpt["current_model_state"])
     assert check_checkpoint(str(path))["global_step"] == 4
@@ -185,7 +184,7 @@ def test_checkpoint_from_another_architecture(trained, tmp_path):
     out, _ = trained
     path = out / "checkpoints" / "last.ckpt"
     hparams = torch.load(path, weights_only=True)["hyper_parameters"]
-    thinner = run.build_module(train_cfg(tmp_path, "model.ch=16"), linear_beta_schedule(20)).hparams
+    thinner = build_module(train_cfg(tmp_path, "model.ch=16"), linear_beta_schedule(20)).hparams
     message = _error(path, thinner)
     assert "trained with net.ch=32, this run has net.ch=16" in message and "model.ch=32" in message
     deeper = {**hparams, "net": {**hparams["net"], "ch_mult": (1, 2, 2, 2)}}

@@ -19,11 +19,11 @@ import torch
 import yaml
 from hydra import compose, initialize_config_dir
 
-from diffusion import run
-from diffusion.callbacks.interrupt import GracefulInterrupt, slurm_job_id
-from diffusion.cli import CONF_DIR
 from diffusion.config import register_configs
 from diffusion.errors import UserError
+from diffusion.lightning.callbacks.interrupt import GracefulInterrupt, slurm_job_id
+from diffusion.run.commands.train import train
+from diffusion.run.jobs.precheck import CONF_DIR
 from helpers import ROOT, train_cfg
 
 QUIET = ["debug=fast", "logger=none", "callbacks.samples=null"]
@@ -183,7 +183,7 @@ def test_every_table2_job_trains(tmp_path, one_thread):
     for i, job in enumerate(jobs):
         cfg = train_cfg(tmp_path / str(i), "experiment=table2_ablation", *QUIET, *job, "trainer.max_steps=1",
                         "trainer.val_check_interval=100000")
-        run.train(cfg)
+        train(cfg)
         state = torch.load(tmp_path / str(i) / "checkpoints" / "last.ckpt", weights_only=True)
         assert state["global_step"] == 1
         if cfg.diffusion.variance == "learned_range":

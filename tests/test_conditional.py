@@ -11,13 +11,15 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from diffusion import run
+from diffusion.core.images import to_model_range
+from diffusion.core.schedules import linear_beta_schedule
 from diffusion.data import CIFAR10DataModule, DigitsDataModule, EpochSampler, ImageFolderDataModule, MNISTDataModule
 from diffusion.data.loader import _ModelInputs
 from diffusion.errors import UserError
-from diffusion.images import to_model_range
-from diffusion.module import DiffusionModule
-from diffusion.schedules import linear_beta_schedule
+from diffusion.lightning.module import DiffusionModule
+from diffusion.run.commands.evaluate import evaluate
+from diffusion.run.commands.figures import figures
+from diffusion.run.commands.train import train
 from helpers import compose_cfg, model_kwargs, run_script, train_cfg
 from test_data import cifar_pattern, write_cifar, write_idx
 from test_resume import assert_same_tensors
@@ -147,7 +149,7 @@ def test_an_unconditional_module_saves_what_it_saved_before():
 @pytest.fixture(scope="module")
 def conditional_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cond")
-    run.train(train_cfg(out, "model.num_classes=10", "logger=none", "callbacks.samples.num_samples=20"))
+    train(train_cfg(out, "model.num_classes=10", "logger=none", "callbacks.samples.num_samples=20"))
     return out
 
 
@@ -174,7 +176,7 @@ def test_sample_py_draws_the_labels_asked_for_and_refuses_others(conditional_run
 
 def test_evaluate_sweeps_the_guidance_scale_and_figures_draw(conditional_run, tmp_path):
     ckpt = conditional_run / "checkpoints" / "last.ckpt"
-    report = run.evaluate(compose_cfg("evaluate", [f"ckpt={ckpt}", "num_samples=20", "logger=none", "batch_size=8",
+    report = evaluate(compose_cfg("evaluate", [f"ckpt={ckpt}", "num_samples=20", "logger=none", "batch_size=8",
                                                    "sampler.name=ddim", "sampler.steps=2", "bpd.enabled=false",
                                                    "max_reference_images=40", "guidance_table=[0,2]"], tmp_path / "e"))
     rows = report["guidance_table"]
@@ -183,7 +185,7 @@ def test_evaluate_sweeps_the_guidance_scale_and_figures_draw(conditional_run, tm
     assert json.loads((tmp_path / "e" / "guidance.json").read_text())[1]["fid_train"] == rows[1]["fid_train"]
     assert (tmp_path / "e" / "guidance.png").stat().st_size > 0
     assert "| 2 |" in (tmp_path / "e" / "guidance.md").read_text()
-    paths = run.figures(compose_cfg("figures", [f"ckpt={ckpt}", "num_samples=10", "rd_images=8", "sampler.name=ddim",
+    paths = figures(compose_cfg("figures", [f"ckpt={ckpt}", "num_samples=10", "rd_images=8", "sampler.name=ddim",
                                                 "sampler.steps=2", "sampler.guidance_scale=1.5"], tmp_path / "f"))
     assert np.asarray(Image.open(paths["samples"])).shape[0] == 10 * 34 + 2  # a row per digit
 
@@ -191,7 +193,7 @@ def test_evaluate_sweeps_the_guidance_scale_and_figures_draw(conditional_run, tm
 @pytest.mark.slow
 def test_guidance_of_an_unconditional_checkpoint_is_one_line(tmp_path):
     out = tmp_path / "plain"
-    run.train(train_cfg(out, "logger=none", "callbacks.samples=null", "trainer.max_steps=1"))
+    train(train_cfg(out, "logger=none", "callbacks.samples=null", "trainer.max_steps=1"))
     bad = run_script("sample.py", f"ckpt={out / 'checkpoints' / 'last.ckpt'}", "sampler.guidance_scale=2",
                      f"output_dir={tmp_path / 's'}", cwd=tmp_path)
     assert bad.returncode == 2
@@ -200,7 +202,7 @@ def test_guidance_of_an_unconditional_checkpoint_is_one_line(tmp_path):
         "(trained without model.num_classes); drop sampler.guidance_scale")
     assert not (tmp_path / "s" / "samples.npz").exists()
     with pytest.raises(UserError, match="callbacks.samples.sampler.guidance_scale=2.0 needs a class-conditional"):
-        run.train(train_cfg(tmp_path / "again", "callbacks.samples.sampler.guidance_scale=2"))
+        train(train_cfg(tmp_path / "again", "callbacks.samples.sampler.guidance_scale=2"))
 
 
 @pytest.mark.slow
@@ -217,12 +219,12 @@ def test_labels_survive_a_stop_and_resume_bit_for_bit(tmp_path):
 
 def test_a_class_count_that_is_not_the_datas_is_an_error_before_training(tmp_path):
     with pytest.raises(UserError, match="model.num_classes=7, but digits has 10 classes; set model.num_classes=10"):
-        run.train(train_cfg(tmp_path, "model.num_classes=7", "logger=none"))
+        train(train_cfg(tmp_path, "model.num_classes=7", "logger=none"))
     assert not (tmp_path / "checkpoints").exists()
 
 
 def test_a_conditional_net_is_not_exported_to_diffusers():
-    from diffusion.diffusers_unet import unet_config_from_kwargs
+    from diffusion.formats.diffusers_unet import unet_config_from_kwargs
 
     assert unet_config_from_kwargs(model_kwargs("debug=fast"), False)["sample_size"] == 8
     with pytest.raises(UserError, match="class-conditional U-Net .* cannot be exported"):
@@ -230,7 +232,7 @@ def test_a_conditional_net_is_not_exported_to_diffusers():
 
 
 def test_the_best_w_is_the_lowest_fd_among_those_that_follow_their_labels():
-    from diffusion.run.guidance_table import best_row
+    from diffusion.run.reports.guidance_table import best_row
 
     rows = [{"guidance_scale": w, "fid_train": fd, "class_accuracy": acc}
             for w, fd, acc in [(0, 0.28, 0.11), (1, 0.11, 0.92), (2, 0.12, 0.996), (3, 0.25, 1.0)]]

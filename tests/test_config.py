@@ -6,9 +6,9 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from diffusion import run
 from diffusion.config import validate
 from diffusion.errors import UserError
+from diffusion.run.commands.train import build_module
 from helpers import ROOT, compose_cfg
 
 CONF = ROOT / "conf"
@@ -23,7 +23,7 @@ def build_all(cfg, tmp_path: Path):
     validate(cfg)
     betas = instantiate(cfg.schedule)
     data = instantiate(cfg.data)
-    module = run.build_module(cfg, betas)
+    module = build_module(cfg, betas)
     callbacks = [instantiate(c, _convert_="all") for name, c in cfg.callbacks.items()
                  if c is not None and name != "lr_monitor"]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=False, default_root_dir=str(tmp_path))
@@ -81,7 +81,7 @@ def test_every_entry_point_takes_the_fast_samplers_with_the_same_keys(tmp_path):
     """sampler.name=... sampler.steps=... compose for sample.py, evaluate.py, figures.py and every train.py
     sampler node (extra_samplers too), and reach the callbacks as SamplerSpecs."""
     from diffusion.config import check_samplers
-    from diffusion.sampling import SamplerSpec
+    from diffusion.core.sampling import SamplerSpec
 
     keys = ["sampler.name=unipc", "sampler.steps=10", "sampler.order=2", "sampler.spacing=karras"]
     for entry in ("sample", "evaluate", "figures"):

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion.diffusers_format import SCHEDULER_DEFAULTS, read_diffusers_folder, write_diffusers_folder
-from diffusion.diffusers_unet import UNET_DEFAULTS
+from diffusion.core.gaussian import GaussianDiffusion
+from diffusion.core.sampling import ddim_sample, ddpm_sample
+from diffusion.core.schedules import cosine_beta_schedule, linear_beta_schedule, space_timesteps
 from diffusion.errors import UserError
-from diffusion.gaussian import GaussianDiffusion
+from diffusion.formats.diffusers import SCHEDULER_DEFAULTS, read_diffusers_folder, write_diffusers_folder
+from diffusion.formats.diffusers_unet import UNET_DEFAULTS
 from diffusion.nn import UNet
-from diffusion.sampling import ddim_sample, ddpm_sample
-from diffusion.schedules import cosine_beta_schedule, linear_beta_schedule, space_timesteps
 from helpers import model_kwargs
 
 OURS = dict(in_channels=3, out_channels=3, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,),

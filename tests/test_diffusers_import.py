@@ -12,11 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion import run
-from diffusion.checkpointing import init_weights, load_module, read_weights
+import diffusion.run.commands.train as train_module
+from diffusion.core.images import to_uint8
+from diffusion.core.schedules import linear_beta_schedule
 from diffusion.errors import UserError
-from diffusion.images import to_uint8
-from diffusion.schedules import linear_beta_schedule
+from diffusion.lightning.checkpoints import init_weights, load_module, read_weights
+from diffusion.run.commands.figures import figures
+from diffusion.run.commands.train import train
 from helpers import compose_cfg, model_kwargs, run_script, save_digits_pipeline, train_cfg
 
 # google/ddpm-cifar10-32's two config files as published (the paper's CIFAR-10 model converted to diffusers).
@@ -138,7 +140,7 @@ def test_figures_of_a_diffusers_folder(folder, tmp_path):
     cfg = compose_cfg("figures", [f"ckpt={folder}", "num_images=2", "num_samples=4", "num_reconstructions=2",
                                   "num_lambdas=3", "rd_images=4", f"output_dir={tmp_path}", "sampler.name=ddim",
                                   "sampler.steps=3"], tmp_path / "h")  # fmt: skip
-    paths = run.figures(cfg)
+    paths = figures(cfg)
     assert {"forward", "reverse", "samples", "rate_distortion"} <= set(paths)
     assert all(Path(p).is_file() for p in paths.values())
     rate_distortion = json.loads(paths["rate_distortion_json"].read_text())
@@ -183,7 +185,7 @@ def test_train_init_from_a_checkpoint_takes_its_ema_weights_only(fine_tuned, tmp
     source["current_model_state"] = {k: v + 0.1 for k, v in source["current_model_state"].items()}  # raw != EMA
     source["global_step"] = 1000
     torch.save(source, tmp_path / "source.ckpt")
-    run.train(train_cfg(tmp_path / "run", *FINE_TUNE[1:], f"init_from={tmp_path / 'source.ckpt'}"))
+    train(train_cfg(tmp_path / "run", *FINE_TUNE[1:], f"init_from={tmp_path / 'source.ckpt'}"))
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 2
     assert_net_weights(ckpt, {k.removeprefix("net."): v for k, v in source["state_dict"].items()})
@@ -202,12 +204,12 @@ def test_train_init_from_a_checkpoint_takes_its_ema_weights_only(fine_tuned, tmp
 def test_init_from_another_network_or_schedule_is_refused(folder, tmp_path, override, fragment):
     """Checked against the run's config before the data, the module or the Trainer is built."""
     cfg = train_cfg(tmp_path, "logger=none", f"init_from={folder}", override)
-    built, instantiate = [], run.train_command.instantiate
+    built, instantiate = [], train_module.instantiate
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(run.train_command, "instantiate", lambda node, *a, **kw: (built.append(node._target_),
+        mp.setattr(train_module, "instantiate", lambda node, *a, **kw: (built.append(node._target_),
                                                                              instantiate(node, *a, **kw))[1])
-        mp.setattr(run.train_command, "build_module", lambda *a: pytest.fail("the module was built"))
-        message = one_line(lambda: run.train(cfg))
+        mp.setattr(train_module, "build_module", lambda *a: pytest.fail("the module was built"))
+        message = one_line(lambda: train(cfg))
     assert message.startswith(f"init_from {folder} ") and fragment in message and "start without init_from" in message
     assert built == [cfg.schedule._target_]  # the betas only: no data, module, logger or Trainer
 

@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion import run
+from diffusion.core.schedules import linear_beta_schedule
 from diffusion.errors import UserError
-from diffusion.evaluation import Evaluator
-from diffusion.run import build_module
-from diffusion.schedules import linear_beta_schedule
+from diffusion.lightning.evaluation import Evaluator
+from diffusion.run.commands.train import build_module, train
 from helpers import compose_cfg, run_script, train_cfg, wandb_records
 
 EVAL = ["num_samples=16", "batch_size=8", "sampler.name=ddim", "sampler.steps=2", "sampler.eta=0", "bpd.num_images=8",
@@ -22,7 +21,7 @@ EVAL = ["num_samples=16", "batch_size=8", "sampler.name=ddim", "sampler.steps=2"
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
     out = tmp_path_factory.mktemp("train")
-    run.train(train_cfg(out, "logger=none", "callbacks.samples=null"))
+    train(train_cfg(out, "logger=none", "callbacks.samples=null"))
     return out / "checkpoints" / "last.ckpt"
 
 
@@ -67,7 +66,7 @@ def test_evaluate_writes_report_wandb_summary_and_sampler_table(tiny_ckpt, tmp_p
 
 
 def test_the_default_sampler_table_skips_what_T_cannot_run_and_a_given_one_refuses(capsys, tmp_path):
-    from diffusion.run.sampler_table import table_samplers
+    from diffusion.run.reports.sampler_table import table_samplers
 
     default = compose_cfg("evaluate", ["ckpt=x", "sampler_table.enabled=true"], tmp_path).sampler_table
     names = [(s.name, s.steps) for s in table_samplers(default, 1000)]
@@ -108,8 +107,8 @@ class Pooled(torch.nn.Module):
 
 def test_passes_share_one_metric_and_extract_the_real_images_once(tmp_path, monkeypatch):
     """The sampler table's passes reuse the first pass's reference features: the scores of a fresh metric."""
+    from diffusion.core.sampling import SamplerSpec
     from diffusion.metrics import ModuleFeatures, SampleQuality
-    from diffusion.sampling import SamplerSpec
 
     extracted, set_reference = [], SampleQuality.set_reference
     monkeypatch.setattr(SampleQuality, "set_reference",

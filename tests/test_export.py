@@ -8,11 +8,11 @@ import diffusers
 import pytest
 import torch
 
-from diffusion import run
-from diffusion.checkpointing import load_module
-from diffusion.diffusers_format import read_diffusers_folder
+from diffusion.core.sampling import SamplerSpec, draw
 from diffusion.errors import UserError
-from diffusion.sampling import SamplerSpec, draw
+from diffusion.formats.diffusers import read_diffusers_folder
+from diffusion.lightning.checkpoints import load_module
+from diffusion.run.commands.export import export as export_command
 from helpers import compose_cfg, run_script, wandb_records
 
 TRAIN = ["debug=fast", "callbacks.samples=null", "callbacks.quality.at_train_end=true"]
@@ -33,7 +33,7 @@ def trained(tmp_path_factory) -> Path:
 
 
 def export(ckpt: Path, out: Path, *overrides: str) -> Path:
-    run.export(compose_cfg("export", [f"ckpt={ckpt}", f"out={out}", *overrides], out.parent / f"{out.name}-hydra"))
+    export_command(compose_cfg("export", [f"ckpt={ckpt}", f"out={out}", *overrides], out.parent / f"{out.name}-hydra"))
     return out
 
 
@@ -99,7 +99,7 @@ def test_model_card_lists_evaluate_reports_of_this_checkpoint_and_says_not_measu
     report_dir = tmp_path / "run" / "evaluate"
     shutil.copytree(trained, tmp_path / "run")
     copied = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    report = run.evaluate(compose_cfg("evaluate", [f"ckpt={copied}", *evaluate], report_dir))
+    report = evaluate(compose_cfg("evaluate", [f"ckpt={copied}", *evaluate], report_dir))
     card = (export(copied, tmp_path / "model") / "README.md").read_text()
     line = next(line for line in card.splitlines() if line.startswith("- evaluate.py"))
     assert f"`evaluate/report.json`: fid_train {report['quality']['fid_train']:.4g}" in line
@@ -162,7 +162,7 @@ def test_bad_export_settings_are_one_line(trained, tmp_path):
                                 ([f"ckpt={trained}", f"out={tmp_path / 'm'}"], "is a directory but not a diffusers"),
                                 ([f"ckpt={tmp_path / 'no.ckpt'}", f"out={tmp_path / 'm'}"], "does not exist")]:
         with pytest.raises(UserError) as err:
-            run.export(compose_cfg("export", overrides, tmp_path / "h"))
+            export(compose_cfg("export", overrides, tmp_path / "h"))
         assert "\n" not in str(err.value) and fragment in str(err.value), err.value
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine" and not (tmp_path / "m").exists()
 

@@ -10,15 +10,14 @@ import torch
 from PIL import Image
 from torch.testing import assert_close
 
-from diffusion import run
-from diffusion.callbacks import PaperFigures
+from diffusion.core.gaussian import GaussianDiffusion
+from diffusion.core.images import to_model_range
+from diffusion.core.likelihood import variational_bound
+from diffusion.core.sampling import ddpm_sample
+from diffusion.core.schedules import linear_beta_schedule
 from diffusion.data import DigitsDataModule
 from diffusion.errors import UserError
-from diffusion.gaussian import GaussianDiffusion
-from diffusion.images import to_model_range
-from diffusion.likelihood import variational_bound
-from diffusion.nn import UNet
-from diffusion.paper_figures import (
+from diffusion.figures.paper_figures import (
     FigureSpec,
     check_steps,
     default_steps,
@@ -31,8 +30,10 @@ from diffusion.paper_figures import (
     reverse_process,
     stochastic_reconstructions,
 )
-from diffusion.sampling import ddpm_sample
-from diffusion.schedules import linear_beta_schedule
+from diffusion.lightning.callbacks import PaperFigures
+from diffusion.nn import UNet
+from diffusion.run.commands.figures import figures
+from diffusion.run.commands.train import train
 from helpers import compose_cfg, run_script, train_cfg, wandb_records
 
 T = 12
@@ -201,7 +202,7 @@ def trained_with_figures(tmp_path_factory):
     out = tmp_path_factory.mktemp("figrun")
     callback = PaperFigures(every_n_steps=2, num_images=2, num_samples=4, num_reconstructions=2, num_lambdas=3,
                             rd_images=4, sampler={"name": "unipc", "steps": 4})
-    run.train(train_cfg(out, "callbacks.ema.decay=0.5", "callbacks.ema.warmup=false",
+    train(train_cfg(out, "callbacks.ema.decay=0.5", "callbacks.ema.warmup=false",
                         "callbacks.samples.sampler.name=heun", "callbacks.samples.final_sampler.name=dpmpp_2m",
                         "callbacks.samples.final_sampler.steps=4"), extra_callbacks=(callback,))
     return out, callback
@@ -241,4 +242,4 @@ def test_figures_script_on_a_checkpoint(trained_with_figures, tmp_path):
         "error: ckpt /nonexistent/last.ckpt does not exist")
     cfg = compose_cfg("figures", [f"ckpt={ckpt}", "forward_steps=[5,3]"], tmp_path / "h3")
     with pytest.raises(UserError, match=r"must be increasing timestep indices in \[0, 19\], got \[5, 3\]"):
-        run.figures(cfg)
+        figures(cfg)

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
+from diffusion.core.gaussian import GaussianDiffusion
+from diffusion.core.schedules import cosine_beta_schedule, linear_beta_schedule
 from diffusion.errors import UserError
-from diffusion.gaussian import GaussianDiffusion
-from diffusion.schedules import cosine_beta_schedule, linear_beta_schedule
 
 T = 1000
 

@@ -3,10 +3,8 @@
 import pytest
 import torch
 
-from diffusion.errors import UserError
-from diffusion.gaussian import GaussianDiffusion
-from diffusion.nn import UNet
-from diffusion.sampling import (
+from diffusion.core.gaussian import GaussianDiffusion
+from diffusion.core.sampling import (
     SAMPLERS,
     GuidedModel,
     SamplerSpec,
@@ -16,7 +14,9 @@ from diffusion.sampling import (
     guide,
     resolve_labels,
 )
-from diffusion.schedules import linear_beta_schedule
+from diffusion.core.schedules import linear_beta_schedule
+from diffusion.errors import UserError
+from diffusion.nn import UNet
 
 T, K = 20, 3
 

@@ -1,16 +1,21 @@
-"""Who may import whom, for every package: the rules below, checked by parsing every module's imports.
+"""Who may import whom: the layers are the folders of src/diffusion, each floor looking only down.
 
-    math        schedules, gaussian, losses, likelihood, sampling/, images, paper_figures, posthoc_ema, nn/, errors:
-                torch (and torchvision, matplotlib), never a framework or a higher layer
-    nn/         torch only; nothing about schedules
-    glue        module, data/, callbacks/, metrics/, evaluation, checkpointing, distributed: Lightning and
-                torchmetrics, but plain Python objects in, so never hydra or omegaconf
-    metrics/    no Lightning either: scores usable outside a Trainer
-    diffusers_* reading and writing diffusers folders: torch and safetensors, never diffusers itself (a dev
-                dependency) nor a framework
-    callbacks/  imported by nothing but run/ (and tests): what two callers need lives a layer down
-    run/        imported by nothing but the entry points (and tests); cli's guarded() writes the job's
-                status.json through run.job_status alone
+A module's layer is the deepest folder of FLOORS that holds it (src/diffusion/core/sampling/draw.py is in
+core/sampling). A module imports its own folder and the floors below it, never a folder beside it on its own
+floor nor anything above. Every module lives in a listed folder, so a new folder must be given its floor here.
+
+    errors, files           the one exception type; durable file writes
+    core, nn                plain PyTorch: the diffusion math; the U-Net (which knows nothing of schedules)
+    core/sampling           samplers over a denoiser, their registry, guidance, draw()
+    data, formats           DataModules and readers; files in and out (diffusers folders, PNG)
+    metrics, figures        feature extractors and scores; the paper's figures
+    lightning               the LightningModule, evaluation loop, checkpoints, DDP, logger
+    lightning/callbacks     what training could run without
+    config                  schemas, their rules, the one validation pass
+    run/jobs                a job's plumbing: precheck, guard, status, lock, signals, preflight, console
+    run/reports             what commands write about runs (sweep report, tables, model card)
+    run/commands            one module per command
+    run                     the entry points (entry.py, worker.py)
 """
 
 import ast
@@ -22,92 +27,125 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "diffusion"
+FLOORS = [{"errors", "files"}, {"core", "nn"}, {"core/sampling"}, {"data", "formats"},
+          {"metrics", "figures"}, {"lightning"}, {"lightning/callbacks"}, {"config"}, {"run/jobs"}, {"run/reports"},
+          {"run/commands"}, {"run"}]
+FLOOR = {folder: i for i, floor in enumerate(FLOORS) for folder in floor}
 FRAMEWORKS = {"lightning", "pytorch_lightning", "hydra", "omegaconf", "wandb", "torchmetrics"}
 CONFIG_FRAMEWORKS = {"hydra", "omegaconf"}
-MATH = ["schedules", "gaussian", "losses", "likelihood", "sampling", "images", "paper_figures", "posthoc_ema", "nn",
-        "errors"]
-GLUE = ["module", "data", "callbacks", "metrics", "evaluation", "checkpointing", "distributed"]
-HIGHER = {"module", "data", "callbacks", "metrics", "evaluation", "checkpointing", "distributed", "config", "run",
-          "cli"}
 
 
-def modules(name: str) -> list[Path]:
-    """The files of a module (name.py) or a package (name/*.py)."""
-    path = SRC / name
-    files = sorted(path.glob("*.py")) if path.is_dir() else [path.with_suffix(".py")]
-    assert files and all(f.is_file() for f in files), name
-    return files
+def sources() -> list[Path]:
+    """Every module of the package (its __init__ and the Hydra configs' folder aside)."""
+    return sorted(p for p in SRC.rglob("*.py") if p.parent not in (SRC, SRC / "conf") or p.name != "__init__.py")
 
 
-def imported(path: Path) -> set[str]:
-    """Every module a file imports (absolute imports only: the package uses no relative ones)."""
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+def layer(path: Path) -> str:
+    """The deepest listed folder holding a module (src/diffusion/errors.py is 'errors')."""
+    parts = path.relative_to(SRC).with_suffix("").parts
+    for depth in range(len(parts), 0, -1):
+        candidate = "/".join(parts[:depth])
+        if candidate in FLOOR:
+            return candidate
+    raise AssertionError(f"{path.relative_to(ROOT)} is in no layer folder; give its folder a floor in FLOORS")
+
+
+def module_layer(name: str) -> str | None:
+    """The layer of an imported `diffusion.x.y` module or attribute (None for the package itself)."""
+    parts = name.split(".")[1:]
+    for depth in range(len(parts), 0, -1):
+        candidate = "/".join(parts[:depth])
+        if candidate in FLOOR:
+            return candidate
+    return None
+
+
+def imports(path: Path, top_level_only: bool = False) -> list[tuple[str, int]]:
+    """(module, line) of every import in a file; with top_level_only, those outside functions."""
+    tree = ast.parse(path.read_text())
+    inside = {id(n) for f in ast.walk(tree) if isinstance(f, ast.FunctionDef | ast.AsyncFunctionDef)
+              for n in ast.walk(f) if n is not f}
+    found = []
+    for node in ast.walk(tree):
+        if top_level_only and id(node) in inside:
+            continue
         if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
+            found += [(alias.name, node.lineno) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
-            assert node.level == 0, f"{path.name} uses a relative import"
-            names.add(node.module)
-    return names
+            assert node.level == 0, f"{path} uses a relative import"
+            found += [(f"{node.module}.{alias.name}", node.lineno) for alias in node.names]
+    return found
 
 
-def roots(names: set[str]) -> set[str]:
-    return {n.split(".")[0] for n in names}
+def roots(path: Path) -> set[str]:
+    return {name.split(".")[0] for name, _ in imports(path)}
 
 
-def ours(names: set[str]) -> set[str]:
-    """Our own modules imported, by their first name under diffusion (diffusion.sampling.draw -> sampling)."""
-    return {n.split(".")[1] for n in names if n.startswith("diffusion.") and n.count(".") >= 1}
+def test_every_module_is_in_a_layer_folder():
+    folders = {layer(p) for p in sources()}
+    assert folders == set(FLOOR), f"floors without modules: {set(FLOOR) - folders}"
 
 
-@pytest.mark.parametrize("name", MATH)
-def test_math_imports_no_framework_and_no_higher_layer(name):
-    for path in modules(name):
-        names = imported(path)
-        assert not roots(names) & FRAMEWORKS, path
-        assert not ours(names) & HIGHER, path
+@pytest.mark.parametrize("path", sources(), ids=lambda p: str(p.relative_to(SRC)))
+def test_imports_look_down(path):
+    """Own folder or a lower floor: never a sibling folder on the same floor, never above."""
+    here = layer(path)
+    for name, line in imports(path):
+        if not name.startswith("diffusion."):
+            continue
+        there = module_layer(name)
+        if there is None or there == here:
+            continue
+        assert FLOOR[there] < FLOOR[here], f"{path.relative_to(ROOT)}:{line} ({here}) imports {name} ({there})"
 
 
-def test_nn_knows_nothing_of_schedules():
-    for path in modules("nn"):
-        names = imported(path)
-        assert roots(names) <= {"torch", "math", "diffusion"}, path
-        assert ours(names) <= {"nn", "errors"}, path
-        text = path.read_text().lower()
-        assert "beta" not in text and "alphas_cumprod" not in text, path
+def test_core_and_nn_are_plain_pytorch():
+    for path in sources():
+        if layer(path).split("/")[0] in ("core", "nn"):
+            assert not roots(path) & (FRAMEWORKS | {"torchvision", "matplotlib", "diffusers"}), path
 
 
-@pytest.mark.parametrize("name", GLUE)
-def test_glue_takes_plain_objects(name):
-    for path in modules(name):
-        assert not roots(imported(path)) & CONFIG_FRAMEWORKS, path
+def test_nn_knows_nothing_of_schedules_or_objectives():
+    for path in sources():
+        if layer(path) == "nn":
+            assert roots(path) <= {"torch", "math", "diffusion"}, path
+            text = path.read_text().lower()
+            assert "beta" not in text and "alphas_cumprod" not in text and "sigma" not in text, path
 
 
-@pytest.mark.parametrize("name", ["diffusers_format", "diffusers_unet"])
-def test_diffusers_folders_need_neither_diffusers_nor_a_framework(name):
-    for path in modules(name):
-        names = imported(path)
-        assert not roots(names) & (FRAMEWORKS | {"diffusers"}), path
-        assert not ours(names) & HIGHER, path
+def test_layers_below_config_take_plain_objects():
+    for path in sources():
+        if FLOOR[layer(path)] < FLOOR["config"]:
+            assert not roots(path) & CONFIG_FRAMEWORKS, path
 
 
-def test_metrics_need_no_lightning():
-    for path in modules("metrics"):
-        assert not roots(imported(path)) & {"lightning", "pytorch_lightning"}, path
+def test_metrics_and_formats_need_no_framework():
+    for path in sources():
+        if layer(path) == "metrics":
+            assert not roots(path) & {"lightning", "pytorch_lightning"}, path
+        if layer(path) == "formats":
+            assert not roots(path) & (FRAMEWORKS | {"diffusers"}), path  # diffusers is a dev dependency
 
 
-@pytest.mark.parametrize("package, allowed", [("callbacks", {"callbacks", "run"}), ("run", {"run"})])
-def test_only_the_layers_above_import(package, allowed):
-    exempt = {"cli.py": {"diffusion.run.job_status"}}  # guarded() writes each job's status.json
-    for path in SRC.rglob("*.py"):
-        if path.parent.name not in allowed:
-            names = imported(path) - exempt.get(path.name, set())
-            assert not any(n.startswith(f"diffusion.{package}") for n in names), path
+def test_no_import_of_our_modules_inside_a_function():
+    """An import inside a function hides the dependency (and a cycle). The entry points are the one exception:
+    they import a command when its job starts, so that a mistake on the command line is answered quickly."""
+    for path in sources():
+        if path.relative_to(SRC).as_posix() in ("run/entry.py",):
+            continue
+        inner = set(imports(path)) - set(imports(path, top_level_only=True))
+        ours = sorted(f"{name} (line {line})" for name, line in inner if name.startswith("diffusion"))
+        assert not ours, f"{path.relative_to(ROOT)} imports inside a function: {ours}"
 
 
-def test_config_does_not_import_run():
-    for path in modules("config"):
-        assert "run" not in ours(imported(path)), path
+def test_no_private_name_is_used_across_modules():
+    """`from x import _name` only within a module's own package: a name with an underscore is the module's own."""
+    for path in sources():
+        for name, line in imports(path):
+            module, _, attr = name.rpartition(".")
+            if name.startswith("diffusion.") and attr.startswith("_") and not attr.startswith("__"):
+                assert module.rpartition(".")[0] == f"diffusion.{layer(path).replace('/', '.')}" or \
+                    module == f"diffusion.{layer(path).replace('/', '.')}", f"{path.relative_to(ROOT)}:{line} {name}"
 
 
 def project_files() -> list[Path]:
@@ -116,7 +154,7 @@ def project_files() -> list[Path]:
     for folder, dirs, files in os.walk(ROOT):
         skipped = ("outputs", "multirun", "data", "wandb", "__pycache__")
         dirs[:] = [d for d in dirs if (d == ".ci" or not d.startswith(".")) and d not in skipped
-                   and not d.endswith(".egg-info")]
+                   and not d.endswith(".egg-info") and not (Path(folder) / d).is_symlink()]
         texts = (".py", ".md", ".toml", ".yaml", ".yml", ".cfg")
         found += [Path(folder) / f for f in files if Path(f).suffix in texts or f in ("Makefile", "run")]
     return found

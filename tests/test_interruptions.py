@@ -11,8 +11,8 @@ import lightning as L
 import pytest
 import torch
 
-from diffusion import run
-from diffusion.module import NonFiniteLoss
+from diffusion.lightning.module import NonFiniteLoss
+from diffusion.run.commands.train import train
 from helpers import ROOT, train_cfg
 
 LONG_RUN = ["debug=fast", "trainer.max_steps=100000", "callbacks.samples=null",
@@ -145,7 +145,7 @@ class PoisonAtStep(L.Callback):
 def test_nonfinite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     cfg = train_cfg(tmp_path, "logger=none", "callbacks.samples=null", "trainer.max_steps=6")
     with pytest.raises(NonFiniteLoss, match=r"training loss is (inf|nan) at step 3; .*checkpoints/last.ckpt") as err:
-        run.train(cfg, extra_callbacks=(PoisonAtStep(3),))
+        train(cfg, extra_callbacks=(PoisonAtStep(3),))
     assert "\n" not in str(err.value) and "loss.on_nonfinite=skip" in str(err.value)
     state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert state["global_step"] == 2
@@ -155,7 +155,7 @@ def test_nonfinite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(t
 def test_nonfinite_loss_can_be_skipped_and_counted(tmp_path):
     cfg = train_cfg(tmp_path, "logger=none", "callbacks.samples=null", "trainer.max_steps=6",
                     "loss.on_nonfinite=skip")
-    run.train(cfg, extra_callbacks=(PoisonAtStep(3),))
+    train(cfg, extra_callbacks=(PoisonAtStep(3),))
     state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert state["nonfinite_skips"] == 1 and state["global_step"] >= 5
     assert all(torch.isfinite(v).all() for v in state["current_model_state"].values())
@@ -171,7 +171,7 @@ def test_a_signal_in_process_finishes_wandb_before_train_returns(tmp_path):
     from helpers import SignalAt, wandb_records
 
     with pytest.raises(Interrupted):
-        run.train(train_cfg(tmp_path, "callbacks.samples=null", "trainer.max_steps=6", "trainer.val_check_interval=6"),
+        train(train_cfg(tmp_path, "callbacks.samples=null", "trainer.max_steps=6", "trainer.val_check_interval=6"),
                   extra_callbacks=(SignalAt(signal.SIGTERM, "on_train_batch_start", 2),))
     assert wandb.run is None
     records = wandb_records(tmp_path)

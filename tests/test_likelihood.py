@@ -7,15 +7,15 @@ import pytest
 import torch
 from scipy.stats import norm
 
-from diffusion.gaussian import GaussianDiffusion
-from diffusion.likelihood import (
+from diffusion.core.gaussian import GaussianDiffusion
+from diffusion.core.likelihood import (
     discretized_gaussian_log_likelihood,
     normal_kl,
     prior_kl,
     variational_bound,
     vb_terms,
 )
-from diffusion.schedules import linear_beta_schedule
+from diffusion.core.schedules import linear_beta_schedule
 
 BINS = torch.linspace(-1, 1, 256, dtype=torch.float64)  # the 256 values of 8-bit data in [-1, 1]
 

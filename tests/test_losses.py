@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
+from diffusion.core.gaussian import GaussianDiffusion
+from diffusion.core.losses import ImportanceSampler, UniformSampler, min_snr_weight, training_losses
+from diffusion.core.schedules import linear_beta_schedule
 from diffusion.errors import UserError
-from diffusion.gaussian import GaussianDiffusion
-from diffusion.losses import ImportanceSampler, UniformSampler, min_snr_weight, training_losses
-from diffusion.schedules import linear_beta_schedule
 
 T = 200
 

@@ -17,16 +17,16 @@ import yaml
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
-from diffusion.callbacks import EMA, SampleQualityCallback
+from diffusion.core.images import to_uint8
+from diffusion.core.sampling import SamplerSpec, chunk_bounds, draw
+from diffusion.core.schedules import linear_beta_schedule
 from diffusion.data import DigitsDataModule, load_digits_split
 from diffusion.errors import UserError
-from diffusion.images import to_uint8
+from diffusion.lightning.callbacks import EMA, SampleQualityCallback
+from diffusion.lightning.module import DiffusionModule
 from diffusion.metrics import DigitsFeatures, InceptionFeatures, ModuleFeatures, SampleQuality, make_feature_extractor
 from diffusion.metrics.features import INCEPTION_FILE, INCEPTION_URL
 from diffusion.metrics.quality import make_protocol, protocol_id
-from diffusion.module import DiffusionModule
-from diffusion.sampling import SamplerSpec, chunk_bounds, draw
-from diffusion.schedules import linear_beta_schedule
 
 
 @pytest.fixture(autouse=True)

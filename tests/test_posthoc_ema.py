@@ -13,12 +13,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-import diffusion.callbacks.posthoc_ema as callback_module
-from diffusion.callbacks.ema import ema_warmup_avg_fn
-from diffusion.callbacks.posthoc_ema import PostHocEMA, write_atomically
-from diffusion.errors import UserError
-from diffusion.module import DiffusionModule
-from diffusion.posthoc_ema import (
+import diffusion.lightning.callbacks.posthoc_snapshots as callback_module
+from diffusion.core.posthoc_ema import (
     SIGMA_REL_MAX,
     PowerEMA,
     decay_to_sigma_rel,
@@ -35,7 +31,11 @@ from diffusion.posthoc_ema import (
     snapshot_name,
     solve_weights,
 )
-from diffusion.schedules import linear_beta_schedule
+from diffusion.core.schedules import linear_beta_schedule
+from diffusion.errors import UserError
+from diffusion.lightning.callbacks.ema import ema_warmup_avg_fn
+from diffusion.lightning.callbacks.posthoc_snapshots import PostHocEMA, write_atomically
+from diffusion.lightning.module import DiffusionModule
 
 SIGMA_RELS = (0.05, 0.10)
 

@@ -9,12 +9,13 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from diffusion import run
-from diffusion.callbacks import PostHocEMA
-from diffusion.checkpointing import load_posthoc_module
 from diffusion.config import validate, validate_entry
+from diffusion.core.posthoc_ema import snapshot_name
 from diffusion.errors import UserError
-from diffusion.posthoc_ema import snapshot_name
+from diffusion.lightning.callbacks import PostHocEMA
+from diffusion.lightning.checkpoints import load_posthoc_module
+from diffusion.run.commands.evaluate import evaluate
+from diffusion.run.commands.train import train
 from helpers import compose_cfg, run_script, train_cfg
 
 WIDTHS = ["0.05", "0.1", "0.15", "0.25"]  # 8 snapshots rebuild about [0.037, 0.171]: 0.25 is out of range
@@ -26,7 +27,7 @@ EVAL = ["num_samples=16", "batch_size=8", "sampler.name=ddim", "sampler.steps=2"
 def trained(tmp_path_factory):
     """A debug run of 8 steps through the real train path, a post-hoc EMA snapshot every step."""
     out = tmp_path_factory.mktemp("train")
-    run.train(train_cfg(out, "logger=none", "callbacks.samples=null", "trainer.max_steps=8",
+    train(train_cfg(out, "logger=none", "callbacks.samples=null", "trainer.max_steps=8",
                         "callbacks.posthoc_ema.every_n_steps=1"))
     return out
 
@@ -70,7 +71,7 @@ def test_posthoc_evaluation_errors_are_one_line(trained, tmp_path):
                                                    "exist; give the posthoc_ema folder of a run"),
         (lambda: load_posthoc_module(trained / "checkpoints" / "last.ckpt", 0.01),
          r"sigma_rel=0.01 cannot be reconstructed .* they allow about \[0.037, 0.171\]"),
-        (lambda: run.evaluate(compose_cfg("evaluate", [f"ckpt={alone}", "ema.sigma_rel=0.05", "weights=raw", *EVAL],
+        (lambda: evaluate(compose_cfg("evaluate", [f"ckpt={alone}", "ema.sigma_rel=0.05", "weights=raw", *EVAL],
                                           tmp_path)), "weights=raw and ema.sigma_rel=0.05 both choose the weights"),
         (lambda: validate_entry("evaluate", compose_cfg("evaluate", [f"ckpt={alone}", "ema.sigma_rel=0.5"], tmp_path)),
          r"ema.sigma_rel must be in \(0, 0.2887\]"),

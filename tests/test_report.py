@@ -1,5 +1,5 @@
 """report.py on real sweeps: train.py -m with a job that fails inside, evaluate.py -m over post-hoc EMA widths;
-status.json from diffusion.cli.guarded; the loss-by-t file; W&B summary metrics and the report's W&B Table."""
+status.json from run/jobs/guard.py's guarded(); the loss-by-t file; W&B summary metrics and the report's W&B Table."""
 
 import csv
 import json
@@ -13,17 +13,17 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import open_dict, read_write
 
-from diffusion import run
-from diffusion.callbacks import LossByTLog
-from diffusion.callbacks.loss_by_t import read_loss_by_t
-from diffusion.cli import guarded
+from diffusion.core.posthoc_ema import load_posthoc_ema
+from diffusion.core.schedules import linear_beta_schedule
 from diffusion.errors import Interrupted, UserError
+from diffusion.lightning.callbacks import LossByTLog
+from diffusion.lightning.callbacks.loss_by_t import read_loss_by_t
+from diffusion.lightning.module import DiffusionModule
 from diffusion.metrics.quality import measurement_id, protocol_id
-from diffusion.module import DiffusionModule
-from diffusion.posthoc_ema import load_posthoc_ema
-from diffusion.run import job_status
-from diffusion.run.sweep_report import find_jobs
-from diffusion.schedules import linear_beta_schedule
+from diffusion.run.commands.report import report
+from diffusion.run.jobs import status as job_status
+from diffusion.run.jobs.guard import guarded
+from diffusion.run.reports.sweep import find_jobs
 from helpers import compose_cfg, run_script, wandb_history, wandb_records
 
 LRS = ["0.001", "0.002", "0.0005", "1e+30"]  # Adam at 1e30: an infinite loss at step 1, inside the job
@@ -129,7 +129,7 @@ def test_jobs_below_path_valued_folders_in_number_order_with_each_status(tmp_pat
         {"status": "interrupted", "error": "stopped by SIGTERM at step 30", "resume": "python train.py ckpt_path=x",
          "step": 30, "wall_seconds": 12.5, "metrics": {"train/loss": 0.25}}))
     (tmp_path / "1_root=c" / "status.json").write_text(json.dumps({"status": "running", "wall_seconds": 0.0}))
-    out = run.report([tmp_path], use_wandb=False)
+    out = report([tmp_path], use_wandb=False)
     table = read_csv(out / "report.csv")
     assert [r["root"] for r in table] == ["c", "/data/b", "/data/a"] and "seed" not in table[0]  # seed: not swept
     assert [r["status"] for r in table] == ["running", "interrupted", "unknown"]
@@ -237,7 +237,7 @@ def test_the_wandb_group_of_an_evaluate_sweep_whose_saved_folder_needs_hydras_re
     report takes the job folder's parent instead of failing with a traceback."""
     from omegaconf import OmegaConf
 
-    from diffusion.run.sweep_report import wandb_target
+    from diffusion.run.reports.sweep import wandb_target
 
     hydra = OmegaConf.create({"mode": "MULTIRUN", "sweep": {"dir": "multirun/evaluate/${now:%Y-%m-%d_%H-%M-%S}"}})
     config = OmegaConf.create({"name": "evaluate", "logger": {"project": "diffusion", "group": None, "offline": True}})

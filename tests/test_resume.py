@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion import run
-from diffusion.callbacks import EMA, SampleGrid, ScheduleLogger
+from diffusion.core.images import to_model_range
+from diffusion.core.schedules import linear_beta_schedule
 from diffusion.data import CIFAR10DataModule, DigitsDataModule, EpochSampler
-from diffusion.images import to_model_range
-from diffusion.schedules import linear_beta_schedule
+from diffusion.lightning.callbacks import EMA, SampleGrid, ScheduleLogger
+from diffusion.run.commands.train import build_module
+from diffusion.run.commands.train import train as train_command
 from helpers import train_cfg, wandb_history
 from test_data import cifar_pattern, first_epoch, write_cifar
 
@@ -26,7 +27,7 @@ RUN = ["callbacks.samples=null", "trainer.val_check_interval=2", "trainer.determ
 
 def train(out, *overrides: str) -> dict:
     """A real run under `out` (W&B offline); its last checkpoint and its training loss by step."""
-    run.train(train_cfg(out, "data.batch_size=500", *RUN, *overrides))
+    train_command(train_cfg(out, "data.batch_size=500", *RUN, *overrides))
     losses = {h["trainer/global_step"]: h["train/loss"] for h in wandb_history(out) if "train/loss" in h}
     return {"ckpt": torch.load(out / "checkpoints" / "last.ckpt", weights_only=True), "losses": losses}
 
@@ -109,7 +110,7 @@ def test_nothing_between_two_training_steps_draws_from_the_global_rng(tmp_path):
             seen.append(("start", trainer.global_step, torch.get_rng_state()))
 
     cfg = train_cfg(tmp_path)
-    module = run.build_module(cfg, linear_beta_schedule(20))
+    module = build_module(cfg, linear_beta_schedule(20))
     checkpoint = L.pytorch.callbacks.ModelCheckpoint(tmp_path, every_n_train_steps=1, save_top_k=0, save_last=True)
     callbacks = [Probe(), EMA(decay=0.9), SampleGrid(every_n_steps=2, num_samples=2, sampler={"name": "ddpm"}),
                  ScheduleLogger(), checkpoint]

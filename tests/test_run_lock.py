@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffusion import run
 from diffusion.errors import UserError
-from diffusion.run import run_lock
+from diffusion.run.commands.train import train
+from diffusion.run.jobs import lock as run_lock
 from helpers import ROOT, run_script, train_cfg
 
 # (what the user did, a fragment of the one line it gets): collected for docs/bad_inputs.md
@@ -244,7 +244,7 @@ def test_a_requeued_slurm_job_resumes_past_the_lock_its_first_node_left(tmp_path
     """The job's first run (in this process, for speed) leaves last.ckpt; its node dies with the lock held
     (written here); the requeued job, same id, so same directory, runs train.py on another node and resumes."""
     run_dir = tmp_path / "outputs" / "requeue" / "slurm-4343"
-    run.train(train_cfg(run_dir, "logger=none", "callbacks.samples=null", "name=requeue", "trainer.max_steps=2"))
+    train(train_cfg(run_dir, "logger=none", "callbacks.samples=null", "name=requeue", "trainer.max_steps=2"))
     write_lock(run_dir, host="node-that-died", pid=12345, slurm_job_id="4343")  # fresh, from another host
     env = {**os.environ, "SLURM_JOB_ID": "4343", "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "train"}
     requeued = subprocess.run([sys.executable, str(ROOT / "train.py"), "debug=fast", "logger=none",

@@ -3,11 +3,19 @@
 import pytest
 import torch
 
+from diffusion.core.gaussian import GaussianDiffusion
+from diffusion.core.sampling import (
+    SamplerSpec,
+    as_sampler_spec,
+    chunk_bounds,
+    ddim_sample,
+    ddpm_sample,
+    draw,
+    draw_chunk,
+)
+from diffusion.core.sampling.solvers import dpmpp_2m_sample, dpmpp_2m_sde_sample, heun_sample, unipc_sample
+from diffusion.core.schedules import linear_beta_schedule, space_timesteps
 from diffusion.errors import UserError
-from diffusion.gaussian import GaussianDiffusion
-from diffusion.sampling import SamplerSpec, as_sampler_spec, chunk_bounds, ddim_sample, ddpm_sample, draw, draw_chunk
-from diffusion.sampling.solvers import dpmpp_2m_sample, dpmpp_2m_sde_sample, heun_sample, unipc_sample
-from diffusion.schedules import linear_beta_schedule, space_timesteps
 
 T = 30
 FAST = ["dpmpp_2m", "dpmpp_2m_sde", "unipc", "heun"]

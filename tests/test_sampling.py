@@ -5,10 +5,10 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from diffusion.core.gaussian import GaussianDiffusion
+from diffusion.core.sampling import ddim_sample, ddpm_sample, respaced_sample
+from diffusion.core.schedules import linear_beta_schedule, space_timesteps
 from diffusion.errors import UserError
-from diffusion.gaussian import GaussianDiffusion
-from diffusion.sampling import ddim_sample, ddpm_sample, respaced_sample
-from diffusion.schedules import linear_beta_schedule, space_timesteps
 
 T = 100
 X_STAR = torch.tensor([[-0.6, 0.2], [0.9, -1.0]], dtype=torch.float64).reshape(1, 1, 2, 2)

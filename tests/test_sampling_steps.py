@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion.gaussian import GaussianDiffusion
-from diffusion.sampling import ddim_sample, ddpm_sample, respaced_sample
-from diffusion.schedules import linear_beta_schedule, space_timesteps
+from diffusion.core.gaussian import GaussianDiffusion
+from diffusion.core.sampling import ddim_sample, ddpm_sample, respaced_sample
+from diffusion.core.schedules import linear_beta_schedule, space_timesteps
 
 T = 40
 BETAS = linear_beta_schedule(T, 1e-3, 0.2).numpy()  # large steps: every σ_t matters

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion.errors import UserError
-from diffusion.schedules import (
+from diffusion.core.schedules import (
     cosine_beta_schedule,
     explicit_beta_schedule,
     linear_beta_schedule,
@@ -17,6 +16,7 @@ from diffusion.schedules import (
     sigmoid_beta_schedule,
     space_timesteps,
 )
+from diffusion.errors import UserError
 
 
 def test_linear_endpoints_and_alpha_bar_T():

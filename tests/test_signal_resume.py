@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffusion import run
 from diffusion.errors import Interrupted
+from diffusion.run.commands.train import train
 from helpers import SignalAt, train_cfg, wandb_history
 
 N = 10
@@ -65,7 +65,7 @@ def assert_same_state(got: dict, want: dict, what: str) -> None:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("uninterrupted")
-    run.train(train_cfg(out, *RUN))
+    train(train_cfg(out, *RUN))
     return out
 
 
@@ -77,7 +77,7 @@ def test_a_signal_anywhere_resumes_bit_for_bit(uninterrupted, tmp_path, monkeypa
     for i, (signum, hook, at, stops_after) in enumerate(CHAIN):
         out = tmp_path / f"{i}_{signum.name}_{hook}"
         with pytest.raises(Interrupted) as stopped:
-            run.train(train_cfg(out, *RUN, *resume), extra_callbacks=(SignalAt(signum, hook, at),))
+            train(train_cfg(out, *RUN, *resume), extra_callbacks=(SignalAt(signum, hook, at),))
         ckpt = out / "checkpoints" / "last.ckpt"
         assert stopped.value.exit_code == 128 + signum and stopped.value.checkpoint == str(ckpt)
         assert str(stopped.value).startswith(f"stopped by {signum.name} at step {stops_after}; "), stopped.value
@@ -87,7 +87,7 @@ def test_a_signal_anywhere_resumes_bit_for_bit(uninterrupted, tmp_path, monkeypa
         runs.append(out)
         resume = [f"ckpt_path={ckpt}"]
     last = tmp_path / "last"
-    run.train(train_cfg(last, *RUN, *resume))
+    train(train_cfg(last, *RUN, *resume))
     runs.append(last)
     final, full = load(last / "checkpoints" / "last.ckpt"), load(uninterrupted / "checkpoints" / "last.ckpt")
     assert_same_state(final, full, "the end")

@@ -13,10 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion.errors import UserError
-from diffusion.gaussian import GaussianDiffusion
-from diffusion.sampling import ddim_sample
-from diffusion.sampling.solvers import (
+from diffusion.core.gaussian import GaussianDiffusion
+from diffusion.core.sampling import ddim_sample
+from diffusion.core.sampling.solvers import (
     SOLVER_SPECS,
     SOLVERS,
     dpmpp_2m_sample,
@@ -24,7 +23,13 @@ from diffusion.sampling.solvers import (
     heun_sample,
     unipc_sample,
 )
-from diffusion.schedules import cosine_beta_schedule, linear_beta_schedule, quadratic_beta_schedule, space_timesteps
+from diffusion.core.schedules import (
+    cosine_beta_schedule,
+    linear_beta_schedule,
+    quadratic_beta_schedule,
+    space_timesteps,
+)
+from diffusion.errors import UserError
 
 T = 1000
 BETAS = linear_beta_schedule(T)
@@ -411,4 +416,4 @@ def test_solvers_import_only_torch_and_the_math():
     names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert {n.split(".")[0] for n in names} <= {"math", "collections", "dataclasses", "torch", "diffusion"}, names
     assert {n for n in names if n.startswith("diffusion.")} <= {
-        "diffusion.errors", "diffusion.gaussian", "diffusion.sampling.ancestral", "diffusion.schedules"}
+        "diffusion.errors", "diffusion.core.gaussian", "diffusion.core.sampling.ancestral", "diffusion.core.schedules"}

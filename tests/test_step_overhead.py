@@ -15,11 +15,11 @@ import torch
 from hydra.utils import instantiate
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from diffusion import run
 from diffusion.config import validate
 from diffusion.data import CIFAR10DataModule, EpochSampler
 from diffusion.data.loader import DeviceLoader, ResumableLoader, _ModelInputs
 from diffusion.errors import UserError
+from diffusion.run.commands.train import train
 from helpers import ROOT, compose_cfg, train_cfg
 from test_data import cifar_pattern, write_cifar
 
@@ -66,7 +66,7 @@ def test_training_steps_read_nothing_back_from_the_device(tmp_path, extra, per_s
     """Four real steps of train.py's default callbacks (EMA, post-hoc EMA, W&B, LR monitor, binned loss, the
     bar): no host read, unless a setting asks for one (the non-finite check every step: one read a step)."""
     watch = Watch(2, 6)
-    run.train(train_cfg(tmp_path, *QUIET, "trainer.max_steps=7", *extra), extra_callbacks=(watch,))
+    train(train_cfg(tmp_path, *QUIET, "trainer.max_steps=7", *extra), extra_callbacks=(watch,))
     assert watch.mode.ops > 1000  # the mode saw the steps' work
     assert sum(watch.mode.reads.values()) == 4 * per_step, dict(watch.mode.reads)
 
@@ -132,7 +132,7 @@ def test_on_device_training_equals_the_loader_path_and_resumes_mid_epoch(tmp_pat
                         ("first", ["trainer.max_steps=2", "data.on_device=true"]),
                         ("resumed", ["trainer.max_steps=4", "data.on_device=true",
                                      f"ckpt_path={tmp_path / 'first' / 'checkpoints' / 'last.ckpt'}"])]:
-        run.train(train_cfg(tmp_path / name, *common, *extra))
+        train(train_cfg(tmp_path / name, *common, *extra))
         last[name] = torch.load(tmp_path / name / "checkpoints" / "last.ckpt", weights_only=True)
     for name in ("device", "resumed"):
         for key in ("state_dict", "current_model_state"):

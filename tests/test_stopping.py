@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from diffusion import run
+from diffusion.run.commands.train import train
 from helpers import ROOT, train_cfg
 
 pytestmark = pytest.mark.slow
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 def slow_ckpt(tmp_path_factory) -> Path:
     """A thin net with T=100, one step: every figure or sample takes T network passes, time to be stopped in."""
     out = tmp_path_factory.mktemp("train")
-    run.train(train_cfg(out, "logger=none", "callbacks.samples=null", "schedule.num_timesteps=100", "model.ch=16",
+    train(train_cfg(out, "logger=none", "callbacks.samples=null", "schedule.num_timesteps=100", "model.ch=16",
                         "trainer.max_steps=1", "trainer.val_check_interval=100000"))
     return out / "checkpoints" / "last.ckpt"
 

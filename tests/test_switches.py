@@ -4,8 +4,8 @@ import lightning as L
 import pytest
 import torch
 
-from diffusion import run
-from diffusion.checkpointing import load_module
+from diffusion.lightning.checkpoints import load_module
+from diffusion.run.commands.train import train
 from helpers import run_script, train_cfg
 
 FAST = ["logger=none", "callbacks.samples=null", "trainer.max_steps=2"]
@@ -32,7 +32,7 @@ def _raw_weights(out):
 
 def test_bf16_mixed_runs_the_net_under_autocast(tmp_path):
     probe = Probe()
-    metrics = run.train(train_cfg(tmp_path, *FAST, "trainer.precision=bf16-mixed"), extra_callbacks=(probe,))
+    metrics = train(train_cfg(tmp_path, *FAST, "trainer.precision=bf16-mixed"), extra_callbacks=(probe,))
     assert probe.precision == "bf16-mixed" and probe.out_dtypes == {torch.bfloat16}
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
     assert all(v.dtype == torch.float32 for v in _raw_weights(tmp_path).values())  # fp32 master weights
@@ -50,7 +50,7 @@ def test_fp16_mixed_on_cpu_is_a_one_line_error(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_fp16_mixed_on_gpu_scales_gradients(tmp_path):
     probe = Probe()
-    run.train(train_cfg(tmp_path, *FAST, "trainer.accelerator=gpu", "trainer.precision=16-mixed"),
+    train(train_cfg(tmp_path, *FAST, "trainer.accelerator=gpu", "trainer.precision=16-mixed"),
               extra_callbacks=(probe,))
     assert probe.out_dtypes == {torch.float16}
 
@@ -58,9 +58,9 @@ def test_fp16_mixed_on_gpu_scales_gradients(tmp_path):
 def test_gradient_accumulation_equals_the_bigger_batch(tmp_path):
     # 2 micro-batches of 16 per optimizer step against 32 at once: same images, same (t, ε), same update.
     probe = Probe()
-    run.train(train_cfg(tmp_path / "acc", *FAST, "data.batch_size=16", "trainer.accumulate_grad_batches=2"),
+    train(train_cfg(tmp_path / "acc", *FAST, "data.batch_size=16", "trainer.accumulate_grad_batches=2"),
               extra_callbacks=(probe,))
-    run.train(train_cfg(tmp_path / "big", *FAST, "data.batch_size=32"))
+    train(train_cfg(tmp_path / "big", *FAST, "data.batch_size=32"))
     assert probe.batches == 4  # 2 optimizer steps × 2 micro-batches
     big = _raw_weights(tmp_path / "big")
     for key, value in _raw_weights(tmp_path / "acc").items():
@@ -68,8 +68,8 @@ def test_gradient_accumulation_equals_the_bigger_batch(tmp_path):
 
 
 def test_channels_last_trains_like_channels_first(tmp_path):
-    run.train(train_cfg(tmp_path / "nhwc", *FAST, "model.channels_last=true"))
-    run.train(train_cfg(tmp_path / "nchw", *FAST))
+    train(train_cfg(tmp_path / "nhwc", *FAST, "model.channels_last=true"))
+    train(train_cfg(tmp_path / "nchw", *FAST))
     nchw = _raw_weights(tmp_path / "nchw")
     for key, value in _raw_weights(tmp_path / "nhwc").items():
         torch.testing.assert_close(value.contiguous(), nchw[key], rtol=1e-4, atol=1e-5, msg=key)
@@ -79,7 +79,7 @@ def test_channels_last_trains_like_channels_first(tmp_path):
 def test_compile_trains_the_compiled_net_and_saves_plain_weights(tmp_path):
     probe = Probe()
     # A thin net without attention: inductor's compile time grows with the graph, and it is the same code path.
-    metrics = run.train(train_cfg(tmp_path, *FAST, "model.compile=true", "model.ch=8", "model.attn_resolutions=[]"),
+    metrics = train(train_cfg(tmp_path, *FAST, "model.compile=true", "model.ch=8", "model.attn_resolutions=[]"),
                         extra_callbacks=(probe,))
     assert probe.compiled and torch.isfinite(torch.tensor(metrics["train/loss"]))
     assert not any("_orig_mod" in key for key in _raw_weights(tmp_path))

@@ -8,10 +8,10 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from diffusion import run
-from diffusion.checkpointing import load_module
-from diffusion.gaussian import GaussianDiffusion
-from diffusion.schedules import linear_beta_schedule
+from diffusion.core.gaussian import GaussianDiffusion
+from diffusion.core.schedules import linear_beta_schedule
+from diffusion.lightning.checkpoints import load_module
+from diffusion.run.commands.train import build_module, resolve_ckpt_path, train
 from helpers import ROOT, train_cfg, wandb_history
 
 
@@ -19,7 +19,7 @@ from helpers import ROOT, train_cfg, wandb_history
 def trained(tmp_path_factory):
     """One tiny real run (digits, T=20, 4 steps) shared by the tests that only read its outputs."""
     out = tmp_path_factory.mktemp("run")
-    metrics = run.train(train_cfg(out, "callbacks.ema.decay=0.5", "callbacks.ema.warmup=false",
+    metrics = train(train_cfg(out, "callbacks.ema.decay=0.5", "callbacks.ema.warmup=false",
                                   "callbacks.samples.sampler.name=ddim", "callbacks.samples.sampler.steps=3",
                                   "callbacks.samples.sampler.eta=0"))
     return out, metrics
@@ -57,7 +57,7 @@ def test_checkpoint_loads_in_a_fresh_process_without_config(trained):
     out, _ = trained
     code = (
         "import torch, sys\n"
-        "from diffusion.module import DiffusionModule\n"
+        "from diffusion.lightning.module import DiffusionModule\n"
         f"m = DiffusionModule.load_from_checkpoint(r'{out / 'checkpoints' / 'last.ckpt'}')\n"
         "x = torch.zeros(2, 1, 8, 8); t = torch.tensor([0, 19])\n"
         "print(m.num_timesteps, tuple(m(x, t).shape))\n"
@@ -89,8 +89,8 @@ def test_ema_averages_parameters_only_during_training(tmp_path):
     """During fit the EMA copy's schedule buffers stay bit-identical: nothing averages betas."""
     import lightning as L
 
-    from diffusion.callbacks import EMA
     from diffusion.data import DigitsDataModule
+    from diffusion.lightning.callbacks import EMA
 
     seen = {}
 
@@ -104,7 +104,7 @@ def test_ema_averages_parameters_only_during_training(tmp_path):
                                                       pl_module.net.parameters(), strict=True))
 
     cfg = train_cfg(tmp_path)
-    module = run.build_module(cfg, linear_beta_schedule(20))
+    module = build_module(cfg, linear_beta_schedule(20))
     # the probe runs before EMA.on_train_end, which copies the average into the module
     trainer = L.Trainer(max_steps=3, callbacks=[Probe(), EMA(decay=0.9, warmup=False)], logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0,
@@ -122,7 +122,7 @@ def test_resume_continues_step_count_optimizer_and_ema(tmp_path, trained):
     ckpt = out / "checkpoints" / "last.ckpt"
     before = torch.load(ckpt, weights_only=True)
     resumed_dir = tmp_path / "resumed"
-    run.train(train_cfg(resumed_dir, f"ckpt_path={ckpt}", "trainer.max_steps=6", "callbacks.samples=null",
+    train(train_cfg(resumed_dir, f"ckpt_path={ckpt}", "trainer.max_steps=6", "callbacks.samples=null",
                         "callbacks.checkpoint.every_n_train_steps=1", "callbacks.ema.decay=0.5",
                         "callbacks.ema.warmup=false", "logger=none"))
     step5 = torch.load(resumed_dir / "checkpoints" / "step0000005.ckpt", weights_only=True)
@@ -153,7 +153,7 @@ def test_mnist_with_cosine_schedule_from_the_readme(tmp_path):
                     f"data.root={tmp_path / 'data'}", "data.num_workers=0", "trainer.max_steps=2",
                     "callbacks.samples=null", "logger=none")
     assert cfg.model.attn_resolutions == [8]  # data=mnist picked the 32×32 model
-    metrics = run.train(cfg)
+    metrics = train(cfg)
     assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
     assert len(torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt",
                           weights_only=True)["hyper_parameters"]["betas"]) == 500
@@ -166,7 +166,7 @@ def test_paper_card_reaches_the_wandb_summary(tmp_path):
     import sys
     from pathlib import Path
 
-    run.train(train_cfg(tmp_path, "trainer.max_steps=1", "callbacks.samples=null",
+    train(train_cfg(tmp_path, "trainer.max_steps=1", "callbacks.samples=null",
                         "+paper_card={fid_vs_train: 3.17, nll_bits_per_dim_upper_bound: 3.75}"))
     exe = Path(sys.executable).parent / "wandb"
     summary = json.loads(subprocess.run([str(exe), "leet", "inspect", "--summary", "--json",
@@ -182,7 +182,7 @@ def test_ckpt_path_last_finds_the_newest_run(tmp_path, trained):
     (base / "a" / "checkpoints").mkdir(parents=True)
     target = base / "a" / "checkpoints" / "last.ckpt"
     target.write_bytes((out / "checkpoints" / "last.ckpt").read_bytes())
-    assert run.resolve_ckpt_path("last", base / "b") == str(target)
+    assert resolve_ckpt_path("last", base / "b") == str(target)
 
 
 def test_ckpt_path_last_picks_the_newest_of_several_runs(tmp_path):
@@ -199,10 +199,10 @@ def test_ckpt_path_last_picks_the_newest_of_several_runs(tmp_path):
         os.utime(ckpt, (mtime, mtime))
     (base / "2026-01-04_09-00-00" / "checkpoints").mkdir(parents=True)  # newest folder, no checkpoint
     newest = base / "2026-01-01_09-00-00" / "checkpoints" / "last.ckpt"
-    assert run.resolve_ckpt_path("last", base / "2026-01-05_09-00-00") == str(newest)
+    assert resolve_ckpt_path("last", base / "2026-01-05_09-00-00") == str(newest)
     resumed = base / "2026-01-03_09-00-00" / "checkpoints" / "last.ckpt"
     os.utime(resumed, (4_000, 4_000))  # that run was resumed and saved again
-    assert run.resolve_ckpt_path("last", base / "new") == str(resumed)
+    assert resolve_ckpt_path("last", base / "new") == str(resumed)
 
 
 @pytest.mark.parametrize("sampler", ["sampler.name=ddim sampler.steps=5 sampler.eta=0",

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion.diffusers_unet import from_diffusers_state_dict, to_diffusers_state_dict
 from diffusion.errors import UserError
+from diffusion.formats.diffusers_unet import from_diffusers_state_dict, to_diffusers_state_dict
 from diffusion.nn import UNet
 from diffusion.nn.layers import timestep_embedding
 from helpers import model_kwargs

@@ -3,7 +3,7 @@
 from dataclasses import dataclass, field
 
 from diffusion.config.rules import at_least, between, checked, each, nonempty_text, one_of, optional, seed
-from diffusion.sampling import SamplerSpec
+from diffusion.core.sampling import SamplerSpec
 
 
 @dataclass
@@ -20,7 +20,7 @@ class CheckpointConfig:
 
 @dataclass
 class EMAConfig:
-    _target_: str = "diffusion.callbacks.EMA"
+    _target_: str = "diffusion.lightning.callbacks.EMA"
     decay: float = checked(0.9999, between(0, 1, high_open=True))
     warmup: bool = True  # decay_n = min(decay, (1 + n) / (10 + n)): useful averages early in a run
 
@@ -31,7 +31,7 @@ class PostHocEMAConfig:
     `evaluate.py ema.sigma_rel=...` rebuilds the EMA of any width in range after training. A snapshot holds both
     averages in float32: 8 bytes a parameter (8.9 MB for the digits net, 286 MB for the CIFAR-10 one)."""
 
-    _target_: str = "diffusion.callbacks.PostHocEMA"
+    _target_: str = "diffusion.lightning.callbacks.PostHocEMA"
     sigma_rels: list[float] = field(default_factory=lambda: [0.05, 0.10])  # EDM2's two tracked widths
     every_n_steps: int | None = checked(None, optional(at_least(1)))  # None: trainer.max_steps / num_snapshots
     # snapshots a run keeps when every_n_steps is None (16: σ_rel in about [0.028, 0.23])
@@ -43,12 +43,12 @@ class PostHocEMAConfig:
 class LossByTConfig:
     """The per-epoch training loss binned over t (train_loss_by_t/*) as <run>/loss_by_t.csv, for report.py."""
 
-    _target_: str = "diffusion.callbacks.LossByTLog"
+    _target_: str = "diffusion.lightning.callbacks.LossByTLog"
 
 
 @dataclass
 class SampleGridConfig:
-    _target_: str = "diffusion.callbacks.SampleGrid"
+    _target_: str = "diffusion.lightning.callbacks.SampleGrid"
     every_n_steps: int = checked(10_000, at_least(0))  # 0: only the final grid
     num_samples: int = checked(64, at_least(1))
     seed: int = checked(0, seed())
@@ -72,7 +72,7 @@ class SampleQualityConfig:
     """FID/IS/KID/precision/recall of EMA samples every N steps and at the end (val/fid, val/is, ...), and of
     each extra sampler's (val/fid@dpmpp_2m-10, ...) against the same reference features."""
 
-    _target_: str = "diffusion.callbacks.SampleQualityCallback"
+    _target_: str = "diffusion.lightning.callbacks.SampleQualityCallback"
     every_n_steps: int = checked(10_000, at_least(0))  # 0: only at the end (at_train_end) or never
     num_samples: int = checked(1000, at_least(4))  # generated images per evaluation, shared out over the ranks
     batch_size: int = checked(250, at_least(1))
@@ -92,7 +92,7 @@ class PaperFiguresConfig:
     """The paper's figures (forward/reverse chains, reconstructions, interpolation, rate-distortion) during
     training, as PNGs in <run>/figures/ and W&B images. Off by default: at_train_end=true or every_n_steps=N."""
 
-    _target_: str = "diffusion.callbacks.PaperFigures"
+    _target_: str = "diffusion.lightning.callbacks.PaperFigures"
     every_n_steps: int = checked(0, at_least(0))
     at_train_end: bool = False
     split: str = checked("val", one_of("train", "val"))
@@ -111,21 +111,21 @@ class LRMonitorConfig:
 
 @dataclass
 class ScheduleLogConfig:
-    _target_: str = "diffusion.callbacks.ScheduleLogger"
+    _target_: str = "diffusion.lightning.callbacks.ScheduleLogger"
 
 
 @dataclass
 class RNGStateConfig:
     """Every rank's torch/CUDA/numpy/Python RNG state in checkpoints: a resumed run continues bit for bit."""
 
-    _target_: str = "diffusion.callbacks.RNGState"
+    _target_: str = "diffusion.lightning.callbacks.RNGState"
 
 
 @dataclass
 class RanksInSyncConfig:
     """Under DDP: compare every rank's weight checksums every N steps and at the end (logs ddp/ranks_in_sync)."""
 
-    _target_: str = "diffusion.callbacks.RanksInSync"
+    _target_: str = "diffusion.lightning.callbacks.RanksInSync"
     every_n_steps: int = checked(1000, at_least(1))
 
 

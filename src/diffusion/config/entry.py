@@ -30,12 +30,12 @@ from diffusion.config.rules import (
     optional,
     seed,
 )
-from diffusion.sampling import SamplerSpec
+from diffusion.core.sampling import SamplerSpec
 
 
 @dataclass
 class WandbConfig:
-    _target_: str = "diffusion.wandb_logger.WandbLogger"
+    _target_: str = "diffusion.lightning.wandb_logger.WandbLogger"
     project: str = checked("diffusion", nonempty_text())
     name: str | None = None
     group: str | None = None

@@ -30,7 +30,7 @@ class ScheduleConfig:
 
 @dataclass
 class RangeScheduleConfig(ScheduleConfig):
-    _target_: str = "diffusion.schedules.linear_beta_schedule"
+    _target_: str = "diffusion.core.schedules.linear_beta_schedule"
     num_timesteps: int = checked(1000, between(1, MAX_TIMESTEPS))
     beta_start: float = checked(1e-4, between(0, 1, low_open=True, high_open=True))
     beta_end: float = checked(0.02, between(0, 1, low_open=True, high_open=True))
@@ -38,13 +38,13 @@ class RangeScheduleConfig(ScheduleConfig):
 
 @dataclass
 class SigmoidScheduleConfig(RangeScheduleConfig):
-    _target_: str = "diffusion.schedules.sigmoid_beta_schedule"
+    _target_: str = "diffusion.core.schedules.sigmoid_beta_schedule"
     steepness: float = checked(6.0, positive())
 
 
 @dataclass
 class CosineScheduleConfig(ScheduleConfig):
-    _target_: str = "diffusion.schedules.cosine_beta_schedule"
+    _target_: str = "diffusion.core.schedules.cosine_beta_schedule"
     num_timesteps: int = checked(1000, between(1, MAX_TIMESTEPS))
     s: float = checked(0.008, positive())
     max_beta: float = checked(0.999, between(0, 1, low_open=True, high_open=True))
@@ -52,7 +52,7 @@ class CosineScheduleConfig(ScheduleConfig):
 
 @dataclass
 class ExplicitScheduleConfig(ScheduleConfig):
-    _target_: str = "diffusion.schedules.explicit_beta_schedule"
+    _target_: str = "diffusion.core.schedules.explicit_beta_schedule"
     betas: list[float] = checked(rule=each(between(0, 1, low_open=True, high_open=True)))
     num_timesteps: int | None = checked(None, optional(between(1, MAX_TIMESTEPS)))  # null: len(betas); else knots
 

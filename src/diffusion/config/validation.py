@@ -1,7 +1,7 @@
 """Checks of a composed config that its schema's types cannot express: ranges, choices, cross-group consistency.
 
-They run when the command line is composed (`diffusion.cli.precheck`, before Hydra starts the job) and again
-at the start of each job, so a mistake is one line before anything is built.
+They run when the command line is composed (run/jobs/precheck.py, before Hydra starts the job) and again at the
+start of each job, so a mistake is one line before anything is built.
 """
 
 import importlib
@@ -14,8 +14,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from diffusion.config.rules import check_rules
+from diffusion.core.posthoc_ema import SIGMA_REL_MAX
+from diffusion.core.sampling import SamplerSpec, as_sampler_spec
 from diffusion.errors import UserError
-from diffusion.sampling import SamplerSpec, as_sampler_spec
+from diffusion.formats.sources import check_source
+from diffusion.nn import UNet
 
 
 def validate(cfg: DictConfig, here: bool = True) -> None:
@@ -106,8 +109,6 @@ def _check_builds(cfg: DictConfig) -> None:
     """Build the cheap pieces whose constructors check their own arguments, naming the config group."""
     import torch
 
-    from diffusion.nn import UNet
-
     net = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k not in ("_target_", "compile")}
     with torch.device("meta"):
         try:
@@ -130,8 +131,6 @@ def _check_builds(cfg: DictConfig) -> None:
 def _check_init_from(cfg: DictConfig) -> None:
     """init_from starts a new run from weights; ckpt_path resumes one: never both. The weights themselves are
     checked against the run's network and schedule when train() starts, before anything is built."""
-    from diffusion.checkpointing import check_source
-
     if cfg.ckpt_path is not None:
         raise UserError(f"init_from={cfg.init_from} and ckpt_path={cfg.ckpt_path} are both set: ckpt_path resumes a "
                         "run (weights, optimizer, step count), init_from starts a new one from weights only; drop one")
@@ -141,8 +140,6 @@ def _check_init_from(cfg: DictConfig) -> None:
 def check_export(cfg: DictConfig) -> None:
     """export.py: the weights are ema or raw, the output folder is new or empty, the checkpoint exists."""
     from pathlib import Path
-
-    from diffusion.checkpointing import check_source
 
     _require(cfg.weights in ("ema", "raw"), "weights", cfg.weights, "'ema' or 'raw'", "try weights=ema")
     out = Path(cfg.out)
@@ -177,8 +174,6 @@ def _require(ok: bool, key: str, value: Any, rule: str, fix: str) -> None:
 
 def _check_posthoc_ema(node: DictConfig) -> None:
     """callbacks.posthoc_ema: widths a power function has, distinct; a cadence >= 1."""
-    from diffusion.posthoc_ema import SIGMA_REL_MAX
-
     key = "callbacks.posthoc_ema"
     sigma_rels = list(node.sigma_rels)
     _require(bool(sigma_rels) and len(set(sigma_rels)) == len(sigma_rels) and
@@ -192,8 +187,6 @@ def _check_posthoc_ema(node: DictConfig) -> None:
 
 def check_posthoc_sigma_rel(sigma_rel: float | None, key: str = "ema.sigma_rel") -> None:
     """A width to rebuild (evaluate.py ema.sigma_rel): null (the classic EMA) or in (0, 1/sqrt(12)]."""
-    from diffusion.posthoc_ema import SIGMA_REL_MAX
-
     _require(sigma_rel is None or 0 < sigma_rel <= SIGMA_REL_MAX, key, sigma_rel,
              f"in (0, {SIGMA_REL_MAX:.4f}] (1/sqrt(12) is the plain average of the whole run) or null",
              f"try {key}=0.05")

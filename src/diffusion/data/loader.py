@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from diffusion.images import to_model_range
+from diffusion.core.images import to_model_range
 
 
 class _ModelInputs(Dataset):

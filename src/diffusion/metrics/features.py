@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from diffusion.core.images import to_model_range
 from diffusion.data import load_digits_split
 from diffusion.errors import UserError
-from diffusion.images import to_model_range
 
 DIGITS_CNN_VERSION = "v1"  # bump when the architecture or the training recipe changes: a new cache file
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's name in the torch hub cache

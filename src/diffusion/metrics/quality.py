@@ -25,9 +25,9 @@ from torchmetrics.image.kid import poly_mmd
 from torchmetrics.utilities import dim_zero_cat
 from torchmetrics.utilities.distributed import gather_all_tensors
 
+from diffusion.core.sampling import SamplerSpec, chunk_bounds, sampler_label
 from diffusion.errors import UserError
 from diffusion.metrics.features import FeatureExtractor, make_feature_extractor
-from diffusion.sampling import SamplerSpec, chunk_bounds, sampler_label
 
 
 def knn_radii(features: Tensor, k: int, chunk: int = 1024) -> Tensor:

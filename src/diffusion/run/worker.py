@@ -1,4 +1,4 @@
-"""Ranks 1..N-1 of a DDP job, started by `diffusion.distributed.JobDDPStrategy`: python -m diffusion.run.worker CFG.
+"""Ranks 1..N-1 of a DDP job, started by `lightning.distributed.JobDDPStrategy`: python -m diffusion.run.worker CFG.
 
 CFG is the job's resolved config, written by rank 0: the same run directory, run id and checkpoint.
 """
@@ -7,9 +7,9 @@ import sys
 
 from omegaconf import OmegaConf
 
-from diffusion.cli import guarded
 from diffusion.config import register_configs
-from diffusion.run.train_command import train
+from diffusion.run.commands.train import train
+from diffusion.run.jobs.guard import guarded
 
 
 def main(config_path: str) -> None:

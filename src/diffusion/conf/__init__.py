@@ -1,0 +1,1 @@
+"""The Hydra configs, one group per concern (shipped with the package; the repository's conf/ links here)."""

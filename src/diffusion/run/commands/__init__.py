@@ -1,0 +1,1 @@
+"""One module per command: train, sample, evaluate, figures, export, report."""

@@ -1,0 +1,238 @@
+"""evaluate(cfg): sample quality and bits/dim of a checkpoint, a JSON report, W&B summary, a sampler table."""
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from diffusion.config.validation import check_posthoc_sigma_rel
+from diffusion.core.sampling import SamplerSpec, as_sampler_spec, check_guidance, sampler_label
+from diffusion.errors import UserError
+from diffusion.lightning.checkpoints import load_module, load_posthoc_module
+from diffusion.lightning.evaluation import Evaluator
+from diffusion.metrics.quality import SampleQuality, describe, make_protocol, protocol_id
+from diffusion.run.commands.figures import check_data_fits
+from diffusion.run.jobs import status as job_status
+from diffusion.run.jobs.console import quiet_console
+from diffusion.run.jobs.preflight import build_trainer, check_device, check_logger, writable_dir
+from diffusion.run.jobs.stopping import stop_on_signals, written_since
+from diffusion.run.jobs.sweep import sweep_info
+from diffusion.run.reports.guidance_table import (
+    best_row,
+    guidance_rows,
+    guidance_samplers,
+    log_guidance_table,
+    write_guidance_table,
+)
+from diffusion.run.reports.sampler_table import log_table, table_rows, table_samplers, write_table
+
+
+def _setup(cfg: DictConfig):
+    """The checkpoint's module, the data it was trained on (checked by shape), the feature extractor's name and
+    the sampler table's samplers (every sampler checked against the model's T before anything is drawn)."""
+    if cfg.batch_size < 1 or (cfg.num_samples is not None and cfg.num_samples < 4):
+        raise UserError(f"num_samples must be >= 4 and batch_size >= 1, got {cfg.num_samples} and {cfg.batch_size}; "
+                        "try num_samples=1000 batch_size=250")
+    writable_dir(cfg.output_dir, "output_dir")
+    check_logger(cfg.logger)
+    if cfg.accelerator in ("gpu", "cuda"):
+        check_device("cuda", "accelerator")
+    module, weights, posthoc = _load(cfg)
+    sampler = as_sampler_spec(OmegaConf.to_container(cfg.sampler, resolve=True))
+    sampler.check_steps(module.diffusion.num_timesteps)
+    check_guidance(sampler.guidance_scale, module.num_classes)
+    table = table_samplers(cfg.sampler_table, module.diffusion.num_timesteps) if cfg.sampler_table.enabled else []
+    if cfg.guidance_table is not None:  # every scale checked before any sampling
+        guidance_samplers(list(cfg.guidance_table), sampler, module.num_classes)
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    check_data_fits(datamodule, module, cfg.ckpt)
+    extractor = cfg.feature_extractor.name
+    if extractor == "auto":
+        extractor = datamodule.quality_extractor
+    return module, datamodule, extractor, table, weights, posthoc
+
+
+def _load(cfg: DictConfig):
+    """(module, the protocol's weights label, post-hoc EMA info or None): weights=ema|raw, or ema.sigma_rel."""
+    sigma_rel = cfg.ema.sigma_rel
+    if sigma_rel is None:
+        return load_module(cfg.ckpt, "cpu", cfg.weights), cfg.weights, None
+    check_posthoc_sigma_rel(sigma_rel)
+    if cfg.weights != "ema":
+        raise UserError(f"weights={cfg.weights} and ema.sigma_rel={sigma_rel} both choose the weights; drop one "
+                        "(ema.sigma_rel scores the post-hoc EMA, weights=raw the raw weights)")
+    module, info = load_posthoc_module(cfg.ckpt, sigma_rel, cfg.ema.snapshot_dir)
+    lo, hi = info["range"]
+    at = "" if info["step"] == info["checkpoint_step"] else f" (the checkpoint is at step {info['checkpoint_step']})"
+    if rank_zero_only.rank == 0:
+        print(f"post-hoc EMA: σ_rel={sigma_rel:g} at step {info['step']}{at} from {len(info['snapshots'])} averages "
+              f"in {info['snapshot_dir']}, profile fit error {info['fit_error']:.2%}; these snapshots rebuild σ_rel "
+              f"in about [{lo:.3f}, {hi:.3f}]")
+    return module, f"posthoc-ema σ_rel={sigma_rel:g}", info
+
+
+def _trainer(cfg: DictConfig) -> L.Trainer:
+    """Every device of the machine (devices=auto), one process each; Lightning's progress bar with its ETA."""
+    accelerator = "gpu" if torch.cuda.is_available() and cfg.accelerator == "auto" else cfg.accelerator
+    devices = cfg.devices if cfg.devices != "auto" else (torch.cuda.device_count() if accelerator == "gpu" else 1)
+    return build_trainer(L.Trainer, accelerator=accelerator, devices=devices,
+                         strategy="ddp" if devices != 1 else "auto", logger=False, use_distributed_sampler=False,
+                         enable_checkpointing=False, enable_progress_bar=cfg.progress_bar, enable_model_summary=False)
+
+
+def _pass(cfg, module, datamodule, metric: SampleQuality, weights: str, sampler: SamplerSpec, num_samples: int,
+          bpd: bool) -> tuple[dict, dict]:
+    """One test loop: scores (and bits/dim if asked) and the protocol they were made under. The metric keeps
+    the reference features of its first pass: one feature pass of the real images per run."""
+    refs = {split: datamodule.reference_images(split, cfg.max_reference_images or sys.maxsize)
+            for split in cfg.reference_splits}
+    bpd_images = datamodule.reference_images(cfg.bpd.split, cfg.bpd.num_images or sys.maxsize) if bpd else None
+    evaluator = Evaluator(module, sampler, num_samples, cfg.batch_size, cfg.seed, metric, refs, bpd_images,
+                          cfg.bpd.batch_size)
+    trainer = _trainer(cfg)
+    began = time.perf_counter()
+    trainer.test(evaluator, verbose=False)
+    results = {**evaluator.results, "wall_seconds": time.perf_counter() - began, "devices": trainer.world_size}
+    protocol = make_protocol(
+        num_generated=num_samples, reference_sizes={split: len(r) for split, r in refs.items()},
+        extractor=metric.extractor, sampler=sampler, num_timesteps=module.diffusion.num_timesteps,
+        variance=module.diffusion.variance, weights=weights, seed=cfg.seed, settings=metric.settings(num_samples))
+    return results, protocol
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    """FID/IS/KID/precision/recall of N samples against the training set, NLL in bits/dim on the test split.
+
+    SIGTERM or Ctrl-C stops it at once, saying whether the report was written (see run/stopping.py)."""
+    quiet_console()
+    out, began = Path(cfg.output_dir), time.time()
+
+    def what_is_written() -> str:
+        written = [p.name for p in written_since(out, began)]
+        if "report.json" in written:
+            return f"written to {out}: {', '.join(written)}"
+        return f"the report ({out / 'report.json'}) was not written" + (
+            f"; written to {out}: {', '.join(written)}" if written else "")
+
+    with stop_on_signals(what_is_written):
+        return _evaluate(cfg)
+
+
+def _evaluate(cfg: DictConfig) -> dict:
+    module, datamodule, extractor, table, weights, posthoc = _setup(cfg)
+    num_samples = cfg.num_samples or datamodule.eval_num_samples
+    sampler = as_sampler_spec(OmegaConf.to_container(cfg.sampler, resolve=True))
+    if rank_zero_only.rank == 0:
+        bpd = f", bits/dim on the {cfg.bpd.split} split" if cfg.bpd.enabled else ""
+        print(f"evaluating {cfg.ckpt}: {num_samples} samples ({sampler.label(module.diffusion.num_timesteps)}) "
+              f"against {datamodule.name}{bpd}", flush=True)
+    metric = SampleQuality({**OmegaConf.to_container(cfg.feature_extractor, resolve=True), "name": extractor})
+    results, protocol = _pass(cfg, module, datamodule, metric, weights, sampler, num_samples, bpd=cfg.bpd.enabled)
+    report = {"checkpoint": str(Path(cfg.ckpt).resolve()), "data": datamodule.name, "weights": weights,
+              "posthoc_ema": posthoc, "protocol": protocol,
+              "protocol_id": protocol_id(protocol), "quality": results["quality"], "nll": results.get("nll"),
+              "nll_protocol": {"split": cfg.bpd.split, "num_images": cfg.bpd.num_images, "decoder": "discretized",
+                               "num_timesteps": module.diffusion.num_timesteps} if cfg.bpd.enabled else None,
+              "timing": {"wall_seconds": results["wall_seconds"], "devices": results["devices"],
+                         "sampling_device_seconds": results["sampling_device_seconds"]}}
+    out = Path(cfg.output_dir)
+    if cfg.sampler_table.enabled:
+        done = {_key(sampler, num_samples, module.diffusion.num_timesteps): (results, protocol)}
+        report["sampler_table"] = sampler_table(cfg, module, datamodule, metric, weights, table, done=done)
+    if cfg.guidance_table is not None:
+        done = {_key(sampler, num_samples, module.diffusion.num_timesteps): (results, protocol)}
+        report["guidance_table"] = guidance_table(cfg, module, datamodule, metric, weights, sampler, num_samples, done)
+    if rank_zero_only.rank == 0:
+        _write(report, out, cfg, extractor)
+    job_status.record(step=posthoc["step"] if posthoc else None, metrics=_scores(report), weights=weights,
+                      quality={f"eval/{k}": v for k, v in report["quality"].items()}, quality_protocol=protocol)
+    return report
+
+
+def _key(sampler: SamplerSpec, n: int, num_timesteps: int) -> str:
+    return json.dumps([sampler.describe(num_timesteps), n], sort_keys=True)
+
+
+def sampler_table(cfg: DictConfig, module, datamodule, metric: SampleQuality, weights: str,
+                  table: list[SamplerSpec], done: dict) -> list[dict]:
+    """The rows of the sampler table (diffusion.run.reports.sampler_table); `done` holds passes already made (the main
+    one), reused when sampler and sample count are the same."""
+    T = module.diffusion.num_timesteps
+    n = cfg.sampler_table.num_samples or cfg.num_samples or datamodule.eval_num_samples
+
+    def run(sampler: SamplerSpec) -> tuple[dict, dict]:
+        if _key(sampler, n, T) not in done:
+            done[_key(sampler, n, T)] = _pass(cfg, module, datamodule, metric, weights, sampler, n, bpd=False)
+        return done[_key(sampler, n, T)]
+
+    return table_rows(table, run, n, T)
+
+
+def guidance_table(cfg: DictConfig, module, datamodule, metric: SampleQuality, weights: str, sampler: SamplerSpec,
+                   n: int, done: dict) -> list[dict]:
+    """The rows of the guidance table (run/reports/guidance_table.py): the sampler at each w of cfg.guidance_table;
+    a pass already made (`done`, the main one) is reused."""
+    T = module.diffusion.num_timesteps
+
+    def run(spec: SamplerSpec) -> tuple[dict, dict]:
+        if _key(spec, n, T) not in done:
+            done[_key(spec, n, T)] = _pass(cfg, module, datamodule, metric, weights, spec, n, bpd=False)
+        return done[_key(spec, n, T)]
+
+    return guidance_rows(guidance_samplers(list(cfg.guidance_table), sampler, module.num_classes), run, n)
+
+
+def _write(report: dict, out: Path, cfg: DictConfig, extractor: str) -> None:
+    """The JSON report, the sampler table's files, the W&B summary, table and plot (offline by default) and the
+    lines `evaluate.py` prints."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    rows = report.get("sampler_table")
+    if rows:
+        _, png = write_table(rows, rows[0]["num_samples"], extractor, out)
+    guided = report.get("guidance_table")
+    if guided:
+        unguided = {**report["protocol"]["sampler"], "guidance_scale": None}
+        _, guided_png = write_guidance_table(guided, sampler_label(unguided), extractor, out)
+    scores = _scores(report)
+    if cfg.logger is not None:
+        logger = instantiate(cfg.logger, **sweep_info(cfg).get("wandb", {}))
+        logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "protocol": report["protocol"],
+                                "protocol_id": report["protocol_id"]})
+        logger.experiment.summary.update(scores)
+        if rows:
+            log_table(logger, rows, png)
+        if guided:
+            log_guidance_table(logger, guided, guided_png)
+        import wandb
+
+        wandb.finish()
+    print(f"quality: {describe(_train_first(report['quality']), report['protocol'])}")
+    if report["nll"] is not None:
+        nll = report["nll"]
+        print(f"NLL: {nll['bpd']:.4f} bits/dim on {cfg.bpd.split} (prior term {nll['prior_bpd']:.2e})")
+    if guided:
+        best = best_row(guided)
+        accuracy = f", class accuracy {best['class_accuracy']:.1%}" if "class_accuracy" in best else ""
+        print(f"best guidance: w={best['guidance_scale']:g}{accuracy}, FD (train) {best['fid_train']:.4g}")
+    print(f"report: {out / 'report.json'}")
+
+
+def _scores(report: dict) -> dict[str, float]:
+    """The report's numbers as eval/<name> (the W&B summary's keys and status.json's metrics)."""
+    scores = {f"eval/{k}": v for k, v in report["quality"].items()}
+    if report["nll"] is not None:
+        scores.update({f"eval/{k}": v for k, v in report["nll"].items()})
+    return scores
+
+
+def _train_first(quality: dict) -> dict:
+    order = ["fid_train", "is", "kid_train", "precision_train", "recall_train", "fid_val"]
+    return {k: quality[k] for k in order if k in quality} | {k: v for k, v in quality.items() if k not in order}

@@ -1,0 +1,277 @@
+"""train(cfg): build the data, module, callbacks, logger and Trainer from a composed config, and fit."""
+
+import json
+import os
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from diffusion.config import validate
+from diffusion.errors import UserError
+from diffusion.lightning.callbacks import GracefulInterrupt, SampleGrid, SampleQualityCallback, StepProgressBar
+from diffusion.lightning.checkpoints import AtomicCheckpointIO, ModelMismatch, check_checkpoint, init_weights
+from diffusion.lightning.distributed import JobDDPStrategy
+from diffusion.lightning.module import DiffusionModule
+from diffusion.metrics.quality import describe
+from diffusion.run.jobs import lock as run_lock
+from diffusion.run.jobs import status as job_status
+from diffusion.run.jobs.console import quiet_console
+from diffusion.run.jobs.preflight import build_trainer, check_logger, writable_dir
+from diffusion.run.jobs.sweep import sweep_info
+
+
+def net_kwargs(cfg: DictConfig) -> dict:
+    """The U-Net's arguments: conf/model's shape; channels and size from the data (model.in_channels is
+    ${data.channels})."""
+    net = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k not in ("_target_", "compile")}
+    if net.get("num_classes", None) is None:  # unconditional: the arguments (and checkpoints) of before labels
+        net.pop("num_classes", None)
+    return {**net, "out_channels": net["in_channels"]}  # doubled inside the U-Net for a learned variance
+
+
+def build_module(cfg: DictConfig, betas: torch.Tensor, class_names: list[str] | None = None) -> DiffusionModule:
+    """The LightningModule of a train config, with these betas (and, if class-conditional, the data's classes)."""
+    conditional = cfg.model.get("num_classes") is not None
+    labels = {"cond_drop_prob": cfg.diffusion.cond_drop_prob, "class_names": class_names} if conditional else {}
+    return DiffusionModule(
+        net=net_kwargs(cfg),
+        betas=betas.tolist(),
+        parameterization=cfg.diffusion.parameterization,
+        variance=cfg.diffusion.variance,
+        loss_type=cfg.loss.type,
+        vlb_weight=cfg.loss.vlb_weight,
+        min_snr_gamma=cfg.loss.min_snr_gamma,
+        timestep_sampler=cfg.loss.timestep_sampler,
+        val_timestep_fractions=tuple(cfg.validation.timestep_fractions),
+        val_bpd_images=cfg.validation.bpd_images,
+        on_nonfinite=cfg.loss.on_nonfinite,
+        nonfinite_check_every_n_steps=cfg.loss.nonfinite_check_every_n_steps,
+        compile=cfg.model.compile,
+        optimizer=instantiate(cfg.optim.optimizer),
+        lr_scheduler=instantiate(cfg.optim.lr_scheduler) if cfg.optim.lr_scheduler is not None else None,
+        **labels,
+    )
+
+
+def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
+    """A checkpoint path as given, or for "last" the newest last.ckpt among this run name's earlier runs.
+
+    Without ckpt_path, a run directory that already holds checkpoints/last.ckpt (a requeued SLURM job:
+    its directory is keyed on the job id) resumes from it.
+    """
+    if ckpt_path is None:
+        own = output_dir / "checkpoints" / "last.ckpt"
+        if own.is_file():
+            print(f"resuming from {own} (this run directory already has a checkpoint)")
+            return str(own)
+        return None
+    if ckpt_path == "last":
+        found = sorted(output_dir.parent.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise UserError(f"ckpt_path=last found no */checkpoints/last.ckpt under {output_dir.parent}; "
+                            "give the checkpoint's path, e.g. ckpt_path=outputs/<name>/<time>/checkpoints/last.ckpt")
+        return str(found[-1])
+    if not Path(ckpt_path).is_file():
+        raise UserError(f"ckpt_path {ckpt_path} does not exist; give the path of a .ckpt file, or ckpt_path=last "
+                        "to resume the newest run of the same name")
+    return ckpt_path
+
+
+def _init_from(cfg: DictConfig, betas: torch.Tensor) -> dict[str, torch.Tensor] | None:
+    """The U-Net weights of cfg.init_from (fine-tuning: weights only, step 0, a fresh optimizer), checked against
+    this run's network, betas, parameterization and variance before anything is built."""
+    if cfg.init_from is None:
+        return None
+    expected = {"net": net_kwargs(cfg), "betas": betas.tolist(), "parameterization": cfg.diffusion.parameterization,
+                "variance": cfg.diffusion.variance}
+    state = init_weights(cfg.init_from, expected)
+    print(f"init_from: the U-Net starts from the weights of {cfg.init_from} (step 0, a new optimizer)")
+    return state
+
+
+def _data(cfg: DictConfig):
+    """The data module, its files found and read (the download on local rank 0 only, as Lightning does); for a
+    class-conditional model, its labels too, their count checked against model.num_classes."""
+    datamodule = instantiate(cfg.data)
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        datamodule.prepare_data()
+    datamodule.setup("fit")
+    num_classes = cfg.model.get("num_classes")
+    if num_classes is not None:
+        if datamodule.num_classes != num_classes:
+            raise UserError(f"model.num_classes={num_classes}, but {datamodule.name} has {datamodule.num_classes} "
+                            f"classes; set model.num_classes={datamodule.num_classes}")
+        for split in ("train", "val"):
+            datamodule.labels(split)  # read and checked before training starts
+        datamodule.with_labels = True
+    return datamodule
+
+
+def write_classes(output_dir: Path, class_names: list[str]) -> Path:
+    """classes.json in the run directory: the class names in index order (what sample.py's labels= may name)."""
+    path = output_dir / "classes.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(class_names, indent=1) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _logger(cfg: DictConfig):
+    """The W&B logger (offline unless logger.offline=false), with the resolved config and the paper card."""
+    if cfg.logger is None:
+        return None
+    sweep = sweep_info(cfg)
+    logger = instantiate(cfg.logger, **sweep.get("wandb", {}))
+    logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), **sweep.get("config", {})})
+    if cfg.paper_card:
+        logger.experiment.summary.update({f"paper/{k}": v for k, v in cfg.paper_card.items()})
+    return logger
+
+
+def _finish_wandb(logger) -> None:
+    """Close the W&B run so that the next job of a multirun starts its own (WandbLogger reuses an active run)."""
+    if logger is not None:
+        import wandb
+
+        wandb.finish()
+        os.environ.pop("WANDB_MODE", None)  # WandbLogger(offline=True) sets it for the whole process
+
+
+def _strategy(cfg: DictConfig, output_dir: Path, ckpt_path: str | None):
+    """trainer.strategy as given, except `ddp`: DDP whose extra ranks run this job alone (see distributed.py).
+
+    The launching process writes the job's resolved config for them, with the checkpoint it resolved.
+    """
+    if cfg.trainer.strategy != "ddp":
+        return cfg.trainer.strategy
+    path = output_dir / ".hydra" / "ddp_job.yaml"
+    if "LOCAL_RANK" not in os.environ:
+        job = OmegaConf.to_container(cfg, resolve=True)
+        job["ckpt_path"] = ckpt_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(job)))
+        os.replace(tmp, path)
+    return JobDDPStrategy(path)
+
+
+def _announce(trainer: L.Trainer, cfg: DictConfig, module: DiffusionModule, output_dir: Path) -> None:
+    """Where the run writes, the model in one line, and the batch: data.batch_size is per device, so say what
+    that makes per optimizer step (on screen, and in the logger as batch/*)."""
+    per_device, accumulate = cfg.data.batch_size, cfg.trainer.accumulate_grad_batches
+    batch = {"per_device": per_device, "devices": trainer.world_size, "accumulate_grad_batches": accumulate,
+             "global": per_device * trainer.world_size * accumulate}
+    d, schedule = module.diffusion, cfg.schedule._target_.rsplit(".", 1)[-1].removesuffix("_beta_schedule")
+    if trainer.is_global_zero:
+        print(f"run: {output_dir} (checkpoints/, samples/, wandb/)")
+        print(f"model: U-Net of {sum(p.numel() for p in module.net.parameters()):,} parameters; T={d.num_timesteps} "
+              f"{schedule} betas, {d.parameterization} prediction, {d.variance} variance, {cfg.loss.type} loss")
+        print(f"batch: {per_device} per device × {trainer.world_size} devices × {accumulate} accumulated "
+              f"= {batch['global']} images per optimizer step; {cfg.trainer.max_steps:,} steps", flush=True)
+    for logger in trainer.loggers:
+        logger.log_hyperparams({"batch": batch})
+
+
+def _callbacks(cfg: DictConfig, logger, datamodule) -> list[L.Callback]:
+    """The configured callbacks, built from plain values. The LR monitor needs a logger (with logger=none it
+    would stop the run), so it is left out then; the quality extractor `auto` is the data module's choice."""
+    callbacks = []
+    for name, node in cfg.callbacks.items():
+        if node is None or (name == "lr_monitor" and logger is None):
+            continue
+        if name == "quality" and node.feature_extractor.name == "auto":
+            node = OmegaConf.merge(node, {"feature_extractor": {"name": datamodule.quality_extractor}})
+        callbacks.append(instantiate(node, _convert_="all"))
+    return callbacks
+
+
+def check_resumable(ckpt_path: str, module: DiffusionModule, output_dir: Path, own: bool) -> None:
+    """The checkpoint to resume must be of this model. The run directory's own last.ckpt (`own`: resumed
+    without ckpt_path) is not left behind by leaving out ckpt_path: another run directory is the fix."""
+    if not own:
+        check_checkpoint(ckpt_path, module.hparams)  # architecture, T, betas, parameterization, variance
+        return
+    checkpoints = Path(ckpt_path).parent
+    try:
+        check_checkpoint(ckpt_path, module.hparams, start_over=f"remove {checkpoints} to start afresh there")
+    except ModelMismatch as err:
+        raise UserError(f"run directory {output_dir} holds a checkpoint of another model (trained with "
+                        f"{err.difference}): use another hydra.run.dir, or remove {checkpoints} (that model's "
+                        "checkpoints) to train this one there") from err
+
+
+def train(cfg: DictConfig, extra_callbacks: tuple = ()) -> dict[str, float]:
+    """Train per the config; save checkpoints, sample grids and logs under the run directory, which the run
+    holds locked throughout (run_lock.py: one training run per run directory)."""
+    validate(cfg)
+    quiet_console()
+    output_dir = writable_dir(cfg.paths.output_dir, "hydra.run.dir")
+    with run_lock.hold(output_dir):
+        return _fit(cfg, output_dir, extra_callbacks)
+
+
+def _fit(cfg: DictConfig, output_dir: Path, extra_callbacks: tuple) -> dict[str, float]:
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    betas = instantiate(cfg.schedule)
+    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, output_dir)
+    init = _init_from(cfg, betas) if ckpt_path is None else None  # a requeued fine-tuning run resumes instead
+    datamodule = _data(cfg)
+    class_names = datamodule.class_names if datamodule.with_labels else None
+    module = build_module(cfg, betas, class_names)
+    if class_names is not None and os.environ.get("LOCAL_RANK", "0") == "0":
+        write_classes(output_dir, class_names)
+    if init is not None:
+        module.net.load_state_dict(init)
+    if ckpt_path is not None:
+        check_resumable(ckpt_path, module, output_dir, own=cfg.ckpt_path is None)
+    if cfg.callbacks.checkpoint is not None:
+        writable_dir(cfg.callbacks.checkpoint.dirpath, "callbacks.checkpoint.dirpath")
+    check_logger(cfg.logger)
+    callbacks = [GracefulInterrupt(), *_callbacks(cfg, cfg.logger, datamodule), *extra_callbacks]
+    if cfg.trainer.enable_progress_bar:
+        callbacks.append(StepProgressBar())
+    for callback in callbacks:  # their feature extractors and data checks, before the logger starts a run
+        if hasattr(callback, "preflight"):
+            callback.preflight(datamodule)
+    logger = _logger(cfg)
+    strategy = _strategy(cfg, output_dir, ckpt_path)
+    trainer = None
+    try:
+        # partial: the strategy may be an object, which the schema's `strategy: str` field cannot hold
+        trainer = build_trainer(instantiate(cfg.trainer, _partial_=True),
+                                strategy=strategy, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
+                                logger=logger if logger else False, default_root_dir=str(output_dir),
+                                enable_model_summary=False)
+        _announce(trainer, cfg, module, output_dir)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    finally:
+        if trainer is not None:  # for status.json, also when the run failed: how far it got
+            job_status.record(step=trainer.global_step, metrics={k: float(v) for k, v in
+                                                                  trainer.callback_metrics.items() if v.numel() == 1})
+        _finish_wandb(logger)
+        if isinstance(strategy, JobDDPStrategy):
+            strategy.end_job()
+    grid = next((c for c in callbacks if isinstance(c, SampleGrid) and c.final_path is not None), None)
+    quality = next((c for c in callbacks if isinstance(c, SampleQualityCallback) and c.last_scores), None)
+    if trainer.is_global_zero and grid is not None:
+        print(f"samples: {grid.final_path}")
+    if quality is not None:
+        job_status.record(quality=quality.last_scores, quality_protocol=quality.protocol,
+                          weights=quality.protocol["weights"])
+    if trainer.is_global_zero and quality is not None:  # the last line `make train` prints
+        print(f"quality: {describe(quality.last_scores, quality.protocol)}")
+    return metrics
+
+
+def objective(cfg: DictConfig, metrics: dict[str, float]) -> float | None:
+    """The value of cfg.optimized_metric among the run's final metrics (what `train.py` returns to a sweeper)."""
+    if cfg.optimized_metric is None:
+        return None
+    if cfg.optimized_metric not in metrics:
+        raise UserError(f"optimized_metric={cfg.optimized_metric} was not logged by this run (logged: "
+                        f"{', '.join(sorted(metrics))}); pick one of those, e.g. optimized_metric=val/loss")
+    return metrics[cfg.optimized_metric]

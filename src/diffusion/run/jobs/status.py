@@ -1,0 +1,88 @@
+"""status.json in each job's run directory: how the job ended and what it measured, for `report.py`.
+
+`diffusion.run.jobs.guard.guarded` opens a `JobStatus` as a job starts (status "running": a job killed outright stays
+so) and closes it as "finished", "failed" (the one-line error) or "interrupted" (the command that resumes it).
+What the job measured reaches it through `record(...)`, which run.train and run.evaluate call:
+
+    {"status": "finished", "error": null, "resume": null, "entry": "train", "wall_seconds": 41.2, "step": 1200,
+     "metrics": {"train/loss": 0.031, "val/loss": 0.029, "val/bpd": 4.66, "val/fid": 0.19, ...},
+     "quality": {"val/fid": 0.19, ...}, "quality_protocol_id": "645b2bbb", "quality_protocol": {...},
+     "weights": "ema", "started": "...", "updated": "..."}
+
+Only rank 0 writes; a job requeued into the same directory adds the wall time of its interrupted attempts.
+"""
+
+import json
+import os
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.utilities import rank_zero_only
+
+from diffusion.errors import UserError
+from diffusion.metrics.quality import protocol_id
+
+FILENAME = "status.json"
+_recorded: dict[str, Any] = {}  # what the running job measured (one job at a time, also under -m)
+
+
+def record(**fields: Any) -> None:
+    """Remember what this job measured: step, metrics (floats by name), quality (the sample-quality scores among
+    them), quality_protocol (their protocol: its id is added), weights."""
+    if fields.get("quality_protocol") is not None:
+        fields["quality_protocol_id"] = protocol_id(fields["quality_protocol"])
+    _recorded.update(fields)
+
+
+class JobStatus:
+    """The status file of the job Hydra is running (nothing is written outside a Hydra job, or off rank 0)."""
+
+    def __init__(self):
+        _recorded.clear()
+        self.began, self.started = time.monotonic(), datetime.now().astimezone().isoformat(timespec="seconds")
+        self.path, self.entry = None, None
+        if HydraConfig.initialized() and rank_zero_only.rank == 0:
+            hydra = HydraConfig.get()
+            self.path, self.entry = Path(hydra.runtime.output_dir) / FILENAME, hydra.job.config_name
+        before = read_status(self.path.parent) if self.path else None
+        self.earlier = before["wall_seconds"] if before and before.get("status") == "interrupted" else 0.0
+        self._write("running")
+
+    def finished(self) -> None:
+        self._write("finished")
+
+    def failed(self, err: BaseException) -> None:
+        self._write("failed", error=one_line(err))
+
+    def interrupted(self, err: BaseException, resume: str) -> None:
+        self._write("interrupted", error=one_line(err), resume=resume)
+
+    def _write(self, status: str, error: str | None = None, resume: str | None = None) -> None:
+        if self.path is None:
+            return
+        state = {"status": status, "error": error, "resume": resume, "entry": self.entry,
+                 "wall_seconds": round(self.earlier + time.monotonic() - self.began, 3), "step": None,
+                 "metrics": {}, "quality": {}, "quality_protocol_id": None, "quality_protocol": None, **_recorded,
+                 "started": self.started, "updated": datetime.now().astimezone().isoformat(timespec="seconds")}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{FILENAME}.tmp")
+        tmp.write_text(json.dumps(state, indent=2, default=str))
+        os.replace(tmp, self.path)
+
+
+def one_line(err: BaseException) -> str:
+    """A UserError's message as it is; anything else as 'Type: first line'."""
+    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return first if isinstance(err, UserError) else f"{type(err).__name__}: {first}".rstrip(": ")
+
+
+def read_status(run_dir) -> dict | None:
+    """A run directory's status.json, or None if it has none (or an unreadable one)."""
+    path = Path(run_dir) / FILENAME
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None

@@ -1,0 +1,102 @@
+"""evaluate.py's guidance table: the same sampler at each guidance scale w of a class-conditional checkpoint.
+
+One row per w (`guidance_table=[0,1,2,3]`): FD, precision and recall against the train split and, where the
+feature extractor classifies the model's classes (the digits CNN for the digits), `class_accuracy`, the
+share of samples classified as the label they were asked for. Written as guidance.md, guidance.json and
+guidance.png (FD against precision and recall, each point labelled with its w; class accuracy against w).
+"""
+
+import json
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from diffusion.core.sampling import SamplerSpec, check_guidance
+from diffusion.metrics.quality import protocol_id
+
+COLUMNS = ("w", "FD (train)", "precision", "recall", "class accuracy")
+
+
+def guidance_samplers(scales: list[float], sampler: SamplerSpec, num_classes: int | None) -> list[SamplerSpec]:
+    """The sampler at each scale, checked (a class-conditional model, scales in range) before any sampling."""
+    specs = [replace(sampler, guidance_scale=float(w)).check(f"guidance_table[{i}]") for i, w in enumerate(scales)]
+    for spec in specs:
+        check_guidance(spec.guidance_scale, num_classes, "guidance_table")
+    return specs
+
+
+def guidance_rows(specs: list[SamplerSpec], run: Callable[[SamplerSpec], tuple[dict, dict]],
+                  num_samples: int) -> list[dict[str, Any]]:
+    """One row per scale: w and the pass's scores (`run(spec)` gives a pass's results and protocol)."""
+    rows = []
+    for spec in specs:
+        results, protocol = run(spec)
+        rows.append({"guidance_scale": spec.guidance_scale, "num_samples": num_samples, **results["quality"],
+                     "protocol_id": protocol_id(protocol)})
+    return rows
+
+
+ACCURATE = 0.95  # the share of samples classified as asked above which a w counts as following its labels
+
+
+def best_row(rows: list[dict]) -> dict:
+    """The row of the best w: the lowest FD among the rows whose class accuracy is at least 95% (where the
+    extractor classifies; every row otherwise); if none reaches 95%, the highest class accuracy."""
+    accurate = [r for r in rows if r.get("class_accuracy", 1.0) >= ACCURATE]
+    if not accurate:
+        return max(rows, key=lambda r: (r["class_accuracy"], -r["fid_train"]))
+    return min(accurate, key=lambda r: r["fid_train"])
+
+
+def _cells(row: dict) -> list:
+    return [row["guidance_scale"], row["fid_train"], row["precision_train"], row["recall_train"],
+            row.get("class_accuracy", float("nan"))]
+
+
+def write_guidance_table(rows: list[dict], sampler_label: str, extractor: str, out: Path) -> tuple[Path, Path]:
+    """guidance.md and guidance.json (the rows) and guidance.png (the trade-off plot)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    n = rows[0]["num_samples"]
+    lines = [f"Classifier-free guidance: {n} samples per scale w ({sampler_label}), labels balanced over the "
+             f"classes; FD, precision and recall in the `{extractor}` feature space against the train split; class "
+             "accuracy: the share classified as the label asked for (only where the extractor classifies the "
+             "model's classes). w = 0 is unconditional, w = 1 conditional.", "",
+             "| " + " | ".join(COLUMNS) + " |", "|---:|" + "---:|" * (len(COLUMNS) - 1)]
+    for row in rows:
+        w, fd, precision, recall, accuracy = _cells(row)
+        lines.append(f"| {w:g} | {fd:.4g} | {precision:.3f} | {recall:.3f} | {accuracy:.3f} |")
+    md = out / "guidance.md"
+    md.write_text("\n".join(lines) + "\n")
+    (out / "guidance.json").write_text(json.dumps(rows, indent=2))
+    accuracy = any("class_accuracy" in row for row in rows)
+    fig, axes = plt.subplots(1, 2 if accuracy else 1, figsize=(9.5 if accuracy else 5, 3.8), squeeze=False)
+    ax = axes[0, 0]
+    for key, marker in (("precision_train", "o-"), ("recall_train", "s--")):
+        ax.plot([r["fid_train"] for r in rows], [r[key] for r in rows], marker, label=key.removesuffix("_train"))
+    for r in rows:
+        ax.annotate(f"w={r['guidance_scale']:g}", (r["fid_train"], r["precision_train"]), fontsize=7,
+                    textcoords="offset points", xytext=(3, 3))
+    ax.set(xlabel=f"FD ({extractor} features, train)", ylabel="precision / recall", title="Guidance trade-off")
+    ax.legend(fontsize=8)
+    if accuracy:
+        ax = axes[0, 1]
+        ax.plot([r["guidance_scale"] for r in rows], [r.get("class_accuracy") for r in rows], "o-")
+        ax.set(xlabel="guidance scale w", ylabel="class accuracy", title="Samples classified as asked")
+    fig.tight_layout()
+    png = out / "guidance.png"
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    print(f"guidance table: {md} and {png}")
+    return md, png
+
+
+def log_guidance_table(logger, rows: list[dict], png: Path) -> None:
+    """The table (eval/guidance_table) and the plot (eval/guidance) to a W&B logger."""
+    logger.log_table("eval/guidance_table", columns=list(COLUMNS), data=[_cells(row) for row in rows])
+    logger.log_image("eval/guidance", [str(png)])

@@ -1,0 +1,166 @@
+"""The model card (README.md) of an exported diffusers folder: what was trained, how, and how well.
+
+Everything comes from the checkpoint and its run directory (`<run>/checkpoints/<name>.ckpt`): the command
+line and config Hydra saved (`.hydra/`), the quality scores the training run logged to W&B at the
+checkpoint's own step (read back with wandb's reader, `wandb leet inspect`), and evaluate.py's reports of
+this very checkpoint (`report.json` anywhere under the run). Each score keeps the protocol id it was made
+under; with none found the card says "not measured".
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from diffusion.core.sampling import sampler_label
+from diffusion.lightning.callbacks.sample_quality import SHOWN
+
+REPORT_SHOWN = ("fid_train", "fid_val", "is", "kid_train", "precision_train", "recall_train")
+
+
+def run_directory(ckpt: Path) -> Path:
+    """The training run a checkpoint belongs to: <run>/checkpoints/x.ckpt -> <run>."""
+    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+
+
+def _protocol_text(pid: str, protocol: dict) -> str:
+    """'protocol ab12cd34: 1000 samples ddim-50 η=0 ema vs train 1500/val 297, digits-cnn-v1' (the logged id)."""
+    refs = "/".join(f"{split} {r['num_images']}" for split, r in protocol["reference"].items())
+    return (f"protocol {pid}: {protocol['num_generated']} samples {sampler_label(protocol['sampler'])} "
+            f"{protocol['weights']} vs {refs}, {protocol['extractor']}")
+
+
+def _scores_text(scores: dict, keys: tuple[str, ...]) -> str:
+    return " · ".join(f"{k} {scores[k]:.4g}" for k in keys if k in scores)
+
+
+def _wandb_records(run_file: Path) -> list[dict]:
+    """The records of a W&B run file, read with wandb's own reader."""
+    exe = Path(sys.executable).parent / "wandb"
+    exe = str(exe) if exe.is_file() else shutil.which("wandb") or "wandb"
+    out = subprocess.run([exe, "leet", "inspect", "--json", str(run_file)], capture_output=True, text=True,
+                         timeout=300, check=True)
+    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+
+
+def wandb_evaluations(run_file: Path) -> list[dict]:
+    """Each quality evaluation a training run logged: its step, scores, and protocol (id, settings).
+
+    The quality callback logs the scores, then the protocol only when it changed: an evaluation followed by
+    no protocol record has the previous one's.
+    """
+    evaluations = []
+    for record in _wandb_records(run_file):
+        if record.get("type") == "history":
+            item = record["history"]["item"]
+            if any(k in item for k in SHOWN):
+                scores = {k: item[k] for k in SHOWN if k in item}
+                evaluations.append({"step": item.get("trainer/global_step"), "scores": scores, "protocol": None})
+        elif record.get("type") == "config" and evaluations and evaluations[-1]["protocol"] is None:
+            update = record["config"].get("update", {})
+            if "quality_protocol_id" in update:
+                evaluations[-1]["protocol"] = (update["quality_protocol_id"], update["quality_protocol"])
+    for before, evaluation in zip([None, *evaluations], evaluations, strict=False):
+        if evaluation["protocol"] is None and before is not None:
+            evaluation["protocol"] = before["protocol"]
+    return evaluations
+
+
+def quality_lines(ckpt: Path, step: int | None) -> list[str]:
+    """Markdown bullets: the scores of this checkpoint found in its run, or why there are none."""
+    run = run_directory(ckpt)
+    lines, other_steps = [], set()
+    for run_file in sorted(run.glob("wandb/*run-*/run-*.wandb")):
+        try:
+            evaluations = wandb_evaluations(run_file)
+        except (OSError, subprocess.SubprocessError, json.JSONDecodeError, KeyError) as err:
+            lines.append(f"- W&B run `{run_file.parent.name}` could not be read ({type(err).__name__}); "
+                         "its scores are left out")
+            continue
+        for e in evaluations:
+            if e["step"] != step or e["protocol"] is None:
+                other_steps.add(e["step"])
+                continue
+            lines.append(f"- training run, W&B `{run_file.parent.name}`, step {step:,}: "
+                         f"{_scores_text(e['scores'], SHOWN)} [{_protocol_text(*e['protocol'])}]")
+    for path in sorted(run.rglob("report.json")):
+        try:
+            report = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if not isinstance(report, dict) or Path(report.get("checkpoint", "")) != ckpt.resolve():
+            continue
+        nll = report.get("nll")
+        bpd = f"; NLL {nll['bpd']:.4g} bits/dim on {report['nll_protocol']['split']}" if nll else ""
+        lines.append(f"- evaluate.py, `{path.relative_to(run)}`: {_scores_text(report['quality'], REPORT_SHOWN)} "
+                     f"[{_protocol_text(report['protocol_id'], report['protocol'])}]{bpd}")
+    if not lines:
+        measured = f" (the run measured quality at steps {sorted(s for s in other_steps if s is not None)})" \
+            if other_steps else ""
+        lines.append(f"- not measured: no quality scores of this checkpoint in {run}{measured}; "
+                     f"`python evaluate.py ckpt={ckpt} data=<its data> hydra.run.dir={run}/evaluate` measures "
+                     "them, and a new export lists them")
+    return lines
+
+
+def _config_section(run: Path, hparams: dict) -> list[str]:
+    """The command line and composed config Hydra saved for the run, else the checkpoint's hyperparameters."""
+    hydra = run / ".hydra"
+    lines = []
+    if (hydra / "overrides.yaml").is_file():
+        overrides = OmegaConf.to_container(OmegaConf.load(hydra / "overrides.yaml")) or []
+        lines += ["Trained with:", "", "```bash", " ".join(["python train.py", *overrides]), "```", ""]
+    if (hydra / "config.yaml").is_file():
+        config, name = (hydra / "config.yaml").read_text(), "the run's config (.hydra/config.yaml)"
+    else:
+        shown = {k: v for k, v in hparams.items() if k != "betas"}
+        config, name = json.dumps(shown, indent=2, default=str) + "\n", "the checkpoint's hyperparameters"
+    language = "yaml" if name.endswith("config.yaml)") else "json"
+    return [*lines, f"<details><summary>{name}</summary>", "", f"```{language}", config.rstrip("\n"), "```", "",
+            "</details>"]
+
+
+def checkpoint_step(ckpt: Path) -> int | None:
+    """The optimizer step a training checkpoint was saved at (None for a diffusers folder)."""
+    if ckpt.is_dir():
+        return None
+    return int(torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+
+
+def model_card(ckpt: str, out: str, weights: str, hparams: dict, num_parameters: int) -> str:
+    """The README.md of the exported folder (Hugging Face model-card front matter, then Markdown)."""
+    path = Path(ckpt)
+    step, net, betas = checkpoint_step(path), hparams["net"], hparams["betas"]
+    T, shape = len(betas), f"{net['in_channels']}×{net['image_size']}×{net['image_size']}"
+    prediction = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}[hparams["parameterization"]]
+    source = f"diffusers folder `{ckpt}`" if step is None else f"`{ckpt}`, step {step:,}, {weights} weights"
+    attention = ", ".join(str(r) for r in net["attn_resolutions"]) or "none"
+    loss = f", trained with the {hparams['loss_type']} loss" if "loss_type" in hparams else ""
+    lines = [
+        "---", "library_name: diffusers", "pipeline_tag: unconditional-image-generation",
+        "tags: [ddpm, diffusion, unconditional-image-generation]", "---", "",
+        f"# DDPM for {shape} images", "",
+        "A denoising diffusion probabilistic model (Ho, Jain & Abbeel 2020), exported by "
+        f"`python export.py ckpt={ckpt} out={out} weights={weights}`.", "",
+        "```python", "from diffusers import DDPMPipeline", "",
+        f'pipe = DDPMPipeline.from_pretrained("{out}")',
+        f"images = pipe(batch_size=16, num_inference_steps={T}).images  # ancestral sampling over all T steps",
+        "```", "",
+        "## Model", "", "| | |", "|---|---|",
+        f"| source | {source} |",
+        f"| network | the paper's U-Net (UNet2DModel): ch={net['ch']}, ch_mult={list(net['ch_mult'])}, "
+        f"num_res_blocks={net['num_res_blocks']}, attention at {attention}, dropout {net['dropout']}, "
+        f"{net['num_groups']} GroupNorm groups; {num_parameters:,} parameters |",
+        f"| schedule | T={T}, betas {betas[0]:.6g} … {betas[-1]:.6g}, stored exactly as `trained_betas`{loss} |",
+        f"| prediction | {hparams['parameterization']} (`prediction_type: {prediction}`) |",
+        f"| variance | {hparams['variance']} (`variance_type: {hparams['variance']}`) |", "",
+        "## Quality", "", "Scores with different protocol ids are not comparable.", "",
+        *quality_lines(path, step), "",
+    ]
+    if step is not None:
+        lines += ["## Training configuration", "", *_config_section(run_directory(path), hparams), ""]
+    return "\n".join(lines)

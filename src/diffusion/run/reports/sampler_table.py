@@ -1,0 +1,104 @@
+"""evaluate.py's sampler table: quality per network evaluation (NFE) and wall time per image of several samplers.
+
+The default table (`SamplerTableConfig.samplers`) runs ancestral sampling over all T steps and NFE 5, 10, 20,
+50, 100 of ddim, dpmpp_2m, dpmpp_2m_sde, unipc and heun; its entries with more steps than the model's T allows
+are skipped with a printed note. An entry of a table the user wrote that cannot run is an error before any
+sampling. Rows go to report.json, samplers.md and samplers.png (FD against NFE, one line per sampler).
+"""
+
+import re
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from diffusion.config.entry import SamplerTableConfig
+from diffusion.core.sampling import SamplerSpec, as_sampler_spec
+from diffusion.metrics.quality import protocol_id
+
+COLUMNS = ("sampler", "NFE", "s / image", "FD (train)", "IS", "KID (train)", "precision", "recall")
+
+
+def table_samplers(table: DictConfig, num_timesteps: int) -> list[SamplerSpec]:
+    """The entries of cfg.sampler_table that run on a T-step model (see the module docstring)."""
+    given = OmegaConf.to_container(table.samplers, resolve=True)
+    is_default = given == [asdict(spec) for spec in SamplerTableConfig().samplers]
+    specs, skipped = [], []
+    for i, entry in enumerate(given):
+        key = f"sampler_table.samplers[{i}]"
+        spec = as_sampler_spec(entry, key)
+        if is_default and spec.steps is not None and spec.steps > spec.most_steps(num_timesteps):
+            skipped.append(f"{spec.name}-{spec.steps}")
+            continue
+        specs.append(spec.check_steps(num_timesteps, key))
+    if skipped:
+        print(f"sampler table: skipping {', '.join(skipped)} (more steps than the model's T={num_timesteps} allows)")
+    return specs
+
+
+def table_rows(specs: list[SamplerSpec], run: Callable[[SamplerSpec], tuple[dict, dict]], num_samples: int,
+               num_timesteps: int) -> list[dict[str, Any]]:
+    """One row per sampler: its label, steps, NFE, sampling seconds per image and scores; `run(spec)` gives
+    the results and protocol of a pass over num_samples images."""
+    rows = []
+    for spec in specs:
+        results, protocol = run(spec)
+        rows.append({"sampler": spec.label(num_timesteps), "name": spec.name, "steps": protocol["sampler"]["steps"],
+                     "nfe": spec.nfe(num_timesteps), "num_samples": num_samples,
+                     "seconds_per_image": results["sampling_device_seconds"] / num_samples, **results["quality"],
+                     "protocol_id": protocol_id(protocol)})
+    return rows
+
+
+def _cells(row: dict) -> list:
+    nan = float("nan")
+    return [row["sampler"], row["nfe"], round(row["seconds_per_image"], 5), row["fid_train"], row.get("is", nan),
+            row["kid_train"], row["precision_train"], row["recall_train"]]
+
+
+def write_table(rows: list[dict], num_samples: int, extractor: str, out: Path) -> tuple[Path, Path]:
+    """samplers.md (quality and time per sampler) and samplers.png (FD against NFE, log scale, a line each)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [f"Sampler comparison: {num_samples} samples each; NFE = network evaluations per image; FD (Fréchet "
+             f"distance) and KID in the `{extractor}` feature space against the train split, IS of the samples "
+             "alone; s / image = sampling device-seconds per image.", "",
+             "| " + " | ".join(COLUMNS) + " |", "|---|" + "---:|" * (len(COLUMNS) - 1)]
+    for row in rows:
+        sampler, nfe, seconds, fd, inception, kid, precision, recall = _cells(row)
+        lines.append(f"| {sampler} | {nfe} | {seconds:.4f} | {fd:.4g} | {inception:.3g} | {kid:.3g} | "
+                     f"{precision:.3f} | {recall:.3f} |")
+    md = out / "samplers.md"
+    md.write_text("\n".join(lines) + "\n")
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    def line_of(row: dict) -> str:  # the label without the steps: 'dpmpp_2m', 'ddim η=0', 'unipc order=3 karras'
+        return re.sub(r"-\d+", "", row["sampler"], count=1)
+
+    for name in dict.fromkeys(line_of(row) for row in rows):
+        points = sorted((row["nfe"], row["fid_train"]) for row in rows if line_of(row) == name)
+        line = ax.plot(*zip(*points, strict=True), "o-", label=name)[0]
+        if len(points) == 1:  # a single budget (ancestral over all T): a reference level across the plot
+            ax.axhline(points[0][1], color=line.get_color(), linestyle="--", linewidth=1,
+                       label=f"{name}-{points[0][0]} level")
+    # FD spans orders of magnitude between 5 and 100 NFE: both axes logarithmic
+    ax.set(xscale="log", yscale="log", xlabel="NFE (network evaluations per image)",
+           ylabel=f"FD ({extractor} features, train)", title=f"Quality per NFE ({num_samples} samples each)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    png = out / "samplers.png"
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    print(f"sampler table: {md} and {png}")
+    return md, png
+
+
+def log_table(logger, rows: list[dict], png: Path) -> None:
+    """The table (eval/sampler_table, a W&B table) and the plot (eval/samplers, an image) to a W&B logger."""
+    logger.log_table("eval/sampler_table", columns=list(COLUMNS), data=[_cells(row) for row in rows])
+    logger.log_image("eval/samplers", [str(png)])
