@@ -13,7 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 from diffusion.config import register_configs
-from diffusion.run.commands.train import net_kwargs
+from diffusion.config.build import net_kwargs
 from diffusion.run.jobs.precheck import CONF_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,6 +54,50 @@ def wandb_records(run_dir: Path) -> list[dict]:
 
 def wandb_history(run_dir: Path) -> list[dict]:
     return [r["history"]["item"] for r in wandb_records(run_dir) if r.get("type") == "history"]
+
+
+# Ho et al. 2020's linear schedule and DDPM settings, and EDM's and flow matching's defaults: the product writes them
+# once, in the config schemas; tests that build the math directly spell them out here.
+PAPER_BETAS = dict(beta_start=1e-4, beta_end=0.02)
+DDPM_SETTINGS = dict(parameterization="eps", variance="fixed_large", loss="simple", vlb_weight=0.001,
+                     min_snr_gamma=None, timesteps="uniform")
+EDM_SETTINGS = dict(sigma_data=0.5, p_mean=-1.2, p_std=1.2, sigma_min=0.002, sigma_max=80.0)
+FLOW_SETTINGS = dict(t_distribution="logit_normal", logit_mean=0.0, logit_std=1.0, shift=1.0, t_min=0.001,
+                     sigma_max=80.0)
+UNET_SETTINGS = dict(num_groups=32, resamp_with_conv=True, channels_last=False, num_classes=None)
+
+
+def paper_betas(num_timesteps: int = 1000):
+    """Ho et al. 2020's betas, linear from 1e-4 to 0.02 (float64)."""
+    from diffusion.core.schedules import linear_beta_schedule
+
+    return linear_beta_schedule(num_timesteps, **PAPER_BETAS)
+
+
+def ddpm(betas=None, **settings):
+    """A DDPM objective: the paper's settings unless overridden (betas: the paper's over T=1000)."""
+    from diffusion.core.objectives.ddpm import DDPM
+
+    return DDPM(paper_betas() if betas is None else betas, **{**DDPM_SETTINGS, **settings})
+
+
+def edm(**settings):
+    from diffusion.core.objectives.edm import EDM
+
+    return EDM(**{**EDM_SETTINGS, **settings})
+
+
+def flow(**settings):
+    from diffusion.core.objectives.flow import Flow
+
+    return Flow(**{**FLOW_SETTINGS, **settings})
+
+
+def unet(**kwargs):
+    """A U-Net with these arguments and UNET_SETTINGS' defaults for the rest of its (all required) arguments."""
+    from diffusion.nn import UNet
+
+    return UNet(**{**UNET_SETTINGS, **kwargs})
 
 
 def model_kwargs(*overrides: str) -> dict:

@@ -8,11 +8,11 @@ from omegaconf import MISSING
 from diffusion.config.callbacks import CallbacksConfig, FeatureExtractorConfig
 from diffusion.config.groups import (
     DataConfig,
-    DiffusionConfig,
-    LossConfig,
+    ObjectiveConfig,
     OptimConfig,
     ScheduleConfig,
     TrainerConfig,
+    TrainingConfig,
     UNetConfig,
     ValidationConfig,
 )
@@ -30,7 +30,7 @@ from diffusion.config.rules import (
     optional,
     seed,
 )
-from diffusion.core.sampling import SamplerSpec
+from diffusion.core.sampling import SAMPLERS, SamplerSpec
 
 
 @dataclass
@@ -57,11 +57,11 @@ class TrainConfig:
     seed: int = checked(0, seed())
     ckpt_path: str | None = None  # a checkpoint path, or "last": the newest last.ckpt of runs named `name`
     init_from: str | None = None  # fine-tune: start from the U-Net weights of a .ckpt or a diffusers folder
-    schedule: ScheduleConfig = MISSING
+    schedule: ScheduleConfig | None = MISSING  # DDPM's betas; none for the other objectives
+    objective: ObjectiveConfig = MISSING
     model: UNetConfig = MISSING
     data: DataConfig = MISSING
-    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     trainer: TrainerConfig = MISSING
@@ -73,13 +73,24 @@ class TrainConfig:
 
 
 @dataclass
+class PostHocEMAChoice:
+    """A post-hoc EMA width to rebuild (Karras et al. 2024) instead of the checkpoint's own average: null = the
+    checkpoint's weights (ema: the classic constant-decay EMA; raw); sigma_rel = the post-hoc EMA of that width, rebuilt
+    from the run's snapshots."""
+
+    sigma_rel: float | None = None
+    snapshot_dir: str | None = None  # None: <run>/posthoc_ema beside the checkpoint's <run>/checkpoints/
+
+
+@dataclass
 class SampleConfig:
     ckpt: str = MISSING
     num_samples: int = checked(64, at_least(1))
     batch_size: int = checked(256, at_least(1))  # images per chunk; chunk k is drawn from seed + k
-    sampler: SamplerSpec = field(default_factory=SamplerSpec)
+    sampler: SamplerSpec = field(default_factory=SamplerSpec)  # null name: the objective's own sampler
     seed: int = checked(0, seed())
     weights: str = checked("ema", one_of("ema", "raw"))
+    ema: PostHocEMAChoice = field(default_factory=PostHocEMAChoice)  # ema.sigma_rel=0.05: a post-hoc EMA
     device: str = checked("auto", device())
     output_dir: str = "${hydra:runtime.output_dir}"
     # class-conditional checkpoints: null/balanced, or [3,3,7] / [cat,dog] repeated in turn to fill num_samples
@@ -117,22 +128,27 @@ class FiguresConfig:
     sampler: SamplerSpec = field(default_factory=SamplerSpec)  # the sample grid (Figs. 6-8 are Algorithm 2)
     seed: int = checked(0, seed())
     weights: str = checked("ema", one_of("ema", "raw"))
+    ema: PostHocEMAChoice = field(default_factory=PostHocEMAChoice)  # ema.sigma_rel=0.05: a post-hoc EMA
     device: str = checked("auto", device())
     output_dir: str = "${hydra:runtime.output_dir}"
 
 
 @dataclass
 class BpdConfig:
-    """NLL in bits/dim: the full variational bound (T network passes per image) on real held-out images."""
+    """NLL in bits/dim on real held-out images: DDPM's full variational bound (T network passes per image), or the
+    probability-flow ODE's (every objective: Heun on `ode_levels` levels, Hutchinson's trace, uniform dequantization).
+    """
 
     enabled: bool = True
     split: str = checked("val", one_of("train", "val"))  # the data module's held-out split (the test set's role)
     num_images: int | None = checked(None, optional(at_least(1)))  # None: the whole split
     batch_size: int = checked(100, at_least(1))
+    method: str | None = checked(None, optional(one_of("bound", "ode")))  # null: the objective's (DDPM: bound)
+    ode_levels: int | None = checked(None, optional(between(2, 100_000)))  # null: what validation uses (100)
 
 
 TABLE_NFE = (5, 10, 20, 50, 100)  # the default sampler table's budgets of network evaluations
-TABLE_SAMPLERS = ("ddim", "dpmpp_2m", "dpmpp_2m_sde", "unipc", "heun")
+TABLE_SAMPLERS = tuple(name for name, kind in SAMPLERS.items() if kind.in_table)  # the registry says which
 
 
 @dataclass
@@ -145,15 +161,6 @@ class SamplerTableConfig:
     num_samples: int | None = checked(None, optional(at_least(4)))  # None: evaluate's num_samples
     samplers: list[SamplerSpec] = checked(rule=each(Rule(lambda _: True, "a sampler")), factory=lambda: [
         SamplerSpec(name="ddpm"), *(SamplerSpec(name=name, steps=k) for name in TABLE_SAMPLERS for k in TABLE_NFE)])
-
-
-@dataclass
-class PostHocEMAChoice:
-    """Which average evaluate.py scores: null = the checkpoint's (weights=ema: the classic constant-decay EMA);
-    a width σ_rel = the post-hoc EMA of that width rebuilt from the run's snapshots (Karras et al. 2024)."""
-
-    sigma_rel: float | None = None
-    snapshot_dir: str | None = None  # None: <run>/posthoc_ema beside the checkpoint's <run>/checkpoints/
 
 
 @dataclass

@@ -57,44 +57,81 @@ class ExplicitScheduleConfig(ScheduleConfig):
     num_timesteps: int | None = checked(None, optional(between(1, MAX_TIMESTEPS)))  # null: len(betas); else knots
 
 
-# --- network, diffusion, loss, optimisation --------------------------------------------------------------
+# --- network, objective, training ------------------------------------------------------------------------
 @dataclass
 class UNetConfig:
-    """The U-Net's shape; its image size and channels come from the data, its output from the variance."""
+    """The U-Net's arguments: its shape (conf/model/*.yaml, the one place it is written), its image size and
+    channels from the data; the objective says whether the output also holds a variance."""
 
-    _target_: str = "diffusion.nn.UNet"
     in_channels: int = II("data.channels")
     image_size: int = II("data.image_size")
-    ch: int = checked(128, between(1, 8192))
-    ch_mult: list[int] = checked(rule=each(between(1, 64)), factory=lambda: [1, 2, 2, 2])
-    num_res_blocks: int = checked(2, between(1, 64))
-    attn_resolutions: list[int] = checked(rule=each(at_least(1), nonempty=False), factory=lambda: [16])
-    dropout: float = checked(0.1, between(0, 1, high_open=True))
+    ch: int = checked(rule=between(1, 8192))
+    ch_mult: list[int] = checked(rule=each(between(1, 64)))
+    num_res_blocks: int = checked(rule=between(1, 64))
+    attn_resolutions: list[int] = checked(rule=each(at_least(1), nonempty=False))
+    dropout: float = checked(rule=between(0, 1, high_open=True))
     num_groups: int = checked(32, between(1, 8192))
     resamp_with_conv: bool = True
     channels_last: bool = False  # NHWC inside the net: faster for large maps (GPU, CIFAR-size CPU), not for 8×8
-    compile: bool = False  # torch.compile the net for training (first steps slower while it compiles)
     num_classes: int | None = checked(None, optional(between(1, 100_000)))  # null: unconditional; N: class-conditional
 
 
 @dataclass
-class DiffusionConfig:
-    parameterization: str = checked("eps", one_of("eps", "x0", "v", "mean"))
-    variance: str = checked("fixed_large", one_of("fixed_large", "fixed_small", "learned_range"))  # σ²=β | β̃ | learned
-    # share of labels replaced by "no label" in training (classifier-free guidance); used when model.num_classes is set
-    cond_drop_prob: float = checked(0.1, between(0, 1))
+class ObjectiveConfig:
+    _target_: str = MISSING
 
 
 @dataclass
-class LossConfig:
-    type: str = checked("simple", one_of("simple", "vlb", "hybrid"))  # Eq. 14 | the bound | simple + vlb_weight·vlb
+class DDPMObjectiveConfig(ObjectiveConfig):
+    """Ho et al. 2020 and its successors' options (core/objectives/ddpm.py); its betas are the schedule group's."""
+
+    _target_: str = "diffusion.core.objectives.ddpm.DDPM"
+    betas: Any = "${schedule}"  # the schedule group, built (a tensor of T betas) when the objective is
+    parameterization: str = checked("eps", one_of("eps", "x0", "v", "mean"))
+    variance: str = checked("fixed_large", one_of("fixed_large", "fixed_small", "learned_range"))  # σ²=β | β̃ | learned
+    loss: str = checked("simple", one_of("simple", "vlb", "hybrid"))  # Eq. 14 | the bound | simple + vlb_weight·vlb
     vlb_weight: float = checked(0.001, at_least(0, integer=False))
     min_snr_gamma: float | None = checked(None, optional(positive()))
-    timestep_sampler: str = checked("uniform", one_of("uniform", "importance"))
+    timesteps: str = checked("uniform", one_of("uniform", "importance"))  # how training draws t
+
+
+@dataclass
+class EDMObjectiveConfig(ObjectiveConfig):
+    """Karras et al. 2022 (core/objectives/edm.py): Table 1's preconditioning, Sec. 5's training distribution."""
+
+    _target_: str = "diffusion.core.objectives.edm.EDM"
+    sigma_data: float = checked(0.5, positive())  # the data's std (0.5 for images in [-1, 1])
+    p_mean: float = checked(-1.2, between(-20, 20))  # ln σ ~ N(p_mean, p_std²) in training
+    p_std: float = checked(1.2, positive())
+    sigma_min: float = checked(0.002, positive())  # sampling runs from sigma_max down to sigma_min
+    sigma_max: float = checked(80.0, positive())
+
+
+@dataclass
+class FlowObjectiveConfig(ObjectiveConfig):
+    """Flow matching on the straight path with the velocity target (core/objectives/flow.py)."""
+
+    _target_: str = "diffusion.core.objectives.flow.Flow"
+    t_distribution: str = checked("logit_normal", one_of("uniform", "logit_normal"))  # how training draws t
+    logit_mean: float = checked(0.0, between(-20, 20))  # logit_normal: t = sigmoid(logit_mean + logit_std·n)
+    logit_std: float = checked(1.0, positive())
+    shift: float = checked(1.0, positive())  # SD3's t' = shift·t / (1 + (shift−1)·t), in training and sampling
+    t_min: float = checked(0.001, between(0, 1, low_open=True, high_open=True))  # the smallest t a grid reaches
+    sigma_max: float = checked(80.0, positive())  # the karras and logsnr grids start at σ = t/(1−t) = sigma_max
+
+
+@dataclass
+class TrainingConfig:
+    """How the LightningModule trains, whatever the objective."""
+
+    # share of labels replaced by "no label" (classifier-free guidance); used when model.num_classes is set
+    cond_drop_prob: float = checked(0.1, between(0, 1))
+    compile: bool = False  # torch.compile the net for training (first steps slower while it compiles)
     on_nonfinite: str = checked("stop", one_of("stop", "skip"))  # stop: end (last good checkpoint kept) | skip: counted
     # stop: the loss is read on the host (a sync) every N steps and before each checkpoint; 1: every step.
     # skip reads every step's loss whatever this says (it must know before the optimizer step)
     nonfinite_check_every_n_steps: int = checked(100, at_least(1))
+    loss_bins: int = checked(10, between(1, 1000))  # train_loss_by_t/*: the loss in this many ranges of noise level
 
 
 @dataclass
@@ -130,9 +167,12 @@ class OptimConfig:
 
 @dataclass
 class ValidationConfig:
-    # L_simple is logged at t = round(f·(T-1)) for each fraction f
+    # the training error is logged as val/loss_<level> at each fraction f of the objective's noise levels
+    # (DDPM: t = round(f·(T-1)); EDM: σ = σ_min (σ_max/σ_min)^f; flow: t = f)
     timestep_fractions: list[float] = checked(rule=each(between(0, 1)), factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
-    bpd_images: int = checked(16, at_least(0))  # images of the first val batch whose full bound is computed (0: off)
+    # images of the first val batch whose bits/dim are computed, val/bpd (0: off): DDPM's full bound (T network
+    # passes), the others' probability-flow ODE (Heun on 100 levels, Hutchinson's trace)
+    bpd_images: int = checked(16, at_least(0))
 
 
 # --- data --------------------------------------------------------------------------------------------------

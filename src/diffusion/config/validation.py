@@ -13,6 +13,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from diffusion.config.build import net_kwargs, objective_of
 from diffusion.config.rules import check_rules
 from diffusion.core.posthoc_ema import SIGMA_REL_MAX
 from diffusion.core.sampling import SamplerSpec, as_sampler_spec
@@ -23,21 +24,44 @@ from diffusion.nn import UNet
 
 def validate(cfg: DictConfig, here: bool = True) -> None:
     """Check a train.py config: every field's rule, then what needs several fields or building a piece (the
-    schedule, the network on the meta device, the data module's constructor, the optimizer on a dummy parameter).
-    Nothing here touches a disk, a device or the network; run/preflight.py does that."""
+    objective with its schedule, the network on the meta device, the data module's constructor, the optimizer on a
+    dummy parameter). Nothing here touches a disk, a device or the network; run/jobs/preflight.py does that."""
     check_rules(cfg)
     check_targets(cfg)
-    T = len(_built(lambda: instantiate(cfg.schedule), "schedule"))
-    check_samplers(cfg, T)
+    _check_schedule(cfg)
+    objective = _built(lambda: objective_of(cfg), "objective")
+    check_samplers(cfg, objective)
     for key, node in _walk(cfg):  # a training run's samplers guide only a class-conditional model
         if OmegaConf.get_type(node) is SamplerSpec and node.get("guidance_scale") is not None \
                 and cfg.model.get("num_classes") is None:
             raise UserError(f"{key}.guidance_scale={node.guidance_scale} needs a class-conditional model; set "
                             f"model.num_classes=N or drop {key}.guidance_scale")
     _check_cross_fields(cfg, here)
+    _check_callbacks_for(cfg, objective)
     if cfg.callbacks.get("quality") is not None:
         check_feature_extractor(cfg.callbacks.quality.feature_extractor, "callbacks.quality.feature_extractor")
     _check_builds(cfg)
+
+
+def _check_schedule(cfg: DictConfig) -> None:
+    """A beta schedule exactly when the objective takes one (DDPM's betas)."""
+    takes = "betas" in cfg.objective
+    name = str(cfg.objective._target_).rsplit(".", 1)[-1].lower()
+    if takes and cfg.schedule is None:
+        raise UserError(f"objective={name} needs a beta schedule, got schedule=none; choose one, e.g. schedule=linear")
+    if not takes and cfg.schedule is not None:
+        chosen = str(cfg.schedule._target_).rsplit(".", 1)[-1].removesuffix("_beta_schedule")
+        raise UserError(f"schedule={chosen} is DDPM's beta schedule, but objective={name} draws its own noise levels "
+                        f"and takes none; drop schedule={chosen} (or use objective=ddpm)")
+
+
+def _check_callbacks_for(cfg: DictConfig, objective) -> None:
+    """Callbacks that need what only some objectives have: the paper's figures draw DDPM's Markov chain."""
+    figures = cfg.callbacks.get("figures")
+    if figures is not None and (figures.every_n_steps > 0 or figures.at_train_end) and not objective.markov_chain:
+        raise UserError(f"callbacks.figures draws Ho et al.'s figures of DDPM's Markov chain (forward and reverse "
+                        f"chains, progressive coding), which objective={objective.name} has not; set "
+                        "callbacks.figures.at_train_end=false callbacks.figures.every_n_steps=0")
 
 
 def _check_cross_fields(cfg: DictConfig, here: bool = True) -> None:
@@ -47,9 +71,9 @@ def _check_cross_fields(cfg: DictConfig, here: bool = True) -> None:
             raise UserError(f"model.{key}={cfg.model[key]} differs from the data's "
                             f"data.{data_key}={cfg.data[data_key]} "
                             f"(the network takes its shape from the data); drop model.{key}=, or set data.{data_key}")
-    if cfg.loss.timestep_sampler == "importance" and cfg.loss.type == "simple":
-        raise UserError("loss.timestep_sampler=importance needs the bound (its weights come from the VLB terms), got "
-                        "loss.type=simple; use loss.type=vlb or hybrid, or loss.timestep_sampler=uniform")
+    if cfg.objective.get("timesteps") == "importance" and cfg.objective.get("loss") == "simple":
+        raise UserError("objective.timesteps=importance needs the bound (its weights come from the VLB terms), got "
+                        "objective.loss=simple; use objective.loss=vlb or hybrid, or objective.timesteps=uniform")
     if str(cfg.trainer.precision) == "16-mixed" and cfg.trainer.accelerator == "cpu":
         raise UserError("trainer.precision=16-mixed needs a CUDA GPU (fp16 autocast with gradient scaling), got "
                         "trainer.accelerator=cpu; use trainer.precision=bf16-mixed on CPU")
@@ -109,10 +133,9 @@ def _check_builds(cfg: DictConfig) -> None:
     """Build the cheap pieces whose constructors check their own arguments, naming the config group."""
     import torch
 
-    net = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k not in ("_target_", "compile")}
     with torch.device("meta"):
         try:
-            UNet(**net, out_channels=net["in_channels"])
+            UNet(**net_kwargs(cfg), learned_variance=False)
         except UserError as err:  # name the config keys: ch=33 -> model.ch=33
             raise UserError(re.sub(r"(?<![.\w])(ch|ch_mult|num_groups|image_size|attn_resolutions)=", r"model.\1=",
                                    str(err))) from err
@@ -208,17 +231,15 @@ def check_targets(cfg: DictConfig, prefix: str = "") -> None:
             check_targets(child, f"{prefix}{key}.")
 
 
-def check_samplers(cfg: DictConfig, num_timesteps: int | None = None) -> list[SamplerSpec]:
-    """Every node of the config whose schema is SamplerSpec, checked with its full key (and against T if known;
-    a T below 1 is the schedule's own error, raised when it is built)."""
+def check_samplers(cfg: DictConfig, objective=None) -> list[SamplerSpec]:
+    """Every node of the config whose schema is SamplerSpec, checked with its full key (and against the objective
+    when it is known: train.py's; the other commands' is their checkpoint's, checked when it is read)."""
     specs = []
-    if num_timesteps is not None and num_timesteps < 1:
-        num_timesteps = None
     for key, node in _walk(cfg):
         if OmegaConf.get_type(node) is SamplerSpec:
             spec = as_sampler_spec(OmegaConf.to_container(node, resolve=True), key)
-            if num_timesteps is not None:
-                spec.check_steps(num_timesteps, key)
+            if objective is not None:
+                spec.check_for(objective, key)
             specs.append(spec)
     return specs
 

@@ -81,8 +81,8 @@ class GaussianDiffusion(nn.Module):
     def __init__(
         self,
         betas: Tensor,
-        parameterization: str = "eps",
-        variance: str = "fixed_large",
+        parameterization: str,
+        variance: str,
         dtype: torch.dtype = torch.float32,
     ):
         super().__init__()

@@ -1,5 +1,8 @@
 """Beta schedules as pure functions returning float64 tensors of length T, and timestep respacing.
 
+Their parameters have no defaults here: the paper's values (1e-4 to 0.02 over T = 1000; cosine s = 0.008) are
+written once, in the schedule group's schemas (config/groups.py).
+
 Every schedule is built in float64 (a float32 cumprod over T=1000 steps loses digits that the
 variational bound needs); callers round once to the network's dtype.
 """
@@ -54,25 +57,21 @@ def check_betas(betas: torch.Tensor) -> torch.Tensor:
     return betas
 
 
-def linear_beta_schedule(num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
+def linear_beta_schedule(num_timesteps: int, beta_start: float, beta_end: float) -> torch.Tensor:
     """Linear betas from beta_start to beta_end, Ho et al. 2020 Sec. 4 (1e-4 to 0.02 for T=1000)."""
     _check_num_timesteps(num_timesteps)
     _check_range(beta_start, beta_end)
     return torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
 
 
-def quadratic_beta_schedule(
-    num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02
-) -> torch.Tensor:
+def quadratic_beta_schedule(num_timesteps: int, beta_start: float, beta_end: float) -> torch.Tensor:
     """Betas linear in sqrt(beta) from beta_start to beta_end (the 'quad' schedule of the paper's code)."""
     _check_num_timesteps(num_timesteps)
     _check_range(beta_start, beta_end)
     return torch.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=torch.float64) ** 2
 
 
-def sigmoid_beta_schedule(
-    num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02, steepness: float = 6.0
-) -> torch.Tensor:
+def sigmoid_beta_schedule(num_timesteps: int, beta_start: float, beta_end: float, steepness: float) -> torch.Tensor:
     """Betas along a sigmoid over [-steepness, steepness], scaled to [beta_start, beta_end] (GeoDiff's sigmoid
     schedule, Xu et al. 2022, with steepness 6)."""
     _check_num_timesteps(num_timesteps)
@@ -83,13 +82,13 @@ def sigmoid_beta_schedule(
     return torch.sigmoid(x) * (beta_end - beta_start) + beta_start
 
 
-def cosine_alphas_cumprod(t: torch.Tensor, s: float = 0.008) -> torch.Tensor:
+def cosine_alphas_cumprod(t: torch.Tensor, s: float) -> torch.Tensor:
     """ᾱ(t) = f(t)/f(0), f(t) = cos²((t/T + s)/(1 + s)·π/2), t in [0, 1]: Nichol & Dhariwal 2021 Eq. 17."""
     f = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
     return f / math.cos(s / (1 + s) * math.pi / 2) ** 2
 
 
-def cosine_beta_schedule(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
+def cosine_beta_schedule(num_timesteps: int, s: float, max_beta: float) -> torch.Tensor:
     """Cosine schedule, Nichol & Dhariwal 2021 Eq. 17: beta_t = 1 - ᾱ(t)/ᾱ(t-1), clipped at max_beta."""
     _check_num_timesteps(num_timesteps)
     if not s > 0:

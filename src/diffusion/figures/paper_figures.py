@@ -1,6 +1,7 @@
 """The paper's figures as tensors, and writers for them: Ho et al. 2020 Figs. 5-9 and Table 3.
 
-Every function takes a `net(x_t, t)` callable and a GaussianDiffusion; steps are timestep indices in
+Every function takes a `net(x_t, t)` callable and DDPM's chain (a GaussianDiffusion, or the DDPM objective that
+holds it): the figures are of its Markov chain, which the other objectives have not. Steps are timestep indices in
 [0, T-1] (index t is the paper's step t+1); images are (B, C, H, W) in the model range [-1, 1].
 `render_all` draws every figure into a folder: the PNG grids, rate_distortion.png/.md/.json.
 """
@@ -17,6 +18,7 @@ from torch import Tensor
 
 from diffusion.core.gaussian import GaussianDiffusion
 from diffusion.core.likelihood import LOG2, variational_bound
+from diffusion.core.objectives.ddpm import DDPM
 from diffusion.core.sampling import (
     SampleOutput,
     SamplerSpec,
@@ -72,11 +74,11 @@ def forward_process(diffusion: GaussianDiffusion, x0: Tensor, steps: Sequence[in
     return torch.stack(frames)
 
 
-def reverse_process(net: Model, diffusion: GaussianDiffusion, num_chains: int, shape: tuple[int, int, int],
+def reverse_process(net: Model, objective: DDPM, num_chains: int, shape: tuple[int, int, int],
                     steps: Sequence[int], seed: int = 0) -> SampleOutput:
     """Algorithm 2 from x_T, num_chains chains, keeping x_t and the predicted x̂0 at `steps` (Fig. 6)."""
-    return draw_chunk(net, diffusion, SamplerSpec("ddpm"), 0, num_chains, shape=shape, seed=seed,
-                      record_steps=check_steps(diffusion, steps))
+    return draw_chunk(net, objective, SamplerSpec("ddpm"), 0, num_chains, shape=shape, seed=seed,
+                      record_steps=check_steps(objective.diffusion, steps))
 
 
 @torch.no_grad()
@@ -266,17 +268,18 @@ class FigureSpec:
 
 
 @torch.no_grad()
-def render_all(net: Model, diffusion: GaussianDiffusion, x0: Tensor, out_dir: Path, spec: FigureSpec) -> dict:
+def render_all(net: Model, objective: DDPM, x0: Tensor, out_dir: Path, spec: FigureSpec) -> dict:
     """Every figure of `spec` from data x0 (at least num_images and rd_images of them), written under out_dir.
 
     Each figure draws from its own generator seeded with spec.seed, the net in eval mode (no dropout).
     Returns {name: path} of what was written.
     """
     with eval_mode(net):
-        return _render_all(net, diffusion, x0, out_dir, spec)
+        return _render_all(net, objective, x0, out_dir, spec)
 
 
-def _render_all(net: Model, diffusion: GaussianDiffusion, x0: Tensor, out_dir: Path, spec: FigureSpec) -> dict:
+def _render_all(net: Model, objective: DDPM, x0: Tensor, out_dir: Path, spec: FigureSpec) -> dict:
+    diffusion = objective.diffusion
     T, device, out_dir = diffusion.num_timesteps, x0.device, Path(out_dir)
     if spec.num_images < 2:
         raise UserError(f"num_images must be >= 2 (the interpolation takes pairs), got {spec.num_images}; try 8")
@@ -291,7 +294,7 @@ def _render_all(net: Model, diffusion: GaussianDiffusion, x0: Tensor, out_dir: P
     # Each figure is written as soon as it is drawn: a run stopped half-way keeps the figures it has made.
     frames = forward_process(diffusion, images, spec.forward_steps or default_steps(T), gen())
     paths = {"forward": save_rows(forward_rows(frames), out_dir / "forward.png")}
-    chains = reverse_process(net, diffusion, n, tuple(images.shape[1:]),
+    chains = reverse_process(net, objective, n, tuple(images.shape[1:]),
                              spec.reverse_steps or default_steps(T, [k / 10 for k in range(11)]), spec.seed)
     paths["reverse"] = save_rows(reverse_rows(chains), out_dir / "reverse.png")
     rec = stochastic_reconstructions(net, diffusion, images, spec.reconstruction_steps or default_steps(T),
@@ -304,7 +307,7 @@ def _render_all(net: Model, diffusion: GaussianDiffusion, x0: Tensor, out_dir: P
                                        out_dir / "interpolation.png")
     labels, nrow = class_rows(spec.num_samples, num_classes_of(net))  # class-conditional: a row per class
     count = spec.num_samples if labels is None else len(labels)
-    samples = draw(net, diffusion, spec.sampler, count, shape=tuple(images.shape[1:]), seed=spec.seed,
+    samples = draw(net, objective, spec.sampler, count, shape=tuple(images.shape[1:]), seed=spec.seed,
                    chunk_size=count, labels=labels).images
     paths["samples"] = save_grid(samples, out_dir / "samples.png", nrow, pad_value=1.0)
     rd = progressive_coding(net, diffusion, x0[: spec.rd_images], gen())

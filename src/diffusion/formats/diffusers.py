@@ -16,6 +16,8 @@ import safetensors.torch
 import torch
 from torch import Tensor
 
+from diffusion.core.objectives.base import objective_class
+from diffusion.core.objectives.ddpm import DDPM
 from diffusion.core.schedules import (
     cosine_beta_schedule,
     linear_beta_schedule,
@@ -139,6 +141,19 @@ def scheduler_config(betas: Tensor, parameterization: str, variance: str, clip_s
     }  # fmt: skip
 
 
+def scheduler_of(objective: dict, clip_sample: bool = True) -> dict:
+    """The diffusers scheduler config of an objective spec; what diffusers cannot express is refused in one line."""
+    name = objective_class(objective).name
+    if name != "ddpm":
+        raise UserError(f"objective={name} cannot be exported yet: only DDPM maps to a diffusers scheduler here")
+    return scheduler_config(torch.as_tensor(objective["betas"], dtype=torch.float64), objective["parameterization"],
+                            objective["variance"], clip_sample)
+
+
+def learned_variance_of(objective: dict) -> bool:
+    return objective.get("variance") == "learned_range"
+
+
 # --- folders ----------------------------------------------------------------------------------------------
 def _read_json(path: Path) -> dict:
     try:
@@ -172,8 +187,18 @@ def _load_weights(folder: Path) -> tuple[dict[str, Tensor], Path]:
                     f"save the UNet again with save_pretrained and no max_shard_size or variant")
 
 
-def read_diffusers_folder(path: str | os.PathLike) -> tuple[dict, dict[str, Tensor], Tensor, str, str, dict]:
-    """(unet_kwargs, state_dict, betas float64, parameterization, variance, info) of a local diffusers folder."""
+# A diffusers folder does not say how its model was trained: DDPM's paper settings stand in for the loss.
+RELEASED_DDPM_TRAINING = {"loss": "simple", "vlb_weight": 0.001, "min_snr_gamma": None, "timesteps": "uniform"}
+
+
+def ddpm_spec(betas: Tensor, parameterization: str, variance: str) -> dict:
+    """The DDPM objective spec of a folder's scheduler (its training loss unknown: the paper's)."""
+    return {"_target_": f"{DDPM.__module__}.{DDPM.__qualname__}", "betas": [float(b) for b in betas],
+            "parameterization": parameterization, "variance": variance, **RELEASED_DDPM_TRAINING}
+
+
+def read_diffusers_folder(path: str | os.PathLike) -> tuple[dict, dict[str, Tensor], dict, dict]:
+    """(unet_kwargs, state_dict, objective spec, info) of a local diffusers folder."""
     folder = Path(path)
     if not folder.is_dir():
         raise UserError(f"diffusers folder {folder} does not exist; give a local folder written by save_pretrained")
@@ -191,18 +216,17 @@ def read_diffusers_folder(path: str | os.PathLike) -> tuple[dict, dict[str, Tens
     weights, weights_file = _load_weights(unet_file.parent)
     state_dict = from_diffusers_state_dict(weights, unet_kwargs, learned_variance, weights_file)
     info.update(unet_config=str(unet_file), scheduler_config=str(scheduler_file), weights=str(weights_file))
-    return unet_kwargs, state_dict, betas, parameterization, variance, info
+    return unet_kwargs, state_dict, ddpm_spec(betas, parameterization, variance), info
 
 
 def write_diffusers_folder(out_dir: str | os.PathLike, unet_kwargs: dict, state_dict: dict[str, Tensor],
-                           betas: Tensor, parameterization: str, variance: str, card_markdown: str, *,
-                           clip_sample: bool = True) -> Path:
+                           objective: dict, card_markdown: str, *, clip_sample: bool = True) -> Path:
     """Write a DDPMPipeline folder (model_index.json, unet/, scheduler/, README.md); refuse what diffusers lacks."""
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"export folder {out} already exists and is not empty; choose a new folder or remove it")
-    learned = variance == "learned_range"
-    scheduler = scheduler_config(betas, parameterization, variance, clip_sample)
+    learned = learned_variance_of(objective)
+    scheduler = scheduler_of(objective, clip_sample)
     unet = unet_config_from_kwargs(unet_kwargs, learned)
     check_state_dict(state_dict, unet_kwargs, learned)
     weights = {k: v.detach().to("cpu").clone(memory_format=torch.contiguous_format)

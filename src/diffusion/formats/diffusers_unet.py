@@ -183,17 +183,18 @@ def unet_kwargs_from_config(cfg: dict, file: Path | str = "config.json") -> tupl
         in_channels=in_ch, out_channels=in_ch, ch=ch, ch_mult=tuple(c_i // ch for c_i in channels),
         num_res_blocks=c["layers_per_block"], attn_resolutions=tuple(size[0] // 2**i for i, a in enumerate(attn) if a),
         dropout=float(c["dropout"]), image_size=size[0], num_groups=c["norm_num_groups"], resamp_with_conv=True,
+        channels_last=False, num_classes=None,  # diffusers' UNet2DModel: NCHW, unconditional (class embeddings refused)
     )  # fmt: skip
     return kwargs, out_ch == 2 * in_ch
 
 
 def unet_config_from_kwargs(unet_kwargs: dict, learned_variance: bool) -> dict:
     """The UNet2DModel config.json of our U-Net (refuses what diffusers' blocks cannot build)."""
-    defaults = {k: p.default for k, p in inspect.signature(UNet).parameters.items()}
-    unknown = sorted(set(unet_kwargs) - set(defaults))
+    known = set(inspect.signature(UNet).parameters) - {"self"}
+    unknown = sorted(set(unet_kwargs) - known)
     if unknown:
         raise UserError(f"U-Net argument {unknown[0]!r} is unknown; use the keys of diffusion.nn.UNet")
-    k = {**defaults, **unet_kwargs}
+    k = {"num_classes": None, **unet_kwargs}  # a net saved before labels existed is unconditional
     if unet_kwargs.get("learned_variance", learned_variance) != learned_variance:
         raise UserError(f"net.learned_variance={k['learned_variance']} contradicts the variance; drop it from net")
     if k["num_classes"] is not None:

@@ -1,95 +1,51 @@
-"""Checkpoints that are never half-written, and one-line errors for checkpoints that cannot be used.
+"""Reading checkpoints: one-line errors for those that cannot be used, the weights a command asks for.
 
-`AtomicCheckpointIO` writes each checkpoint to a temporary file beside its destination, fsyncs it and
-renames it onto the final name: a full disk or a crash leaves the previous checkpoint there whole.
-(Lightning's own writer stages the file in the system temp directory, which may lie on another disk,
-and then copies it under the final name, so a copy that fails part-way leaves a truncated checkpoint.)
-`check_checkpoint` loads a .ckpt the way resuming and sampling do and says in one line what is wrong.
-`load_module` and `init_weights` also take a local diffusers folder (`diffusion.formats.diffusers`).
+`check_checkpoint` loads a .ckpt the way resuming and sampling do and says in one line what is wrong, and
+whether it is of this run's model. `load_weights` gives the module of a checkpoint or a local diffusers folder
+(`formats.diffusers`) with the weights asked for: its EMA average, the raw weights, or a post-hoc EMA of any
+width rebuilt from the run's snapshots (Karras et al. 2024). Checkpoints written before objectives existed are
+read as DDPM's (`upgrade_hparams`).
 """
 
-import contextlib
-import errno
-import inspect
 import math
-import os
 import pickle
 import re
 import struct
-import uuid
-from io import BytesIO
 from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from diffusion.core.objectives.base import objective_class
+from diffusion.core.objectives.ddpm import DDPM
 from diffusion.core.posthoc_ema import load_posthoc_ema
 from diffusion.errors import UserError
-from diffusion.files import fsync_dir, write_durably
 from diffusion.formats.diffusers import read_diffusers_folder
 from diffusion.formats.sources import EXAMPLE, check_source
 from diffusion.lightning.module import DiffusionModule
-
-_FIXES = {
-    errno.ENOSPC: "free space on that disk",
-    errno.EDQUOT: "free space within your disk quota",
-    errno.EFBIG: "raise the file-size limit (ulimit -f) or use a filesystem that allows larger files",
-    errno.EACCES: "make that directory writable",
-    errno.EPERM: "make that directory writable",
-    errno.EROFS: "that disk is read-only; write elsewhere",
-}
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """torch.save into a temporary file in the destination's directory, fsync, then os.replace onto it."""
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
-        if storage_options is not None or not _is_local_file_protocol(path):
-            return super().save_checkpoint(checkpoint, path, storage_options)  # remote stores: fsspec's own way
-        path = Path(path)
-        buffer = BytesIO()
-        torch.save(checkpoint, buffer)  # serialize first: a pickling bug is not a disk problem
-        existed = path.is_file()
-        tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_durably(tmp, buffer.getbuffer())
-            os.replace(tmp, path)
-        except OSError as err:
-            with contextlib.suppress(OSError):  # the write error below is the one to report
-                tmp.unlink()
-            raise UserError(_write_error(path, err, existed)) from err
-        _fsync_dir(path)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make the rename itself durable; filesystems that cannot fsync a directory are let be."""
-    try:
-        fsync_dir(path)
-    except OSError as err:
-        if err.errno not in (errno.EINVAL, errno.ENOTSUP):
-            raise UserError(f"checkpoint {path} was written but its directory could not be synced ({err.strerror}); "
-                            f"check that disk, then resume with ckpt_path={path}") from err
-
-
-def _write_error(path: Path, err: OSError, existed: bool) -> str:
-    """One line: the path, the OS error, what is left on disk, and how to go on."""
-    fix = _FIXES.get(err.errno, "check that disk")
-    last = path.parent / "last.ckpt"
-    resume = path if existed else (last if last.is_file() else None)
-    state = "the previous checkpoint there is intact" if existed else "no partial file was left"
-    go_on = f"resume with ckpt_path={resume}" if resume is not None else "start again"
-    return (f"could not write checkpoint {path} ({err.strerror or err}); {state}; {fix}, or set "
-            f"callbacks.checkpoint.dirpath=<a directory with room> and {go_on}")
-
 
 # What torch.load raises on a cut-off or garbled file (found by feeding it truncated and random bytes).
 _UNREADABLE = (RuntimeError, EOFError, pickle.UnpicklingError, KeyError, IndexError, ValueError, struct.error, OSError)
 _ZIP_MAGIC, _PICKLE_MAGIC = b"PK\x03\x04", b"\x80"
 LIGHTNING_KEYS = ("state_dict", "hyper_parameters", "global_step")
-_DEFAULTS = {k: p.default for k, p in inspect.signature(DiffusionModule).parameters.items()}
+# What checkpoints written before objectives existed held at the top level, and what DiffusionModule took by default
+# then (a diffusers folder's DDPM leaves the training settings out): the DDPM spec they make.
+_BEFORE_OBJECTIVES = {"parameterization": "eps", "variance": "fixed_large", "loss_type": "simple",
+                      "vlb_weight": 0.001, "min_snr_gamma": None, "timestep_sampler": "uniform"}
+_RENAMED = {"loss_type": "loss", "timestep_sampler": "timesteps"}
+
+
+def upgrade_hparams(hparams: dict) -> dict:
+    """A checkpoint's hyperparameters in today's form: before objectives existed, DDPM's settings (betas,
+    parameterization, variance, loss_type, ...) lay at the top level; they become its objective spec."""
+    if "objective" in hparams or "betas" not in hparams:
+        return hparams
+    old = dict(hparams)
+    old["net"] = {"num_classes": None, **old["net"]}  # an unconditional net's arguments left it out then
+    spec = {"_target_": f"{DDPM.__module__}.{DDPM.__qualname__}", "betas": old.pop("betas")}
+    for key, default in _BEFORE_OBJECTIVES.items():
+        spec[_RENAMED.get(key, key)] = old.pop(key, default)
+    return {**old, "objective": spec}
 
 
 class ModelMismatch(UserError):
@@ -103,9 +59,10 @@ class ModelMismatch(UserError):
 def check_checkpoint(path, expected: dict | None = None, start_over: str = "start without ckpt_path") -> dict:
     """Load a training checkpoint on the CPU (weights only); raise a one-line UserError if it cannot be used.
 
-    `expected` holds a DiffusionModule's hyperparameters (`module.hparams`): the checkpoint must have the
-    same network, betas, parameterization and variance, which are what give its weights their meaning
-    (else `ModelMismatch`). `start_over` is how the user starts without this checkpoint, for the messages.
+    `expected` holds a DiffusionModule's hyperparameters (`module.hparams`): the checkpoint must have the same
+    network and objective, with the objective's settings that give the weights their meaning (DDPM's betas,
+    parameterization and variance; EDM's σ_data), else `ModelMismatch`. `start_over` is how the user starts
+    without this checkpoint, for the messages. The checkpoint's hyperparameters come back upgraded.
     """
     path = Path(path)
     head = _read_head(path)
@@ -114,6 +71,7 @@ def check_checkpoint(path, expected: dict | None = None, start_over: str = "star
     except _UNREADABLE as err:
         raise UserError(_unreadable(path, head, err, start_over)) from err
     _check_kind(path, ckpt)
+    ckpt["hyper_parameters"] = upgrade_hparams(ckpt["hyper_parameters"])
     if expected is not None:
         _check_matches(path, ckpt["hyper_parameters"], expected, start_over)
     return ckpt
@@ -165,7 +123,7 @@ def _describe(head: bytes) -> str:
 
 
 def _check_kind(path: Path, ckpt: Any) -> None:
-    """A Lightning checkpoint (state, hyperparameters, step) of a DiffusionModule (net and betas)."""
+    """A Lightning checkpoint (state, hyperparameters, step) of a DiffusionModule (net and objective, or betas)."""
     missing = [k for k in LIGHTNING_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         held = f"a dict with keys {sorted(map(str, ckpt))[:5]}" if isinstance(ckpt, dict) else \
@@ -173,7 +131,8 @@ def _check_kind(path: Path, ckpt: Any) -> None:
         raise UserError(f"{path} is not a Lightning training checkpoint: it holds {held}, without {missing}; "
                         f"give a .ckpt file written by train.py, {EXAMPLE}")
     hparams = ckpt["hyper_parameters"]
-    absent = [k for k in ("net", "betas") if not isinstance(hparams, dict) or k not in hparams]
+    absent = ["net"] if not isinstance(hparams, dict) or "net" not in hparams else \
+        [] if "objective" in hparams or "betas" in hparams else ["objective"]
     if absent:
         raise UserError(f"{path} is a Lightning checkpoint but not of a DiffusionModule (its hyper_parameters lack "
                         f"{absent}); give a .ckpt file written by train.py, {EXAMPLE}")
@@ -181,8 +140,8 @@ def _check_kind(path: Path, ckpt: Any) -> None:
 
 def _check_matches(path: Path, hparams: dict, expected: dict, start_over: str | None = None,
                    option: str = "ckpt_path") -> None:
-    """The checkpoint's network, betas, parameterization and variance against this run's (`option` names the
-    setting that brought the checkpoint in: ckpt_path or init_from; `start_over` how to go without it)."""
+    """The checkpoint's network and objective against this run's (`option` names the setting that brought the
+    checkpoint in: ckpt_path or init_from; `start_over` how to go without it)."""
     found = _model_difference(hparams, expected)
     if found is not None:
         difference, fix = found
@@ -201,15 +160,24 @@ def _model_difference(hparams: dict, expected: dict) -> tuple[str, str] | None:
                 else f"data whose images give {key}={_fmt(have)}"
             return (f"net.{key}={_fmt(have)}, this run has net.{key}={_fmt(want)}",
                     f"use the same model config ({hint})")
-    if "betas" in expected:
-        found = _betas_difference(hparams["betas"], [float(b) for b in expected["betas"]])
-        if found is not None:
-            return found
-    for key in ("parameterization", "variance"):
-        have = hparams.get(key, _DEFAULTS[key])
-        if key in expected and have != expected[key]:
-            return (f"diffusion.{key}={have}, this run has diffusion.{key}={expected[key]}",
-                    f"use diffusion.{key}={have}")
+    if "objective" in expected:
+        return _objective_difference(hparams["objective"], expected["objective"])
+    return None
+
+
+def _objective_difference(have: dict, want: dict) -> tuple[str, str] | None:
+    """Another objective, or other settings of the ones that give its weights their meaning."""
+    have_cls, want_cls = objective_class(have), objective_class(want)
+    if have_cls is not want_cls:
+        return (f"objective={have_cls.name}, this run has objective={want_cls.name}", f"use objective={have_cls.name}")
+    for key in want_cls.identity:
+        if key == "betas":
+            found = _betas_difference(have["betas"], [float(b) for b in want["betas"]])
+            if found is not None:
+                return found
+        elif have.get(key) != want.get(key):
+            return (f"objective.{key}={have.get(key)}, this run has objective.{key}={want.get(key)}",
+                    f"use objective.{key}={have.get(key)}")
     return None
 
 
@@ -246,22 +214,23 @@ def _fmt(value: Any) -> str:
     return "[" + ",".join(_fmt(v) for v in value) + "]" if isinstance(value, list) else str(value)
 
 
+# A module loaded to sample, evaluate or export is not trained: no training settings.
+NOT_TRAINED = {"val_timestep_fractions": (), "val_bpd_images": 0, "loss_bins": 1, "on_nonfinite": "stop",
+               "nonfinite_check_every_n_steps": 1, "compile": False}
+
+
 def read_weights(source, weights: str = "ema", key: str = "ckpt") -> tuple[dict, dict[str, torch.Tensor]]:
     """(hyperparameters, the U-Net's state dict) of a training checkpoint or a local diffusers folder.
 
     A checkpoint gives its EMA weights (its state_dict, the raw weights when trained without EMA) or, with
     weights="raw", the raw ones; a diffusers folder holds one set (the released one), taken as "ema".
     """
-    if weights not in ("ema", "raw"):
-        raise UserError(f"weights must be 'ema' or 'raw', got {weights!r}; try weights=ema")
     path = check_source(source, key)
     if path.is_dir():
         if weights == "raw":
             raise UserError(f"{key} {source} is a diffusers folder, which holds one set of weights; use weights=ema")
-        unet_kwargs, state, betas, parameterization, variance, _ = read_diffusers_folder(path)
-        hparams = {"net": unet_kwargs, "betas": betas.tolist(), "parameterization": parameterization,
-                   "variance": variance}
-        return hparams, state
+        unet_kwargs, state, objective, _ = read_diffusers_folder(path)
+        return {"net": unet_kwargs, "objective": objective, **NOT_TRAINED}, state
     ckpt = check_checkpoint(path)
     if weights == "raw" and "current_model_state" not in ckpt:
         raise UserError(f"{source} holds no raw weights (trained without EMA); use weights=ema")
@@ -277,9 +246,22 @@ def load_module(ckpt, map_location: str | torch.device = "cpu", weights: str = "
     return module.to(map_location).eval()
 
 
+def load_weights(ckpt, weights: str, sigma_rel: float | None, snapshot_dir=None,
+                 map_location: str | torch.device = "cpu") -> tuple[DiffusionModule, str, dict | None]:
+    """The module sample.py, figures.py and evaluate.py use: (module, the weights' label for protocols, post-hoc
+    EMA info or None). weights=ema|raw, or with sigma_rel the post-hoc EMA of that width (weights must be ema)."""
+    if sigma_rel is None:
+        return load_module(ckpt, map_location, weights), weights, None
+    if weights != "ema":
+        raise UserError(f"weights={weights} and ema.sigma_rel={sigma_rel} both choose the weights; drop one "
+                        "(ema.sigma_rel: the post-hoc EMA of that width; weights=raw: the raw weights)")
+    module, info = load_posthoc_module(ckpt, sigma_rel, snapshot_dir, map_location)
+    return module, f"posthoc-ema σ_rel={sigma_rel:g}", info
+
+
 def init_weights(source, expected: dict) -> dict[str, torch.Tensor]:
     """The U-Net weights a new run starts from (init_from): a checkpoint's EMA weights or a diffusers folder's,
-    refused in one line unless they have this run's network, betas, parameterization and variance."""
+    refused in one line unless they have this run's network and objective."""
     hparams, state = read_weights(source, "ema", key="init_from")
     _check_matches(Path(source), hparams, expected, option="init_from")
     return state

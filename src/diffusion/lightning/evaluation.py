@@ -3,8 +3,9 @@
 Dataloader 0 deals out chunks of the N generated samples (chunk k from a generator seeded seed + k, rank r
 taking k = r, r + W, ...: the samples do not depend on the device count); their features go into one
 `SampleQuality` metric that torchmetrics syncs across ranks. Dataloader 1 deals out this rank's share of
-the test images, for which the full variational bound is computed (T network evaluations per image,
-batched, with the discretized decoder L_0): NLL in bits/dim, Ho et al. 2020 Table 2.
+the test images, for which the NLL in bits/dim is computed: DDPM's full variational bound (T network evaluations
+per image, batched, with the discretized decoder L_0; Ho et al. 2020 Table 2) or, for any objective, the
+probability-flow ODE's (core/ode_likelihood.py).
 """
 
 import time
@@ -16,7 +17,6 @@ from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric, SumMetric
 
 from diffusion.core.images import to_model_range, to_uint8
-from diffusion.core.likelihood import variational_bound
 from diffusion.core.sampling import SamplerSpec, chunk_bounds, draw_chunk, draw_labels
 from diffusion.lightning.module import DiffusionModule
 from diffusion.metrics.quality import SampleQuality
@@ -27,11 +27,12 @@ class Evaluator(L.LightningModule):
 
     def __init__(self, model: DiffusionModule, sampler: SamplerSpec, num_samples: int, batch_size: int, seed: int,
                  metric: SampleQuality | None, references: dict[str, Tensor], bpd_images: Tensor | None,
-                 bpd_batch_size: int):
+                 bpd_batch_size: int, bpd_method: str = "bound", ode_levels: int = 100):
         super().__init__()
         self.model, self.metric = model.eval(), metric
         self.sampler, self.num_samples, self.batch_size, self.seed = sampler, num_samples, batch_size, seed
         self.references, self.bpd_images, self.bpd_batch_size = references, bpd_images, bpd_batch_size
+        self.bpd_method, self.ode_levels = bpd_method, ode_levels
         self.bpd, self.prior_bpd, self.x0_mse = MeanMetric(), MeanMetric(), MeanMetric()
         self.sampling_seconds = SumMetric()  # summed over ranks: device-seconds spent sampling
         self.kinds: list[str] = []
@@ -73,7 +74,7 @@ class Evaluator(L.LightningModule):
         net = self.model.net
         began = time.perf_counter()
         labels = None if self.labels is None else self.labels[int(start):int(stop)]
-        x0 = draw_chunk(net, self.model.diffusion, self.sampler, int(k), int(stop) - int(start),
+        x0 = draw_chunk(net, self.model.objective, self.sampler, int(k), int(stop) - int(start),
                         shape=net.image_shape, seed=self.seed, device=self.device, labels=labels).x0
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -81,14 +82,15 @@ class Evaluator(L.LightningModule):
         self.metric.update(to_uint8(x0), torch.arange(int(start), int(stop)))
 
     def _bound(self, k, start, stop) -> None:
-        """The full bound of test-image batch k, its noise from a generator seeded by k: the Monte Carlo draws
-        of x_t, and so the bits/dim, do not depend on the device count."""
+        """Bits/dim of test-image batch k, its noise (the bound's x_t, the ODE's dequantization and probes) from a
+        generator seeded by k: the Monte Carlo draws, and so the bits/dim, do not depend on the device count."""
         images = self.bpd_images[int(start):int(stop)].to(self.device)  # uint8 (B, C, H, W)
         gen = torch.Generator(device=self.device).manual_seed(self.seed + 1_000_003 + int(k))
-        bound = variational_bound(self.model.net, self.model.diffusion, to_model_range(images), generator=gen)
-        self.bpd.update(bound.total_bpd)
-        self.prior_bpd.update(bound.prior_bpd)
-        self.x0_mse.update(bound.x0_mse)
+        bpd = self.model.bits_per_dim(to_model_range(images), self.bpd_method, gen, ode_levels=self.ode_levels)
+        self.bpd.update(bpd["bpd"])
+        self.prior_bpd.update(bpd["prior_bpd"])
+        if "x0_mse" in bpd:
+            self.x0_mse.update(bpd["x0_mse"])
 
     def on_test_epoch_end(self) -> None:
         if self.metric is not None:
@@ -98,5 +100,6 @@ class Evaluator(L.LightningModule):
             self.results["quality"] = self.metric.compute()
             self.results["sampling_device_seconds"] = float(self.sampling_seconds.compute())
         if self.bpd_images is not None:
-            self.results["nll"] = {"bpd": float(self.bpd.compute()), "prior_bpd": float(self.prior_bpd.compute()),
-                                   "x0_mse": float(self.x0_mse.compute())}
+            self.results["nll"] = {"bpd": float(self.bpd.compute()), "prior_bpd": float(self.prior_bpd.compute())}
+            if self.bpd_method == "bound":
+                self.results["nll"]["x0_mse"] = float(self.x0_mse.compute())

@@ -1,7 +1,8 @@
-"""The LightningModule: glue between the U-Net, the diffusion math, the optimizer and the loggers.
+"""The LightningModule: glue between the U-Net, an objective (core/objectives), the optimizer and the loggers.
 
-Hyperparameters are plain Python values (the betas as a list of floats), so a checkpoint loads with
-`DiffusionModule.load_from_checkpoint(path)` under torch's `weights_only=True` without any config.
+Hyperparameters are plain Python values (the network's arguments and the objective's spec, a dict with its
+`_target_`), so a checkpoint loads with `DiffusionModule.load_from_checkpoint(path)` under torch's
+`weights_only=True` without any config. The constructor trusts its arguments: the config was validated before.
 """
 
 from collections.abc import Callable
@@ -13,11 +14,12 @@ from lightning.fabric.utilities.seed import reset_seed
 from torch import Tensor
 from torchmetrics import MeanMetric
 
-from diffusion.core.gaussian import GaussianDiffusion
-from diffusion.core.likelihood import variational_bound
-from diffusion.core.losses import make_timestep_sampler, training_losses
+from diffusion.core.objectives.base import Objective, build_objective
+from diffusion.core.ode_likelihood import ode_bits_per_dim
 from diffusion.errors import UserError
 from diffusion.nn import UNet
+
+ODE_LEVELS = 100  # val/bpd through the ODE: Heun on 100 levels of the logsnr grid (198 network calls and backwards)
 
 
 class NonFiniteLoss(UserError):
@@ -25,56 +27,28 @@ class NonFiniteLoss(UserError):
 
 
 class DiffusionModule(L.LightningModule):
-    """DDPM training (Ho et al. 2020 Algorithm 1) with validation loss at fixed t and bits/dim."""
+    """Training (Ho et al. 2020 Algorithm 1, for any objective) with validation loss at fixed noise levels and
+    bits/dim (DDPM: the full bound; the others: the probability-flow ODE)."""
 
-    def __init__(
-        self,
-        net: dict[str, Any],
-        betas: list[float],
-        parameterization: str = "eps",
-        variance: str = "fixed_large",
-        loss_type: str = "simple",
-        vlb_weight: float = 0.001,
-        min_snr_gamma: float | None = None,
-        timestep_sampler: str = "uniform",
-        val_timestep_fractions: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0),
-        val_bpd_images: int = 16,
-        loss_bins: int = 10,
-        on_nonfinite: str = "stop",
-        nonfinite_check_every_n_steps: int = 100,
-        compile: bool = False,
-        cond_drop_prob: float = 0.1,
-        class_names: list[str] | None = None,
-        optimizer: Callable | None = None,
-        lr_scheduler: Callable | None = None,
-    ):
+    def __init__(self, net: dict[str, Any], objective: dict[str, Any], val_timestep_fractions: tuple[float, ...],
+                 val_bpd_images: int, loss_bins: int, on_nonfinite: str, nonfinite_check_every_n_steps: int,
+                 compile: bool, cond_drop_prob: float | None = None, class_names: list[str] | None = None,
+                 optimizer: Callable | None = None, lr_scheduler: Callable | None = None):
         super().__init__()
         conditional = net.get("num_classes") is not None
-        # An unconditional module saves exactly the hyperparameters it saved before labels existed.
+        # An unconditional module saves no label settings.
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler",
                                           *(() if conditional else ("cond_drop_prob", "class_names"))])
-        if not 0 <= cond_drop_prob <= 1:
-            raise UserError(f"diffusion.cond_drop_prob must be in [0, 1], got {cond_drop_prob}; "
-                            "try diffusion.cond_drop_prob=0.1")
-        if conditional and class_names is not None and len(class_names) != net["num_classes"]:
-            raise UserError(f"{len(class_names)} class names for model.num_classes={net['num_classes']}; "
-                            f"set model.num_classes={len(class_names)}")
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
-        self.net = UNet(**net, learned_variance=variance == "learned_range")
-        self.diffusion = GaussianDiffusion(torch.tensor(betas, dtype=torch.float64), parameterization, variance)
-        T = self.diffusion.num_timesteps
-        self.timestep_sampler = make_timestep_sampler(timestep_sampler, T)
-        self.val_timesteps = sorted({round(f * (T - 1)) for f in val_timestep_fractions})
-        self.loss_bins = min(loss_bins, T)
+        self.objective: Objective = build_objective(objective)
+        self.net = UNet(**net, learned_variance=self.objective.learned_variance)
+        self.loss_bins = self.objective.num_bins(loss_bins)
+        self.bin_labels = self.objective.bin_labels(self.loss_bins)
         # No sync at compute: each rank already holds the global batch's values (see _log_binned).
         self.train_bin_loss = torch.nn.ModuleList(MeanMetric(sync_on_compute=False) for _ in range(self.loss_bins))
         self.nonfinite_skips = 0
         self._first_nonfinite: tuple[Tensor, Tensor] | None = None  # (step, loss) of the first NaN/inf loss, or -1
-        self._step_draw: tuple[Tensor, ...] | None = None  # this optimizer step's (t, w, ε[, label dropped])
-
-    @property
-    def num_timesteps(self) -> int:
-        return self.diffusion.num_timesteps
+        self._step_draw: tuple[Tensor, ...] | None = None  # this optimizer step's (levels, w, ε[, label dropped])
 
     @property
     def num_classes(self) -> int | None:
@@ -86,14 +60,14 @@ class DiffusionModule(L.LightningModule):
         """The classes' names (index order) when the data named them, else None."""
         return self.hparams.get("class_names")
 
-    def forward(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
-        return self.net(x_t, t, y)
+    def forward(self, x: Tensor, noise_in: Tensor, y: Tensor | None = None) -> Tensor:
+        return self.net(x, noise_in, y)
 
     def _net_given(self, y: Tensor | None) -> Callable[[Tensor, Tensor], Tensor]:
-        """The network as a model(x_t, t) callable, conditioned on labels y when the model takes them."""
+        """The network as a model(x, noise_in) callable, conditioned on labels y when the model takes them."""
         if y is None or self.num_classes is None:
             return self.net
-        return lambda x_t, t: self.net(x_t, t, y)
+        return lambda x, noise_in: self.net(x, noise_in, y)
 
     def _split_batch(self, batch) -> tuple[Tensor, Tensor | None]:
         """(x0, labels): a batch is images alone, or (images, labels) for a class-conditional model."""
@@ -106,15 +80,14 @@ class DiffusionModule(L.LightningModule):
         return x0, y
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
-        # Algorithm 1: t ~ Uniform (or importance-sampled), ε ~ N(0, I), a gradient step on the loss.
+        # Algorithm 1: a noise level from the objective's distribution, ε ~ N(0, I), a gradient step on its loss.
         x0, y = self._split_batch(batch)
-        t, weights, eps, *dropped = self._draw(x0, batch_idx)
+        levels, weights, eps, *dropped = self._draw(x0, batch_idx)
         if y is not None:  # classifier-free guidance training: a share of labels replaced by "no label"
             y = torch.where(dropped[0], torch.full_like(y, self.net.null_label), y)
-        out = training_losses(self._net_given(y), self.diffusion, x0, t, eps, self.hparams.loss_type,
-                              self.hparams.vlb_weight, self.hparams.min_snr_gamma)
+        out = self.objective.loss(self._net_given(y), x0, levels, eps)
         if out.vlb is not None:
-            self._update_timestep_sampler(t, out.vlb)
+            self._update_levels(levels, out.vlb)
         loss = (out.loss * weights).mean()
         if self.hparams.on_nonfinite == "skip":  # skipping a step needs its answer now: one host sync per step
             if not torch.isfinite(loss):
@@ -127,18 +100,18 @@ class DiffusionModule(L.LightningModule):
         self.log("train/mse", out.mse.mean(), sync_dist=True)
         if out.vlb is not None:
             self.log("train/vlb_bpd_term", out.vlb.mean())
-        self._log_binned(t, out.mse.detach())
+        self._log_binned(levels, out.mse.detach())
         return loss
 
     def _draw(self, x0: Tensor, batch_idx: int) -> tuple[Tensor, ...]:
-        """t, importance weights and ε (and, for a class-conditional model, whether each label is dropped) for
-        this rank's images, drawn for the whole optimizer step and sliced.
+        """Noise levels, importance weights and ε (and, for a class-conditional model, whether each label is
+        dropped) for this rank's images, drawn for the whole optimizer step and sliced.
 
-        Every rank seeds the same RNG and, at the first micro-batch of a step, draws (t, ε) for all
-        W ranks × A accumulated micro-batches × B images; micro-batch k of rank r keeps rows r, r + W, ...
-        of block k: the rows its images have in one big batch (`EpochSampler` deals images out the same
-        way). So ranks never share noise, and W devices × A micro-batches × B images train exactly as
-        1 device × W·A·B images (when an epoch's batch count is a multiple of A).
+        Every rank seeds the same RNG and, at the first micro-batch of a step, draws them for all W ranks × A
+        accumulated micro-batches × B images; micro-batch k of rank r keeps rows r, r + W, ... of block k: the
+        rows its images have in one big batch (`EpochSampler` deals images out the same way). So ranks never share
+        noise, and W devices × A micro-batches × B images train exactly as 1 device × W·A·B images (when an
+        epoch's batch count is a multiple of A).
         """
         world, rank, accumulate = 1, 0, 1
         if self._trainer is not None:
@@ -147,9 +120,9 @@ class DiffusionModule(L.LightningModule):
         micro, B = batch_idx % accumulate, x0.shape[0]
         if micro == 0 or self._step_draw is None or self._step_draw[2].shape[0] != world * accumulate * B:
             n = world * accumulate * B
-            t, weights = self.timestep_sampler.sample(n, x0.device)  # (W·A·B,)
+            levels, weights = self.objective.draw_levels(n, x0.device)  # (W·A·B,)
             eps = torch.randn((n, *x0.shape[1:]), device=x0.device, dtype=x0.dtype)  # (W·A·B, C, H, W)
-            self._step_draw = (t, weights, eps)
+            self._step_draw = (levels, weights, eps)
             if self.num_classes is not None:  # after ε, so an unconditional run draws exactly what it did
                 dropped = torch.rand(n, device=x0.device) < self.hparams.cond_drop_prob  # (W·A·B,)
                 self._step_draw = (*self._step_draw, dropped)
@@ -174,7 +147,7 @@ class DiffusionModule(L.LightningModule):
             self._nonfinite(value, int(step))
 
     def _nonfinite(self, loss: Tensor, step: int | None = None) -> None:
-        """A NaN/inf loss: skip the step (loss.on_nonfinite=skip, counted) or stop before anything is saved."""
+        """A NaN/inf loss: skip the step (training.on_nonfinite=skip, counted) or stop before anything is saved."""
         if self.hparams.on_nonfinite == "skip":
             self.nonfinite_skips += 1
             self.log("train/nonfinite_skips", float(self.nonfinite_skips))
@@ -184,24 +157,25 @@ class DiffusionModule(L.LightningModule):
         step = self.global_step if step is None else step
         raise NonFiniteLoss(f"training loss is {loss.item()} at step {step}; nothing after the last "
                             f"good checkpoint ({last}) was saved; lower optim.optimizer.lr, or set "
-                            "loss.on_nonfinite=skip to skip such steps")
+                            "training.on_nonfinite=skip to skip such steps")
 
-    def _update_timestep_sampler(self, t: Tensor, vlb: Tensor) -> None:
-        """Feed every rank's VLB terms to the importance sampler, so all ranks keep the same history."""
-        t_all, vlb_all = self.all_gather(t), self.all_gather(vlb.detach())  # (W, B) under DDP, else (B,)
+    def _update_levels(self, levels: Tensor, vlb: Tensor) -> None:
+        """Feed every rank's VLB terms to an adaptive level distribution, so all ranks keep the same history."""
+        t_all, vlb_all = self.all_gather(levels), self.all_gather(vlb.detach())  # (W, B) under DDP, else (B,)
         # rank-major (W, B) -> the global batch's own order (rows rank, rank + W, ...: see _draw)
-        n = t.shape[0]
-        self.timestep_sampler.update(t_all.reshape(-1, n).T.reshape(-1), vlb_all.reshape(-1, n).T.reshape(-1))
+        n = levels.shape[0]
+        self.objective.update_levels(t_all.reshape(-1, n).T.reshape(-1), vlb_all.reshape(-1, n).T.reshape(-1))
 
-    def _log_binned(self, t: Tensor, mse: Tensor) -> None:
-        """L_simple averaged within `loss_bins` equal ranges of t, logged per epoch: where schedules differ."""
-        T, bins = self.num_timesteps, self.loss_bins
+    def _log_binned(self, levels: Tensor, mse: Tensor) -> None:
+        """The training error averaged within `loss_bins` equal ranges of the objective's noise level, logged per
+        epoch: where schedules and objectives differ."""
+        bins = self.loss_bins
         if self._trainer is not None and self.trainer.world_size > 1:
             # Every rank bins the whole global batch (a few floats), so all ranks log the same bins: a bin
             # logged on one rank only would leave the others waiting in its epoch-end sync.
-            t, mse = self.all_gather(t).reshape(-1), self.all_gather(mse).reshape(-1)
+            levels, mse = self.all_gather(levels).reshape(-1), self.all_gather(mse).reshape(-1)
         # sums and counts per bin by index_add_ (no mask.any(): no host sync), added to each bin's MeanMetric state
-        which = t * bins // T  # (N,)
+        which = self.objective.level_bins(levels, bins)  # (N,)
         mse = mse.float()
         sums = torch.zeros(bins, device=mse.device).index_add_(0, which, mse)
         counts = torch.zeros(bins, device=mse.device).index_add_(0, which, torch.ones_like(mse))
@@ -215,39 +189,46 @@ class DiffusionModule(L.LightningModule):
         for metric in self.train_bin_loss:
             metric.reset()
 
-    def _bin_label(self, k: int) -> str:
-        T, bins = self.num_timesteps, self.loss_bins
-        return f"t{k * T // bins:04d}-{(k + 1) * T // bins - 1:04d}"
-
     def loss_by_t(self) -> dict[str, float]:
-        """This epoch's mean L_simple in each bin of t that had samples: what is logged as train_loss_by_t/*
-        at the epoch's end (read before then: on_train_epoch_end resets the bins after logging them)."""
-        return {self._bin_label(k): float(m.mean_value / m.weight) for k, m in enumerate(self.train_bin_loss)
+        """This epoch's mean training error in each bin of noise level that had samples: what is logged as
+        train_loss_by_t/* at the epoch's end (read before then: on_train_epoch_end resets the bins after logging)."""
+        return {self.bin_labels[k]: float(m.mean_value / m.weight) for k, m in enumerate(self.train_bin_loss)
                 if m.weight > 0}
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        # L_simple at fixed t with noise fixed by (batch, t), so numbers are comparable across evaluations.
-        # A class-conditional model is scored given the true labels.
+        # The training error at fixed noise levels with noise fixed by (batch, level), comparable across
+        # evaluations. A class-conditional model is scored given the true labels.
         x0, y = self._split_batch(batch)
         model = self._net_given(y)
         gen = torch.Generator(device=x0.device).manual_seed(batch_idx)
         losses = []
-        for step in self.val_timesteps:
-            t = torch.full((x0.shape[0],), step, device=x0.device, dtype=torch.long)
+        for label, levels in self.objective.validation_levels(self.hparams.val_timestep_fractions, x0.shape[0],
+                                                              x0.device):
             eps = torch.randn(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)
-            mse = training_losses(model, self.diffusion, x0, t, eps).mse.mean()
-            self.log(f"val/loss_t{step:04d}", mse, batch_size=x0.shape[0])
+            mse = self.objective.validation_mse(model, x0, levels, eps).mean()
+            self.log(f"val/loss_{label}", mse, batch_size=x0.shape[0])
             losses.append(mse)
         self.log("val/loss", torch.stack(losses).mean(), prog_bar=True, batch_size=x0.shape[0])
         if batch_idx == 0 and self.hparams.val_bpd_images > 0:
             n = self.hparams.val_bpd_images
             self._log_bpd(x0[:n], gen, None if y is None else y[:n])
 
+    def bits_per_dim(self, x0: Tensor, method: str, generator: torch.Generator | None = None,
+                     y: Tensor | None = None, ode_levels: int = ODE_LEVELS) -> dict[str, Tensor]:
+        """Bits/dim of data x0 by the full bound (DDPM, Ho et al. 2020 Table 2; with x̂0's squared error at every
+        step) or through the probability-flow ODE (every objective): {"bpd", "prior_bpd"[, "x0_mse"]}, each (B,)."""
+        model = self._net_given(y)
+        if method == "bound":
+            bound = self.objective.bound_bits_per_dim(model, x0, generator)
+            return {"bpd": bound.total_bpd, "prior_bpd": bound.prior_bpd, "x0_mse": bound.x0_mse.mean(1)}
+        nll = ode_bits_per_dim(self.objective.denoiser(model, clip=False), x0, ode_levels, generator=generator)
+        return {"bpd": nll.bpd, "prior_bpd": nll.prior_bpd}
+
     def _log_bpd(self, x0: Tensor, gen: torch.Generator, y: Tensor | None = None) -> None:
-        """The full variational bound (T network evaluations) on a small fixed batch, Ho et al. 2020 Table 2."""
-        bound = variational_bound(self._net_given(y), self.diffusion, x0, generator=gen)
-        self.log("val/bpd", bound.total_bpd.mean(), prog_bar=True, batch_size=x0.shape[0], sync_dist=True)
-        self.log("val/prior_bpd", bound.prior_bpd.mean(), batch_size=x0.shape[0], sync_dist=True)
+        """Bits/dim on a small fixed batch: DDPM's full bound (T network evaluations), else the ODE's."""
+        bpd = self.bits_per_dim(x0, self.objective.likelihoods[0], gen, y)
+        self.log("val/bpd", bpd["bpd"].mean(), prog_bar=True, batch_size=x0.shape[0], sync_dist=True)
+        self.log("val/prior_bpd", bpd["prior_bpd"].mean(), batch_size=x0.shape[0], sync_dist=True)
 
     def configure_optimizers(self):
         factory = self.optimizer_factory or torch.optim.Adam
@@ -260,7 +241,7 @@ class DiffusionModule(L.LightningModule):
     def on_fit_start(self) -> None:
         # Lightning re-seeds every DDP rank from the run's seed when it sets up the process group (after the
         # network was built); doing the same here in every case makes 1 device and N devices draw the same
-        # (t, ε) from step 0. A resumed run restores its saved RNG state at its first batch (RNGState).
+        # noise from step 0. A resumed run restores its saved RNG state at its first batch (RNGState).
         reset_seed()
         if self.hparams.compile:
             # In place (nn.Module.compile): state_dict keys stay those of the plain net. Here, after the EMA
@@ -270,14 +251,14 @@ class DiffusionModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.hparams.on_nonfinite == "stop":
             self.raise_if_nonfinite()  # never a checkpoint of weights a NaN/inf step has touched
-        checkpoint["timestep_sampler"] = self.timestep_sampler.state_dict()
+        checkpoint["timestep_sampler"] = self.objective.level_state()
         checkpoint["nonfinite_skips"] = self.nonfinite_skips
         # The epoch's binned losses so far: a run resumed mid-epoch logs the whole epoch's means at its end.
         checkpoint["train_loss_by_t"] = [dict(metric.metric_state) for metric in self.train_bin_loss]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "timestep_sampler" in checkpoint:
-            self.timestep_sampler.load_state_dict(checkpoint["timestep_sampler"])
+            self.objective.load_level_state(checkpoint["timestep_sampler"])
         self.nonfinite_skips = checkpoint.get("nonfinite_skips", 0)
         states = checkpoint.get("train_loss_by_t", [])
         if len(states) == len(self.train_bin_loss):

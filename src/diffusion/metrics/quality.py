@@ -25,6 +25,7 @@ from torchmetrics.image.kid import poly_mmd
 from torchmetrics.utilities import dim_zero_cat
 from torchmetrics.utilities.distributed import gather_all_tensors
 
+from diffusion.core.objectives.base import Objective
 from diffusion.core.sampling import SamplerSpec, chunk_bounds, sampler_label
 from diffusion.errors import UserError
 from diffusion.metrics.features import FeatureExtractor, make_feature_extractor
@@ -180,15 +181,15 @@ def _nonempty(state: list[Tensor] | Tensor) -> bool:
 
 
 def make_protocol(*, num_generated: int, reference_sizes: dict[str, int], extractor: FeatureExtractor,
-                  sampler: SamplerSpec, num_timesteps: int, variance: str, weights: str, seed: int,
+                  sampler: SamplerSpec, objective: Objective, weights: str, seed: int,
                   settings: dict | None = None) -> dict:
-    """Everything a score depends on besides the network: scores with different protocols are not comparable."""
+    """Everything a score depends on besides the network: scores with different protocols are not comparable.
+    The objective adds what it records (DDPM: num_timesteps and variance, as protocols always held)."""
     return {
         "num_generated": num_generated,
         "reference": {split: {"num_images": n, "augmentation": "none"} for split, n in reference_sizes.items()},
         "extractor": extractor.name, "extractor_sha256": extractor.weights_sha256[:12],
-        "sampler": sampler.describe(num_timesteps),
-        "num_timesteps": num_timesteps, "variance": variance, "weights": weights, "seed": seed,
+        "sampler": sampler.describe(objective), **objective.protocol(), "weights": weights, "seed": seed,
         "settings": settings or {},
     }
 

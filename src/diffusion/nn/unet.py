@@ -65,22 +65,12 @@ class Level(nn.Module):
 class UNet(nn.Module):
     """The DDPM U-Net: x (B, C, H, W), t (B,) -> (B, out_channels * (2 if learned_variance else 1), H, W)."""
 
-    def __init__(
-        self,
-        in_channels: int = 3,
-        out_channels: int = 3,
-        ch: int = 128,
-        ch_mult: tuple[int, ...] = (1, 2, 2, 2),
-        num_res_blocks: int = 2,
-        attn_resolutions: tuple[int, ...] = (16,),
-        dropout: float = 0.0,
-        image_size: int = 32,
-        learned_variance: bool = False,
-        num_groups: int = 32,
-        resamp_with_conv: bool = True,
-        channels_last: bool = False,
-        num_classes: int | None = None,
-    ):
+    def __init__(self, *, in_channels: int, out_channels: int, ch: int, ch_mult: tuple[int, ...], num_res_blocks: int,
+                 attn_resolutions: tuple[int, ...], dropout: float, image_size: int, num_groups: int,
+                 resamp_with_conv: bool, channels_last: bool, num_classes: int | None,
+                 learned_variance: bool = False):
+        """Every argument is given (conf/model/*.yaml holds the shapes); num_classes=K makes the net class-conditional,
+        None unconditional; learned_variance (the objective's) doubles the output channels."""
         super().__init__()
         ch_mult, attn_resolutions = tuple(ch_mult), tuple(attn_resolutions)
         _check_args(ch, ch_mult, attn_resolutions, image_size, num_groups)

@@ -1,17 +1,9 @@
-"""Sampling: the samplers, the sampler spec that chooses one, and the one function that draws N images."""
+"""Sampling: samplers over a denoiser (one module each), their registry and spec, guidance, and draw()."""
 
-from diffusion.core.sampling.ancestral import (
-    Model,
-    Recorder,
-    SampleOutput,
-    Trajectory,
-    ancestral_loop,
-    ddim_sample,
-    ddpm_sample,
-    gaussian_noise,
-    respace,
-    respaced_sample,
-)
+from diffusion.core.sampling.ancestral import ancestral_loop, ddpm_sample, respace, respaced_sample
+from diffusion.core.sampling.common import Recorder, SampleOutput, Trajectory, gaussian_noise
+from diffusion.core.sampling.ddim import ddim_sample, euler_sample
+from diffusion.core.sampling.dpmpp import dpmpp_2m_sample, dpmpp_2m_sde_sample
 from diffusion.core.sampling.draw import (
     Chunk,
     Drawn,
@@ -31,12 +23,20 @@ from diffusion.core.sampling.guidance import (
     num_classes_of,
     resolve_labels,
 )
-from diffusion.core.sampling.solvers import dpmpp_2m_sample, dpmpp_2m_sde_sample, heun_sample, unipc_sample
-from diffusion.core.sampling.spec import SAMPLERS, SamplerKind, SamplerSpec, as_sampler_spec, sampler_label
+from diffusion.core.sampling.heun import heun_sample
+from diffusion.core.sampling.spec import (
+    SAMPLERS,
+    SamplerKind,
+    SamplerSpec,
+    as_sampler_spec,
+    sampler_label,
+    sampler_spec,
+)
+from diffusion.core.sampling.unipc import unipc_sample
 
 __all__ = ["GuidedModel", "balanced_labels", "check_guidance", "class_rows", "draw_labels", "guide", "num_classes_of",
-           "resolve_labels", "SAMPLERS", "Chunk", "Drawn", "Model",
-           "Recorder", "SampleOutput", "SamplerKind", "SamplerSpec",
+           "resolve_labels", "SAMPLERS", "Chunk", "Drawn", "Recorder", "SampleOutput", "SamplerKind", "SamplerSpec",
            "Trajectory", "ancestral_loop", "as_sampler_spec", "chunk_bounds", "ddim_sample", "ddpm_sample", "draw",
-           "dpmpp_2m_sample", "dpmpp_2m_sde_sample", "draw_chunk", "draw_chunks", "eval_mode", "gaussian_noise",
-           "heun_sample", "respace", "respaced_sample", "sampler_label", "unipc_sample"]
+           "dpmpp_2m_sample", "dpmpp_2m_sde_sample", "draw_chunk", "draw_chunks", "euler_sample", "eval_mode",
+           "gaussian_noise", "heun_sample", "respace", "respaced_sample", "sampler_label", "sampler_spec",
+           "unipc_sample"]

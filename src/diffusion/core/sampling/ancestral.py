@@ -1,59 +1,23 @@
-"""Ancestral DDPM, DDIM and respaced DDPM over any `model(x_t, t) -> output` callable.
+"""Ancestral sampling, DDPM's own: Algorithm 2 over all T steps, and over K of them (respaced), on a DDPM denoiser.
 
-Every coefficient the loop needs lives on the sample's device before the loop starts; each step only
-indexes those tensors (views or device-side gathers), so nothing is re-created or copied host→device
-per step. Pass `dtype=torch.float64` to GaussianDiffusion and a float64 x_T to sample in double.
+They walk DDPM's Markov chain p(x_{t-1} | x_t) with its fixed or learned variance, so they need the chain (the
+objective's `markov_chain`) and the network's whole output (a learned variance's half too): the DDPM denoiser
+carries both. Every coefficient the loop needs lives on the sample's device before the loop starts; each step only
+indexes those tensors, so nothing is copied host→device per step. Pass `dtype=torch.float64` to GaussianDiffusion
+and a float64 x_T to sample in double.
 """
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from diffusion.core.gaussian import GaussianDiffusion
+from diffusion.core.objectives.ddpm import DDPMDenoiser
+from diffusion.core.sampling.common import Recorder, SampleOutput, gaussian_noise
 from diffusion.core.schedules import respace_betas, space_timesteps
-from diffusion.errors import UserError
 
 Model = Callable[[Tensor, Tensor], Tensor]
-
-
-@dataclass
-class Trajectory:
-    """x_t entering each recorded step and the x̂0 predicted there, in sampling order (paper Fig. 6)."""
-
-    steps: list[int]  # original timestep indices, decreasing
-    x_t: Tensor  # (S, B, C, H, W)
-    x0_pred: Tensor  # (S, B, C, H, W)
-
-
-@dataclass
-class SampleOutput:
-    """Final samples x_0 and, when asked for, the trajectory."""
-
-    x0: Tensor
-    trajectory: Trajectory | None = None
-
-
-class Recorder:
-    """Keep x_t and x̂0 at the chosen original timesteps."""
-
-    def __init__(self, record_steps: Iterable[int] | None):
-        self.wanted = None if record_steps is None else set(int(s) for s in record_steps)
-        self.steps, self.x_t, self.x0 = [], [], []
-
-    def __call__(self, t: int, x_t: Tensor, x0_pred: Tensor) -> None:
-        if self.wanted is not None and t in self.wanted:
-            self.steps.append(t)
-            self.x_t.append(x_t.clone())
-            self.x0.append(x0_pred.clone())
-
-    def output(self, x0: Tensor) -> SampleOutput:
-        if self.wanted is None:
-            return SampleOutput(x0)
-        if not self.steps:
-            return SampleOutput(x0, Trajectory([], x0.new_zeros(0, *x0.shape), x0.new_zeros(0, *x0.shape)))
-        return SampleOutput(x0, Trajectory(self.steps, torch.stack(self.x_t), torch.stack(self.x0)))
 
 
 def _step_indices(timesteps: Sequence[int], batch_size: int, device: torch.device) -> Tensor:
@@ -85,24 +49,12 @@ def ancestral_loop(model: Model, diffusion: GaussianDiffusion, x: Tensor, *, sta
     return x
 
 
-def gaussian_noise(generator: torch.Generator | None) -> Callable[[Tensor], Tensor]:
-    """z ~ N(0, I) shaped like x from `generator`, into one buffer reused at every step."""
-    buffer: list[Tensor] = []
-
-    def draw(like: Tensor) -> Tensor:
-        if not buffer:
-            buffer.append(torch.empty_like(like))
-        return buffer[0].normal_(generator=generator)
-
-    return draw
-
-
-def ddpm_sample(model: Model, diffusion: GaussianDiffusion, x_T: Tensor, *, clip_denoised: bool = True,
-                generator: torch.Generator | None = None, record_steps: Iterable[int] | None = None) -> SampleOutput:
+def ddpm_sample(denoiser: DDPMDenoiser, x_T: Tensor, *, generator: torch.Generator | None = None,
+                record_steps: Iterable[int] | None = None) -> SampleOutput:
     """Ancestral sampling, Ho et al. 2020 Algorithm 2, with the diffusion's fixed or learned variance."""
     recorder = Recorder(record_steps)
-    x0 = ancestral_loop(model, diffusion, x_T, clip_denoised=clip_denoised, noise=gaussian_noise(generator),
-                        recorder=recorder)
+    x0 = ancestral_loop(denoiser.model, denoiser.diffusion, x_T, clip_denoised=denoiser.clip,
+                        noise=gaussian_noise(generator), recorder=recorder)
     return recorder.output(x0)
 
 
@@ -125,47 +77,16 @@ def _mean_to_x0(model: Model, diffusion: GaussianDiffusion) -> Model:
     return wrapped
 
 
-def respaced_sample(model: Model, diffusion: GaussianDiffusion, x_T: Tensor, *, num_steps: int | None = None,
-                    spacing: str | Sequence[int] = "linspace", clip_denoised: bool = True,
-                    generator: torch.Generator | None = None,
+def respaced_sample(denoiser: DDPMDenoiser, x_T: Tensor, *, num_steps: int | None = None,
+                    spacing: str | Sequence[int] = "linspace", generator: torch.Generator | None = None,
                     record_steps: Iterable[int] | None = None) -> SampleOutput:
     """Ancestral sampling over K of T steps, each step going to the previous *kept* step (Nichol & Dhariwal 2021)."""
+    diffusion, model = denoiser.diffusion, denoiser.model
     kept = space_timesteps(diffusion.num_timesteps, spacing, num_steps, diffusion.alphas_cumprod_float64)
     respaced = respace(diffusion, kept)
     if diffusion.parameterization == "mean":
         model = _mean_to_x0(model, diffusion)
     recorder = Recorder(record_steps)
-    x0 = ancestral_loop(model, respaced, x_T, model_steps=kept, clip_denoised=clip_denoised,
+    x0 = ancestral_loop(model, respaced, x_T, model_steps=kept, clip_denoised=denoiser.clip,
                         noise=gaussian_noise(generator), recorder=recorder)
     return recorder.output(x0)
-
-
-def ddim_sample(model: Model, diffusion: GaussianDiffusion, x_T: Tensor, *, num_steps: int | None = None,
-                spacing: str | Sequence[int] = "linspace", eta: float = 0.0, clip_denoised: bool = True,
-                generator: torch.Generator | None = None, record_steps: Iterable[int] | None = None) -> SampleOutput:
-    """DDIM, Song et al. 2021 Eq. 12, over an increasing subsequence of steps; η=0 is deterministic."""
-    if not 0.0 <= eta <= 1.0:
-        raise UserError(f"sampler.eta must be in [0, 1], got {eta}; use 0 for deterministic DDIM, 1 for DDPM-like")
-    kept = space_timesteps(diffusion.num_timesteps, spacing, num_steps, diffusion.alphas_cumprod_float64)
-    B, device = x_T.shape[0], x_T.device
-    # Per-step coefficients, built once on the device: ᾱ_t at each kept step and ᾱ at the previous kept one.
-    idx = torch.as_tensor(kept, dtype=torch.long, device=device)
-    ac = diffusion.alphas_cumprod[idx]
-    ac_prev = torch.cat([ac.new_ones(1), ac[:-1]])
-    sigma = eta * ((1 - ac_prev) / (1 - ac) * (1 - ac / ac_prev)).sqrt()  # σ_t(η), Song et al. 2021 Eq. 16
-    coef_x0, coef_eps = ac_prev.sqrt(), (1 - ac_prev - sigma**2).clamp(min=0).sqrt()
-    t_model = _step_indices(kept, B, device)
-    recorder, noise, x = Recorder(record_steps), torch.empty_like(x_T), x_T
-    for i in reversed(range(len(kept))):
-        t = t_model[i]
-        mean_out, _ = diffusion.split_output(model(x, t))
-        x0_pred = diffusion.predict_x0(mean_out, x, t)
-        if clip_denoised:
-            x0_pred = x0_pred.clamp(-1.0, 1.0)
-        eps = diffusion.predict_eps_from_x0(x, t, x0_pred)
-        recorder(kept[i], x, x0_pred)
-        x = coef_x0[i] * x0_pred + coef_eps[i] * eps  # Eq. 12: predicted x0, direction to x_t
-        if eta > 0 and i > 0:
-            x = x + sigma[i] * noise.normal_(generator=generator)  # Eq. 12: random noise
-    return recorder.output(x)
-

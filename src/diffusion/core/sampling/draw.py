@@ -1,8 +1,9 @@
-"""The one way images are drawn: N images from a network and a diffusion, in seeded chunks.
+"""The one way images are drawn: N images from a network and its objective, in seeded chunks.
 
-The N images are fixed chunks of `chunk_size`; chunk k starts from x_T ~ N(0, I) drawn, like all of its later
-noise, from a generator seeded `seed + k`. Under DDP, rank r draws chunks r, r + W, ...: the union of the
-images, and so any score of them, does not depend on the number of devices or on which device drew what.
+The N images are fixed chunks of `chunk_size`; chunk k starts from x_T ~ N(0, prior_std² I) at the first level of
+the sampler's grid (DDPM: N(0, I), the paper's p(x_T)), drawn like all of its later noise from a generator seeded
+`seed + k`. Under DDP, rank r draws chunks r, r + W, ...: the union of the images, and so any score of them, does
+not depend on the number of devices or on which device drew what.
 Sample grids, the quality callback, evaluation, figures and sample.py all come through here.
 
 A class-conditional net (one with `num_classes`) draws image i with label `labels[i]` (default: balanced,
@@ -16,10 +17,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from diffusion.core.gaussian import GaussianDiffusion
-from diffusion.core.sampling.ancestral import Model, SampleOutput, Trajectory
+from diffusion.core.objectives.base import Model, Objective
+from diffusion.core.sampling.common import SampleOutput, Trajectory
 from diffusion.core.sampling.guidance import GuidedModel, balanced_labels, check_guidance, num_classes_of
-from diffusion.core.sampling.spec import SAMPLERS, SamplerSpec, as_sampler_spec
+from diffusion.core.sampling.spec import SAMPLERS, SamplerSpec, sampler_spec
 from diffusion.errors import UserError
 
 
@@ -54,7 +55,7 @@ class Drawn:
 def draw_labels(model: Model, spec: SamplerSpec, num_images: int, labels: Tensor | None = None) -> Tensor | None:
     """The N images' labels for this model (balanced by default), checked; None for an unconditional model."""
     num_classes = num_classes_of(model)
-    check_guidance(as_sampler_spec(spec).guidance_scale, num_classes)
+    check_guidance(sampler_spec(spec).guidance_scale, num_classes)
     if num_classes is None:
         if labels is not None:
             raise UserError("labels were given for an unconditional model (trained without model.num_classes); "
@@ -67,48 +68,68 @@ def draw_labels(model: Model, spec: SamplerSpec, num_images: int, labels: Tensor
     return labels
 
 
+def prior_std(objective: Objective, spec: SamplerSpec) -> float:
+    """The std of x at the first level of the spec's grid (1 for DDPM's ancestral samplers: p(x_T) = N(0, I))."""
+    kind = SAMPLERS[spec.name]
+    if "spacing" not in kind.defaults:
+        return 1.0
+    return objective.grid(spec.spacing, kind.levels(spec.steps), from_top=kind.from_top).prior_std
+
+
+def _placement(model: Model, device, dtype) -> tuple[torch.device, torch.dtype]:
+    """Where and in which precision to sample: as asked, else where the model's weights are (else the CPU), float32."""
+    weight = next(model.parameters(), None) if isinstance(model, nn.Module) else None
+    device = torch.device(device) if device is not None else weight.device if weight is not None else \
+        torch.device("cpu")
+    return device, dtype or torch.float32
+
+
 @torch.no_grad()
-def draw_chunk(model: Model, diffusion: GaussianDiffusion, spec: SamplerSpec, k: int, num_images: int, *,
+def draw_chunk(model: Model, objective: Objective, spec: SamplerSpec, k: int, num_images: int, *,
                shape: tuple[int, int, int], seed: int = 0, device: torch.device | str | None = None,
-               record_steps: Iterable[int] | None = None, labels: Tensor | None = None) -> SampleOutput:
+               dtype: torch.dtype | None = None, record_steps: Iterable[int] | None = None,
+               labels: Tensor | None = None) -> SampleOutput:
     """Chunk k of a draw: num_images images from a generator seeded seed + k, clamped to [-1, 1]; `labels`
     (num_images,) are this chunk's, for a class-conditional model (default: balanced within the chunk)."""
-    spec = as_sampler_spec(spec).check_steps(diffusion.num_timesteps)
+    spec = sampler_spec(spec).resolved(objective)
     labels = draw_labels(model, spec, num_images, labels)
-    device = torch.device(device) if device is not None else diffusion.betas.device
+    device, dtype = _placement(model, device, dtype)
     generator = torch.Generator(device=device).manual_seed(seed + k)
-    x_T = torch.randn(num_images, *shape, generator=generator, device=device, dtype=diffusion.betas.dtype)
+    x_T = torch.randn(num_images, *shape, generator=generator, device=device, dtype=dtype)
+    std = prior_std(objective, spec)
+    x_T = x_T if std == 1.0 else std * x_T
     sampled = model if labels is None else GuidedModel(model, labels.to(device), spec.guidance_scale)
     with eval_mode(model):
-        out = SAMPLERS[spec.name].fn(sampled, diffusion, x_T, generator=generator, record_steps=record_steps,
-                                     **spec.sampler_kwargs(diffusion.num_timesteps))
+        out = SAMPLERS[spec.name].fn(objective.denoiser(sampled, spec.clip_denoised), x_T, generator=generator,
+                                     record_steps=record_steps, **spec.sampler_kwargs(objective))
     return SampleOutput(out.x0.clamp(-1, 1), out.trajectory)
 
 
-def draw_chunks(model: Model, diffusion: GaussianDiffusion, spec: SamplerSpec, num_images: int, *,
+def draw_chunks(model: Model, objective: Objective, spec: SamplerSpec, num_images: int, *,
                 shape: tuple[int, int, int], seed: int = 0, chunk_size: int = 256, rank: int = 0,
-                world_size: int = 1, device: torch.device | str | None = None,
+                world_size: int = 1, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                 record_steps: Iterable[int] | None = None, labels: Tensor | None = None) -> Iterator[Chunk]:
     """This rank's chunks of a draw of num_images, one at a time (for callers that stream them into a metric);
     `labels` (num_images,) for a class-conditional model (default balanced over all num_images)."""
     labels = draw_labels(model, spec, num_images, labels)
     for k, start, stop in chunk_bounds(num_images, chunk_size, rank, world_size):
         mine = None if labels is None else labels[start:stop]
-        out = draw_chunk(model, diffusion, spec, k, stop - start, shape=shape, seed=seed, device=device,
-                         record_steps=record_steps, labels=mine)
+        out = draw_chunk(model, objective, spec, k, stop - start, shape=shape, seed=seed, device=device,
+                         dtype=dtype, record_steps=record_steps, labels=mine)
         yield Chunk(k, start, stop, out.x0, out.trajectory, mine)
 
 
-def draw(model: Model, diffusion: GaussianDiffusion, spec: SamplerSpec, num_images: int, *,
+def draw(model: Model, objective: Objective, spec: SamplerSpec, num_images: int, *,
          shape: tuple[int, int, int], seed: int = 0, chunk_size: int = 256, rank: int = 0, world_size: int = 1,
-         device: torch.device | str | None = None, record_steps: Iterable[int] | None = None,
-         labels: Tensor | None = None) -> Drawn:
+         device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+         record_steps: Iterable[int] | None = None, labels: Tensor | None = None) -> Drawn:
     """Draw num_images (this rank's share of them) with the sampler of `spec`; see the module docstring."""
-    chunks = list(draw_chunks(model, diffusion, spec, num_images, shape=shape, seed=seed, chunk_size=chunk_size,
-                              rank=rank, world_size=world_size, device=device, record_steps=record_steps,
+    chunks = list(draw_chunks(model, objective, spec, num_images, shape=shape, seed=seed, chunk_size=chunk_size,
+                              rank=rank, world_size=world_size, device=device, dtype=dtype, record_steps=record_steps,
                               labels=labels))
     if not chunks:  # fewer chunks than ranks: nothing for this one
-        empty = torch.zeros(0, *shape, device=device or diffusion.betas.device, dtype=diffusion.betas.dtype)
+        device, dtype = _placement(model, device, dtype)
+        empty = torch.zeros(0, *shape, device=device, dtype=dtype)
         return Drawn(empty, torch.zeros(0, dtype=torch.int64))
     index = torch.cat([torch.arange(c.start, c.stop) for c in chunks])
     trajectory = None

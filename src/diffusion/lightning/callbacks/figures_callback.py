@@ -5,7 +5,7 @@ from pathlib import Path
 import lightning as L
 
 from diffusion.core.images import to_model_range
-from diffusion.core.sampling import SamplerSpec, as_sampler_spec
+from diffusion.core.sampling import SamplerSpec, sampler_spec
 from diffusion.errors import UserError
 from diffusion.figures.paper_figures import FigureSpec, render_all
 from diffusion.lightning.callbacks.ema import averaged_net
@@ -29,7 +29,7 @@ class PaperFigures(L.Callback):
         self.every_n_steps, self.at_train_end, self.split = every_n_steps, at_train_end, split
         self.spec = FigureSpec(num_images, num_samples, num_reconstructions, num_lambdas, rd_images, seed,
                                forward_steps, reverse_steps, reconstruction_steps, interpolation_steps,
-                               as_sampler_spec(sampler, "callbacks.figures.sampler"))
+                               sampler_spec(sampler))
         self.last_paths: dict[str, Path] = {}
 
     def preflight(self, datamodule) -> None:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import lightning as L
 
-from diffusion.core.sampling import SamplerSpec, as_sampler_spec, class_rows, draw, num_classes_of
+from diffusion.core.sampling import SamplerSpec, class_rows, draw, num_classes_of, sampler_spec
 from diffusion.errors import UserError
 from diffusion.formats.png import image_grid, save_png, side_by_side
 from diffusion.lightning.callbacks.ema import averaged_net
@@ -27,8 +27,8 @@ class SampleGrid(L.Callback):
         if num_samples < 1:
             raise UserError(f"callbacks.samples.num_samples must be >= 1, got {num_samples}; try 64")
         self.every_n_steps, self.num_samples, self.seed = every_n_steps, num_samples, seed
-        self.sampler = as_sampler_spec(sampler, "callbacks.samples.sampler", SamplerSpec("ddim"))
-        self.final_sampler = as_sampler_spec(final_sampler, "callbacks.samples.final_sampler")
+        self.sampler = sampler_spec(sampler, SamplerSpec("ddim"))
+        self.final_sampler = sampler_spec(final_sampler)
         self.last_path: Path | None = None
         self.final_path: Path | None = None
 
@@ -36,7 +36,7 @@ class SampleGrid(L.Callback):
         """One grid of num_samples images of `net` (a class-conditional net: one row per class), in [0, 1]."""
         labels, nrow = class_rows(self.num_samples, num_classes_of(net))
         n = self.num_samples if labels is None else len(labels)
-        drawn = draw(net, pl_module.diffusion, sampler, n, shape=net.image_shape, seed=self.seed,
+        drawn = draw(net, pl_module.objective, sampler, n, shape=net.image_shape, seed=self.seed,
                      chunk_size=n, device=pl_module.device, labels=labels)
         return image_grid(drawn.images, nrow)
 

@@ -16,7 +16,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
 from diffusion.core.images import to_uint8
-from diffusion.core.sampling import SamplerSpec, as_sampler_spec, draw_chunks
+from diffusion.core.sampling import SamplerSpec, draw_chunks, sampler_spec
 from diffusion.errors import UserError
 from diffusion.lightning.callbacks.ema import averaged_net
 from diffusion.metrics.quality import SampleQuality, describe, make_protocol, protocol_id
@@ -54,12 +54,11 @@ class SampleQualityCallback(L.Callback):
         if not reference_splits:
             raise UserError("callbacks.quality.reference_splits is empty; try [train,val]")
         self.every_n_steps, self.num_samples, self.batch_size, self.seed = every_n_steps, num_samples, batch_size, seed
-        self.sampler = as_sampler_spec(sampler, "callbacks.quality.sampler", SamplerSpec("ddim"))
+        self.sampler = sampler_spec(sampler, SamplerSpec("ddim"))
         if extra_samplers is None or isinstance(extra_samplers, str | Mapping | SamplerSpec):
             raise UserError(f"callbacks.quality.extra_samplers must be a list of samplers, got {extra_samplers!r}; "
                             "try callbacks.quality.extra_samplers=[{name: dpmpp_2m, steps: 10}]")
-        self.extra_samplers = [as_sampler_spec(spec, f"callbacks.quality.extra_samplers[{i}]")
-                               for i, spec in enumerate(extra_samplers)]
+        self.extra_samplers = [sampler_spec(spec) for spec in extra_samplers]
         self.extra_tags: list[str] = []
         spec = feature_extractor
         self.feature_extractor = dict(spec) if isinstance(spec, Mapping) else spec  # plain values, picklable
@@ -111,7 +110,7 @@ class SampleQualityCallback(L.Callback):
         """Before the first step: the samplers against T, then preflight (a no-op when train() already ran it)."""
         if stage != "fit" or (self.every_n_steps == 0 and not self.at_train_end):
             return
-        self.extra_tags = self._tags(pl_module.diffusion.num_timesteps)
+        self.extra_tags = self._tags(pl_module.objective)
         self.preflight(trainer.datamodule)
         self.metric = self.metric.to(pl_module.device)
 
@@ -121,12 +120,13 @@ class SampleQualityCallback(L.Callback):
             images = trainer.datamodule.reference_images(split, self.max_reference_images or sys.maxsize)
             self.metric.set_reference(split, images, batch_size=self.batch_size)
 
-    def _tags(self, num_timesteps: int) -> list[str]:
-        """The extra samplers checked against T, and their metric suffixes (which must differ)."""
-        self.sampler.check_steps(num_timesteps, "callbacks.quality.sampler")
+    def _tags(self, objective) -> list[str]:
+        """The extra samplers checked against the objective, and their metric suffixes (which must differ)."""
+        self.sampler.check_for(objective, "callbacks.quality.sampler")
         tags = []
         for i, spec in enumerate(self.extra_samplers):
-            tag = spec.check_steps(num_timesteps, f"callbacks.quality.extra_samplers[{i}]").tag(num_timesteps)
+            spec.check_for(objective, f"callbacks.quality.extra_samplers[{i}]")
+            tag = spec.tag(objective)
             if tag in tags:
                 raise UserError(f"callbacks.quality.extra_samplers[{i}] is {tag} again (entry {tags.index(tag)}); "
                                 "drop the repeat or change a setting")
@@ -137,7 +137,7 @@ class SampleQualityCallback(L.Callback):
                             sampler: SamplerSpec | None = None) -> None:
         """This rank's chunks of the M samples (of `sampler`, default the main one) into the metric (see
         diffusion.core.sampling.draw)."""
-        chunks = draw_chunks(net, pl_module.diffusion, sampler or self.sampler, self.num_samples,
+        chunks = draw_chunks(net, pl_module.objective, sampler or self.sampler, self.num_samples,
                              shape=net.image_shape, seed=self.seed, chunk_size=self.batch_size, rank=rank,
                              world_size=world_size, device=pl_module.device)
         for chunk in chunks:
@@ -157,7 +157,7 @@ class SampleQualityCallback(L.Callback):
         self.last_scores = self._score(net, trainer, pl_module, self.sampler)
         self.protocol = self._protocol(pl_module, weights, self.sampler)
         if not self.extra_tags and self.extra_samplers:
-            self.extra_tags = self._tags(pl_module.diffusion.num_timesteps)
+            self.extra_tags = self._tags(pl_module.objective)
         self.extra_scores, self.extra_protocol_ids = {}, {}
         for tag, sampler in zip(self.extra_tags, self.extra_samplers, strict=True):
             scores = self._score(net, trainer, pl_module, sampler)
@@ -177,7 +177,7 @@ class SampleQualityCallback(L.Callback):
         return make_protocol(
             num_generated=self.num_samples, extractor=metric.extractor, sampler=sampler, weights=weights,
             reference_sizes={split: len(ref.features) for split, ref in metric.references.items()},
-            num_timesteps=pl_module.diffusion.num_timesteps, variance=pl_module.diffusion.variance, seed=self.seed,
+            objective=pl_module.objective, seed=self.seed,
             settings=metric.settings(self.num_samples))
 
     def _log(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -11,11 +11,11 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion.config.validation import check_posthoc_sigma_rel
-from diffusion.core.sampling import SamplerSpec, as_sampler_spec, check_guidance, sampler_label
+from diffusion.core.sampling import SamplerSpec, check_guidance, sampler_label
 from diffusion.errors import UserError
-from diffusion.lightning.checkpoints import load_module, load_posthoc_module
+from diffusion.lightning.checkpoints import load_weights
 from diffusion.lightning.evaluation import Evaluator
+from diffusion.lightning.module import ODE_LEVELS
 from diffusion.metrics.quality import SampleQuality, describe, make_protocol, protocol_id
 from diffusion.run.commands.figures import check_data_fits
 from diffusion.run.jobs import status as job_status
@@ -35,19 +35,18 @@ from diffusion.run.reports.sampler_table import log_table, table_rows, table_sam
 
 def _setup(cfg: DictConfig):
     """The checkpoint's module, the data it was trained on (checked by shape), the feature extractor's name and
-    the sampler table's samplers (every sampler checked against the model's T before anything is drawn)."""
-    if cfg.batch_size < 1 or (cfg.num_samples is not None and cfg.num_samples < 4):
-        raise UserError(f"num_samples must be >= 4 and batch_size >= 1, got {cfg.num_samples} and {cfg.batch_size}; "
-                        "try num_samples=1000 batch_size=250")
+    the sampler table's samplers (every sampler checked against the model's objective before anything is drawn)."""
     writable_dir(cfg.output_dir, "output_dir")
     check_logger(cfg.logger)
     if cfg.accelerator in ("gpu", "cuda"):
         check_device("cuda", "accelerator")
     module, weights, posthoc = _load(cfg)
-    sampler = as_sampler_spec(OmegaConf.to_container(cfg.sampler, resolve=True))
-    sampler.check_steps(module.diffusion.num_timesteps)
+    sampler = _sampler(cfg).check_for(module.objective)
     check_guidance(sampler.guidance_scale, module.num_classes)
-    table = table_samplers(cfg.sampler_table, module.diffusion.num_timesteps) if cfg.sampler_table.enabled else []
+    if cfg.bpd.enabled and _bpd_method(cfg, module) not in module.objective.likelihoods:
+        raise UserError(f"bpd.method={cfg.bpd.method}: objective={module.objective.name} has only "
+                        f"{list(module.objective.likelihoods)} (the bound is DDPM's Eq. 5); use bpd.method=ode")
+    table = table_samplers(cfg.sampler_table, module.objective) if cfg.sampler_table.enabled else []
     if cfg.guidance_table is not None:  # every scale checked before any sampling
         guidance_samplers(list(cfg.guidance_table), sampler, module.num_classes)
     datamodule = instantiate(cfg.data)
@@ -61,21 +60,23 @@ def _setup(cfg: DictConfig):
 
 def _load(cfg: DictConfig):
     """(module, the protocol's weights label, post-hoc EMA info or None): weights=ema|raw, or ema.sigma_rel."""
-    sigma_rel = cfg.ema.sigma_rel
-    if sigma_rel is None:
-        return load_module(cfg.ckpt, "cpu", cfg.weights), cfg.weights, None
-    check_posthoc_sigma_rel(sigma_rel)
-    if cfg.weights != "ema":
-        raise UserError(f"weights={cfg.weights} and ema.sigma_rel={sigma_rel} both choose the weights; drop one "
-                        "(ema.sigma_rel scores the post-hoc EMA, weights=raw the raw weights)")
-    module, info = load_posthoc_module(cfg.ckpt, sigma_rel, cfg.ema.snapshot_dir)
-    lo, hi = info["range"]
-    at = "" if info["step"] == info["checkpoint_step"] else f" (the checkpoint is at step {info['checkpoint_step']})"
-    if rank_zero_only.rank == 0:
-        print(f"post-hoc EMA: σ_rel={sigma_rel:g} at step {info['step']}{at} from {len(info['snapshots'])} averages "
-              f"in {info['snapshot_dir']}, profile fit error {info['fit_error']:.2%}; these snapshots rebuild σ_rel "
-              f"in about [{lo:.3f}, {hi:.3f}]")
-    return module, f"posthoc-ema σ_rel={sigma_rel:g}", info
+    module, weights, info = load_weights(cfg.ckpt, cfg.weights, cfg.ema.sigma_rel, cfg.ema.snapshot_dir)
+    if info is not None and rank_zero_only.rank == 0:
+        (lo, hi), step = info["range"], info["checkpoint_step"]
+        at = f" (the checkpoint is at step {step})" if info["step"] != step else ""
+        print(f"post-hoc EMA: σ_rel={cfg.ema.sigma_rel:g} at step {info['step']}{at} from {len(info['snapshots'])} "
+              f"averages in {info['snapshot_dir']}, profile fit error {info['fit_error']:.2%}; these snapshots rebuild "
+              f"σ_rel in about [{lo:.3f}, {hi:.3f}]")
+    return module, weights, info
+
+
+def _sampler(cfg: DictConfig) -> SamplerSpec:
+    return SamplerSpec(**OmegaConf.to_container(cfg.sampler, resolve=True))
+
+
+def _bpd_method(cfg: DictConfig, module) -> str:
+    """bpd.method, else the objective's own: DDPM's bound, the ODE for the others."""
+    return cfg.bpd.method or module.objective.likelihoods[0]
 
 
 def _trainer(cfg: DictConfig) -> L.Trainer:
@@ -95,15 +96,15 @@ def _pass(cfg, module, datamodule, metric: SampleQuality, weights: str, sampler:
             for split in cfg.reference_splits}
     bpd_images = datamodule.reference_images(cfg.bpd.split, cfg.bpd.num_images or sys.maxsize) if bpd else None
     evaluator = Evaluator(module, sampler, num_samples, cfg.batch_size, cfg.seed, metric, refs, bpd_images,
-                          cfg.bpd.batch_size)
+                          cfg.bpd.batch_size, _bpd_method(cfg, module), cfg.bpd.ode_levels or ODE_LEVELS)
     trainer = _trainer(cfg)
     began = time.perf_counter()
     trainer.test(evaluator, verbose=False)
     results = {**evaluator.results, "wall_seconds": time.perf_counter() - began, "devices": trainer.world_size}
     protocol = make_protocol(
         num_generated=num_samples, reference_sizes={split: len(r) for split, r in refs.items()},
-        extractor=metric.extractor, sampler=sampler, num_timesteps=module.diffusion.num_timesteps,
-        variance=module.diffusion.variance, weights=weights, seed=cfg.seed, settings=metric.settings(num_samples))
+        extractor=metric.extractor, sampler=sampler, objective=module.objective, weights=weights, seed=cfg.seed,
+        settings=metric.settings(num_samples))
     return results, protocol
 
 
@@ -128,26 +129,25 @@ def evaluate(cfg: DictConfig) -> dict:
 def _evaluate(cfg: DictConfig) -> dict:
     module, datamodule, extractor, table, weights, posthoc = _setup(cfg)
     num_samples = cfg.num_samples or datamodule.eval_num_samples
-    sampler = as_sampler_spec(OmegaConf.to_container(cfg.sampler, resolve=True))
+    sampler = _sampler(cfg)
     if rank_zero_only.rank == 0:
         bpd = f", bits/dim on the {cfg.bpd.split} split" if cfg.bpd.enabled else ""
-        print(f"evaluating {cfg.ckpt}: {num_samples} samples ({sampler.label(module.diffusion.num_timesteps)}) "
+        print(f"evaluating {cfg.ckpt}: {num_samples} samples ({sampler.label(module.objective)}) "
               f"against {datamodule.name}{bpd}", flush=True)
     metric = SampleQuality({**OmegaConf.to_container(cfg.feature_extractor, resolve=True), "name": extractor})
     results, protocol = _pass(cfg, module, datamodule, metric, weights, sampler, num_samples, bpd=cfg.bpd.enabled)
     report = {"checkpoint": str(Path(cfg.ckpt).resolve()), "data": datamodule.name, "weights": weights,
               "posthoc_ema": posthoc, "protocol": protocol,
               "protocol_id": protocol_id(protocol), "quality": results["quality"], "nll": results.get("nll"),
-              "nll_protocol": {"split": cfg.bpd.split, "num_images": cfg.bpd.num_images, "decoder": "discretized",
-                               "num_timesteps": module.diffusion.num_timesteps} if cfg.bpd.enabled else None,
+              "nll_protocol": _nll_protocol(cfg, module) if cfg.bpd.enabled else None,
               "timing": {"wall_seconds": results["wall_seconds"], "devices": results["devices"],
                          "sampling_device_seconds": results["sampling_device_seconds"]}}
     out = Path(cfg.output_dir)
     if cfg.sampler_table.enabled:
-        done = {_key(sampler, num_samples, module.diffusion.num_timesteps): (results, protocol)}
+        done = {_key(sampler, num_samples, module.objective): (results, protocol)}
         report["sampler_table"] = sampler_table(cfg, module, datamodule, metric, weights, table, done=done)
     if cfg.guidance_table is not None:
-        done = {_key(sampler, num_samples, module.diffusion.num_timesteps): (results, protocol)}
+        done = {_key(sampler, num_samples, module.objective): (results, protocol)}
         report["guidance_table"] = guidance_table(cfg, module, datamodule, metric, weights, sampler, num_samples, done)
     if rank_zero_only.rank == 0:
         _write(report, out, cfg, extractor)
@@ -156,35 +156,44 @@ def _evaluate(cfg: DictConfig) -> dict:
     return report
 
 
-def _key(sampler: SamplerSpec, n: int, num_timesteps: int) -> str:
-    return json.dumps([sampler.describe(num_timesteps), n], sort_keys=True)
+def _key(sampler: SamplerSpec, n: int, objective) -> str:
+    return json.dumps([sampler.describe(objective), n], sort_keys=True)
+
+
+def _nll_protocol(cfg: DictConfig, module) -> dict:
+    """How the bits/dim were computed: DDPM's bound (discretized decoder, T terms), or the ODE's settings."""
+    method, split = _bpd_method(cfg, module), {"split": cfg.bpd.split, "num_images": cfg.bpd.num_images}
+    if method == "bound":
+        return {**split, "decoder": "discretized", "num_timesteps": module.objective.num_levels}
+    return {**split, "method": "ode", "levels": cfg.bpd.ode_levels or ODE_LEVELS, "trace": "hutchinson",
+            "dequantization": "uniform"}
 
 
 def sampler_table(cfg: DictConfig, module, datamodule, metric: SampleQuality, weights: str,
                   table: list[SamplerSpec], done: dict) -> list[dict]:
     """The rows of the sampler table (diffusion.run.reports.sampler_table); `done` holds passes already made (the main
     one), reused when sampler and sample count are the same."""
-    T = module.diffusion.num_timesteps
+    objective = module.objective
     n = cfg.sampler_table.num_samples or cfg.num_samples or datamodule.eval_num_samples
 
     def run(sampler: SamplerSpec) -> tuple[dict, dict]:
-        if _key(sampler, n, T) not in done:
-            done[_key(sampler, n, T)] = _pass(cfg, module, datamodule, metric, weights, sampler, n, bpd=False)
-        return done[_key(sampler, n, T)]
+        if _key(sampler, n, objective) not in done:
+            done[_key(sampler, n, objective)] = _pass(cfg, module, datamodule, metric, weights, sampler, n, bpd=False)
+        return done[_key(sampler, n, objective)]
 
-    return table_rows(table, run, n, T)
+    return table_rows(table, run, n, objective)
 
 
 def guidance_table(cfg: DictConfig, module, datamodule, metric: SampleQuality, weights: str, sampler: SamplerSpec,
                    n: int, done: dict) -> list[dict]:
     """The rows of the guidance table (run/reports/guidance_table.py): the sampler at each w of cfg.guidance_table;
     a pass already made (`done`, the main one) is reused."""
-    T = module.diffusion.num_timesteps
+    objective = module.objective
 
     def run(spec: SamplerSpec) -> tuple[dict, dict]:
-        if _key(spec, n, T) not in done:
-            done[_key(spec, n, T)] = _pass(cfg, module, datamodule, metric, weights, spec, n, bpd=False)
-        return done[_key(spec, n, T)]
+        if _key(spec, n, objective) not in done:
+            done[_key(spec, n, objective)] = _pass(cfg, module, datamodule, metric, weights, spec, n, bpd=False)
+        return done[_key(spec, n, objective)]
 
     return guidance_rows(guidance_samplers(list(cfg.guidance_table), sampler, module.num_classes), run, n)
 

@@ -7,10 +7,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion.core.images import to_model_range
-from diffusion.core.sampling import as_sampler_spec, check_guidance
+from diffusion.core.sampling import SamplerSpec, check_guidance
 from diffusion.errors import UserError
 from diffusion.figures.paper_figures import FigureSpec, render_all
-from diffusion.lightning.checkpoints import load_module
+from diffusion.lightning.checkpoints import load_weights
 from diffusion.run.jobs.console import quiet_console
 from diffusion.run.jobs.preflight import check_device, check_logger, writable_dir
 from diffusion.run.jobs.stopping import stop_on_signals, written_since
@@ -44,16 +44,20 @@ def _figures(cfg: DictConfig) -> dict[str, Path]:
     device = check_device(cfg.device)
     out = Path(cfg.output_dir)
     check_logger(cfg.logger)
-    module = load_module(cfg.ckpt, device, cfg.weights)
+    module, _, _ = load_weights(cfg.ckpt, cfg.weights, cfg.ema.sigma_rel, cfg.ema.snapshot_dir, device)
+    if not module.objective.markov_chain:
+        raise UserError(f"figures.py draws Ho et al.'s figures of DDPM's Markov chain (forward and reverse chains, "
+                        f"reconstructions, progressive coding), which {cfg.ckpt}'s objective={module.objective.name} "
+                        "has not; sample it with sample.py, or score it with evaluate.py")
     plain = OmegaConf.to_container(cfg, resolve=True)
     spec = FigureSpec(**{k: v for k, v in plain.items() if k in FigureSpec.__dataclass_fields__ and k != "sampler"},
-                      sampler=as_sampler_spec(plain["sampler"]).check_steps(module.diffusion.num_timesteps))
+                      sampler=SamplerSpec(**plain["sampler"]).check_for(module.objective))
     check_guidance(spec.sampler.guidance_scale, module.num_classes)
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     check_data_fits(datamodule, module, cfg.ckpt)
     images = datamodule.reference_images(cfg.split, max(spec.num_images, spec.rd_images))  # uint8 (N, C, H, W)
-    paths = render_all(module.net, module.diffusion, to_model_range(images).to(device), out, spec)
+    paths = render_all(module.net, module.objective, to_model_range(images).to(device), out, spec)
     for name, path in paths.items():
         print(f"{name}: {path}")
     if cfg.logger is not None:  # the same PNGs as W&B images, figures/<name>, like the training callback's

@@ -6,10 +6,9 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion.core.images import to_uint8
-from diffusion.core.sampling import as_sampler_spec, check_guidance, draw, resolve_labels
-from diffusion.errors import UserError
+from diffusion.core.sampling import SamplerSpec, check_guidance, draw, resolve_labels
 from diffusion.formats.png import save_grid
-from diffusion.lightning.checkpoints import load_module
+from diffusion.lightning.checkpoints import load_weights
 from diffusion.run.jobs.console import quiet_console
 from diffusion.run.jobs.preflight import check_device, writable_dir
 
@@ -17,18 +16,14 @@ from diffusion.run.jobs.preflight import check_device, writable_dir
 def sample(cfg: DictConfig) -> Path:
     """Sample a checkpoint: samples.png (the first 256) and samples.npz (uint8, NHWC) in the output directory."""
     quiet_console()
-    spec = as_sampler_spec(OmegaConf.to_container(cfg.sampler, resolve=True))
-    if cfg.num_samples < 1 or cfg.batch_size < 1:
-        raise UserError(f"num_samples and batch_size must be >= 1, got {cfg.num_samples} and {cfg.batch_size}; "
-                        "try num_samples=64 batch_size=256")
     device = check_device(cfg.device)
     out = writable_dir(cfg.output_dir, "output_dir")  # before the work, not after it
-    module = load_module(cfg.ckpt, device, cfg.weights)
-    spec.check_steps(module.diffusion.num_timesteps)
+    module, weights, _ = load_weights(cfg.ckpt, cfg.weights, cfg.ema.sigma_rel, cfg.ema.snapshot_dir, device)
+    spec = SamplerSpec(**OmegaConf.to_container(cfg.sampler, resolve=True)).check_for(module.objective)
     check_guidance(spec.guidance_scale, module.num_classes)
     labels = resolve_labels(OmegaConf.to_container(cfg, resolve=True).get("labels"), cfg.num_samples,
                             module.num_classes, module.class_names)
-    drawn = draw(module.net, module.diffusion, spec, cfg.num_samples, shape=module.net.image_shape, seed=cfg.seed,
+    drawn = draw(module.net, module.objective, spec, cfg.num_samples, shape=module.net.image_shape, seed=cfg.seed,
                  chunk_size=cfg.batch_size, device=device, labels=labels)
     uint8 = to_uint8(drawn.images).cpu()  # (N, C, H, W)
     arrays = {"samples": uint8.permute(0, 2, 3, 1).numpy()}
@@ -36,5 +31,5 @@ def sample(cfg: DictConfig) -> Path:
         arrays["labels"] = labels.numpy()
     np.savez_compressed(out / "samples.npz", **arrays)
     grid_path = save_grid(drawn.images[:256], out / "samples.png")
-    print(f"samples: {grid_path} and {out / 'samples.npz'}")
+    print(f"samples: {grid_path} and {out / 'samples.npz'} ({spec.label(module.objective)}, {weights} weights)")
     return grid_path

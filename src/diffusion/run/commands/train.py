@@ -10,9 +10,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion.config import validate
+from diffusion.config.build import module_kwargs, net_kwargs, objective_of
+from diffusion.core.objectives.base import Objective
 from diffusion.errors import UserError
 from diffusion.lightning.callbacks import GracefulInterrupt, SampleGrid, SampleQualityCallback, StepProgressBar
-from diffusion.lightning.checkpoints import AtomicCheckpointIO, ModelMismatch, check_checkpoint, init_weights
+from diffusion.lightning.checkpoint_io import AtomicCheckpointIO
+from diffusion.lightning.checkpoints import ModelMismatch, check_checkpoint, init_weights
 from diffusion.lightning.distributed import JobDDPStrategy
 from diffusion.lightning.module import DiffusionModule
 from diffusion.metrics.quality import describe
@@ -23,37 +26,10 @@ from diffusion.run.jobs.preflight import build_trainer, check_logger, writable_d
 from diffusion.run.jobs.sweep import sweep_info
 
 
-def net_kwargs(cfg: DictConfig) -> dict:
-    """The U-Net's arguments: conf/model's shape; channels and size from the data (model.in_channels is
-    ${data.channels})."""
-    net = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k not in ("_target_", "compile")}
-    if net.get("num_classes", None) is None:  # unconditional: the arguments (and checkpoints) of before labels
-        net.pop("num_classes", None)
-    return {**net, "out_channels": net["in_channels"]}  # doubled inside the U-Net for a learned variance
-
-
-def build_module(cfg: DictConfig, betas: torch.Tensor, class_names: list[str] | None = None) -> DiffusionModule:
-    """The LightningModule of a train config, with these betas (and, if class-conditional, the data's classes)."""
-    conditional = cfg.model.get("num_classes") is not None
-    labels = {"cond_drop_prob": cfg.diffusion.cond_drop_prob, "class_names": class_names} if conditional else {}
-    return DiffusionModule(
-        net=net_kwargs(cfg),
-        betas=betas.tolist(),
-        parameterization=cfg.diffusion.parameterization,
-        variance=cfg.diffusion.variance,
-        loss_type=cfg.loss.type,
-        vlb_weight=cfg.loss.vlb_weight,
-        min_snr_gamma=cfg.loss.min_snr_gamma,
-        timestep_sampler=cfg.loss.timestep_sampler,
-        val_timestep_fractions=tuple(cfg.validation.timestep_fractions),
-        val_bpd_images=cfg.validation.bpd_images,
-        on_nonfinite=cfg.loss.on_nonfinite,
-        nonfinite_check_every_n_steps=cfg.loss.nonfinite_check_every_n_steps,
-        compile=cfg.model.compile,
-        optimizer=instantiate(cfg.optim.optimizer),
-        lr_scheduler=instantiate(cfg.optim.lr_scheduler) if cfg.optim.lr_scheduler is not None else None,
-        **labels,
-    )
+def build_module(cfg: DictConfig, objective: Objective | None = None,
+                 class_names: list[str] | None = None) -> DiffusionModule:
+    """The LightningModule of a train config (and, if class-conditional, the data's classes)."""
+    return DiffusionModule(**module_kwargs(cfg, objective or objective_of(cfg), class_names))
 
 
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
@@ -80,14 +56,12 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
     return ckpt_path
 
 
-def _init_from(cfg: DictConfig, betas: torch.Tensor) -> dict[str, torch.Tensor] | None:
+def _init_from(cfg: DictConfig, objective: Objective) -> dict[str, torch.Tensor] | None:
     """The U-Net weights of cfg.init_from (fine-tuning: weights only, step 0, a fresh optimizer), checked against
-    this run's network, betas, parameterization and variance before anything is built."""
+    this run's network and objective before anything is built."""
     if cfg.init_from is None:
         return None
-    expected = {"net": net_kwargs(cfg), "betas": betas.tolist(), "parameterization": cfg.diffusion.parameterization,
-                "variance": cfg.diffusion.variance}
-    state = init_weights(cfg.init_from, expected)
+    state = init_weights(cfg.init_from, {"net": net_kwargs(cfg), "objective": objective.spec()})
     print(f"init_from: the U-Net starts from the weights of {cfg.init_from} (step 0, a new optimizer)")
     return state
 
@@ -164,11 +138,12 @@ def _announce(trainer: L.Trainer, cfg: DictConfig, module: DiffusionModule, outp
     per_device, accumulate = cfg.data.batch_size, cfg.trainer.accumulate_grad_batches
     batch = {"per_device": per_device, "devices": trainer.world_size, "accumulate_grad_batches": accumulate,
              "global": per_device * trainer.world_size * accumulate}
-    d, schedule = module.diffusion, cfg.schedule._target_.rsplit(".", 1)[-1].removesuffix("_beta_schedule")
+    schedule = "" if cfg.schedule is None else \
+        cfg.schedule._target_.rsplit(".", 1)[-1].removesuffix("_beta_schedule") + " schedule, "
     if trainer.is_global_zero:
         print(f"run: {output_dir} (checkpoints/, samples/, wandb/)")
-        print(f"model: U-Net of {sum(p.numel() for p in module.net.parameters()):,} parameters; T={d.num_timesteps} "
-              f"{schedule} betas, {d.parameterization} prediction, {d.variance} variance, {cfg.loss.type} loss")
+        print(f"model: U-Net of {sum(p.numel() for p in module.net.parameters()):,} parameters; "
+              f"objective={module.objective.name}: {schedule}{module.objective.describe()}")
         print(f"batch: {per_device} per device × {trainer.world_size} devices × {accumulate} accumulated "
               f"= {batch['global']} images per optimizer step; {cfg.trainer.max_steps:,} steps", flush=True)
     for logger in trainer.loggers:
@@ -192,7 +167,7 @@ def check_resumable(ckpt_path: str, module: DiffusionModule, output_dir: Path, o
     """The checkpoint to resume must be of this model. The run directory's own last.ckpt (`own`: resumed
     without ckpt_path) is not left behind by leaving out ckpt_path: another run directory is the fix."""
     if not own:
-        check_checkpoint(ckpt_path, module.hparams)  # architecture, T, betas, parameterization, variance
+        check_checkpoint(ckpt_path, module.hparams)  # architecture, objective and what gives its weights meaning
         return
     checkpoints = Path(ckpt_path).parent
     try:
@@ -215,12 +190,12 @@ def train(cfg: DictConfig, extra_callbacks: tuple = ()) -> dict[str, float]:
 
 def _fit(cfg: DictConfig, output_dir: Path, extra_callbacks: tuple) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    betas = instantiate(cfg.schedule)
+    objective = objective_of(cfg)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, output_dir)
-    init = _init_from(cfg, betas) if ckpt_path is None else None  # a requeued fine-tuning run resumes instead
+    init = _init_from(cfg, objective) if ckpt_path is None else None  # a requeued fine-tuning run resumes instead
     datamodule = _data(cfg)
     class_names = datamodule.class_names if datamodule.with_labels else None
-    module = build_module(cfg, betas, class_names)
+    module = build_module(cfg, objective, class_names)
     if class_names is not None and os.environ.get("LOCAL_RANK", "0") == "0":
         write_classes(output_dir, class_names)
     if init is not None:

@@ -134,12 +134,13 @@ def checkpoint_step(ckpt: Path) -> int | None:
 def model_card(ckpt: str, out: str, weights: str, hparams: dict, num_parameters: int) -> str:
     """The README.md of the exported folder (Hugging Face model-card front matter, then Markdown)."""
     path = Path(ckpt)
-    step, net, betas = checkpoint_step(path), hparams["net"], hparams["betas"]
+    step, net, objective = checkpoint_step(path), hparams["net"], hparams["objective"]
+    betas = objective["betas"]
     T, shape = len(betas), f"{net['in_channels']}×{net['image_size']}×{net['image_size']}"
-    prediction = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}[hparams["parameterization"]]
+    prediction = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}[objective["parameterization"]]
     source = f"diffusers folder `{ckpt}`" if step is None else f"`{ckpt}`, step {step:,}, {weights} weights"
     attention = ", ".join(str(r) for r in net["attn_resolutions"]) or "none"
-    loss = f", trained with the {hparams['loss_type']} loss" if "loss_type" in hparams else ""
+    loss = f", trained with the {objective['loss']} loss" if step is not None else ""  # a folder does not say
     lines = [
         "---", "library_name: diffusers", "pipeline_tag: unconditional-image-generation",
         "tags: [ddpm, diffusion, unconditional-image-generation]", "---", "",
@@ -156,8 +157,8 @@ def model_card(ckpt: str, out: str, weights: str, hparams: dict, num_parameters:
         f"num_res_blocks={net['num_res_blocks']}, attention at {attention}, dropout {net['dropout']}, "
         f"{net['num_groups']} GroupNorm groups; {num_parameters:,} parameters |",
         f"| schedule | T={T}, betas {betas[0]:.6g} … {betas[-1]:.6g}, stored exactly as `trained_betas`{loss} |",
-        f"| prediction | {hparams['parameterization']} (`prediction_type: {prediction}`) |",
-        f"| variance | {hparams['variance']} (`variance_type: {hparams['variance']}`) |", "",
+        f"| prediction | {objective['parameterization']} (`prediction_type: {prediction}`) |",
+        f"| variance | {objective['variance']} (`variance_type: {objective['variance']}`) |", "",
         "## Quality", "", "Scores with different protocol ids are not comparable.", "",
         *quality_lines(path, step), "",
     ]

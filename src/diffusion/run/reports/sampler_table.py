@@ -1,8 +1,9 @@
 """evaluate.py's sampler table: quality per network evaluation (NFE) and wall time per image of several samplers.
 
 The default table (`SamplerTableConfig.samplers`) runs ancestral sampling over all T steps and NFE 5, 10, 20,
-50, 100 of ddim, dpmpp_2m, dpmpp_2m_sde, unipc and heun; its entries with more steps than the model's T allows
-are skipped with a printed note. An entry of a table the user wrote that cannot run is an error before any
+50, 100 of every sampler the registry puts in the table (ddim, dpmpp_2m, dpmpp_2m_sde, unipc and heun); its entries
+with more steps than a DDPM's T allows, or ancestral sampling for an objective without DDPM's chain, are skipped
+with a printed note. An entry of a table the user wrote that cannot run is an error before any
 sampling. Rows go to report.json, samplers.md and samplers.png (FD against NFE, one line per sampler).
 """
 
@@ -15,38 +16,42 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion.config.entry import SamplerTableConfig
-from diffusion.core.sampling import SamplerSpec, as_sampler_spec
+from diffusion.core.objectives.base import Objective
+from diffusion.core.sampling import SAMPLERS, SamplerSpec
 from diffusion.metrics.quality import protocol_id
 
 COLUMNS = ("sampler", "NFE", "s / image", "FD (train)", "IS", "KID (train)", "precision", "recall")
 
 
-def table_samplers(table: DictConfig, num_timesteps: int) -> list[SamplerSpec]:
-    """The entries of cfg.sampler_table that run on a T-step model (see the module docstring)."""
+def table_samplers(table: DictConfig, objective: Objective) -> list[SamplerSpec]:
+    """The entries of cfg.sampler_table that run on this objective (see the module docstring)."""
     given = OmegaConf.to_container(table.samplers, resolve=True)
     is_default = given == [asdict(spec) for spec in SamplerTableConfig().samplers]
     specs, skipped = [], []
     for i, entry in enumerate(given):
         key = f"sampler_table.samplers[{i}]"
-        spec = as_sampler_spec(entry, key)
-        if is_default and spec.steps is not None and spec.steps > spec.most_steps(num_timesteps):
-            skipped.append(f"{spec.name}-{spec.steps}")
+        spec = SamplerSpec(**entry)
+        most = spec.most_steps(objective)
+        if is_default and ((spec.steps is not None and most is not None and spec.steps > most)
+                           or (SAMPLERS[spec.name].markov_chain and not objective.markov_chain)):
+            skipped.append(f"{spec.name}-{spec.steps or 'T'}")
             continue
-        specs.append(spec.check_steps(num_timesteps, key))
+        specs.append(spec.check_for(objective, key))
     if skipped:
-        print(f"sampler table: skipping {', '.join(skipped)} (more steps than the model's T={num_timesteps} allows)")
+        print(f"sampler table: skipping {', '.join(skipped)} (more steps than the model's T allows, or DDPM's chain, "
+              f"which objective={objective.name} has not)")
     return specs
 
 
 def table_rows(specs: list[SamplerSpec], run: Callable[[SamplerSpec], tuple[dict, dict]], num_samples: int,
-               num_timesteps: int) -> list[dict[str, Any]]:
+               objective: Objective) -> list[dict[str, Any]]:
     """One row per sampler: its label, steps, NFE, sampling seconds per image and scores; `run(spec)` gives
     the results and protocol of a pass over num_samples images."""
     rows = []
     for spec in specs:
         results, protocol = run(spec)
-        rows.append({"sampler": spec.label(num_timesteps), "name": spec.name, "steps": protocol["sampler"]["steps"],
-                     "nfe": spec.nfe(num_timesteps), "num_samples": num_samples,
+        rows.append({"sampler": spec.label(objective), "name": spec.named(objective).name,
+                     "steps": protocol["sampler"]["steps"], "nfe": spec.nfe(objective), "num_samples": num_samples,
                      "seconds_per_image": results["sampling_device_seconds"] / num_samples, **results["quality"],
                      "protocol_id": protocol_id(protocol)})
     return rows

@@ -1,4 +1,5 @@
-"""Training losses and timestep samplers: L_simple (Ho et al. 2020 Eq. 14), the bound, the hybrid, min-SNR-γ.
+"""DDPM's training losses and timestep distributions: L_simple (Ho et al. 2020 Eq. 14), the bound, the hybrid,
+min-SNR-γ; t uniform or importance-sampled.
 
 Loss values are per image, shape (B,). The "vlb" loss is T·L_t in bits/dim, so its batch mean is an
 unbiased estimate of the bound minus L_T; the hybrid is L_simple + λ·T·L_t (Nichol & Dhariwal 2021
@@ -6,25 +7,13 @@ Sec. 3.1, λ = 0.001) with the mean stop-gradiented inside the bound term.
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from diffusion.core.gaussian import GaussianDiffusion
 from diffusion.core.likelihood import mean_flat, vb_terms
-from diffusion.errors import UserError
-
-LOSS_TYPES = ("simple", "vlb", "hybrid")
-
-
-@dataclass
-class LossOutput:
-    """The per-image training loss and its parts (for logging binned over t)."""
-
-    loss: Tensor  # (B,) what is optimised
-    mse: Tensor  # (B,) L_simple's mean squared error (unweighted)
-    vlb: Tensor | None  # (B,) L_t in bits/dim, when the loss needs it
+from diffusion.core.objectives.base import LossOutput
 
 
 def min_snr_weight(diffusion: GaussianDiffusion, t: Tensor, gamma: float) -> Tensor:
@@ -50,14 +39,12 @@ def training_losses(
     x0: Tensor,
     t: Tensor,
     eps: Tensor,
-    loss_type: str = "simple",
-    vlb_weight: float = 0.001,
-    min_snr_gamma: float | None = None,
+    loss_type: str,
+    vlb_weight: float,
+    min_snr_gamma: float | None,
 ) -> LossOutput:
     """x_t from x0 and eps by Eq. 4, the model's output on it, and the configured per-image loss:
     L_simple (Ho et al. 2020 Eq. 14), the bound's term (Eq. 5) or the hybrid (Nichol & Dhariwal 2021 Eq. 16)."""
-    if loss_type not in LOSS_TYPES:
-        raise UserError(f"loss.type must be one of {list(LOSS_TYPES)}, got {loss_type!r}; try loss.type=simple")
     x_t = diffusion.q_sample(x0, t, eps)
     model_out = model(x_t, t)
     mean_out, var_out = diffusion.split_output(model_out)
@@ -82,7 +69,7 @@ def _freeze_mean(mean_out: Tensor, var_out: Tensor | None) -> Tensor:
     return torch.cat([mean_out.detach(), var_out], dim=1)
 
 
-class UniformSampler:
+class UniformTimesteps:
     """t ~ Uniform{0..T-1} with unit importance weights."""
 
     def __init__(self, num_timesteps: int):
@@ -102,14 +89,16 @@ class UniformSampler:
         pass
 
 
-class ImportanceSampler:
+class ImportanceTimesteps:
     """Importance sampling of t by sqrt(E[L_t²]) over a history of VLB terms, Nichol & Dhariwal 2021 Eq. 18.
 
     Uniform until every t has `history` losses; then p_t ∝ sqrt(E[L_t²]), mixed with `uniform_prob` of the
     uniform distribution; the weights 1/(T p_t) keep the loss an unbiased estimate of the bound.
     """
 
-    def __init__(self, num_timesteps: int, history: int = 10, uniform_prob: float = 0.001):
+    HISTORY, UNIFORM_PROB = 10, 0.001  # Nichol & Dhariwal 2021: 10 terms per t, 0.1% uniform
+
+    def __init__(self, num_timesteps: int, history: int = HISTORY, uniform_prob: float = UNIFORM_PROB):
         self.num_timesteps = num_timesteps
         self.history_len = history
         self.uniform_prob = uniform_prob
@@ -150,11 +139,4 @@ class ImportanceSampler:
         self.counts.copy_(state["counts"])
 
 
-def make_timestep_sampler(name: str, num_timesteps: int):
-    """'uniform' or 'importance' (the latter needs the bound: use it with loss.type=vlb or hybrid)."""
-    if name == "uniform":
-        return UniformSampler(num_timesteps)
-    if name == "importance":
-        return ImportanceSampler(num_timesteps)
-    raise UserError(f"unknown timestep sampler {name!r}; choose 'uniform' or 'importance'")
-
+TIMESTEPS = {"uniform": UniformTimesteps, "importance": ImportanceTimesteps}  # objective.timesteps

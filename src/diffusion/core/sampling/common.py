@@ -1,0 +1,98 @@
+"""What every sampler shares: its output, the trajectory recorder, the noise it draws, and linear multistep updates.
+
+Every sampler takes a denoiser (core/denoiser.py), the starting x drawn at the grid's first level, and a
+generator; only the stochastic ones draw from it: one N(0, I) tensor shaped like x per noisy step, in step order,
+into a buffer reused at every step.
+"""
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from diffusion.core.denoiser import Denoiser, Grid
+from diffusion.errors import UserError
+
+
+@dataclass
+class Trajectory:
+    """x entering each recorded grid level and the x̂0 predicted there, in sampling order (Ho et al. 2020 Fig. 6).
+    `steps` name the levels: DDPM's step indices, else the grid positions."""
+
+    steps: list[int]
+    x_t: Tensor  # (S, B, C, H, W)
+    x0_pred: Tensor  # (S, B, C, H, W)
+
+
+@dataclass
+class SampleOutput:
+    """Final samples x_0 and, when asked for, the trajectory."""
+
+    x0: Tensor
+    trajectory: Trajectory | None = None
+
+
+class Recorder:
+    """Keep x and x̂0 at the chosen levels (record_steps: DDPM step indices, or grid positions)."""
+
+    def __init__(self, record_steps: Iterable[int] | None):
+        self.wanted = None if record_steps is None else set(int(s) for s in record_steps)
+        self.steps, self.x_t, self.x0 = [], [], []
+
+    def __call__(self, step: int, x_t: Tensor, x0_pred: Tensor) -> None:
+        if self.wanted is not None and step in self.wanted:
+            self.steps.append(step)
+            self.x_t.append(x_t.clone())
+            self.x0.append(x0_pred.clone())
+
+    def output(self, x0: Tensor) -> SampleOutput:
+        if self.wanted is None:
+            return SampleOutput(x0)
+        if not self.steps:
+            return SampleOutput(x0, Trajectory([], x0.new_zeros(0, *x0.shape), x0.new_zeros(0, *x0.shape)))
+        return SampleOutput(x0, Trajectory(self.steps, torch.stack(self.x_t), torch.stack(self.x0)))
+
+
+def level_names(denoiser: Denoiser, grid: Grid) -> list[int]:
+    """How a trajectory names a grid's levels: DDPM's step indices (its steps_of), else positions 0, 1, ..."""
+    steps_of = getattr(denoiser.objective, "steps_of", None)
+    return steps_of(grid) if steps_of is not None else list(range(grid.num_levels))
+
+
+def gaussian_noise(generator: torch.Generator | None) -> Callable[[Tensor], Tensor]:
+    """z ~ N(0, I) shaped like x from `generator`, into one buffer reused at every step."""
+    buffer: list[Tensor] = []
+
+    def draw(like: Tensor) -> Tensor:
+        if not buffer:
+            buffer.append(torch.empty_like(like))
+        return buffer[0].normal_(generator=generator)
+
+    return draw
+
+
+@dataclass(frozen=True)
+class Update:
+    """x_next = c_x·x + Σ_j w[j]·x̂0_j (most recent first) + w_new·x̂0 at x_next (a corrector) + c_z·z."""
+
+    c_x: float
+    w: tuple[float, ...]
+    w_new: float = 0.0
+    c_z: float = 0.0
+
+
+def apply(u: Update, x: Tensor, x0s: list[Tensor], x0_new: Tensor | None = None) -> Tensor:
+    """One linear multistep update without its noise: c_x x + Σ w_j x̂0_j (+ w_new x̂0_new)."""
+    out = u.c_x * x
+    for w, x0 in zip(u.w, x0s[: len(u.w)], strict=True):
+        out = out + w * x0
+    return out if x0_new is None else out + u.w_new * x0_new
+
+
+def require_finite_start(grid: Grid, name: str) -> None:
+    """Samplers whose steps need a finite first level (Heun's trapezoid, UniPC's differences in λ)."""
+    if grid.sigma[0] == float("inf"):
+        raise UserError(f"sampler.name={name} cannot start at σ = ∞ (flow matching's t = 1, where the linspace grid "
+                        "starts): its higher-order step needs a finite first level; use sampler.spacing=karras or "
+                        "logsnr (from σ_max), or sampler.name=euler or dpmpp_2m")
