@@ -2,7 +2,7 @@
 
 1. Training img/s of our CIFAR-10 U-Net and diffusers' UNet2DModel built as the same network, batch 128, bf16
    autocast, eager and torch.compile, NCHW and channels_last (interleaved; GroupNorm may make NHWC slower).
-2. Our whole train.py step (experiment=cifar10_ddpm, data.on_device=true, bf16-mixed, model.compile=true) in
+2. Our whole train.py step (experiment=cifar10_ddpm, data.on_device=true, bf16-mixed, training.compile=true) in
    img/s, timed between steps inside the run, on random CIFAR-10-shaped data.
 3. Sampling img/s (one network evaluation of a batch under inference_mode, bf16) of both networks.
 4. Peak memory of one training step of the 256×256 U-Net (model=unet256) at the paper's batch per device:
@@ -106,7 +106,7 @@ def train_py_step(args, device) -> dict:
                      f"data.batch_size={args.batch}", "callbacks.samples=null", "callbacks.quality=null",
                      "trainer.enable_progress_bar=false", f"trainer.accelerator={device.type}"]
         if device.type == "cuda":
-            overrides += ["trainer.precision=bf16-mixed", "model.compile=true"]
+            overrides += ["trainer.precision=bf16-mixed", "training.compile=true"]
         if args.smoke:
             overrides += ["model.ch=32", "data.batch_size=2", "schedule.num_timesteps=20", "data.num_workers=0"]
         timer = StepTimer(args.train_skip, args.train_steps)

@@ -66,7 +66,7 @@ class BareLoop:
                                                            total_iters=cfg.optim.lr_scheduler.total_iters)
         self.params = [p for p in self.net.parameters()]
         self.averages = [[p.detach().clone() for p in self.params] for _ in range(3)]  # EMA, post-hoc EMA × 2
-        d = module.diffusion
+        d = module.objective.diffusion
         self.sqrt_ab = d.sqrt_alphas_cumprod.float().to(device)
         self.sqrt_1m_ab = d.sqrt_one_minus_alphas_cumprod.float().to(device)
         self.images, self.batch, self.clip = images.to(device), cfg.data.batch_size, cfg.trainer.gradient_clip_val

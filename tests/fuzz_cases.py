@@ -67,13 +67,13 @@ ACCEPTED = [
     ("trainer.gradient_clip_val", "0.0", "0: no clipping"),
     ("trainer.gradient_clip_val", "1e30", "a bound that never clips"),
     ("*seed", "0", "seed 0 is a seed"),
-    ("loss.vlb_weight", "0.0", "0: the hybrid loss reduces to L_simple"),
-    ("loss.vlb_weight", "1e30", "an extreme but well-defined weighting"),
-    ("loss.min_snr_gamma", "1e30", "γ above every SNR: no clipping, plain SNR weighting"),
+    ("objective.vlb_weight", "0.0", "0: the hybrid loss reduces to L_simple"),
+    ("objective.vlb_weight", "1e30", "an extreme but well-defined weighting"),
+    ("objective.min_snr_gamma", "1e30", "γ above every SNR: no clipping, plain SNR weighting"),
     ("optim.optimizer.weight_decay", "0.0", "no weight decay (the paper's)"),
     ("optim.optimizer.weight_decay", "1e30", "an extreme but well-defined decay"),
     ("optim.optimizer.eps", "1e30", "an extreme but well-defined epsilon"),
-    ("optim.optimizer.lr", "1e30", "an absurd but well-defined rate (loss.on_nonfinite stops the run)"),
+    ("optim.optimizer.lr", "1e30", "an absurd but well-defined rate (training.on_nonfinite stops the run)"),
     ("schedule.s", "1e30", "an extreme cosine offset: ᾱ stays near 1 (a valid, useless schedule)"),
     ("schedule.steepness", "1e30", "a step-function sigmoid schedule"),
     ("validation.bpd_images", "0", "0 switches the val bits/dim off"),
@@ -117,8 +117,14 @@ ACCEPTED = [
     ("model.attn_resolutions", "[]", "a U-Net without attention"),
     ("callbacks.quality.extra_samplers", "[]", "no extra samplers (the default)"),
     ("ema.snapshot_dir", "''", "'': the default folder (<run>/posthoc_ema), as null"),
-    ("diffusion.cond_drop_prob", "0.0", "0: labels never dropped (a conditional model that cannot be guided)"),
+    ("training.cond_drop_prob", "0.0", "0: labels never dropped (a conditional model that cannot be guided)"),
     ("sampler.guidance_scale", "0.0", "w = 0: the unconditional pass of a class-conditional model (checked at load)"),
+    # sample.py, evaluate.py, figures.py: no sampler.name is the checkpoint's own sampler (DDPM's ancestral, EDM's
+    # Heun, flow's Euler), known when the checkpoint is read; these values are valid for some sampler and are
+    # checked against that one then, before the first image (test_objective_samplers, test_cli)
+    ("sampler.steps", "10000000000000", "steps for the checkpoint's own sampler: checked against it at load"),
+    ("sampler.eta", "1e30", "η >= 0 is dpmpp_2m_sde's range: checked against the checkpoint's own sampler at load"),
+    ("sampler.eta", "0.0", "η = 0: deterministic DDIM (checked against the checkpoint's own sampler at load)"),
 ]
 
 

@@ -100,6 +100,20 @@ def unet(**kwargs):
     return UNet(**{**UNET_SETTINGS, **kwargs})
 
 
+TRAINING_SETTINGS = dict(val_timestep_fractions=(0.0, 0.25, 0.5, 0.75, 1.0), val_bpd_images=16, loss_bins=10,
+                         on_nonfinite="stop", nonfinite_check_every_n_steps=100, compile=False)
+
+
+def diffusion_module(net: dict, objective=None, **settings):
+    """A DiffusionModule of this net (UNET_SETTINGS fill in) and objective (default: DDPM over the paper's betas with
+    T=20), with the schema's training settings unless overridden."""
+    from diffusion.lightning.module import DiffusionModule
+
+    objective = ddpm(paper_betas(20)) if objective is None else objective
+    spec = objective if isinstance(objective, dict) else objective.spec()
+    return DiffusionModule(net={**UNET_SETTINGS, **net}, objective=spec, **{**TRAINING_SETTINGS, **settings})
+
+
 def model_kwargs(*overrides: str) -> dict:
     """The U-Net keyword arguments train.py builds for these overrides (conf/model/*.yaml, shapes from the data)."""
     register_configs()

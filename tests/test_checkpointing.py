@@ -13,11 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion.core.schedules import cosine_beta_schedule, linear_beta_schedule
+from diffusion.core.schedules import cosine_beta_schedule
 from diffusion.errors import UserError
-from diffusion.lightning.checkpoints import AtomicCheckpointIO, check_checkpoint
+from diffusion.lightning.checkpoint_io import AtomicCheckpointIO
+from diffusion.lightning.checkpoints import check_checkpoint
 from diffusion.run.commands.train import build_module, check_resumable, train
-from helpers import ROOT, train_cfg
+from helpers import ROOT, paper_betas, train_cfg
 
 
 @pytest.fixture(scope="module")
@@ -56,10 +57,11 @@ FILL_THE_DISK = r"""
 import json, resource, shutil, signal, sys
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
-from diffusion.lightning.checkpoints import AtomicCheckpointIO
+from diffusion.lightning.checkpoint_io import AtomicCheckpointIO
 from diffusion.data import DigitsDataModule
 from diffusion.errors import UserError
 from diffusion.lightning.module import DiffusionModule
+from diffusion.core.objectives.ddpm import DDPM
 from diffusion.core.schedules import linear_beta_schedule
 
 ckpt_dir, good_copy, limit = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -71,9 +73,11 @@ class CapFileSize(L.Callback):  # runs before ModelCheckpoint, which Lightning a
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # so write() fails with EFBIG instead of killing us
             resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-net = dict(in_channels=1, out_channels=1, ch=16, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[],
-           image_size=8, num_groups=8)
-module = DiffusionModule(net=net, betas=linear_beta_schedule(20).tolist())
+net = dict(in_channels=1, out_channels=1, ch=16, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[], dropout=0.0,
+           image_size=8, num_groups=8, resamp_with_conv=True, channels_last=False, num_classes=None)
+objective = DDPM(linear_beta_schedule(20, 1e-4, 0.02), "eps", "fixed_large", "simple", 0.001, None, "uniform")
+module = DiffusionModule(net=net, objective=objective.spec(), val_timestep_fractions=(0.0, 0.5, 1.0), val_bpd_images=0,
+                         loss_bins=10, on_nonfinite="stop", nonfinite_check_every_n_steps=100, compile=False)
 checkpoint = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=1, save_top_k=0, save_last=True)
 trainer = L.Trainer(max_steps=3, plugins=[AtomicCheckpointIO()], callbacks=[CapFileSize(), checkpoint],
                     logger=False, accelerator="cpu", limit_val_batches=0, enable_progress_bar=False,
@@ -127,6 +131,11 @@ def test_round_trip_writes_a_temp_file_beside_the_destination(trained, tmp_path,
     assert path.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777  # the umask's mode, not mkstemp's 0600
 
 
+def with_objective(hparams: dict, **changes) -> dict:
+    """A module's hyperparameters with these settings of its objective changed."""
+    return {**hparams, "objective": {**hparams["objective"], **changes}}
+
+
 def _error(path, expected=None) -> str:
     """check_checkpoint's message, checked to be one line naming the path."""
     with pytest.raises(UserError) as info:
@@ -139,7 +148,7 @@ def _error(path, expected=None) -> str:
 def test_a_good_checkpoint_loads_and_matches_its_own_config(trained, tmp_path):
     out, _ = trained
     path = out / "checkpoints" / "last.ckpt"
-    same = build_module(train_cfg(tmp_path, "model.dropout=0.3"), linear_beta_schedule(20)).hparams
+    same = build_module(train_cfg(tmp_path, "model.dropout=0.3")).hparams
     ckpt = check_checkpoint(path, same)  # dropout does not change what the weights mean
     assert ckpt["global_step"] == 4 and set(ckpt["state_dict"]) == set(ckpt["current_model_state"])
     assert check_checkpoint(str(path))["global_step"] == 4
@@ -184,7 +193,7 @@ def test_checkpoint_from_another_architecture(trained, tmp_path):
     out, _ = trained
     path = out / "checkpoints" / "last.ckpt"
     hparams = torch.load(path, weights_only=True)["hyper_parameters"]
-    thinner = build_module(train_cfg(tmp_path, "model.ch=16"), linear_beta_schedule(20)).hparams
+    thinner = build_module(train_cfg(tmp_path, "model.ch=16")).hparams
     message = _error(path, thinner)
     assert "trained with net.ch=32, this run has net.ch=16" in message and "model.ch=32" in message
     deeper = {**hparams, "net": {**hparams["net"], "ch_mult": (1, 2, 2, 2)}}
@@ -197,9 +206,9 @@ def test_checkpoint_from_another_schedule(trained, tmp_path):
     out, _ = trained
     path = out / "checkpoints" / "last.ckpt"
     hparams = torch.load(path, weights_only=True)["hyper_parameters"]
-    message = _error(path, {**hparams, "betas": linear_beta_schedule(1000).tolist()})
+    message = _error(path, with_objective(hparams, betas=paper_betas(1000).tolist()))
     assert "trained with T=20 timesteps, this run has T=1000" in message and "schedule.num_timesteps=20" in message
-    message = _error(path, {**hparams, "betas": cosine_beta_schedule(20).tolist()})
+    message = _error(path, with_objective(hparams, betas=cosine_beta_schedule(20, 0.008, 0.999).tolist()))
     assert "other betas (T=20 in both, betas[0]=" in message
 
 
@@ -208,9 +217,10 @@ def test_checkpoint_with_another_parameterization_or_variance(trained, key, valu
     out, _ = trained
     path = out / "checkpoints" / "last.ckpt"
     hparams = torch.load(path, weights_only=True)["hyper_parameters"]
-    message = _error(path, {**hparams, key: value})
-    assert f"this run has diffusion.{key}={value}" in message
-    assert f"trained with diffusion.{key}={hparams[key]}" in message and "start without ckpt_path" in message
+    message = _error(path, with_objective(hparams, **{key: value}))
+    assert f"this run has objective.{key}={value}" in message
+    assert f"trained with objective.{key}={hparams['objective'][key]}" in message
+    assert "start without ckpt_path" in message
 
 
 @pytest.mark.parametrize("other", ["net", "T", "variance"])
@@ -219,11 +229,12 @@ def test_the_run_directorys_own_checkpoint_of_another_model_names_the_fix_that_w
     out, _ = trained
     path = out / "checkpoints" / "last.ckpt"
     hparams = torch.load(path, weights_only=True)["hyper_parameters"]
-    changed = {"net": {"net": {**hparams["net"], "ch": 16}}, "T": {"betas": linear_beta_schedule(30).tolist()},
-               "variance": {"variance": "learned_range"}}[other]
+    changed = {"net": {"net": {**hparams["net"], "ch": 16}},
+               "T": {"objective": {**hparams["objective"], "betas": paper_betas(30).tolist()}},
+               "variance": {"objective": {**hparams["objective"], "variance": "learned_range"}}}[other]
     module = SimpleNamespace(hparams={**hparams, **changed})
     difference = {"net": "net.ch=32, this run has net.ch=16", "T": "T=20 timesteps, this run has T=30",
-                  "variance": "diffusion.variance=fixed_large, this run has diffusion.variance=learned_range"}[other]
+                  "variance": "objective.variance=fixed_large, this run has objective.variance=learned_range"}[other]
     with pytest.raises(UserError) as own:
         check_resumable(str(path), module, out, own=True)
     assert str(own.value) == (f"run directory {out} holds a checkpoint of another model (trained with {difference}): "

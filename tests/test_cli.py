@@ -18,7 +18,14 @@ CASES = [
     (["optim.optimizer.lr=-1"], ["optim.optimizer.lr must be a number > 0, got -1.0", "try optim.optimizer.lr=0.0002"]),
     (["callbacks.ema.decay=1.5"], ["callbacks.ema.decay must be in [0, 1), got 1.5"]),
     (["data.batch_size=0"], ["data.batch_size must be in [1, 65536], got 0", "try data.batch_size=128"]),
-    (["loss.type=l1"], ["loss.type must be one of ['simple', 'vlb', 'hybrid'], got l1; try loss.type=simple"]),
+    (["objective.loss=l1"], ["objective.loss must be one of ['simple', 'vlb', 'hybrid'], got l1",
+                              "try objective.loss=simple"]),
+    (["diffusion.parameterization=v"], ["diffusion.parameterization moved to objective.parameterization",
+                                        "write objective.parameterization=v"]),
+    (["objective=edm", "schedule=cosine"], ["schedule=cosine is DDPM's beta schedule, but objective=edm",
+                                            "drop schedule=cosine"]),
+    (["objective=flow", "callbacks.quality.sampler.name=respaced"],
+     ["callbacks.quality.sampler.name=respaced walks DDPM's Markov chain", "objective=flow has none"]),
     (["trainer.accelerator=gpu"], ["no CUDA GPU is visible; use trainer=cpu"]),
     (["data=mnist", "data.image_size=30"], ["model.image_size=30", "not divisible"]),
     (["ckpt_path=/nonexistent/last.ckpt"], ["ckpt_path /nonexistent/last.ckpt does not exist"]),
@@ -53,8 +60,8 @@ SAMPLER_CASES = [
       "callbacks.quality.sampler.name=respaced callbacks.quality.sampler.steps=5"]),
     ("train.py", ["callbacks.samples.sampler.steps=50"], ["callbacks.samples.sampler.steps=50 exceeds the model's "
                                                          "T=20 steps"]),
-    ("sample.py", ["sampler.name=ddmi"], ["sampler.name=ddmi is not a sampler", "['ddpm', 'ddim', 'respaced', "
-                                          "'dpmpp_2m', 'dpmpp_2m_sde', 'unipc', 'heun']"]),
+    ("sample.py", ["sampler.name=ddmi"], ["sampler.name=ddmi is not a sampler", "['ddpm', 'ddim', 'euler', "
+                                          "'respaced', 'dpmpp_2m', 'dpmpp_2m_sde', 'unipc', 'heun']"]),
     ("sample.py", ["sampler.name=ddpm", "sampler.steps=5", "sampler.eta=0.7", "sampler.spacing=trailing"],
      ["sampler.steps=5 is not used by sampler.name=ddpm", "use sampler.name=respaced sampler.steps=5"]),
     ("sample.py", ["sampler=ddim"], ["sampler is a group of settings; write sampler.name=ddim"]),

@@ -186,11 +186,11 @@ def test_every_table2_job_trains(tmp_path, one_thread):
         train(cfg)
         state = torch.load(tmp_path / str(i) / "checkpoints" / "last.ckpt", weights_only=True)
         assert state["global_step"] == 1
-        if cfg.diffusion.variance == "learned_range":
+        if cfg.objective.variance == "learned_range":
             # L_simple has no variance term: the variance half of the zero-initialised output conv stays 0
             # (Σ fixed at sqrt(β β̃)), as the experiment file says; the bound trains it.
             var_rows = state["state_dict"]["net.conv_out.weight"][1:]  # 1 channel: rows [mean | variance]
-            assert (var_rows.abs().max() == 0) == (cfg.loss.type == "simple"), job
+            assert (var_rows.abs().max() == 0) == (cfg.objective.loss == "simple"), job
 
 
 def test_slurm_job_id_names_array_tasks_as_scontrol_wants(monkeypatch):
@@ -244,7 +244,7 @@ def test_table2_sweep_through_train_py_finishes_all_eight_jobs(tmp_path):
         sampler = s["quality_protocol"]["sampler"]
         assert (sampler["name"], sampler["steps"]) == ("respaced", 5), sampler
         cfg = yaml.safe_load((job / ".hydra" / "config.yaml").read_text())
-        status[(cfg["diffusion"]["parameterization"], cfg["diffusion"]["variance"], cfg["loss"]["type"])] = s
+        status[(cfg["objective"]["parameterization"], cfg["objective"]["variance"], cfg["objective"]["loss"])] = s
     assert len(status) == 8
     printed = [line for line in done.stdout.splitlines() if line.startswith("quality: ")]
     assert len(printed) == 8

@@ -12,7 +12,6 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from diffusion.core.images import to_model_range
-from diffusion.core.schedules import linear_beta_schedule
 from diffusion.data import CIFAR10DataModule, DigitsDataModule, EpochSampler, ImageFolderDataModule, MNISTDataModule
 from diffusion.data.loader import _ModelInputs
 from diffusion.errors import UserError
@@ -20,7 +19,7 @@ from diffusion.lightning.module import DiffusionModule
 from diffusion.run.commands.evaluate import evaluate
 from diffusion.run.commands.figures import figures
 from diffusion.run.commands.train import train
-from helpers import compose_cfg, model_kwargs, run_script, train_cfg
+from helpers import compose_cfg, diffusion_module, model_kwargs, run_script, train_cfg
 from test_data import cifar_pattern, write_cifar, write_idx
 from test_resume import assert_same_tensors
 from test_resume import train as train_and_load
@@ -29,8 +28,7 @@ NET = {**model_kwargs("debug=fast"), "num_classes": 10}
 
 
 def conditional_module(cond_drop_prob: float = 0.1) -> DiffusionModule:
-    return DiffusionModule(net=NET, betas=linear_beta_schedule(20).tolist(), cond_drop_prob=cond_drop_prob,
-                           class_names=[str(k) for k in range(10)])
+    return diffusion_module(NET, cond_drop_prob=cond_drop_prob, class_names=[str(k) for k in range(10)])
 
 
 # --- labels from the data ------------------------------------------------------------------------------------
@@ -80,8 +78,7 @@ def test_image_folder_classes_are_its_sorted_subfolders(tmp_path):
 # --- label dropout ----------------------------------------------------------------------------------------
 def test_label_dropout_is_at_its_rate_seeded_and_leaves_t_and_eps_alone():
     x0, n = torch.zeros(4000, 1, 8, 8), 4000
-    conditional, plain = conditional_module(0.1), DiffusionModule(net=model_kwargs("debug=fast"),
-                                                                  betas=linear_beta_schedule(20).tolist())
+    conditional, plain = conditional_module(0.1), diffusion_module(model_kwargs("debug=fast"))
     torch.manual_seed(7)
     t, _, eps, dropped = conditional._draw(x0, 0)
     torch.manual_seed(7)
@@ -139,10 +136,10 @@ def test_the_no_label_embedding_is_trained_when_labels_are_dropped():
     assert gradients[0.0][10] == 0 and torch.all(gradients[0.0][:10] > 0)  # none dropped: the ten classes
 
 
-def test_an_unconditional_module_saves_what_it_saved_before():
-    module = DiffusionModule(net=model_kwargs("debug=fast"), betas=linear_beta_schedule(20).tolist())
+def test_an_unconditional_module_saves_no_label_settings():
+    module = diffusion_module(model_kwargs("debug=fast"))
     assert "cond_drop_prob" not in module.hparams and "class_names" not in module.hparams
-    assert "num_classes" not in module.hparams["net"] and not hasattr(module.net, "label_emb")
+    assert module.hparams["net"]["num_classes"] is None and not hasattr(module.net, "label_emb")
 
 
 # --- a conditional run and its checkpoint in every entry point -----------------------------------------------
@@ -208,7 +205,7 @@ def test_guidance_of_an_unconditional_checkpoint_is_one_line(tmp_path):
 @pytest.mark.slow
 def test_labels_survive_a_stop_and_resume_bit_for_bit(tmp_path):
     # batch 64: 23 steps an epoch, so the stop at step 2 is mid-epoch; the dropped labels come from the saved RNG
-    args = ("model.num_classes=10", "diffusion.cond_drop_prob=0.5", "data.batch_size=64", "validation.bpd_images=0")
+    args = ("model.num_classes=10", "training.cond_drop_prob=0.5", "data.batch_size=64", "validation.bpd_images=0")
     full = train_and_load(tmp_path / "full", "trainer.max_steps=4", *args)
     first = train_and_load(tmp_path / "first", "trainer.max_steps=2", *args)
     resumed = train_and_load(tmp_path / "resumed", "trainer.max_steps=4", *args,

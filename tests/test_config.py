@@ -7,6 +7,7 @@ import torch
 from hydra.utils import instantiate
 
 from diffusion.config import validate
+from diffusion.config.build import objective_of
 from diffusion.errors import UserError
 from diffusion.run.commands.train import build_module
 from helpers import ROOT, compose_cfg
@@ -19,27 +20,29 @@ def options(group: str) -> list[str]:
 
 
 def build_all(cfg, tmp_path: Path):
-    """Instantiate what run.train builds, short of fitting: schedule, data, module, callbacks, trainer."""
+    """Instantiate what run.train builds, short of fitting: objective (and its schedule), data, module, callbacks,
+    trainer."""
     validate(cfg)
-    betas = instantiate(cfg.schedule)
+    objective = objective_of(cfg)
     data = instantiate(cfg.data)
-    module = build_module(cfg, betas)
+    module = build_module(cfg, objective)
     callbacks = [instantiate(c, _convert_="all") for name, c in cfg.callbacks.items()
                  if c is not None and name != "lr_monitor"]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=False, default_root_dir=str(tmp_path))
-    return betas, data, module, trainer
+    return objective, data, module, trainer
 
 
 EXTRA = {
-    "schedule": {"explicit": ["schedule.betas=[0.001,0.01,0.02]"]},
+    "schedule": {"explicit": ["schedule.betas=[0.001,0.01,0.02]"], "none": ["objective=edm"]},
     "data": {"image_folder": ["data.root=/nonexistent", "data.image_size=32", "model=small32"]},
     "model": {"small32": ["data=mnist"], "unet256": ["data=image_folder", "data.root=/nonexistent"],
               "image_folder": ["data=image_folder", "data.root=/nonexistent"]},
 }
 
 
-@pytest.mark.parametrize("group, option", [(g, o) for g in ("schedule", "model", "data", "trainer", "callbacks",
-                                                            "logger", "paths", "debug") for o in options(g)])
+@pytest.mark.parametrize("group, option", [(g, o) for g in ("schedule", "objective", "model", "data",
+                                                            "trainer", "callbacks", "logger", "paths", "debug")
+                                            for o in options(g)])
 def test_every_option_composes_and_instantiates(group, option, tmp_path):
     overrides = [f"{group}={option}", *EXTRA.get(group, {}).get(option, [])]
     if group == "model" and option in options("data"):  # each data set's own network, with that data
@@ -49,9 +52,11 @@ def test_every_option_composes_and_instantiates(group, option, tmp_path):
         with pytest.raises(UserError, match="accelerator=gpu but no CUDA GPU is visible; use trainer=cpu"):
             validate(cfg)
         return
-    betas, data, module, trainer = build_all(cfg, tmp_path)
+    objective, data, module, trainer = build_all(cfg, tmp_path)
     assert module.net.image_size == data.image_size and module.net.in_channels == data.channels
-    assert module.num_timesteps == len(betas)
+    assert module.objective.spec() == objective.spec()
+    if cfg.schedule is not None:  # DDPM: its levels are the schedule's T steps
+        assert module.objective.num_levels == len(instantiate(cfg.schedule))
 
 
 @pytest.mark.parametrize("experiment", options("experiment"))
@@ -68,7 +73,7 @@ def test_cifar10_recipe_is_the_papers(tmp_path):
     assert cfg.optim.optimizer.lr == 2e-4 and cfg.data.batch_size == 128 and data.random_flip
     assert cfg.optim.lr_scheduler.total_iters == 5000 and cfg.callbacks.ema.decay == 0.9999
     assert cfg.trainer.gradient_clip_val == 1.0 and cfg.trainer.max_steps == 800_000
-    assert cfg.model.dropout == 0.1 and cfg.diffusion.variance == "fixed_large"
+    assert cfg.model.dropout == 0.1 and cfg.objective.variance == "fixed_large"
     assert cfg.paper_card.fid_vs_train == 3.17 and cfg.paper_card.nll_bits_per_dim_upper_bound == 3.75
 
 
@@ -92,10 +97,11 @@ def test_every_entry_point_takes_the_fast_samplers_with_the_same_keys(tmp_path):
         "callbacks.quality.sampler.name=dpmpp_2m_sde", "callbacks.quality.sampler.eta=0.5",
         "callbacks.quality.extra_samplers=[{name: dpmpp_2m, steps: 10}, {name: unipc, steps: 20}]",
         "callbacks.figures.sampler.name=dpmpp_2m", "callbacks.figures.sampler.spacing=trailing"], tmp_path)
-    callbacks = {type(c).__name__: c for c in build_all(cfg, tmp_path)[3].callbacks}
+    objective, _, _, trainer = build_all(cfg, tmp_path)
+    callbacks = {type(c).__name__: c for c in trainer.callbacks}
     assert callbacks["SampleGrid"].sampler == SamplerSpec("heun", steps=9)
     quality = callbacks["SampleQualityCallback"]
     assert quality.sampler == SamplerSpec("dpmpp_2m_sde", steps=2, eta=0.5)  # debug=fast sets steps=2
     assert quality.extra_samplers == [SamplerSpec("dpmpp_2m", steps=10), SamplerSpec("unipc", steps=20)]
-    assert quality._tags(20) == ["dpmpp_2m-10", "unipc-20"]
+    assert quality._tags(objective) == ["dpmpp_2m-10", "unipc-20"]
     assert callbacks["PaperFigures"].spec.sampler == SamplerSpec("dpmpp_2m", spacing="trailing")

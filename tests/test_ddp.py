@@ -61,7 +61,7 @@ def test_multirun_with_ddp_runs_each_job_once_in_its_own_directory(tmp_path):
 
 def test_two_processes_train_a_class_conditional_model_as_one(tmp_path):
     # Labels follow their images onto the ranks, and each rank drops the labels of its rows of the global draw.
-    cond = ["model.num_classes=10", "diffusion.cond_drop_prob=0.5", "validation.bpd_images=0"]
+    cond = ["model.num_classes=10", "training.cond_drop_prob=0.5", "validation.bpd_images=0"]
     single = run_script("train.py", *TINY, *cond, "trainer=cpu", "data.batch_size=32",
                         f"hydra.run.dir={tmp_path / 'one'}", cwd=tmp_path)
     assert single.returncode == 0, single.stderr[-3000:]

@@ -10,17 +10,18 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion.core.gaussian import GaussianDiffusion
-from diffusion.core.sampling import ddim_sample, ddpm_sample
+from diffusion.core.sampling import ddim_sample, ddpm_sample, euler_sample
 from diffusion.core.schedules import cosine_beta_schedule, linear_beta_schedule, space_timesteps
 from diffusion.errors import UserError
-from diffusion.formats.diffusers import SCHEDULER_DEFAULTS, read_diffusers_folder, write_diffusers_folder
+from diffusion.formats.diffusers import read_diffusers_folder, write_diffusers_folder
+from diffusion.formats.diffusers_schedulers import SCHEDULER_DEFAULTS
 from diffusion.formats.diffusers_unet import UNET_DEFAULTS
 from diffusion.nn import UNet
-from helpers import model_kwargs
+from helpers import ddpm, edm, flow, model_kwargs, paper_betas
 
 OURS = dict(in_channels=3, out_channels=3, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,),
-            dropout=0.0, image_size=16, num_groups=8, resamp_with_conv=True)  # fmt: skip
+            dropout=0.0, image_size=16, num_groups=8, resamp_with_conv=True, channels_last=False,
+            num_classes=None)  # fmt: skip
 # The same network as diffusers builds it (google/ddpm-cifar10-32's settings at a small size).
 THEIRS = dict(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(16, 32, 32), layers_per_block=1,
               down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
@@ -59,11 +60,24 @@ def edit_json(path: Path, **fields) -> None:
     path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
 
 
+def spec_of(betas: torch.Tensor, parameterization: str = "eps", variance: str = "fixed_large") -> dict:
+    """A DDPM objective spec over these betas."""
+    return ddpm(betas, parameterization=parameterization, variance=variance).spec()
+
+
 def exported(tmp_path: Path, parameterization: str, variance: str, betas: torch.Tensor, **kw) -> tuple[UNet, Path]:
     net = our_unet(learned_variance=variance == "learned_range")
-    out = write_diffusers_folder(tmp_path / "export", OURS, net.state_dict(), betas, parameterization, variance,
-                                 "# A test model\n", **kw)  # fmt: skip
+    spec = spec_of(betas, parameterization, variance)
+    out = write_diffusers_folder(tmp_path / "export", OURS, net.state_dict(), spec, "# A test model\n", **kw)
     return net, out
+
+
+def read_ddpm(folder: Path) -> tuple[dict, dict, torch.Tensor, str, str, dict]:
+    """(unet kwargs, state, betas float64, parameterization, variance, info) of a DDPM folder."""
+    kwargs, state, spec, info = read_diffusers_folder(folder)
+    assert spec["_target_"].endswith(".DDPM"), spec
+    betas = torch.tensor(spec["betas"], dtype=torch.float64)
+    return kwargs, state, betas, spec["parameterization"], spec["variance"], info
 
 
 def load_pipeline(folder: Path) -> diffusers.DDPMPipeline:
@@ -96,9 +110,9 @@ def test_ddpm_pipeline_samples_as_our_ancestral_sampler(tmp_path, parameterizati
                   output_type="pt").images  # (B, C, H, W) in [0, 1]  # fmt: skip
     gen = torch.Generator().manual_seed(3)
     x_T = torch.randn(2, 3, 16, 16, generator=gen)
-    diffusion = GaussianDiffusion(linear_beta_schedule(T, 1e-3, 0.2), parameterization, variance)
+    objective = ddpm(linear_beta_schedule(T, 1e-3, 0.2), parameterization=parameterization, variance=variance)
     with torch.no_grad():
-        ours = ddpm_sample(net, diffusion, x_T, generator=gen).x0
+        ours = ddpm_sample(objective.denoiser(net, clip=True), x_T, generator=gen).x0
     ours = (ours / 2 + 0.5).clamp(0, 1)
     assert ((ours > 0) & (ours < 1)).float().mean() > 0.3  # most pixels are not clipped away
     torch.testing.assert_close(theirs, ours, atol=5e-6, rtol=0)  # seen: <= 1e-6
@@ -120,15 +134,15 @@ def test_ddim_pipeline_samples_as_our_ddim(tmp_path, parameterization, clip):
     assert space_timesteps(T, "leading", K) == sorted(ddim.scheduler.timesteps.tolist())
     x_T = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        ours = ddim_sample(net, GaussianDiffusion(betas, parameterization), x_T, num_steps=K, spacing="leading",
-                           clip_denoised=clip).x0  # fmt: skip
+        denoiser = ddpm(betas, parameterization=parameterization, variance="fixed_small").denoiser(net, clip=clip)
+        ours = ddim_sample(denoiser, x_T, num_steps=K, spacing="leading").x0
     ours = (ours / 2 + 0.5).clamp(0, 1)
     assert ((ours > 0) & (ours < 1)).float().mean() > 0.3
     torch.testing.assert_close(theirs, ours, atol=5e-6, rtol=0)  # seen: <= 1e-6
 
 
 def test_export_writes_the_pipeline_layout_and_the_card(tmp_path):
-    betas = cosine_beta_schedule(10)
+    betas = cosine_beta_schedule(10, 0.008, 0.999)
     _, folder = exported(tmp_path, "v", "learned_range", betas)
     assert sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()) == [
         "README.md", "model_index.json", "scheduler/scheduler_config.json", "unet/config.json",
@@ -157,16 +171,16 @@ def test_paper_cifar10_unet_from_diffusers_computes_the_same(tmp_path):
     assert theirs.num_parameters() == 35_746_307
     theirs.save_pretrained(tmp_path / "unet")
     diffusers.DDPMScheduler(variance_type="fixed_large").save_pretrained(tmp_path / "scheduler")
-    kwargs, state, betas, parameterization, variance, _ = read_diffusers_folder(tmp_path)
-    cifar10 = {k: tuple(v) if isinstance(v, list) else v for k, v in model_kwargs("data=cifar10").items()
-               if k != "channels_last"}  # a memory layout, not part of the network
+    kwargs, state, betas, parameterization, variance, _ = read_ddpm(tmp_path)
+    cifar10 = {k: tuple(v) if isinstance(v, list) else v for k, v in model_kwargs("data=cifar10").items()}
+    cifar10["channels_last"] = False  # a memory layout, not part of the network: diffusers' is NCHW
     assert kwargs == cifar10  # conf/model/cifar10.yaml's net, dropout 0.1 included
     ours = UNet(**kwargs).eval()
     ours.load_state_dict(state)
     x, t = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 999])
     with torch.no_grad():
         torch.testing.assert_close(ours(x, t), theirs(x, t).sample, atol=1e-5, rtol=0)  # seen: 3e-6
-    torch.testing.assert_close(betas, linear_beta_schedule(1000), atol=0, rtol=0)
+    torch.testing.assert_close(betas, paper_betas(1000), atol=0, rtol=0)
     assert (parameterization, variance) == ("eps", "fixed_large")
 
 
@@ -192,7 +206,7 @@ def test_small_unet_from_diffusers_computes_the_same(tmp_path, layout):
             state[k] = v
         torch.save(state, folder / "unet/diffusion_pytorch_model.bin")
         (folder / "unet/diffusion_pytorch_model.safetensors").unlink()
-    kwargs, state, _, _, variance, info = read_diffusers_folder(folder)
+    kwargs, state, _, _, variance, info = read_ddpm(folder)
     assert kwargs == OURS and variance == "learned_range" and info["weights"].endswith(
         ".bin" if layout in ("pipeline-bin", "legacy-attention-names") else ".safetensors")
     ours = UNet(**kwargs, learned_variance=True).eval()
@@ -218,9 +232,9 @@ def test_equivalent_spellings_are_accepted(tmp_path):
 # --- round trip -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("parameterization", "variance"), CASES)
 def test_round_trip_is_exact(tmp_path, parameterization, variance):
-    betas = cosine_beta_schedule(50)  # irrational float64 values: any rounding would show
+    betas = cosine_beta_schedule(50, 0.008, 0.999)  # irrational float64 values: any rounding would show
     net, folder = exported(tmp_path, parameterization, variance, betas)
-    kwargs, state, betas_back, param_back, variance_back, info = read_diffusers_folder(folder)
+    kwargs, state, betas_back, param_back, variance_back, info = read_ddpm(folder)
     assert kwargs == OURS and (param_back, variance_back) == (parameterization, variance)
     assert betas_back.dtype == torch.float64 and torch.equal(betas_back, betas)
     assert state.keys() == net.state_dict().keys()
@@ -230,11 +244,10 @@ def test_round_trip_is_exact(tmp_path, parameterization, variance):
 
 
 def test_export_from_a_channels_last_model_keeps_the_values(tmp_path):
-    net = UNet(**OURS, channels_last=True)
+    net = UNet(**{**OURS, "channels_last": True})
     net.load_state_dict(our_unet().state_dict())
     _, state, *_ = read_diffusers_folder(write_diffusers_folder(
-        tmp_path / "out", {**OURS, "channels_last": True}, net.state_dict(), linear_beta_schedule(10), "eps",
-        "fixed_large", ""))  # fmt: skip
+        tmp_path / "out", {**OURS, "channels_last": True}, net.state_dict(), spec_of(paper_betas(10)), ""))
     assert all(torch.equal(state[k], v) for k, v in our_unet().state_dict().items())
 
 
@@ -260,7 +273,7 @@ def diffusers_cosine_float64(T: int) -> list[float]:
 )  # fmt: skip
 def test_beta_schedules_are_diffusers_formulas_in_float64(tmp_path, fields, float64):
     folder = save_pipeline(tmp_path, num_train_timesteps=1000, **fields)
-    _, _, betas, *_ = read_diffusers_folder(folder)
+    _, _, betas, *_ = read_ddpm(folder)
     assert betas.dtype == torch.float64
     torch.testing.assert_close(betas, torch.tensor(float64, dtype=torch.float64), atol=1e-15, rtol=1e-13)
     theirs = load_pipeline(folder).scheduler.betas  # the same formulas, computed (or rounded) in float32
@@ -271,7 +284,7 @@ def test_beta_schedules_are_diffusers_formulas_in_float64(tmp_path, fields, floa
                                                                    ("v_prediction", "v")])  # fmt: skip
 def test_prediction_types_map(tmp_path, prediction_type, parameterization):
     folder = save_pipeline(tmp_path, prediction_type=prediction_type)
-    assert read_diffusers_folder(folder)[3] == parameterization
+    assert read_ddpm(folder)[3] == parameterization
 
 
 @pytest.mark.parametrize(("variance_type", "variance"), [("fixed_small", "fixed_small"),
@@ -279,7 +292,7 @@ def test_prediction_types_map(tmp_path, prediction_type, parameterization):
                                                          ("fixed_large", "fixed_large")])  # fmt: skip
 def test_variance_types_map(tmp_path, variance_type, variance):
     folder = save_pipeline(tmp_path, variance_type=variance_type)
-    assert read_diffusers_folder(folder)[4] == variance
+    assert read_ddpm(folder)[4] == variance
 
 
 def ddpm_step(variance_type: str, t: int = 5) -> torch.Tensor:
@@ -297,17 +310,17 @@ def test_fixed_small_log_samples_as_fixed_small_and_fixed_large_log_is_nan_in_di
 
 def test_ddim_folder_reads_with_the_ddpm_default_variance(tmp_path):
     folder = save_pipeline(tmp_path, scheduler="DDIMScheduler", prediction_type="v_prediction", clip_sample=False)
-    _, _, betas, parameterization, variance, info = read_diffusers_folder(folder)
+    _, _, betas, parameterization, variance, info = read_ddpm(folder)
     assert (parameterization, variance) == ("v", "fixed_small")  # DDPMScheduler's default, as from_config gives
     assert info["scheduler"] == "DDIMScheduler" and info["variance_type"] is None and info["clip_sample"] is False
     assert info["ignored_fields"] == []
-    torch.testing.assert_close(betas, linear_beta_schedule(10), atol=0, rtol=0)
+    torch.testing.assert_close(betas, paper_betas(10), atol=0, rtol=0)
 
 
 def test_fields_the_scheduler_ignores_are_reported_not_refused(tmp_path):
     folder = save_pipeline(tmp_path)
     edit_json(folder / "scheduler/scheduler_config.json", set_alpha_to_one=False, skip_prk_steps=True)
-    assert read_diffusers_folder(folder)[5]["ignored_fields"] == ["set_alpha_to_one", "skip_prk_steps"]
+    assert read_diffusers_folder(folder)[3]["ignored_fields"] == ["set_alpha_to_one", "skip_prk_steps"]
 
 
 # --- refusals: one line naming the field ------------------------------------------------------------------
@@ -399,8 +412,8 @@ def test_missing_folder_or_scheduler_is_refused(tmp_path, good_folder):
 @pytest.mark.parametrize(
     ("change", "field"),
     [
-        (dict(parameterization="mean"), "parameterization"),
-        (dict(variance="learned"), "variance"),
+        (dict(objective="mean"), "parameterization"),
+        (dict(objective="learned"), "variance"),
         (dict(unet_kwargs={**OURS, "resamp_with_conv": False}), "resamp_with_conv"),
         (dict(unet_kwargs={**OURS, "ch_mult": (2, 2, 2)}), "ch_mult"),
         (dict(unet_kwargs={**OURS, "out_channels": 1}), "out_channels"),
@@ -415,7 +428,98 @@ def test_export_refuses_what_diffusers_cannot_hold(tmp_path, change, field):
     (tmp_path / "not-empty").mkdir()
     (tmp_path / "not-empty" / "file").touch()
     args = dict(out_dir=tmp_path / "new", unet_kwargs=OURS, state_dict=our_unet().state_dict(),
-                betas=linear_beta_schedule(10), parameterization="eps", variance="fixed_large", card_markdown="")
+                objective=spec_of(paper_betas(10)), card_markdown="")
     args.update({k: tmp_path / v if k == "out_dir" else v for k, v in change.items()})
+    if change.get("objective") == "mean":
+        args["objective"] = spec_of(paper_betas(10), "mean")
+    if change.get("objective") == "learned":  # no DDPM takes it: written into a spec by hand
+        args["objective"] = {**spec_of(paper_betas(10)), "variance": "learned"}
     assert_refused(lambda: write_diffusers_folder(**args), field)
     assert not (tmp_path / "new").exists()
+
+
+# --- EDM and flow matching: exported to their diffusers schedulers, sampled there as here ------------------------
+def sample_with_scheduler(unet, scheduler, x: torch.Tensor, num_steps: int, **timesteps) -> torch.Tensor:
+    """diffusers' own loop for a scheduler: set_timesteps, scale_model_input (EDM's c_in; flow has none), the UNet,
+    step (no pipeline)."""
+    scheduler.set_timesteps(num_steps, **timesteps) if not timesteps else scheduler.set_timesteps(**timesteps)
+    scale = getattr(scheduler, "scale_model_input", lambda sample, t: sample)
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            out = unet(scale(x, t), t).sample
+            x = scheduler.step(out, t, x).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("num_steps", [5, 18])
+def test_edm_folder_samples_with_edm_euler_scheduler_as_our_euler(tmp_path, num_steps):
+    """EDMEulerScheduler (Karras et al.'s ρ = 7 grid, c_in, c_noise = ln(σ)/4, c_skip/c_out): our Euler on the same
+    karras levels from the same x_T, and ConsistencyModelPipeline (model_index.json's) runs it the same way."""
+    objective = edm()
+    net = our_unet()
+    folder = write_diffusers_folder(tmp_path / "edm", OURS, net.state_dict(), objective.spec(), "")
+    assert json.loads((folder / "model_index.json").read_text())["_class_name"] == "ConsistencyModelPipeline"
+    unet = diffusers.UNet2DModel.from_pretrained(folder / "unet").eval()
+    scheduler = diffusers.EDMEulerScheduler.from_pretrained(folder / "scheduler")
+    x_T = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(4)) * scheduler.init_noise_sigma
+    theirs = sample_with_scheduler(unet, scheduler, x_T, num_steps)
+    with torch.no_grad():
+        ours = euler_sample(objective.denoiser(net, clip=False), x_T, num_steps=num_steps, spacing="karras").x0
+    assert theirs.abs().max() > 0.1  # a real image, not everything denoised to 0
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=0)
+    pipe = diffusers.ConsistencyModelPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(batch_size=2, num_inference_steps=num_steps, generator=torch.Generator().manual_seed(4),
+                  output_type="pt").images
+    torch.testing.assert_close(images, (ours / 2 + 0.5).clamp(0, 1), atol=1e-4, rtol=0)
+
+
+def test_flow_folder_samples_with_ddpm_pipeline_as_our_euler(tmp_path):
+    """FlowMatchEulerDiscreteScheduler under DDPMPipeline (model_index.json's): t from 1 down to 1/1000, the UNet's
+    timestep 1000 t, x ← x + (t' − t) v: our Euler on flow's linspace grid from the same x_T."""
+    objective, net, steps = flow(), our_unet(), 8
+    folder = write_diffusers_folder(tmp_path / "flow", OURS, net.state_dict(), objective.spec(), "")
+    pipe = load_pipeline(folder)
+    assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    theirs = pipe(batch_size=2, generator=torch.Generator().manual_seed(6), num_inference_steps=steps,
+                  output_type="pt").images
+    x_T = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        ours = euler_sample(objective.denoiser(net, clip=False), x_T, num_steps=steps, spacing="linspace").x0
+    torch.testing.assert_close(theirs, (ours / 2 + 0.5).clamp(0, 1), atol=1e-5, rtol=0)
+
+
+def test_flow_shift_samples_as_diffusers_with_the_same_levels(tmp_path):
+    """With a shift, our linspace grid is diffusers' for the unshifted levels linspace(1, t_min) given as `sigmas`
+    (its default grid shifts its low end twice): the same steps."""
+    objective, net, steps = flow(shift=3.0), our_unet(), 6
+    folder = write_diffusers_folder(tmp_path / "flow", OURS, net.state_dict(), objective.spec(), "")
+    unet = diffusers.UNet2DModel.from_pretrained(folder / "unet").eval()
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler")
+    assert scheduler.config.shift == 3.0
+    x_T = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    theirs = sample_with_scheduler(unet, scheduler, x_T, steps, sigmas=np.linspace(1.0, 1e-3, steps).tolist())
+    with torch.no_grad():
+        ours = euler_sample(objective.denoiser(net, clip=False), x_T, num_steps=steps, spacing="linspace").x0
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("objective", [edm(sigma_data=0.7, sigma_max=40.0), flow(shift=2.0)], ids=["edm", "flow"])
+def test_edm_and_flow_round_trip(tmp_path, objective):
+    net = our_unet()
+    folder = write_diffusers_folder(tmp_path / "out", OURS, net.state_dict(), objective.spec(), "")
+    kwargs, state, spec, info = read_diffusers_folder(folder)
+    assert kwargs == OURS and all(torch.equal(state[k], v) for k, v in net.state_dict().items())
+    assert spec["_target_"] == objective.spec()["_target_"] and info["ignored_fields"] == []
+    for key in ("sigma_data", "sigma_min", "sigma_max", "shift", "t_min"):
+        assert spec.get(key) == objective.spec().get(key), key
+
+
+@pytest.mark.parametrize(("scheduler", "field", "value"), [
+    ("EDMEulerScheduler", "sigma_schedule", "exponential"), ("EDMEulerScheduler", "prediction_type", "v_prediction"),
+    ("EDMEulerScheduler", "rho", 5.0), ("FlowMatchEulerDiscreteScheduler", "use_dynamic_shifting", True),
+    ("FlowMatchEulerDiscreteScheduler", "num_train_timesteps", 500),
+    ("FlowMatchEulerDiscreteScheduler", "stochastic_sampling", True)])
+def test_edm_and_flow_folders_our_objectives_cannot_reproduce_are_refused(tmp_path, scheduler, field, value):
+    folder = save_pipeline(tmp_path, scheduler=scheduler, **{"num_train_timesteps": 1000, field: value})
+    assert_refused(lambda: read_diffusers_folder(folder), field)

@@ -14,12 +14,11 @@ import torch
 
 import diffusion.run.commands.train as train_module
 from diffusion.core.images import to_uint8
-from diffusion.core.schedules import linear_beta_schedule
 from diffusion.errors import UserError
 from diffusion.lightning.checkpoints import init_weights, load_module, read_weights
 from diffusion.run.commands.figures import figures
 from diffusion.run.commands.train import train
-from helpers import compose_cfg, model_kwargs, run_script, save_digits_pipeline, train_cfg
+from helpers import compose_cfg, ddpm, model_kwargs, paper_betas, run_script, save_digits_pipeline, train_cfg
 
 # google/ddpm-cifar10-32's two config files as published (the paper's CIFAR-10 model converted to diffusers).
 RELEASED_UNET = {
@@ -69,8 +68,9 @@ def test_load_module_builds_the_folder_network_and_schedule(folder):
     with torch.no_grad():
         torch.testing.assert_close(module.net(x, t), theirs(x, t).sample, atol=1e-5, rtol=0)
     assert not module.training and module.net.image_shape == (1, 8, 8)
-    assert torch.equal(module.diffusion.betas_float64, linear_beta_schedule(20))
-    assert (module.diffusion.parameterization, module.diffusion.variance) == ("eps", "fixed_large")
+    diffusion = module.objective.diffusion
+    assert torch.equal(diffusion.betas_float64, paper_betas(20))
+    assert (diffusion.parameterization, diffusion.variance) == ("eps", "fixed_large")
 
 
 def test_folders_that_cannot_be_loaded_are_one_line(folder, tmp_path):
@@ -94,14 +94,13 @@ def test_the_released_cifar10_model_fine_tunes_under_the_papers_recipe(tmp_path)
     (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(RELEASED_SCHEDULER))
 
     def expected(variance: str) -> dict:
-        return {"net": model_kwargs("experiment=cifar10_ddpm"), "betas": linear_beta_schedule(1000).tolist(),
-                "parameterization": "eps", "variance": variance}
+        return {"net": model_kwargs("experiment=cifar10_ddpm"), "objective": ddpm(variance=variance).spec()}
 
-    state = init_weights(tmp_path, expected("fixed_small"))  # experiment=cifar10_ddpm diffusion.variance=fixed_small
+    state = init_weights(tmp_path, expected("fixed_small"))  # experiment=cifar10_ddpm objective.variance=fixed_small
     assert sum(v.numel() for v in state.values()) == 35_746_307
     message = one_line(lambda: init_weights(tmp_path, expected("fixed_large")))  # the recipe as it is
-    assert message == (f"init_from {tmp_path} was trained with diffusion.variance=fixed_small, this run has "
-                       "diffusion.variance=fixed_large; use diffusion.variance=fixed_small or start without init_from")
+    assert message == (f"init_from {tmp_path} was trained with objective.variance=fixed_small, this run has "
+                       "objective.variance=fixed_large; use objective.variance=fixed_small or start without init_from")
 
 
 # --- sample.py and evaluate.py ckpt=<diffusers folder> ----------------------------------------------------------
@@ -197,8 +196,8 @@ def test_train_init_from_a_checkpoint_takes_its_ema_weights_only(fine_tuned, tmp
         ("schedule.num_timesteps=30", "trained with T=20 timesteps, this run has T=30; use schedule.num_timesteps=20"),
         ("schedule=cosine", "was trained with other betas (T=20 in both, betas[0]=0.0001 there"),
         ("model.ch=16", "was trained with net.ch=32, this run has net.ch=16; use the same model config (model.ch=32)"),
-        ("diffusion.parameterization=v", "diffusion.parameterization=eps, this run has diffusion.parameterization=v"),
-        ("diffusion.variance=learned_range", "this run has diffusion.variance=learned_range; use diffusion.variance="),
+        ("objective.parameterization=v", "objective.parameterization=eps, this run has objective.parameterization=v"),
+        ("objective.variance=learned_range", "this run has objective.variance=learned_range; use objective.variance="),
     ],
 )  # fmt: skip
 def test_init_from_another_network_or_schedule_is_refused(folder, tmp_path, override, fragment):
@@ -211,11 +210,10 @@ def test_init_from_another_network_or_schedule_is_refused(folder, tmp_path, over
         mp.setattr(train_module, "build_module", lambda *a: pytest.fail("the module was built"))
         message = one_line(lambda: train(cfg))
     assert message.startswith(f"init_from {folder} ") and fragment in message and "start without init_from" in message
-    assert built == [cfg.schedule._target_]  # the betas only: no data, module, logger or Trainer
+    assert built == []  # the objective and its betas only (config/build.py): no data, module, logger or Trainer
 
 
 def test_init_weights_of_a_matching_folder_are_its_weights(folder):
-    expected = {"net": read_weights(folder)[0]["net"], "betas": linear_beta_schedule(20).tolist(),
-                "parameterization": "eps", "variance": "fixed_large"}
+    expected = {"net": read_weights(folder)[0]["net"], "objective": ddpm(paper_betas(20)).spec()}
     state = init_weights(folder, expected)
     assert all(torch.equal(state[k], v) for k, v in read_weights(folder)[1].items())

@@ -12,7 +12,7 @@ from diffusion.core.schedules import linear_beta_schedule
 from diffusion.errors import UserError
 from diffusion.lightning.evaluation import Evaluator
 from diffusion.run.commands.train import build_module, train
-from helpers import compose_cfg, run_script, train_cfg, wandb_records
+from helpers import compose_cfg, ddpm, edm, paper_betas, run_script, train_cfg, wandb_records
 
 EVAL = ["num_samples=16", "batch_size=8", "sampler.name=ddim", "sampler.steps=2", "sampler.eta=0", "bpd.num_images=8",
         "max_reference_images=64"]
@@ -69,11 +69,11 @@ def test_the_default_sampler_table_skips_what_T_cannot_run_and_a_given_one_refus
     from diffusion.run.reports.sampler_table import table_samplers
 
     default = compose_cfg("evaluate", ["ckpt=x", "sampler_table.enabled=true"], tmp_path).sampler_table
-    names = [(s.name, s.steps) for s in table_samplers(default, 1000)]
+    names = [(s.name, s.steps) for s in table_samplers(default, ddpm(paper_betas(1000)))]
     assert names == [("ddpm", None)] + [(n, k) for n in ("ddim", "dpmpp_2m", "dpmpp_2m_sde", "unipc", "heun")
                                         for k in (5, 10, 20, 50, 100)]
     assert capsys.readouterr().out == ""
-    kept = [(s.name, s.steps) for s in table_samplers(default, 20)]
+    kept = [(s.name, s.steps) for s in table_samplers(default, ddpm(paper_betas(20)))]
     assert ("heun", 20) in kept and ("ddim", 20) in kept and len(kept) == 1 + 5 * 3
     assert capsys.readouterr().out.strip() == (
         "sampler table: skipping ddim-50, ddim-100, dpmpp_2m-50, dpmpp_2m-100, dpmpp_2m_sde-50, dpmpp_2m_sde-100, "
@@ -81,7 +81,11 @@ def test_the_default_sampler_table_skips_what_T_cannot_run_and_a_given_one_refus
     given = compose_cfg("evaluate", ["ckpt=x", "sampler_table.samplers=[{name: dpmpp_2m, steps: 5}, "
                                      "{name: ddim, steps: 50}]"], tmp_path).sampler_table
     with pytest.raises(UserError, match=r"sampler_table.samplers\[1\].steps=50 exceeds the model's T=20 steps"):
-        table_samplers(given, 20)
+        table_samplers(given, ddpm(paper_betas(20)))
+    continuous = [(s.name, s.steps) for s in table_samplers(default, edm())]  # every NFE; no ancestral sampling
+    assert continuous == names[1:]
+    assert capsys.readouterr().out.strip() == (
+        "sampler table: skipping ddpm (DDPM's Markov chain, which objective=edm has not)")
 
 
 class OracleEps(torch.nn.Module):
@@ -114,7 +118,7 @@ def test_passes_share_one_metric_and_extract_the_real_images_once(tmp_path, monk
     monkeypatch.setattr(SampleQuality, "set_reference",
                         lambda self, name, *a, **k: (extracted.append(name), set_reference(self, name, *a, **k))[1])
     torch.manual_seed(0)
-    module = build_module(train_cfg(tmp_path), linear_beta_schedule(10))
+    module = build_module(train_cfg(tmp_path, "schedule.num_timesteps=10"))
     with torch.no_grad():  # the U-Net's output layer starts at zero: make its ε depend on x_t
         for p in module.net.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -139,7 +143,8 @@ def test_bits_per_dim_of_an_oracle_equal_the_closed_form(tmp_path):
     """With ε known exactly and σ² = β̃, every L_{t-1} (t ≥ 2) vanishes: the bound is L_T + L_0 in closed form."""
     T = 50
     betas = linear_beta_schedule(T, 1e-4, 0.02)
-    module = build_module(train_cfg(tmp_path, "diffusion.variance=fixed_small"), betas)
+    module = build_module(train_cfg(tmp_path, "objective.variance=fixed_small", f"schedule.num_timesteps={T}"))
+    assert torch.equal(module.objective.diffusion.betas_float64, betas)
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, size=(1, 8, 8))
     pixels[0, 0, :2] = [0, 255]  # both edge bins, whose decoder mass runs to ±infinity

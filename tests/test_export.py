@@ -12,6 +12,7 @@ from diffusion.core.sampling import SamplerSpec, draw
 from diffusion.errors import UserError
 from diffusion.formats.diffusers import read_diffusers_folder
 from diffusion.lightning.checkpoints import load_module
+from diffusion.run.commands.evaluate import evaluate
 from diffusion.run.commands.export import export as export_command
 from helpers import compose_cfg, run_script, wandb_records
 
@@ -44,7 +45,7 @@ def diffusers_images(pipe, seed: int, **kwargs) -> torch.Tensor:
 
 
 def our_images(module, spec: SamplerSpec, seed: int) -> torch.Tensor:
-    return draw(module.net, module.diffusion, spec, 4, shape=module.net.image_shape, seed=seed, chunk_size=4).images
+    return draw(module.net, module.objective, spec, 4, shape=module.net.image_shape, seed=seed, chunk_size=4).images
 
 
 @pytest.mark.slow
@@ -60,7 +61,7 @@ def test_export_script_writes_a_folder_diffusers_samples_as_we_do(trained, tmp_p
     assert (scheduler.prediction_type, scheduler.variance_type, scheduler.clip_sample) == ("epsilon", "fixed_large",
                                                                                            True)
     saved = json.loads((tmp_path / "model/scheduler/scheduler_config.json").read_text())["trained_betas"]
-    assert saved == hparams["betas"]  # our float64 betas, every digit
+    assert saved == hparams["objective"]["betas"]  # our float64 betas, every digit
     module = load_module(ckpt)
     # Ancestral sampling (Algorithm 2): x_T and each step's noise from one generator, in the same order.
     ours = our_images(module, SamplerSpec("ddpm"), seed=1)
@@ -94,12 +95,12 @@ def test_model_card_holds_config_steps_and_the_runs_scores_with_protocol_ids(tra
 @pytest.mark.slow
 def test_model_card_lists_evaluate_reports_of_this_checkpoint_and_says_not_measured_otherwise(trained, tmp_path):
     ckpt = trained / "checkpoints" / "last.ckpt"
-    evaluate = ["num_samples=16", "batch_size=8", "sampler.name=ddim", "sampler.steps=2", "bpd.num_images=8",
-                "max_reference_images=64", "logger=none", "progress_bar=false"]
+    evaluate_args = ["num_samples=16", "batch_size=8", "sampler.name=ddim", "sampler.steps=2", "bpd.num_images=8",
+                     "max_reference_images=64", "logger=none", "progress_bar=false"]
     report_dir = tmp_path / "run" / "evaluate"
     shutil.copytree(trained, tmp_path / "run")
     copied = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    report = evaluate(compose_cfg("evaluate", [f"ckpt={copied}", *evaluate], report_dir))
+    report = evaluate(compose_cfg("evaluate", [f"ckpt={copied}", *evaluate_args], report_dir))
     card = (export(copied, tmp_path / "model") / "README.md").read_text()
     line = next(line for line in card.splitlines() if line.startswith("- evaluate.py"))
     assert f"`evaluate/report.json`: fid_train {report['quality']['fid_train']:.4g}" in line
@@ -122,9 +123,9 @@ def test_round_trip_through_export_is_bit_identical_for_ema_and_raw_weights(trai
     assert any(not torch.equal(saved["state_dict"][k], v) for k, v in saved["current_model_state"].items())
     for weights, key in [("ema", "state_dict"), ("raw", "current_model_state")]:
         folder = export(ckpt, tmp_path / weights, f"weights={weights}")
-        kwargs, state, betas, parameterization, variance, _ = read_diffusers_folder(folder)
-        assert betas.dtype == torch.float64 and betas.tolist() == saved["hyper_parameters"]["betas"]
-        assert (parameterization, variance) == ("eps", "fixed_large")
+        kwargs, state, spec, _ = read_diffusers_folder(folder)
+        assert spec["betas"] == saved["hyper_parameters"]["objective"]["betas"]
+        assert (spec["parameterization"], spec["variance"]) == ("eps", "fixed_large")
         assert state.keys() == {k.removeprefix("net.") for k in saved[key]}
         assert all(torch.equal(state[k.removeprefix("net.")], v) for k, v in saved[key].items()), weights
     # A diffusers folder exports again to the same weights (its card says where it came from).
@@ -137,7 +138,7 @@ def test_round_trip_through_export_is_bit_identical_for_ema_and_raw_weights(trai
 @pytest.mark.parametrize(
     ("change", "fragment"),
     [
-        ({"parameterization": "mean"}, "parameterization 'mean' cannot be exported"),
+        ({"objective": {"parameterization": "mean"}}, "parameterization 'mean' cannot be exported"),
         ({"net": {"ch_mult": [2, 2, 2]}}, "ch_mult=[2, 2, 2] cannot be exported"),
         ({"net": {"resamp_with_conv": False}}, "resamp_with_conv=False cannot be exported"),
     ],
@@ -145,7 +146,7 @@ def test_round_trip_through_export_is_bit_identical_for_ema_and_raw_weights(trai
 def test_what_diffusers_cannot_hold_is_refused_in_one_line(trained, tmp_path, change, fragment):
     ckpt = torch.load(trained / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     for key, value in change.items():
-        ckpt["hyper_parameters"][key] = {**ckpt["hyper_parameters"][key], **value} if key == "net" else value
+        ckpt["hyper_parameters"][key] = {**ckpt["hyper_parameters"][key], **value}
     torch.save(ckpt, tmp_path / "edited.ckpt")
     with pytest.raises(UserError) as err:
         export(tmp_path / "edited.ckpt", tmp_path / "model")
@@ -162,7 +163,7 @@ def test_bad_export_settings_are_one_line(trained, tmp_path):
                                 ([f"ckpt={trained}", f"out={tmp_path / 'm'}"], "is a directory but not a diffusers"),
                                 ([f"ckpt={tmp_path / 'no.ckpt'}", f"out={tmp_path / 'm'}"], "does not exist")]:
         with pytest.raises(UserError) as err:
-            export(compose_cfg("export", overrides, tmp_path / "h"))
+            export_command(compose_cfg("export", overrides, tmp_path / "h"))
         assert "\n" not in str(err.value) and fragment in str(err.value), err.value
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine" and not (tmp_path / "m").exists()
 
@@ -178,3 +179,26 @@ def test_export_script_refuses_a_non_empty_folder_in_one_line(tmp_path):
     assert last == f"error: out={tmp_path / 'full'} already exists and is not an empty folder; choose a new folder, " \
         f"e.g. out={tmp_path / 'full'}-2, or remove it"
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("objective", "pipeline", "scheduler"), [
+    ("edm", "ConsistencyModelPipeline", "EDMEulerScheduler"),
+    ("flow", "DDPMPipeline", "FlowMatchEulerDiscreteScheduler")])
+def test_edm_and_flow_runs_export_to_the_pipeline_that_samples_them(tmp_path, objective, pipeline, scheduler):
+    """A real run of each objective through train.py and export.py: the folder's pipeline loads and samples, and its
+    card says what the model is (the samples themselves are checked against diffusers in test_diffusers_format)."""
+    run, model = tmp_path / "run", tmp_path / "model"
+    result = run_script("train.py", *TRAIN, f"objective={objective}", "trainer.max_steps=2", "logger=none",
+                        f"hydra.run.dir={run}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_script("export.py", f"ckpt={run / 'checkpoints' / 'last.ckpt'}", f"out={model}",
+                        f"hydra.run.dir={tmp_path / 'h'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1].startswith(f"exported: {model} ({pipeline}.from_pretrained")
+    pipe = getattr(diffusers, pipeline).from_pretrained(model)
+    assert type(pipe.scheduler).__name__ == scheduler
+    images = diffusers_images(pipe, 0, num_inference_steps=4)
+    assert images.shape == (4, 1, 8, 8) and torch.isfinite(images).all()
+    card = (model / "README.md").read_text()
+    assert f"from diffusers import {pipeline}" in card and f"tags: [{objective}," in card and scheduler in card

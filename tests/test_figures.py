@@ -13,6 +13,7 @@ from torch.testing import assert_close
 from diffusion.core.gaussian import GaussianDiffusion
 from diffusion.core.images import to_model_range
 from diffusion.core.likelihood import variational_bound
+from diffusion.core.objectives.ddpm import DDPM
 from diffusion.core.sampling import ddpm_sample
 from diffusion.core.schedules import linear_beta_schedule
 from diffusion.data import DigitsDataModule
@@ -34,7 +35,7 @@ from diffusion.lightning.callbacks import PaperFigures
 from diffusion.nn import UNet
 from diffusion.run.commands.figures import figures
 from diffusion.run.commands.train import train
-from helpers import compose_cfg, run_script, train_cfg, wandb_records
+from helpers import compose_cfg, ddpm, paper_betas, run_script, train_cfg, unet, wandb_records
 
 T = 12
 BETAS = linear_beta_schedule(T, 1e-3, 0.3)
@@ -49,16 +50,27 @@ def seeded(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def chain(betas: torch.Tensor, dtype: torch.dtype = torch.float32) -> GaussianDiffusion:
+    """DDPM's chain as the figures draw it: ε prediction, σ² = β_t (the paper's fixedlarge)."""
+    return GaussianDiffusion(betas, "eps", "fixed_large", dtype=dtype)
+
+
+@pytest.fixture(scope="module")
+def objective() -> DDPM:
+    """The DDPM objective over BETAS: render_all and reverse_process take it; the rest take its chain."""
+    return ddpm(BETAS)
+
+
 @pytest.fixture(scope="module")
 def diffusion() -> GaussianDiffusion:
-    return GaussianDiffusion(BETAS)
+    return chain(BETAS)
 
 
 @pytest.fixture(scope="module")
 def net() -> UNet:
     torch.manual_seed(0)
-    net = UNet(in_channels=1, out_channels=1, ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
-               image_size=8, num_groups=4).eval()
+    net = unet(in_channels=1, out_channels=1, ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
+               dropout=0.0, image_size=8, num_groups=4).eval()
     torch.nn.init.normal_(net.conv_out.weight, std=0.05)  # the zero-initialised output would predict eps = 0
     return net
 
@@ -76,8 +88,8 @@ def test_steps_are_checked_at_the_boundary(diffusion):
 
 
 def test_forward_process_starts_at_the_data_and_has_the_moments_of_eq4():
-    diffusion = GaussianDiffusion(linear_beta_schedule(1000), dtype=torch.float64)
-    ac = alphas_cumprod(linear_beta_schedule(1000))
+    diffusion = chain(paper_betas(1000), dtype=torch.float64)
+    ac = alphas_cumprod(paper_betas(1000))
     x0 = torch.rand(4096, 1, 8, 8, generator=seeded(1), dtype=torch.float64) * 2 - 1
     steps = [0, 100, 300, 999]
     frames = forward_process(diffusion, x0, steps, seeded())
@@ -94,9 +106,9 @@ def test_forward_process_starts_at_the_data_and_has_the_moments_of_eq4():
     assert abs((residuals[1] * residuals[2]).mean().item() - rho) < 4 / math.sqrt(n)
 
 
-def test_reverse_process_keeps_x_t_and_the_x0_the_net_predicts(net, diffusion):
+def test_reverse_process_keeps_x_t_and_the_x0_the_net_predicts(net, objective):
     x_T = torch.randn(3, 1, 8, 8, generator=seeded(2))  # chunk 0 of a draw seeded 2
-    out = reverse_process(net, diffusion, 3, (1, 8, 8), [0, 5, T - 1], seed=2)
+    out = reverse_process(net, objective, 3, (1, 8, 8), [0, 5, T - 1], seed=2)
     traj, ac = out.trajectory, alphas_cumprod(BETAS)
     assert traj.steps == [T - 1, 5, 0] and traj.x_t.shape == traj.x0_pred.shape == (3, 3, 1, 8, 8)
     assert torch.equal(traj.x_t[0], x_T)
@@ -106,10 +118,10 @@ def test_reverse_process_keeps_x_t_and_the_x0_the_net_predicts(net, diffusion):
         assert_close(x0_pred, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_reverse_from_the_last_step_is_algorithm_2_and_groups_share_noise(net, diffusion):
+def test_reverse_from_the_last_step_is_algorithm_2_and_groups_share_noise(net, diffusion, objective):
     x_T = torch.randn(3, 1, 8, 8, generator=seeded(2))
-    assert torch.equal(reverse_from(net, diffusion, x_T, T - 1, seeded(5)), ddpm_sample(net, diffusion, x_T,
-                                                                                        generator=seeded(5)).x0)
+    assert torch.equal(reverse_from(net, diffusion, x_T, T - 1, seeded(5)),
+                       ddpm_sample(objective.denoiser(net, clip=True), x_T, generator=seeded(5)).x0)
     grouped = reverse_from(net, diffusion, x_T.expand(4, -1, -1, -1, -1), 7, seeded(5))  # (4, 3, 1, 8, 8)
     alone = reverse_from(net, diffusion, x_T, 7, seeded(5))
     for group in grouped:
@@ -132,12 +144,12 @@ def test_stochastic_reconstructions_share_x_t_and_stay_close_at_the_first_step(n
     rec = stochastic_reconstructions(net, diffusion, digits[:3], [0, 4, T - 1], 5, seeded())
     assert rec.x_t.shape == (3, 3, 1, 8, 8) and rec.samples.shape == (3, 3, 5, 1, 8, 8)
     assert not torch.allclose(rec.samples[1, :, 0], rec.samples[1, :, 1])  # completions differ from step 1 on
-    fine = GaussianDiffusion(linear_beta_schedule(1000))  # β_1 = 1e-4: x_1 is x_0 up to ~0.01
+    fine = chain(paper_betas(1000))  # β_1 = 1e-4: x_1 is x_0 up to ~0.01
     rec = stochastic_reconstructions(net, fine, digits[:3], [0], 4, seeded())
     assert (rec.samples[0] - digits[:3, None]).abs().max() < 0.1
     # An oracle of a one-image data set completes every x_t into that image.
     x_star = digits[:1].double()
-    exact = GaussianDiffusion(BETAS, dtype=torch.float64)
+    exact = chain(BETAS, dtype=torch.float64)
     rec = stochastic_reconstructions(oracle(x_star, BETAS), exact, x_star, [0, 6, T - 1], 3, seeded())
     assert_close(rec.samples, x_star[None, :, None].expand_as(rec.samples), rtol=0, atol=1e-9)
 
@@ -179,10 +191,10 @@ def test_progressive_coding_rate_is_the_bound_spent_so_far(net, diffusion, digit
     assert [row.split("|")[1].strip() for row in table[2:7]] == ["12", "9", "6", "3", "1"]
 
 
-def test_render_all_writes_every_figure(net, diffusion, digits, tmp_path):
+def test_render_all_writes_every_figure(net, objective, digits, tmp_path):
     spec = FigureSpec(num_images=4, num_samples=4, num_reconstructions=2, num_lambdas=3, rd_images=8,
                       reverse_steps=[0, 6, T - 1])
-    paths = render_all(net, diffusion, digits, tmp_path, spec)
+    paths = render_all(net, objective, digits, tmp_path, spec)
     cell = 34  # 8×8 images shown at 32×32, 2 px padding
     sizes = {"forward": (6, 4), "reverse": (3, 8), "reconstructions": (4, 4 * 6), "interpolation": (5, 2),
              "samples": (2, 2)}  # (columns, rows); default_steps(12) = [0, 1, 3, 6, 9, 11]

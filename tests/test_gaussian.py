@@ -5,10 +5,15 @@ import pytest
 import torch
 
 from diffusion.core.gaussian import GaussianDiffusion
-from diffusion.core.schedules import cosine_beta_schedule, linear_beta_schedule
+from diffusion.core.schedules import cosine_beta_schedule
 from diffusion.errors import UserError
+from helpers import paper_betas
 
 T = 1000
+
+
+def cosine_schedule(num_timesteps):
+    return cosine_beta_schedule(num_timesteps, s=0.008, max_beta=0.999)
 
 
 def reference_arrays(betas: np.ndarray):
@@ -23,12 +28,12 @@ def reference_arrays(betas: np.ndarray):
 
 @pytest.fixture
 def diffusion64():
-    return GaussianDiffusion(linear_beta_schedule(T), dtype=torch.float64)
+    return GaussianDiffusion(paper_betas(T), "eps", "fixed_large", dtype=torch.float64)
 
 
 def test_q_sample_moments(gen):
-    d = GaussianDiffusion(linear_beta_schedule(T), dtype=torch.float64)
-    ac, _ = reference_arrays(linear_beta_schedule(T).numpy())
+    d = GaussianDiffusion(paper_betas(T), "eps", "fixed_large", dtype=torch.float64)
+    ac, _ = reference_arrays(paper_betas(T).numpy())
     for step in (0, 100, 500, 999):
         x0 = torch.full((200_000,), 0.7, dtype=torch.float64)
         t = torch.full((200_000,), step, dtype=torch.long)
@@ -41,7 +46,7 @@ def test_q_sample_moments(gen):
 
 
 def test_posterior_matches_gaussian_product(diffusion64, gen):
-    betas = linear_beta_schedule(T).numpy()
+    betas = paper_betas(T).numpy()
     ac, ac_prev = reference_arrays(betas)
     x0 = torch.randn(6, 3, dtype=torch.float64, generator=gen)
     x_t = torch.randn(6, 3, dtype=torch.float64, generator=gen)
@@ -68,15 +73,15 @@ def test_posterior_at_first_step_is_x0_with_clipped_log_variance(diffusion64):
 
 
 def test_beta_tilde_identity(diffusion64):
-    betas = linear_beta_schedule(T).numpy()
+    betas = paper_betas(T).numpy()
     ac, ac_prev = reference_arrays(betas)
     np.testing.assert_allclose(diffusion64.posterior_variance.numpy(), (1 - ac_prev) / (1 - ac) * betas,
                                rtol=1e-12, atol=0)
 
 
-@pytest.mark.parametrize("schedule", [linear_beta_schedule, cosine_beta_schedule])
+@pytest.mark.parametrize("schedule", [paper_betas, cosine_schedule])
 def test_conversions_round_trip(schedule, gen):
-    d = GaussianDiffusion(schedule(T), dtype=torch.float64)
+    d = GaussianDiffusion(schedule(T), "eps", "fixed_large", dtype=torch.float64)
     t = torch.arange(0, T - 1, 7)  # skip the cosine's clipped last step (ᾱ ≈ 0 there)
     x0 = torch.rand(len(t), 3, 4, 4, dtype=torch.float64, generator=gen) * 2 - 1
     eps = torch.randn(x0.shape, dtype=torch.float64, generator=gen)
@@ -92,7 +97,7 @@ def test_conversions_round_trip(schedule, gen):
     torch.testing.assert_close(coef1 * d.predict_x0_from_mean(x_t, t, mean), coef1 * x0, rtol=0, atol=1e-12)
     # Every parameterization's training target maps back to x0 through predict_x0.
     for p in ("eps", "x0", "v"):
-        dp = GaussianDiffusion(schedule(T), parameterization=p, dtype=torch.float64)
+        dp = GaussianDiffusion(schedule(T), parameterization=p, variance="fixed_large", dtype=torch.float64)
         target = dp.training_target(x0, x_t, t, eps)
         torch.testing.assert_close(dp.predict_x0(target, x_t, t), x0, rtol=0, atol=1e-12)
 
@@ -101,13 +106,13 @@ def test_v_definition(diffusion64, gen):
     x0 = torch.randn(5, 2, generator=gen, dtype=torch.float64)
     eps = torch.randn(5, 2, generator=gen, dtype=torch.float64)
     t = torch.tensor([0, 3, 99, 500, 999])
-    ac, _ = reference_arrays(linear_beta_schedule(T).numpy())
+    ac, _ = reference_arrays(paper_betas(T).numpy())
     expected = np.sqrt(ac[t.numpy()])[:, None] * eps.numpy() - np.sqrt(1 - ac[t.numpy()])[:, None] * x0.numpy()
     np.testing.assert_allclose(diffusion64.v_from_x0_eps(x0, eps, t).numpy(), expected, rtol=1e-12, atol=1e-14)
 
 
 def test_eq11_mean_equals_eq7_mean_with_predicted_x0(diffusion64, gen):
-    betas = linear_beta_schedule(T).numpy()
+    betas = paper_betas(T).numpy()
     ac, _ = reference_arrays(betas)
     t = torch.tensor([0, 1, 50, 999])
     x_t = torch.randn(4, 8, generator=gen, dtype=torch.float64)
@@ -119,12 +124,12 @@ def test_eq11_mean_equals_eq7_mean_with_predicted_x0(diffusion64, gen):
 
 
 def test_fixed_and_learned_variances(gen):
-    betas = linear_beta_schedule(T)
+    betas = paper_betas(T)
     x = torch.zeros(3, 1, 2, 2, dtype=torch.float64)
     t = torch.tensor([0, 1, 999])
-    large = GaussianDiffusion(betas, variance="fixed_large", dtype=torch.float64)
-    small = GaussianDiffusion(betas, variance="fixed_small", dtype=torch.float64)
-    learned = GaussianDiffusion(betas, variance="learned_range", dtype=torch.float64)
+    large = GaussianDiffusion(betas, "eps", variance="fixed_large", dtype=torch.float64)
+    small = GaussianDiffusion(betas, "eps", variance="fixed_small", dtype=torch.float64)
+    learned = GaussianDiffusion(betas, "eps", variance="learned_range", dtype=torch.float64)
     beta_tilde = small.posterior_variance.numpy()
     lv = large.p_mean_variance(x, x, t).variance[:, 0, 0, 0].numpy()
     np.testing.assert_allclose(lv, [beta_tilde[1], betas[1], betas[999]], rtol=1e-12)  # σ²=β, β̃ at the first step
@@ -140,8 +145,9 @@ def test_fixed_and_learned_variances(gen):
 
 
 def test_float32_buffers_are_float64_rounded_once():
-    betas = linear_beta_schedule(T)
-    d32, d64 = GaussianDiffusion(betas), GaussianDiffusion(betas, dtype=torch.float64)
+    betas = paper_betas(T)
+    d32 = GaussianDiffusion(betas, "eps", "fixed_large")  # float32 by default
+    d64 = GaussianDiffusion(betas, "eps", "fixed_large", dtype=torch.float64)
     ac64, _ = reference_arrays(betas.numpy())
     # The float32 buffer equals the float64 value rounded once, not a float32 cumprod (which drifts).
     assert torch.equal(d32.alphas_cumprod, torch.from_numpy(ac64).float())
@@ -152,14 +158,14 @@ def test_float32_buffers_are_float64_rounded_once():
 
 
 def test_buffers_are_not_parameters_nor_saved():
-    d = GaussianDiffusion(linear_beta_schedule(10))
+    d = GaussianDiffusion(paper_betas(10), "eps", "fixed_large")
     assert list(d.parameters()) == [] and d.state_dict() == {}
 
 
 def test_bad_choices_and_timesteps(diffusion64):
     with pytest.raises(UserError, match="parameterization must be one of .* got 'epsilon'"):
-        GaussianDiffusion(linear_beta_schedule(10), parameterization="epsilon")
+        GaussianDiffusion(paper_betas(10), parameterization="epsilon", variance="fixed_large")
     with pytest.raises(UserError, match="variance must be one of"):
-        GaussianDiffusion(linear_beta_schedule(10), variance="large")
+        GaussianDiffusion(paper_betas(10), parameterization="eps", variance="large")
     with pytest.raises(UserError, match=r"\[0, 999\], got dtype torch.int64 and range \[0, 1000\]"):
         diffusion64.check_timesteps(torch.tensor([0, 1000]))

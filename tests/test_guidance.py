@@ -14,9 +14,9 @@ from diffusion.core.sampling import (
     guide,
     resolve_labels,
 )
-from diffusion.core.schedules import linear_beta_schedule
 from diffusion.errors import UserError
 from diffusion.nn import UNet
+from helpers import ddpm, edm, flow, paper_betas, unet
 
 T, K = 20, 3
 
@@ -25,8 +25,8 @@ def conditional_net(learned_variance: bool = False) -> UNet:
     """A tiny class-conditional U-Net whose every weight is random (the paper's zero-initialised layers too),
     so its output depends on the label."""
     torch.manual_seed(0)
-    net = UNet(in_channels=1, out_channels=1, ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
-               image_size=8, num_groups=4, num_classes=K, learned_variance=learned_variance)
+    net = unet(in_channels=1, out_channels=1, ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
+               dropout=0.0, image_size=8, num_groups=4, num_classes=K, learned_variance=learned_variance)
     with torch.no_grad():
         for p in net.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -80,9 +80,16 @@ def test_no_label_is_what_an_unlabelled_call_gets():
         assert torch.equal(net(x, t), net(x, t, torch.tensor([K, K])))
 
 
-@pytest.mark.parametrize("name", list(SAMPLERS))
-def test_w0_and_w1_sample_exactly_as_the_unconditional_and_conditional_models(name):
-    net, diffusion = conditional_net(), GaussianDiffusion(linear_beta_schedule(T))
+OBJECTIVES = {"ddpm": lambda: ddpm(paper_betas(T)), "edm": edm, "flow": flow}
+
+
+@pytest.mark.parametrize("objective_name, name", [
+    *(("ddpm", name) for name in SAMPLERS),
+    *((o, name) for o in ("edm", "flow") for name, kind in SAMPLERS.items() if not kind.markov_chain),
+])
+def test_w0_and_w1_sample_exactly_as_the_unconditional_and_conditional_models(objective_name, name):
+    """For every objective and each sampler it takes (on the objective's default spacing for that sampler)."""
+    net, diffusion = conditional_net(), OBJECTIVES[objective_name]()
     labels = torch.tensor([2, 0, 1, 2])
     spec = SamplerSpec(name, steps=None if name == "ddpm" else 5)
     cond = lambda x, t: net(x, t, labels)  # noqa: E731  (plain callables: no num_classes, so unguided)
@@ -99,7 +106,7 @@ def test_w0_and_w1_sample_exactly_as_the_unconditional_and_conditional_models(na
 @pytest.mark.parametrize("parameterization", ["eps", "x0", "v", "mean"])
 def test_guiding_the_output_is_guiding_eps_in_every_parameterization(parameterization):
     """x0, v and μ are affine in ε at a given x_t, so out_u + w (out_c − out_u) predicts ε_u + w (ε_c − ε_u)."""
-    d = GaussianDiffusion(linear_beta_schedule(T).double(), parameterization)
+    d = GaussianDiffusion(paper_betas(T), parameterization, "fixed_large", dtype=torch.float64)
     gen = torch.Generator().manual_seed(1)
     x_t, t = torch.randn(6, 1, 8, 8, generator=gen, dtype=torch.float64), torch.arange(1, 19, 3)
     out_u, out_c = (torch.randn(6, 1, 8, 8, generator=gen, dtype=torch.float64) for _ in range(2))
@@ -130,11 +137,11 @@ def test_labels_balanced_by_index_by_name_and_their_errors():
 
 def test_guiding_an_unconditional_net_is_an_error_before_sampling():
     torch.manual_seed(0)
-    plain = UNet(in_channels=1, out_channels=1, ch=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(),
-                 image_size=8, num_groups=4)
+    plain = unet(in_channels=1, out_channels=1, ch=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(),
+                 dropout=0.0, image_size=8, num_groups=4)
     calls = []
     plain.register_forward_hook(lambda *_: calls.append(1))
-    diffusion = GaussianDiffusion(linear_beta_schedule(T))
+    diffusion = ddpm(paper_betas(T))
     with pytest.raises(UserError, match="guidance_scale=2 guides a class-conditional model"):
         draw(plain, diffusion, SamplerSpec("ddim", steps=3, guidance_scale=2.0), 2, shape=(1, 8, 8))
     with pytest.raises(UserError, match="labels were given for an unconditional model"):

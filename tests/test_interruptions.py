@@ -146,7 +146,7 @@ def test_nonfinite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(t
     cfg = train_cfg(tmp_path, "logger=none", "callbacks.samples=null", "trainer.max_steps=6")
     with pytest.raises(NonFiniteLoss, match=r"training loss is (inf|nan) at step 3; .*checkpoints/last.ckpt") as err:
         train(cfg, extra_callbacks=(PoisonAtStep(3),))
-    assert "\n" not in str(err.value) and "loss.on_nonfinite=skip" in str(err.value)
+    assert "\n" not in str(err.value) and "training.on_nonfinite=skip" in str(err.value)
     state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert state["global_step"] == 2
     assert all(torch.isfinite(v).all() for v in state["state_dict"].values())
@@ -154,7 +154,7 @@ def test_nonfinite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(t
 
 def test_nonfinite_loss_can_be_skipped_and_counted(tmp_path):
     cfg = train_cfg(tmp_path, "logger=none", "callbacks.samples=null", "trainer.max_steps=6",
-                    "loss.on_nonfinite=skip")
+                    "training.on_nonfinite=skip")
     train(cfg, extra_callbacks=(PoisonAtStep(3),))
     state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert state["nonfinite_skips"] == 1 and state["global_step"] >= 5

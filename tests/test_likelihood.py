@@ -15,7 +15,7 @@ from diffusion.core.likelihood import (
     variational_bound,
     vb_terms,
 )
-from diffusion.core.schedules import linear_beta_schedule
+from helpers import paper_betas
 
 BINS = torch.linspace(-1, 1, 256, dtype=torch.float64)  # the 256 values of 8-bit data in [-1, 1]
 
@@ -52,9 +52,9 @@ def test_decoder_matches_scipy_bin_masses():
 
 
 def test_prior_kl_closed_form():
-    d = GaussianDiffusion(linear_beta_schedule(1000), dtype=torch.float64)
+    d = GaussianDiffusion(paper_betas(1000), "eps", "fixed_large", dtype=torch.float64)
     x0 = torch.linspace(-1, 1, 12, dtype=torch.float64).reshape(3, 1, 2, 2)
-    a = np.prod(1 - linear_beta_schedule(1000).numpy())
+    a = np.prod(1 - paper_betas(1000).numpy())
     per_dim = 0.5 * (-np.log(1 - a) + (1 - a) + a * x0.numpy() ** 2 - 1)
     np.testing.assert_allclose(prior_kl(d, x0).numpy(), per_dim.reshape(3, -1).sum(1), rtol=1e-10)
     # The paper keeps L_T near 1e-5 bits/dim for its schedule.
@@ -64,7 +64,7 @@ def test_prior_kl_closed_form():
 
 def test_oracle_model_has_zero_kl_terms(gen):
     """A model that outputs the true x0 with σ² = β̃ matches q(x_{t-1}|x_t,x0) exactly: L_{t-1} = 0."""
-    d = GaussianDiffusion(linear_beta_schedule(100), parameterization="x0", variance="fixed_small",
+    d = GaussianDiffusion(paper_betas(100), parameterization="x0", variance="fixed_small",
                           dtype=torch.float64)
     x0 = BINS[torch.randint(0, 256, (8, 1, 4, 4), generator=gen)]
     t = torch.arange(1, 100, 12)[:8]
@@ -77,7 +77,7 @@ def test_oracle_model_has_zero_kl_terms(gen):
 
 
 def test_variational_bound_assembles_terms(gen):
-    d = GaussianDiffusion(linear_beta_schedule(20), parameterization="x0", variance="fixed_small",
+    d = GaussianDiffusion(paper_betas(20), parameterization="x0", variance="fixed_small",
                           dtype=torch.float64)
     x0 = BINS[torch.randint(0, 256, (3, 1, 2, 2), generator=gen)]
     out = variational_bound(lambda x_t, t: x0, d, x0, generator=gen)

@@ -19,7 +19,6 @@ from torch import nn
 
 from diffusion.core.images import to_uint8
 from diffusion.core.sampling import SamplerSpec, chunk_bounds, draw
-from diffusion.core.schedules import linear_beta_schedule
 from diffusion.data import DigitsDataModule, load_digits_split
 from diffusion.errors import UserError
 from diffusion.lightning.callbacks import EMA, SampleQualityCallback
@@ -27,6 +26,7 @@ from diffusion.lightning.module import DiffusionModule
 from diffusion.metrics import DigitsFeatures, InceptionFeatures, ModuleFeatures, SampleQuality, make_feature_extractor
 from diffusion.metrics.features import INCEPTION_FILE, INCEPTION_URL
 from diffusion.metrics.quality import make_protocol, protocol_id
+from helpers import ddpm, diffusion_module, edm, flow, paper_betas
 
 
 @pytest.fixture(autouse=True)
@@ -153,12 +153,27 @@ def test_chunk_bounds_cover_every_sample_once_whatever_the_world_size():
 def test_protocol_id_is_stable_and_changes_with_the_protocol(digits_cache):
     extractor = DigitsFeatures(cache_dir=digits_cache)
     kwargs = dict(num_generated=1000, reference_sizes={"train": 1500, "val": 297}, extractor=extractor,
-                  sampler=SamplerSpec("ddim", steps=50), num_timesteps=1000, variance="fixed_large", seed=0)
+                  sampler=SamplerSpec("ddim", steps=50), objective=ddpm(paper_betas(1000)), seed=0)
     ema, raw = make_protocol(weights="ema", **kwargs), make_protocol(weights="raw", **kwargs)
     assert protocol_id(ema) == protocol_id(make_protocol(weights="ema", **kwargs))
     assert protocol_id(ema) != protocol_id(raw) and len(protocol_id(ema)) == 8
     assert ema["extractor_sha256"] == extractor.weights_sha256[:12]
     assert ema["reference"]["val"] == {"num_images": 297, "augmentation": "none"}
+    # DDPM adds exactly what protocols always held (T and the variance): the ids of DDPM scores are unchanged
+    assert ema.keys() - {"num_generated", "reference", "extractor", "extractor_sha256", "sampler", "weights", "seed",
+                         "settings"} == {"num_timesteps", "variance"}
+    assert (ema["num_timesteps"], ema["variance"]) == (1000, "fixed_large")
+    other_t = make_protocol(weights="ema", **{**kwargs, "objective": ddpm(paper_betas(500))})
+    other_variance = make_protocol(weights="ema", **{**kwargs, "objective": ddpm(paper_betas(1000),
+                                                                                  variance="fixed_small")})
+    assert len({protocol_id(p) for p in (ema, other_t, other_variance)}) == 3
+    # EDM and flow matching record their whole spec instead, so their scores never share an id with DDPM's
+    for objective in (edm(), flow()):
+        protocol = make_protocol(weights="ema", **{**kwargs, "objective": objective,
+                                                   "sampler": SamplerSpec("heun", steps=9)})
+        assert protocol["objective"] == objective.spec() and "num_timesteps" not in protocol
+    assert protocol_id(make_protocol(weights="ema", **{**kwargs, "objective": edm(), "sampler": SamplerSpec("heun")})) \
+        != protocol_id(make_protocol(weights="ema", **{**kwargs, "objective": flow(), "sampler": SamplerSpec("heun")}))
 
 
 # --- the digits classifier and real digits --------------------------------------------------------------
@@ -237,9 +252,9 @@ def tiny_module() -> DiffusionModule:
     """An untrained 1x8x8 U-Net (ch=8) over T=10 steps: the same weights in every process."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        return DiffusionModule(net=dict(in_channels=1, out_channels=1, ch=8, ch_mult=(1, 2), num_res_blocks=1,
-                                        attn_resolutions=(), dropout=0.0, image_size=8, num_groups=4),
-                               betas=linear_beta_schedule(10).tolist())
+        return diffusion_module(dict(in_channels=1, out_channels=1, ch=8, ch_mult=(1, 2), num_res_blocks=1,
+                                     attn_resolutions=(), dropout=0.0, image_size=8, num_groups=4),
+                                objective=ddpm(paper_betas(10)))
 
 
 def quality_callback(cache: str, **kwargs) -> SampleQualityCallback:
@@ -298,7 +313,7 @@ def test_extra_samplers_are_logged_at_their_tag_against_the_same_reference_featu
         metric = SampleQuality(callback.feature_extractor)
         for split in ("train", "val"):
             metric.set_reference(split, data.reference_images(split, 200))
-        drawn = draw(net, module.diffusion, spec, 20, shape=net.image_shape, seed=1, chunk_size=10)
+        drawn = draw(net, module.objective, spec, 20, shape=net.image_shape, seed=1, chunk_size=10)
         metric.update(to_uint8(drawn.images), drawn.index)
         expected = metric.compute()
         assert float(rows[-1][f"val/fid@{tag}"]) == pytest.approx(expected["fid_train"], rel=1e-6)
@@ -313,13 +328,16 @@ def test_extra_samplers_are_logged_at_their_tag_against_the_same_reference_featu
 
 
 def test_extra_samplers_must_differ_and_fit_T():
+    objective = ddpm(paper_betas(10))
     twice = quality_callback("unused", extra_samplers=[{"name": "heun", "steps": 4}, {"name": "heun", "steps": 4}])
     with pytest.raises(UserError, match=r"callbacks.quality.extra_samplers\[1\] is heun-4 again \(entry 0\)"):
-        twice._tags(10)
+        twice._tags(objective)
     with pytest.raises(UserError, match=r"extra_samplers\[0\].steps=21 exceeds what the model's T=10 steps"):
-        quality_callback("unused", extra_samplers=[{"name": "heun", "steps": 21}])._tags(10)
-    with pytest.raises(UserError, match=r"extra_samplers\[0\].name=dpmpp is not a sampler"):
-        quality_callback("unused", extra_samplers=[{"name": "dpmpp"}])
+        quality_callback("unused", extra_samplers=[{"name": "heun", "steps": 21}])._tags(objective)
+    # an unknown name: a one-line error naming the entry, by the time the samplers are checked against the objective
+    with pytest.raises(UserError, match=r"callbacks.quality.extra_samplers\[0\].name=dpmpp is not a sampler") as info:
+        quality_callback("unused", extra_samplers=[{"name": "dpmpp"}])._tags(objective)
+    assert "\n" not in str(info.value)
     with pytest.raises(UserError, match="extra_samplers must be a list of samplers"):
         quality_callback("unused", extra_samplers={"name": "heun"})
 

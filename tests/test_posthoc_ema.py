@@ -31,11 +31,10 @@ from diffusion.core.posthoc_ema import (
     snapshot_name,
     solve_weights,
 )
-from diffusion.core.schedules import linear_beta_schedule
 from diffusion.errors import UserError
 from diffusion.lightning.callbacks.ema import ema_warmup_avg_fn
 from diffusion.lightning.callbacks.posthoc_snapshots import PostHocEMA, write_atomically
-from diffusion.lightning.module import DiffusionModule
+from helpers import ddpm, diffusion_module, paper_betas
 
 SIGMA_RELS = (0.05, 0.10)
 
@@ -299,9 +298,9 @@ def test_default_cadence_keeps_num_snapshots_whatever_max_steps(tmp_path):
 
 def test_callback_on_the_diffusion_module_gives_weights_its_net_loads(tmp_path):
     """The real DiffusionModule (a tiny U-Net): its snapshots rebuild a state dict that `net` loads strictly."""
-    module = DiffusionModule(net={"in_channels": 1, "out_channels": 1, "ch": 8, "ch_mult": [1], "num_res_blocks": 1,
-                                  "attn_resolutions": [], "image_size": 8, "num_groups": 4},
-                             betas=linear_beta_schedule(20).tolist(), val_bpd_images=0)
+    module = diffusion_module({"in_channels": 1, "out_channels": 1, "ch": 8, "ch_mult": [1], "num_res_blocks": 1,
+                               "attn_resolutions": [], "dropout": 0.0, "image_size": 8, "num_groups": 4},
+                              objective=ddpm(paper_betas(20)), val_bpd_images=0)
     images = torch.rand(8, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
     trainer = L.Trainer(max_steps=3, callbacks=[PostHocEMA(every_n_steps=2)], logger=False, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
@@ -354,7 +353,7 @@ def test_resuming_a_checkpoint_without_posthoc_state_is_a_one_line_error(tmp_pat
 
 
 def test_a_failed_write_leaves_only_whole_snapshots(tmp_path, monkeypatch):
-    real = callback_module._write_durably
+    real = callback_module.write_durably  # diffusion.files' durable write, as the callback imports it
     calls = []
 
     def half_then_full_disk(path, data):
@@ -365,7 +364,7 @@ def test_a_failed_write_leaves_only_whole_snapshots(tmp_path, monkeypatch):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         real(path, data)
 
-    monkeypatch.setattr(callback_module, "_write_durably", half_then_full_disk)
+    monkeypatch.setattr(callback_module, "write_durably", half_then_full_disk)
     with pytest.raises(UserError) as info:
         fit(tmp_path, max_steps=8)
     message = str(info.value)

@@ -1,20 +1,27 @@
 """Post-hoc EMA in the product: the callbacks.posthoc_ema node, snapshots of a real train.py run, and
-evaluate.py ema.sigma_rel=... (one width, a -m sweep over widths tabulated by report.py, one-line errors)."""
+evaluate.py ema.sigma_rel=... (one width, a -m sweep over widths tabulated by report.py, one-line errors);
+sample.py and figures.py take the same ema.sigma_rel."""
 
 import csv
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from hydra.utils import instantiate
 
+import diffusion.run.commands.figures as figures_command
 from diffusion.config import validate, validate_entry
+from diffusion.core.images import to_uint8
 from diffusion.core.posthoc_ema import snapshot_name
+from diffusion.core.sampling import SamplerSpec, draw
 from diffusion.errors import UserError
 from diffusion.lightning.callbacks import PostHocEMA
-from diffusion.lightning.checkpoints import load_posthoc_module
+from diffusion.lightning.checkpoints import load_module, load_posthoc_module
 from diffusion.run.commands.evaluate import evaluate
+from diffusion.run.commands.figures import figures
+from diffusion.run.commands.sample import sample
 from diffusion.run.commands.train import train
 from helpers import compose_cfg, run_script, train_cfg
 
@@ -80,6 +87,66 @@ def test_posthoc_evaluation_errors_are_one_line(trained, tmp_path):
         with pytest.raises(UserError, match=expected) as info:
             call()
         assert "\n" not in str(info.value)
+
+
+SAMPLE = ["num_samples=6", "batch_size=4", "seed=3", "sampler.name=ddim", "sampler.steps=3", "device=cpu"]
+
+
+def drawn_uint8(module, seed: int = 3) -> np.ndarray:
+    """What sample.py writes to samples.npz for SAMPLE, drawn here from the module's net and objective: NHWC uint8."""
+    images = draw(module.net, module.objective, SamplerSpec("ddim", steps=3), 6, shape=module.net.image_shape,
+                  seed=seed, chunk_size=4, device="cpu").images
+    return to_uint8(images).permute(0, 2, 3, 1).numpy()
+
+
+def test_sample_and_figures_take_the_same_posthoc_width_as_evaluate(trained, tmp_path, monkeypatch):
+    ckpt = trained / "checkpoints" / "last.ckpt"
+    out = tmp_path / "posthoc"
+    sample(compose_cfg("sample", [f"ckpt={ckpt}", "ema.sigma_rel=0.1", *SAMPLE], out))
+    images = np.load(out / "samples.npz")["samples"]
+    assert images.shape == (6, 8, 8, 1) and images.dtype == np.uint8
+    # the very images of the post-hoc EMA evaluate.py loads for that width, with the same sampler and seed
+    assert np.array_equal(images, drawn_uint8(load_posthoc_module(ckpt, 0.1)[0]))
+    # ... and not those of another width, nor of the checkpoint's own (classic) EMA
+    assert not np.array_equal(images, drawn_uint8(load_posthoc_module(ckpt, 0.05)[0]))
+    own = tmp_path / "own"
+    sample(compose_cfg("sample", [f"ckpt={ckpt}", *SAMPLE], own))
+    assert np.array_equal(np.load(own / "samples.npz")["samples"], drawn_uint8(load_module(ckpt, "cpu", "ema")))
+    assert not np.array_equal(np.load(own / "samples.npz")["samples"], images)
+
+    # figures.py draws DDPM's chain of the same post-hoc net
+    rendered = []
+    real_render_all = figures_command.render_all
+
+    def recording(net, objective, *args, **kwargs):
+        rendered.append({k: v.detach().clone() for k, v in net.state_dict().items()})
+        return real_render_all(net, objective, *args, **kwargs)
+
+    monkeypatch.setattr(figures_command, "render_all", recording)
+    paths = figures(compose_cfg("figures", [f"ckpt={ckpt}", "ema.sigma_rel=0.1", "num_images=2", "num_samples=4",
+                                            "num_reconstructions=2", "num_lambdas=2", "rd_images=2", "device=cpu",
+                                            "sampler.name=ddim", "sampler.steps=3", f"output_dir={tmp_path / 'f'}"],
+                                tmp_path / "h"))
+    assert {"forward", "reverse", "samples", "rate_distortion"} <= set(paths) and paths["samples"].is_file()
+    expected = load_posthoc_module(ckpt, 0.1)[0].net.state_dict()
+    assert len(rendered) == 1 and rendered[0].keys() == expected.keys()
+    assert all(torch.equal(rendered[0][k], expected[k]) for k in expected)
+
+    # the same checks of the width as evaluate.py's, and the same one-line refusal of two choices of weights
+    for name in ("sample", "figures"):
+        validate_entry(name, compose_cfg(name, [f"ckpt={ckpt}", "ema.sigma_rel=0.1"], tmp_path / "v"))
+        with pytest.raises(UserError, match=r"ema.sigma_rel must be in \(0, 0.2887\]") as info:
+            validate_entry(name, compose_cfg(name, [f"ckpt={ckpt}", "ema.sigma_rel=0.5"], tmp_path / "v"))
+        assert "\n" not in str(info.value)
+    both = "weights=raw and ema.sigma_rel=0.1 both choose the weights"
+    with pytest.raises(UserError, match=both) as info:
+        sample(compose_cfg("sample", [f"ckpt={ckpt}", "weights=raw", "ema.sigma_rel=0.1", *SAMPLE], tmp_path / "r"))
+    assert "\n" not in str(info.value)
+    result = run_script("sample.py", f"ckpt={ckpt}", "weights=raw", "ema.sigma_rel=0.1", *SAMPLE,
+                        f"hydra.run.dir={tmp_path / 'cli'}", cwd=tmp_path)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode == 2 and len(errors) == 1 and both in errors[0], result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and not (tmp_path / "cli" / "samples.npz").exists()
 
 
 @pytest.mark.slow

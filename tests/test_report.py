@@ -14,17 +14,15 @@ from hydra.types import RunMode
 from omegaconf import open_dict, read_write
 
 from diffusion.core.posthoc_ema import load_posthoc_ema
-from diffusion.core.schedules import linear_beta_schedule
 from diffusion.errors import Interrupted, UserError
 from diffusion.lightning.callbacks import LossByTLog
 from diffusion.lightning.callbacks.loss_by_t import read_loss_by_t
-from diffusion.lightning.module import DiffusionModule
 from diffusion.metrics.quality import measurement_id, protocol_id
 from diffusion.run.commands.report import report
 from diffusion.run.jobs import status as job_status
 from diffusion.run.jobs.guard import guarded
 from diffusion.run.reports.sweep import find_jobs
-from helpers import compose_cfg, run_script, wandb_history, wandb_records
+from helpers import compose_cfg, ddpm, diffusion_module, paper_betas, run_script, wandb_history, wandb_records
 
 LRS = ["0.001", "0.002", "0.0005", "1e+30"]  # Adam at 1e30: an infinite loss at step 1, inside the job
 
@@ -80,7 +78,7 @@ def test_a_train_sweep_of_four_jobs_gives_four_rows_and_the_failed_jobs_error(tm
     assert [r["optim.optimizer.lr"] for r in rows] == LRS
     assert [r["status"] for r in rows] == ["finished"] * 3 + ["failed"]
     assert rows[3]["note"] == statuses[3]["error"] and rows[3]["note"].startswith("training loss is inf at step 1;")
-    # the inf at step 1 is read on the host before the checkpoint of step 2 (loss.nonfinite_check_every_n_steps):
+    # the inf at step 1 is read on the host before the checkpoint of step 2 (training.nonfinite_check_every_n_steps):
     # the run stops there, saving nothing the inf touched
     assert rows[3]["step"] == "2" and [r["step"] for r in rows[:3]] == ["4"] * 3
     fid = f"val/fid [{measurement_id(statuses[0]['quality_protocol'])}]"
@@ -213,9 +211,9 @@ class Recorded(L.pytorch.loggers.Logger):
 
 def test_loss_by_t_file_holds_each_epochs_logged_values(tmp_path):
     torch.manual_seed(0)
-    module = DiffusionModule(net={"in_channels": 1, "out_channels": 1, "ch": 8, "ch_mult": [1], "num_res_blocks": 1,
-                                  "attn_resolutions": [], "image_size": 8, "num_groups": 4},
-                             betas=linear_beta_schedule(20).tolist(), val_bpd_images=0, loss_bins=10)
+    module = diffusion_module({"in_channels": 1, "out_channels": 1, "ch": 8, "ch_mult": [1], "num_res_blocks": 1,
+                               "attn_resolutions": [], "dropout": 0.0, "image_size": 8, "num_groups": 4},
+                              objective=ddpm(paper_betas(20)), val_bpd_images=0, loss_bins=10)
     images = torch.rand(8, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
     logger = Recorded()
     trainer = L.Trainer(max_steps=6, callbacks=[LossByTLog()], logger=logger, enable_progress_bar=False,
@@ -225,9 +223,11 @@ def test_loss_by_t_file_holds_each_epochs_logged_values(tmp_path):
     rows = read_loss_by_t(tmp_path / "loss_by_t.csv")
     logged = [m for _, m in logger.calls if any(k.startswith("train_loss_by_t/") for k in m)]
     assert [r["step"] for r in rows] == [2, 4, 6] and len(logged) == 3
+    labels = [f"t{2 * k:04d}-{2 * k + 1:04d}" for k in range(10)]  # DDPM's bins of T=20, as they always were
+    assert module.bin_labels == labels
     for row, metrics in zip(rows, logged, strict=True):
         expected = {k.split("/")[1]: v for k, v in metrics.items() if k.startswith("train_loss_by_t/")}
-        assert set(row) - {"step"} == set(expected) <= {f"t{2 * k:04d}-{2 * k + 1:04d}" for k in range(10)}
+        assert set(row) - {"step"} == set(expected) <= set(labels)
         assert all(math.isclose(row[k], expected[k], rel_tol=1e-6) for k in expected)
     assert all(len(r) < 11 for r in rows)  # 8 draws an epoch leave bins empty: logged as nothing, not as before
 

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from diffusion.core.images import to_model_range
-from diffusion.core.schedules import linear_beta_schedule
 from diffusion.data import CIFAR10DataModule, DigitsDataModule, EpochSampler
 from diffusion.lightning.callbacks import EMA, SampleGrid, ScheduleLogger
 from diffusion.run.commands.train import build_module
@@ -59,13 +58,13 @@ def test_stop_and_resume_equals_the_uninterrupted_run(stop, uninterrupted, tmp_p
     assert {**first["losses"], **resumed["losses"]} == uninterrupted["losses"]
 
 
-IMPORTANCE = ["diffusion.variance=learned_range", "loss.type=hybrid", "loss.timestep_sampler=importance",
+IMPORTANCE = ["objective.variance=learned_range", "objective.loss=hybrid", "objective.timesteps=importance",
               "data.batch_size=200", "model.ch=16"]  # 8 steps an epoch: the stop at 4 is mid-epoch
 
 
 @pytest.mark.slow
 def test_importance_sampled_training_resumes_bit_for_bit(tmp_path):
-    """loss.timestep_sampler=importance (Nichol & Dhariwal 2021 Eq. 18): its history of VLB terms is saved and
+    """objective.timesteps=importance (Nichol & Dhariwal 2021 Eq. 18): its history of VLB terms is saved and
     restored, so the t drawn after a resume, and all that follows, are those of the uninterrupted run."""
     full = train(tmp_path / "full", *IMPORTANCE, "trainer.max_steps=6")
     first = train(tmp_path / "first", *IMPORTANCE, "trainer.max_steps=4")
@@ -110,7 +109,7 @@ def test_nothing_between_two_training_steps_draws_from_the_global_rng(tmp_path):
             seen.append(("start", trainer.global_step, torch.get_rng_state()))
 
     cfg = train_cfg(tmp_path)
-    module = build_module(cfg, linear_beta_schedule(20))
+    module = build_module(cfg)
     checkpoint = L.pytorch.callbacks.ModelCheckpoint(tmp_path, every_n_train_steps=1, save_top_k=0, save_last=True)
     callbacks = [Probe(), EMA(decay=0.9), SampleGrid(every_n_steps=2, num_samples=2, sampler={"name": "ddpm"}),
                  ScheduleLogger(), checkpoint]

@@ -3,26 +3,40 @@
 import pytest
 import torch
 
-from diffusion.core.gaussian import GaussianDiffusion
+from diffusion.core.objectives.ddpm import DDPM
 from diffusion.core.sampling import (
     SamplerSpec,
     as_sampler_spec,
     chunk_bounds,
     ddim_sample,
     ddpm_sample,
+    dpmpp_2m_sample,
+    dpmpp_2m_sde_sample,
     draw,
     draw_chunk,
+    heun_sample,
+    sampler_spec,
+    unipc_sample,
 )
-from diffusion.core.sampling.solvers import dpmpp_2m_sample, dpmpp_2m_sde_sample, heun_sample, unipc_sample
 from diffusion.core.schedules import linear_beta_schedule, space_timesteps
 from diffusion.errors import UserError
+from helpers import ddpm, edm, flow, paper_betas
 
 T = 30
 FAST = ["dpmpp_2m", "dpmpp_2m_sde", "unipc", "heun"]
 
 
-def diffusion() -> GaussianDiffusion:
-    return GaussianDiffusion(linear_beta_schedule(T, 1e-3, 0.2))
+def diffusion() -> DDPM:
+    """The DDPM objective of T=30 large steps (float32 buffers, as draw samples in float32)."""
+    return ddpm(linear_beta_schedule(T, 1e-3, 0.2))
+
+
+def of_T(num_timesteps: int) -> DDPM:
+    """A DDPM objective of T steps (the paper's betas): what the spec's limits are checked against."""
+    return ddpm(paper_betas(num_timesteps))
+
+
+T1000 = of_T(1000)
 
 
 class DropoutNet(torch.nn.Module):
@@ -45,28 +59,59 @@ def net() -> DropoutNet:
 
 # --- the spec -------------------------------------------------------------------------------------------
 def test_defaults_are_filled_once_and_capped_at_T():
-    assert SamplerSpec().resolved(1000) == SamplerSpec("ddpm")
-    assert SamplerSpec("ddim").resolved(1000) == SamplerSpec("ddim", steps=50, eta=0.0, spacing="linspace")
-    assert SamplerSpec("respaced").resolved(1000) == SamplerSpec("respaced", steps=50, spacing="linspace")
-    assert SamplerSpec("ddim").resolved(20).steps == 20  # the default never exceeds a short schedule's T
-    assert SamplerSpec("ddim", steps=7, eta=0.5).resolved(20) == SamplerSpec("ddim", 7, 0.5, "linspace")
+    assert SamplerSpec().resolved(T1000) == SamplerSpec("ddpm")
+    assert SamplerSpec("ddim").resolved(T1000) == SamplerSpec("ddim", steps=50, eta=0.0, spacing="linspace")
+    assert SamplerSpec("respaced").resolved(T1000) == SamplerSpec("respaced", steps=50, spacing="linspace")
+    assert SamplerSpec("ddim").resolved(of_T(20)).steps == 20  # the default never exceeds a short schedule's T
+    assert SamplerSpec("ddim", steps=7, eta=0.5).resolved(of_T(20)) == SamplerSpec("ddim", 7, 0.5, "linspace")
+
+
+def test_a_null_name_is_the_objectives_own_sampler_on_its_own_spacing():
+    """DDPM: ddpm (Algorithm 2); EDM: heun on Karras et al.'s levels, whatever the sampler; flow: euler from t = 1."""
+    assert SamplerSpec().resolved(T1000) == SamplerSpec("ddpm")
+    assert SamplerSpec().resolved(edm()) == SamplerSpec("heun", steps=20, spacing="karras")
+    assert SamplerSpec().resolved(flow()) == SamplerSpec("euler", steps=50, spacing="linspace")
+    assert SamplerSpec().check_for(edm()) == SamplerSpec("heun", steps=20, spacing="karras")
+    assert SamplerSpec("dpmpp_2m").resolved(edm()).spacing == "karras"
+    assert SamplerSpec("dpmpp_2m").resolved(flow()).spacing == "logsnr"  # the sampler's own, which flow has
+    assert SamplerSpec().label(edm()) == "heun-20" and SamplerSpec().nfe(edm()) == 19
+    assert SamplerSpec().describe(flow())["name"] == "euler" and SamplerSpec().tag(flow()) == "euler-50"
+    # a continuous objective has no T: no step count is too many
+    assert SamplerSpec("heun", steps=5000).check_for(edm()).steps == 5000
+    assert SamplerSpec("heun").most_steps(edm()) is None and SamplerSpec("heun").most_steps(T1000) == 2000
+
+
+def test_a_null_names_settings_are_checked_against_the_objectives_own_sampler():
+    cases = [
+        (SamplerSpec(steps=5), T1000, "sampler.steps=5 is not used by sampler.name=ddpm"),
+        (SamplerSpec(eta=0.5), edm(), "sampler.eta=0.5 is not used by sampler.name=heun"),
+        (SamplerSpec(order=2), flow(), "sampler.order=2 is not used by sampler.name=euler"),
+        (SamplerSpec("ddim", spacing="trailing"), edm(), "sampler.spacing=trailing is not a spacing of "
+                                                         "objective=edm; choose one of ['karras', 'logsnr', "
+                                                         "'linspace']"),
+        (SamplerSpec("euler", spacing="leading"), flow(), "spacing=leading is not a spacing of objective=flow"),
+    ]
+    for spec, objective, fragment in cases:
+        with pytest.raises(UserError) as err:
+            spec.check_for(objective)
+        assert fragment in str(err.value) and "\n" not in str(err.value), str(err.value)
 
 
 def test_describe_is_what_protocols_recorded_before_the_spec():
     """Protocol ids of earlier scores stay valid: the same dict as the hand-written one of the quality code."""
-    assert SamplerSpec("ddim", steps=50).describe(1000) == {
+    assert SamplerSpec("ddim", steps=50).describe(T1000) == {
         "name": "ddim", "steps": 50, "eta": 0.0, "spacing": "linspace", "clip_denoised": True}
-    assert SamplerSpec("ddpm").describe(1000) == {
+    assert SamplerSpec("ddpm").describe(T1000) == {
         "name": "ddpm", "steps": 1000, "eta": None, "spacing": None, "clip_denoised": True}
-    assert SamplerSpec("respaced", steps=100).describe(1000)["eta"] is None
-    assert SamplerSpec("ddim", steps=50).label(1000) == "ddim-50 η=0"
-    assert SamplerSpec("ddpm").label(1000) == "ddpm-1000"
+    assert SamplerSpec("respaced", steps=100).describe(T1000)["eta"] is None
+    assert SamplerSpec("ddim", steps=50).label(T1000) == "ddim-50 η=0"
+    assert SamplerSpec("ddpm").label(T1000) == "ddpm-1000"
 
 
 @pytest.mark.parametrize("spec, fragments", [
     (SamplerSpec("ddmi"), ["callbacks.quality.sampler.name=ddmi is not a sampler", "did you mean "
-                           "callbacks.quality.sampler.name=ddim?", "['ddpm', 'ddim', 'respaced', 'dpmpp_2m', "
-                           "'dpmpp_2m_sde', 'unipc', 'heun']"]),
+                           "callbacks.quality.sampler.name=ddim?", "['ddpm', 'ddim', 'euler', 'respaced', "
+                           "'dpmpp_2m', 'dpmpp_2m_sde', 'unipc', 'heun']"]),
     (SamplerSpec("ddpm", steps=5), ["callbacks.quality.sampler.steps=5 is not used by callbacks.quality.sampler."
                                     "name=ddpm", "callbacks.quality.sampler.name=respaced "
                                     "callbacks.quality.sampler.steps=5"]),
@@ -106,60 +151,71 @@ def test_every_mistake_is_one_line_naming_the_key(spec, fragments):
 
 
 def test_the_fast_samplers_defaults_are_filled_once_and_adapt_to_T():
-    assert SamplerSpec("dpmpp_2m").resolved(1000) == SamplerSpec("dpmpp_2m", steps=20, spacing="logsnr")
-    assert SamplerSpec("dpmpp_2m_sde").resolved(1000) == SamplerSpec("dpmpp_2m_sde", steps=20, eta=1.0,
+    assert SamplerSpec("dpmpp_2m").resolved(T1000) == SamplerSpec("dpmpp_2m", steps=20, spacing="logsnr")
+    assert SamplerSpec("dpmpp_2m_sde").resolved(T1000) == SamplerSpec("dpmpp_2m_sde", steps=20, eta=1.0,
                                                                       spacing="logsnr")
-    assert SamplerSpec("unipc").resolved(1000) == SamplerSpec("unipc", steps=20, spacing="logsnr", order=3)
-    assert SamplerSpec("heun").resolved(1000) == SamplerSpec("heun", steps=20, spacing="karras")
+    assert SamplerSpec("unipc").resolved(T1000) == SamplerSpec("unipc", steps=20, spacing="logsnr", order=3)
+    assert SamplerSpec("heun").resolved(T1000) == SamplerSpec("heun", steps=20, spacing="karras")
     # default steps capped at what T allows (heun: 2T, N <= T points), a default order at what the steps allow
-    assert SamplerSpec("dpmpp_2m").resolved(8).steps == 8 and SamplerSpec("heun").resolved(8).steps == 16
-    assert [SamplerSpec("unipc", steps=n).resolved(1000).order for n in (1, 2, 3, 4, 5, 9)] == [1, 1, 2, 2, 3, 3]
-    assert SamplerSpec("unipc").resolved(4) == SamplerSpec("unipc", steps=4, spacing="logsnr", order=2)
+    assert SamplerSpec("dpmpp_2m").resolved(of_T(8)).steps == 8
+    assert SamplerSpec("heun").resolved(of_T(8)).steps == 16
+    assert [SamplerSpec("unipc", steps=n).resolved(T1000).order for n in (1, 2, 3, 4, 5, 9)] == [1, 1, 2, 2, 3, 3]
+    assert SamplerSpec("unipc").resolved(of_T(4)) == SamplerSpec("unipc", steps=4, spacing="logsnr", order=2)
 
 
 def test_describe_adds_order_for_unipc_only_and_labels_say_it():
-    assert SamplerSpec("unipc", steps=10).describe(1000) == {
+    assert SamplerSpec("unipc", steps=10).describe(T1000) == {
         "name": "unipc", "steps": 10, "eta": None, "spacing": "logsnr", "clip_denoised": True, "order": 3}
-    assert SamplerSpec("dpmpp_2m_sde", steps=5).describe(1000) == {
+    assert SamplerSpec("dpmpp_2m_sde", steps=5).describe(T1000) == {
         "name": "dpmpp_2m_sde", "steps": 5, "eta": 1.0, "spacing": "logsnr", "clip_denoised": True}
-    assert [SamplerSpec(n, steps=10).label(1000) for n in FAST] == [
+    assert [SamplerSpec(n, steps=10).label(T1000) for n in FAST] == [
         "dpmpp_2m-10", "dpmpp_2m_sde-10 η=1", "unipc-10 order=3", "heun-10"]
     # a spacing away from the sampler's default is named (the tables' rows differ), the default is not
-    assert SamplerSpec("dpmpp_2m", steps=10, spacing="karras").label(1000) == "dpmpp_2m-10 karras"
-    assert SamplerSpec("dpmpp_2m", steps=10, spacing="logsnr").label(1000) == "dpmpp_2m-10"
-    assert SamplerSpec("ddim", steps=50, spacing="trailing").label(1000) == "ddim-50 η=0 trailing"
+    assert SamplerSpec("dpmpp_2m", steps=10, spacing="karras").label(T1000) == "dpmpp_2m-10 karras"
+    assert SamplerSpec("dpmpp_2m", steps=10, spacing="logsnr").label(T1000) == "dpmpp_2m-10"
+    assert SamplerSpec("ddim", steps=50, spacing="trailing").label(T1000) == "ddim-50 η=0 trailing"
 
 
 def test_tags_name_the_sampler_its_steps_and_what_was_set_away_from_the_defaults():
-    assert SamplerSpec("dpmpp_2m", steps=10).tag(1000) == "dpmpp_2m-10"
-    assert SamplerSpec("unipc").tag(1000) == SamplerSpec("unipc", steps=20, order=3).tag(1000) == "unipc-20"
-    assert SamplerSpec("unipc", steps=20, order=2).tag(1000) == "unipc-20-order2"
-    assert SamplerSpec("ddim", steps=10, eta=0.5, spacing="karras", clip_denoised=False).tag(1000) == \
+    assert SamplerSpec("dpmpp_2m", steps=10).tag(T1000) == "dpmpp_2m-10"
+    assert SamplerSpec("unipc").tag(T1000) == SamplerSpec("unipc", steps=20, order=3).tag(T1000) == "unipc-20"
+    assert SamplerSpec("unipc", steps=20, order=2).tag(T1000) == "unipc-20-order2"
+    assert SamplerSpec("ddim", steps=10, eta=0.5, spacing="karras", clip_denoised=False).tag(T1000) == \
         "ddim-10-eta0.5-karras-noclip"
-    assert SamplerSpec("ddpm").tag(1000) == "ddpm-1000"
+    assert SamplerSpec("ddpm").tag(T1000) == "ddpm-1000"
 
 
 def test_steps_above_T_are_refused_once_T_is_known():
     with pytest.raises(UserError, match=r"sampler.steps=40 exceeds the model's T=30 steps; use sampler.steps=30"):
-        SamplerSpec("ddim", steps=40).check_steps(T)
-    with pytest.raises(UserError, match="exceeds the model's T=30"):
-        draw(lambda x, t: x, diffusion(), SamplerSpec("respaced", steps=31), 2, shape=(1, 2, 2))
+        SamplerSpec("ddim", steps=40).check_for(diffusion())
 
 
 def test_heun_takes_up_to_2T_steps_and_an_order_is_checked_against_the_steps_T_allows():
-    assert SamplerSpec("heun", steps=60).check_steps(T).nfe(T) == 59  # N = 30 points: 2N - 1 calls
+    assert SamplerSpec("heun", steps=60).check_for(diffusion()).nfe(diffusion()) == 59  # N = 30 points: 2N - 1
     with pytest.raises(UserError, match=r"sampler.steps=61 exceeds what the model's T=30 steps allow sampler.name="
                                         r"heun .*; use sampler.steps=20 or at most 60"):
-        SamplerSpec("heun", steps=61).check_steps(T)
+        SamplerSpec("heun", steps=61).check_for(diffusion())
     with pytest.raises(UserError, match=r"sampler.order=3 needs sampler.steps >= 5 .* got 4 steps; use "
                                         r"sampler.order=2"):
-        SamplerSpec("unipc", order=3).check_steps(4)  # the default steps, 20, capped at T=4
-    with pytest.raises(UserError, match="order=3 needs"):
-        draw(lambda x, t: x, GaussianDiffusion(linear_beta_schedule(4)), SamplerSpec("unipc", order=3), 2,
-             shape=(1, 2, 2))
+        SamplerSpec("unipc", order=3).check_for(of_T(4))  # the default steps, 20, capped at T=4
+
+
+@pytest.mark.parametrize("objective, spec, fragment", [
+    (diffusion(), SamplerSpec("respaced", steps=31), "sampler.steps=31 exceeds the model's T=30"),
+    (of_T(4), SamplerSpec("unipc", order=3), "sampler.order=3 needs sampler.steps >= 5"),
+    (flow(), SamplerSpec("ddpm"), "sampler.name=ddpm walks DDPM's Markov chain"),
+    (edm(), SamplerSpec("respaced", steps=5), "sampler.name=respaced walks DDPM's Markov chain"),
+], ids=["steps-above-T", "order-above-steps", "ddpm-on-flow", "respaced-on-edm"])
+def test_draw_checks_the_spec_against_the_objective(objective, spec, fragment):
+    """draw() itself refuses what check_for refuses, with its one-line message, before any network call."""
+    with pytest.raises(UserError) as err:
+        draw(lambda x, t: x, objective, spec, 2, shape=(1, 2, 2))
+    assert fragment in str(err.value) and "\n" not in str(err.value), str(err.value)
 
 
 def test_as_sampler_spec_takes_mappings_and_names_unknown_fields():
+    assert sampler_spec({"name": "ddmi", "steps": 0}) == SamplerSpec("ddmi", steps=0)  # converted, not checked
+    assert sampler_spec(None) == SamplerSpec() and sampler_spec(None, SamplerSpec("heun")) == SamplerSpec("heun")
     assert as_sampler_spec({"name": "ddim", "steps": 5}) == SamplerSpec("ddim", steps=5)
     assert as_sampler_spec(None, default=SamplerSpec("ddim")) == SamplerSpec("ddim")
     with pytest.raises(UserError, match="callbacks.samples.sampler.step is not a sampler setting"):
@@ -179,7 +235,7 @@ def test_chunk_k_starts_from_a_generator_seeded_seed_plus_k(net):
         gen = torch.Generator().manual_seed(7 + k)
         x_T = torch.randn(stop - start, 1, 4, 4, generator=gen)
         with torch.no_grad():
-            expected = ddim_sample(net, d, x_T, num_steps=6, eta=0.5, generator=gen).x0.clamp(-1, 1)
+            expected = ddim_sample(d.denoiser(net, clip=True), x_T, num_steps=6, eta=0.5, generator=gen).x0.clamp(-1, 1)
         torch.testing.assert_close(drawn.images[start:stop], expected, rtol=0, atol=0)
 
 
@@ -200,7 +256,7 @@ def test_draw_runs_each_fast_sampler_with_its_defaults_and_seeds(name, net):
         gen = torch.Generator().manual_seed(4 + k)
         x_T = torch.randn(stop - start, 1, 4, 4, generator=gen)
         with torch.no_grad():
-            expected = SOLVER_CALLS[name](net, d, x_T, generator=gen).x0.clamp(-1, 1)
+            expected = SOLVER_CALLS[name](d.denoiser(net, clip=True), x_T, generator=gen).x0.clamp(-1, 1)
         torch.testing.assert_close(drawn.images[start:stop], expected, rtol=0, atol=0)
 
 
@@ -220,11 +276,11 @@ def test_steps_is_a_budget_of_network_calls_and_nfe_counts_them(name, steps, net
     model, calls = counted(net)
     spec = SamplerSpec(name, steps=steps)
     draw_chunk(model, diffusion(), spec, 0, 2, shape=(1, 4, 4))
-    assert len(calls) == spec.nfe(T) <= steps
+    assert len(calls) == spec.nfe(diffusion()) <= steps
     assert len(calls) == (2 * ((steps + 1) // 2) - 1 if name == "heun" else steps)
     model, calls = counted(net)
     draw_chunk(model, diffusion(), SamplerSpec("ddpm"), 0, 2, shape=(1, 4, 4))
-    assert len(calls) == SamplerSpec("ddpm").nfe(T) == T
+    assert len(calls) == SamplerSpec("ddpm").nfe(diffusion()) == T
 
 
 @pytest.mark.parametrize("name", ["ddim", "respaced"])
@@ -275,5 +331,5 @@ def test_trajectory_and_clamping(net):
     x_T = torch.randn(3, 1, 4, 4, generator=gen)
     torch.testing.assert_close(out.trajectory.x_t[0], x_T, rtol=0, atol=0)
     with torch.no_grad():
-        raw = ddpm_sample(net.eval(), d, x_T, clip_denoised=False, generator=gen).x0
+        raw = ddpm_sample(d.denoiser(net.eval(), clip=False), x_T, generator=gen).x0
     torch.testing.assert_close(out.x0, raw.clamp(-1, 1), rtol=0, atol=0)

@@ -6,9 +6,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from diffusion.core.gaussian import GaussianDiffusion
+from diffusion.core.objectives.ddpm import DDPMDenoiser
 from diffusion.core.sampling import ddim_sample, ddpm_sample, respaced_sample
-from diffusion.core.schedules import linear_beta_schedule, space_timesteps
+from diffusion.core.schedules import space_timesteps
 from diffusion.errors import UserError
+from helpers import ddpm, paper_betas
 
 T = 100
 X_STAR = torch.tensor([[-0.6, 0.2], [0.9, -1.0]], dtype=torch.float64).reshape(1, 1, 2, 2)
@@ -16,7 +18,7 @@ X_STAR = torch.tensor([[-0.6, 0.2], [0.9, -1.0]], dtype=torch.float64).reshape(1
 
 def oracle(x_star: torch.Tensor, learned_variance: bool = False):
     """The exact ε-predictor for a one-point dataset {x*}, with ᾱ recomputed by numpy."""
-    ac = torch.from_numpy(np.cumprod(1 - linear_beta_schedule(T).numpy()))
+    ac = torch.from_numpy(np.cumprod(1 - paper_betas(T).numpy()))
 
     def model(x_t, t):
         a = ac[t].reshape(-1, 1, 1, 1).to(x_t.dtype)
@@ -26,8 +28,12 @@ def oracle(x_star: torch.Tensor, learned_variance: bool = False):
     return model
 
 
-def diffusion(variance="fixed_large", parameterization="eps"):
-    return GaussianDiffusion(linear_beta_schedule(T), parameterization, variance, dtype=torch.float64)
+def denoiser(model, variance="fixed_large", parameterization="eps", clip=True, betas=None) -> DDPMDenoiser:
+    """The DDPM objective's denoiser of `model`, its chain's coefficients in float64."""
+    betas = paper_betas(T) if betas is None else betas
+    objective = ddpm(betas, parameterization=parameterization, variance=variance)
+    objective.diffusion = GaussianDiffusion(betas, parameterization, variance, dtype=torch.float64)
+    return objective.denoiser(model, clip=clip)
 
 
 def x_T(gen, n=4):
@@ -36,8 +42,7 @@ def x_T(gen, n=4):
 
 @pytest.mark.parametrize("variance", ["fixed_large", "fixed_small", "learned_range"])
 def test_ancestral_oracle_lands_on_the_data(variance, gen):
-    d = diffusion(variance)
-    out = ddpm_sample(oracle(X_STAR, d.learned_variance), d, x_T(gen), generator=gen)
+    out = ddpm_sample(denoiser(oracle(X_STAR, variance == "learned_range"), variance), x_T(gen), generator=gen)
     torch.testing.assert_close(out.x0, X_STAR.expand(4, -1, -1, -1), rtol=0, atol=1e-10)
     assert out.x0.dtype == torch.float64
 
@@ -45,10 +50,10 @@ def test_ancestral_oracle_lands_on_the_data(variance, gen):
 @pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
 @pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
 def test_ddim_and_respaced_oracle_land_on_the_data(eta, spacing, gen):
-    d = diffusion()
-    out = ddim_sample(oracle(X_STAR), d, x_T(gen), num_steps=7, spacing=spacing, eta=eta, generator=gen)
+    d = denoiser(oracle(X_STAR))
+    out = ddim_sample(d, x_T(gen), num_steps=7, spacing=spacing, eta=eta, generator=gen)
     torch.testing.assert_close(out.x0, X_STAR.expand(4, -1, -1, -1), rtol=0, atol=1e-10)
-    out = respaced_sample(oracle(X_STAR), d, x_T(gen), num_steps=7, spacing=spacing, generator=gen)
+    out = respaced_sample(d, x_T(gen), num_steps=7, spacing=spacing, generator=gen)
     torch.testing.assert_close(out.x0, X_STAR.expand(4, -1, -1, -1), rtol=0, atol=1e-10)
 
 
@@ -57,10 +62,10 @@ def test_ddim_eta0_is_deterministic_and_follows_kept_steps(gen):
 
     A sampler that stepped to t-1 instead of the previous kept step would miss these values.
     """
-    d, xT = diffusion(), x_T(gen)
+    d, xT = denoiser(oracle(X_STAR)), x_T(gen)
     kept = space_timesteps(T, "trailing", 5)
-    a = np.cumprod(1 - linear_beta_schedule(T).numpy())
-    run = lambda g: ddim_sample(oracle(X_STAR), d, xT, spacing=kept, generator=g, record_steps=kept)  # noqa: E731
+    a = np.cumprod(1 - paper_betas(T).numpy())
+    run = lambda g: ddim_sample(d, xT, spacing=kept, generator=g, record_steps=kept)  # noqa: E731
     first, second = run(torch.Generator().manual_seed(1)), run(torch.Generator().manual_seed(2))
     assert torch.equal(first.x0, second.x0)
     eps0 = (xT - np.sqrt(a[kept[-1]]) * X_STAR) / np.sqrt(1 - a[kept[-1]])
@@ -71,34 +76,32 @@ def test_ddim_eta0_is_deterministic_and_follows_kept_steps(gen):
 
 def test_ddim_eta1_all_steps_equals_ddpm_with_posterior_variance(gen):
     """DDIM with η=1 over every step has DDPM's β̃ mean and variance, so the same noise gives the same chain."""
-    d = diffusion("fixed_small")
     net = lambda x, t: torch.sin(3 * x) + 0.01 * t.reshape(-1, 1, 1, 1)  # noqa: E731 any deterministic model
-    xT = x_T(gen)
-    ddim = ddim_sample(net, d, xT, num_steps=T, eta=1.0, generator=torch.Generator().manual_seed(5))
-    ddpm = ddpm_sample(net, d, xT, generator=torch.Generator().manual_seed(5))
-    torch.testing.assert_close(ddim.x0, ddpm.x0, rtol=0, atol=1e-10)
+    d, xT = denoiser(net, "fixed_small"), x_T(gen)
+    ddim = ddim_sample(d, xT, num_steps=T, eta=1.0, generator=torch.Generator().manual_seed(5))
+    ancestral = ddpm_sample(d, xT, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(ddim.x0, ancestral.x0, rtol=0, atol=1e-10)
 
 
 def test_respaced_with_all_steps_equals_full_sampler(gen):
-    d = diffusion("fixed_large")
     net = lambda x, t: torch.tanh(x) * (1 + t.reshape(-1, 1, 1, 1) / T)  # noqa: E731
-    xT = x_T(gen)
-    full = ddpm_sample(net, d, xT, generator=torch.Generator().manual_seed(3))
-    respaced = respaced_sample(net, d, xT, num_steps=T, generator=torch.Generator().manual_seed(3))
+    d, xT = denoiser(net, "fixed_large"), x_T(gen)
+    full = ddpm_sample(d, xT, generator=torch.Generator().manual_seed(3))
+    respaced = respaced_sample(d, xT, num_steps=T, generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(respaced.x0, full.x0, rtol=0, atol=1e-10)
 
 
 def test_respaced_ancestral_keeps_the_forward_marginals(gen):
     """With the oracle and σ² = β̃ of the respaced chain, x at each kept step k ~ q(x_k | x*) exactly."""
-    d = diffusion("fixed_small")
     x_star = torch.full((1, 1, 1, 1), 0.5, dtype=torch.float64)
+    d = denoiser(oracle(x_star), "fixed_small")
     kept = space_timesteps(T, "linspace", 6)
-    a = np.cumprod(1 - linear_beta_schedule(T).numpy())
+    a = np.cumprod(1 - paper_betas(T).numpy())
     n = 40_000
     # start from q(x_{k_max} | x*) itself so that every later kept step has a known marginal
     noise = torch.randn(n, 1, 1, 1, generator=gen, dtype=torch.float64)
     xT = np.sqrt(a[kept[-1]]) * 0.5 + np.sqrt(1 - a[kept[-1]]) * noise
-    out = respaced_sample(oracle(x_star), d, xT, spacing=kept, generator=gen, record_steps=kept)
+    out = respaced_sample(d, xT, spacing=kept, generator=gen, record_steps=kept)
     for x, k in zip(out.trajectory.x_t, out.trajectory.steps, strict=True):
         mean, var = np.sqrt(a[k]) * 0.5, 1 - a[k]
         assert abs(x.mean().item() - mean) < 5 * np.sqrt(var / n), k
@@ -108,22 +111,20 @@ def test_respaced_ancestral_keeps_the_forward_marginals(gen):
 def test_model_sees_original_timesteps_in_decreasing_order(gen):
     seen = []
     net = lambda x, t: (seen.append(t.tolist()), torch.zeros_like(x))[1]  # noqa: E731
-    respaced_sample(net, diffusion(), x_T(gen, 2), num_steps=4, spacing="trailing")
+    respaced_sample(denoiser(net), x_T(gen, 2), num_steps=4, spacing="trailing")
     assert seen == [[99, 99], [74, 74], [49, 49], [24, 24]]
 
 
 def test_generator_makes_sampling_reproducible(gen):
-    d, xT = diffusion(), x_T(gen)
-    net = lambda x, t: 0.5 * x  # noqa: E731
-    a = ddpm_sample(net, d, xT, generator=torch.Generator().manual_seed(7)).x0
-    b = ddpm_sample(net, d, xT, generator=torch.Generator().manual_seed(7)).x0
-    c = ddpm_sample(net, d, xT, generator=torch.Generator().manual_seed(8)).x0
+    d, xT = denoiser(lambda x, t: 0.5 * x), x_T(gen)
+    a = ddpm_sample(d, xT, generator=torch.Generator().manual_seed(7)).x0
+    b = ddpm_sample(d, xT, generator=torch.Generator().manual_seed(7)).x0
+    c = ddpm_sample(d, xT, generator=torch.Generator().manual_seed(8)).x0
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
 def test_trajectory_shapes_and_clipping(gen):
-    d = diffusion()
-    out = ddpm_sample(lambda x, t: -10 * x, d, x_T(gen, 3), record_steps=[99, 50, 0])
+    out = ddpm_sample(denoiser(lambda x, t: -10 * x, clip=True), x_T(gen, 3), record_steps=[99, 50, 0])
     assert out.trajectory.steps == [99, 50, 0]
     assert out.trajectory.x_t.shape == (3, 3, 1, 2, 2) and out.trajectory.x0_pred.shape == (3, 3, 1, 2, 2)
     assert out.trajectory.x0_pred.abs().max() <= 1.0  # x̂0 clipped to [-1, 1]
@@ -131,9 +132,9 @@ def test_trajectory_shapes_and_clipping(gen):
 
 def test_bad_sampler_arguments(gen):
     with pytest.raises(UserError, match="eta must be in \\[0, 1\\], got 1.5"):
-        ddim_sample(lambda x, t: x, diffusion(), x_T(gen), num_steps=5, eta=1.5)
+        ddim_sample(denoiser(lambda x, t: x), x_T(gen), num_steps=5, eta=1.5)
     with pytest.raises(UserError, match="got 0"):
-        respaced_sample(lambda x, t: x, diffusion(), x_T(gen), num_steps=0)
+        respaced_sample(denoiser(lambda x, t: x), x_T(gen), num_steps=0)
 
 
 class OpLog(TorchDispatchMode):
@@ -170,11 +171,11 @@ def test_loop_creates_no_coefficient_tensors(sampler):
 
     def run(steps: int):
         if sampler == "ddpm":
-            d = GaussianDiffusion(linear_beta_schedule(steps), variance="learned_range").to("meta")
-            return lambda: ddpm_sample(net, d, x)
-        d = GaussianDiffusion(linear_beta_schedule(T), variance="learned_range").to("meta")
+            d = ddpm(paper_betas(steps), variance="learned_range").to("meta").denoiser(net, clip=True)
+            return lambda: ddpm_sample(d, x)
+        d = ddpm(paper_betas(T), variance="learned_range").to("meta").denoiser(net, clip=True)
         if sampler == "ddim":
-            return lambda: ddim_sample(net, d, x, num_steps=steps, eta=0.5)
-        return lambda: respaced_sample(net, d, x, num_steps=steps)
+            return lambda: ddim_sample(d, x, num_steps=steps, eta=0.5)
+        return lambda: respaced_sample(d, x, num_steps=steps)
 
     assert forbidden_ops(run(10)) == forbidden_ops(run(20))

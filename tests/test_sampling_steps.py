@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from diffusion.core.gaussian import GaussianDiffusion
+from diffusion.core.objectives.ddpm import DDPMDenoiser
 from diffusion.core.sampling import ddim_sample, ddpm_sample, respaced_sample
 from diffusion.core.schedules import linear_beta_schedule, space_timesteps
+from helpers import ddpm
 
 T = 40
 BETAS = linear_beta_schedule(T, 1e-3, 0.2).numpy()  # large steps: every σ_t matters
@@ -20,8 +22,12 @@ ALPHAS_CUMPROD_PREV = np.append(1.0, ALPHAS_CUMPROD[:-1])
 X_STAR = torch.tensor([[-0.6, 0.2], [0.9, -1.0]], dtype=torch.float64).reshape(1, 1, 2, 2)
 
 
-def diffusion(variance: str = "fixed_large", parameterization: str = "eps") -> GaussianDiffusion:
-    return GaussianDiffusion(torch.from_numpy(BETAS), parameterization, variance, dtype=torch.float64)
+def denoiser(model, variance: str = "fixed_large", parameterization: str = "eps") -> DDPMDenoiser:
+    """The DDPM objective's denoiser of `model` (x̂0 clipped), its chain's coefficients in float64."""
+    betas = torch.from_numpy(BETAS)
+    objective = ddpm(betas, parameterization=parameterization, variance=variance)
+    objective.diffusion = GaussianDiffusion(betas, parameterization, variance, dtype=torch.float64)
+    return objective.denoiser(model, clip=True)
 
 
 def eps_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -62,7 +68,7 @@ def ddim_by_hand(x: torch.Tensor, kept: list[int], eta: float, seed: int) -> lis
 @pytest.mark.parametrize("spacing", ["linspace", "trailing"])
 def test_ddim_between_0_and_1_follows_eq_16(eta, spacing):
     kept = space_timesteps(T, spacing, 9)
-    out = ddim_sample(eps_model, diffusion(), x_start(), spacing=kept, eta=eta,
+    out = ddim_sample(denoiser(eps_model), x_start(), spacing=kept, eta=eta,
                       generator=torch.Generator().manual_seed(5), record_steps=kept)
     want = ddim_by_hand(x_start(), kept, eta, seed=5)
     for got, expected, t in zip(out.trajectory.x_t, want, out.trajectory.steps, strict=False):
@@ -99,9 +105,9 @@ def ddpm_by_hand(x: torch.Tensor, variance: str, seed: int) -> list[torch.Tensor
 
 @pytest.mark.parametrize("variance", ["fixed_large", "fixed_small", "learned_range"])
 def test_ancestral_noise_scale_at_every_step(variance):
-    d = diffusion(variance)
     model = var_model if variance == "learned_range" else eps_model  # eps_model is var_model's first channel
-    out = ddpm_sample(model, d, x_start(), generator=torch.Generator().manual_seed(3), record_steps=range(T))
+    out = ddpm_sample(denoiser(model, variance), x_start(), generator=torch.Generator().manual_seed(3),
+                      record_steps=range(T))
     want = ddpm_by_hand(x_start(), variance, seed=3)
     assert out.trajectory.steps == list(range(T - 1, -1, -1))
     for got, expected, t in zip(out.trajectory.x_t, want, out.trajectory.steps, strict=False):
@@ -125,7 +131,7 @@ def mean_oracle(x_star: torch.Tensor):
 
 @pytest.mark.parametrize("variance", ["fixed_large", "fixed_small"])
 def test_ancestral_with_a_mean_oracle_lands_on_the_data(variance):
-    out = ddpm_sample(mean_oracle(X_STAR), diffusion(variance, "mean"), x_start(n=4),
+    out = ddpm_sample(denoiser(mean_oracle(X_STAR), variance, "mean"), x_start(n=4),
                       generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(out.x0, X_STAR.expand(4, -1, -1, -1), rtol=0, atol=1e-10)
 
@@ -134,12 +140,12 @@ def test_ancestral_with_a_mean_oracle_lands_on_the_data(variance):
 def test_ddim_and_respaced_with_a_mean_oracle_land_on_the_data(spacing):
     """The μ̃ of the original chain is turned into x̂0 before a respaced or DDIM step uses it (trailing
     spacing ends at step 9, where μ̃ itself is not x*: used as the mean there, it would land elsewhere)."""
-    d = diffusion("fixed_small", "mean")
+    d = denoiser(mean_oracle(X_STAR), "fixed_small", "mean")
     for eta in (0.0, 0.5, 1.0):
-        out = ddim_sample(mean_oracle(X_STAR), d, x_start(n=4), num_steps=4, spacing=spacing, eta=eta,
+        out = ddim_sample(d, x_start(n=4), num_steps=4, spacing=spacing, eta=eta,
                           generator=torch.Generator().manual_seed(2))
         torch.testing.assert_close(out.x0, X_STAR.expand(4, -1, -1, -1), rtol=0, atol=1e-10, msg=f"η={eta}")
-    out = respaced_sample(mean_oracle(X_STAR), d, x_start(n=4), num_steps=4, spacing=spacing,
+    out = respaced_sample(d, x_start(n=4), num_steps=4, spacing=spacing,
                           generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(out.x0, X_STAR.expand(4, -1, -1, -1), rtol=0, atol=1e-10)
 
@@ -152,7 +158,7 @@ def test_respaced_mean_oracle_keeps_the_forward_marginals():
     a = ALPHAS_CUMPROD
     x_T = np.sqrt(a[kept[-1]]) * 0.5 + np.sqrt(1 - a[kept[-1]]) * torch.randn(n, 1, 1, 1, generator=gen,
                                                                             dtype=torch.float64)
-    out = respaced_sample(mean_oracle(x_star), diffusion("fixed_small", "mean"), x_T, spacing=kept, generator=gen,
+    out = respaced_sample(denoiser(mean_oracle(x_star), "fixed_small", "mean"), x_T, spacing=kept, generator=gen,
                           record_steps=kept)
     for x, k in zip(out.trajectory.x_t, out.trajectory.steps, strict=True):
         mean, var = np.sqrt(a[k]) * 0.5, 1 - a[k]
@@ -179,7 +185,7 @@ def mean_at(x: torch.Tensor, t: int) -> torch.Tensor:
 @pytest.mark.parametrize("variance", ["fixed_large", "fixed_small"])
 def test_ancestral_with_a_mean_model_steps_by_its_mean(variance):
     """Algorithm 2 with μ_θ = the network's output itself (unclipped), σ_t² = β_t or β̃_t; x̂0 reported clipped."""
-    out = ddpm_sample(mean_model, diffusion(variance, "mean"), x_start(), generator=torch.Generator().manual_seed(4),
+    out = ddpm_sample(denoiser(mean_model, variance, "mean"), x_start(), generator=torch.Generator().manual_seed(4),
                       record_steps=range(T))
     gen, x, clipped = torch.Generator().manual_seed(4), x_start(), 0
     for i, t in enumerate(reversed(range(T))):
@@ -200,7 +206,7 @@ def test_ancestral_with_a_mean_model_steps_by_its_mean(variance):
 def test_ddim_with_a_mean_model_follows_eq_12(eta):
     """Song et al. 2021 Eq. 12 from x̂0 = Eq. 7 inverted on the original chain at each kept step, and its ε."""
     kept = space_timesteps(T, "trailing", 7)
-    out = ddim_sample(mean_model, diffusion("fixed_small", "mean"), x_start(), spacing=kept, eta=eta,
+    out = ddim_sample(denoiser(mean_model, "fixed_small", "mean"), x_start(), spacing=kept, eta=eta,
                       generator=torch.Generator().manual_seed(6), record_steps=kept)
     gen, x = torch.Generator().manual_seed(6), x_start()
     for i in reversed(range(len(kept))):
@@ -221,7 +227,7 @@ def test_respaced_with_a_mean_model_uses_the_respaced_posterior(variance):
     """x̂0 from μ̃ on the original chain, then Eq. 7's mean and σ² on the respaced chain, whose
     β'_i = 1 - ᾱ_{k_i} / ᾱ_{k_{i-1}} (Nichol & Dhariwal 2021 Sec. 4)."""
     kept = space_timesteps(T, "linspace", 6)
-    out = respaced_sample(mean_model, diffusion(variance, "mean"), x_start(), spacing=kept,
+    out = respaced_sample(denoiser(mean_model, variance, "mean"), x_start(), spacing=kept,
                           generator=torch.Generator().manual_seed(8), record_steps=kept)
     gen, x = torch.Generator().manual_seed(8), x_start()
     for i in reversed(range(len(kept))):

@@ -17,10 +17,15 @@ from diffusion.core.schedules import (
     space_timesteps,
 )
 from diffusion.errors import UserError
+from helpers import PAPER_BETAS, paper_betas
+
+COSINE = dict(s=0.008, max_beta=0.999)  # Nichol & Dhariwal 2021
+SCHEDULE_SETTINGS = {"linear": PAPER_BETAS, "quadratic": PAPER_BETAS, "sigmoid": {**PAPER_BETAS, "steepness": 6.0},
+                     "cosine": COSINE}
 
 
 def test_linear_endpoints_and_alpha_bar_T():
-    betas = linear_beta_schedule(1000)
+    betas = linear_beta_schedule(1000, 1e-4, 0.02)
     assert betas.dtype == torch.float64 and betas.shape == (1000,)
     assert betas[0].item() == 1e-4 and betas[-1].item() == pytest.approx(0.02, abs=1e-17)
     # ᾱ_T = Π (1 - β_t) with β_t = 1e-4 + (0.02 - 1e-4) (t-1)/999, computed by a plain loop.
@@ -33,7 +38,7 @@ def test_linear_endpoints_and_alpha_bar_T():
 
 def test_cosine_alpha_bar_matches_closed_form():
     T, s = 1000, 0.008
-    betas = cosine_beta_schedule(T, s=s)
+    betas = cosine_beta_schedule(T, s=s, max_beta=0.999)
     f = lambda t: math.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2  # noqa: E731
     expected = np.array([f(t) / f(0) for t in range(1, T + 1)])
     got = torch.cumprod(1 - betas, 0).numpy()
@@ -46,7 +51,7 @@ def test_quadratic_and_sigmoid_formulas():
     T = 50
     q = quadratic_beta_schedule(T, 1e-4, 0.02).numpy()
     np.testing.assert_allclose(q, np.linspace(1e-2, 0.02**0.5, T) ** 2, rtol=1e-14)
-    sg = sigmoid_beta_schedule(T, 1e-4, 0.02).numpy()
+    sg = sigmoid_beta_schedule(T, 1e-4, 0.02, 6.0).numpy()
     x = np.linspace(-6, 6, T)
     np.testing.assert_allclose(sg, 1 / (1 + np.exp(-x)) * (0.02 - 1e-4) + 1e-4, rtol=1e-13)
     assert np.all(np.diff(q) > 0) and np.all(np.diff(sg) > 0)
@@ -55,7 +60,7 @@ def test_quadratic_and_sigmoid_formulas():
 @pytest.mark.parametrize("name", ["linear", "cosine", "quadratic", "sigmoid"])
 @pytest.mark.parametrize("T", [1, 2, 7, 1000])
 def test_every_schedule_any_T(name, T):
-    betas = make_beta_schedule(name, T)
+    betas = make_beta_schedule(name, T, **SCHEDULE_SETTINGS[name])
     assert betas.shape == (T,) and betas.dtype == torch.float64
     assert ((betas > 0) & (betas < 1)).all()
 
@@ -71,11 +76,11 @@ def test_explicit_list():
         (lambda: linear_beta_schedule(10, 0.02, 0.01), "beta_end must be in (beta_start=0.02, 1), got 0.01"),
         (lambda: linear_beta_schedule(10, 1e-4, 1.5), "got 1.5; try schedule.beta_end=0.02"),
         (lambda: linear_beta_schedule(10, -1e-4, 0.02), "beta_start must be in (0, 1), got -0.0001"),
-        (lambda: linear_beta_schedule(0), "num_timesteps must be an integer >= 1, got 0"),
-        (lambda: cosine_beta_schedule(-3), "got -3"),
+        (lambda: linear_beta_schedule(0, 1e-4, 0.02), "num_timesteps must be an integer >= 1, got 0"),
+        (lambda: cosine_beta_schedule(-3, 0.008, 0.999), "got -3"),
         (lambda: explicit_beta_schedule([0.1, 1.0]), "betas[1]=1.0"),
         (lambda: explicit_beta_schedule([0.0]), "betas[0]=0.0"),
-        (lambda: make_beta_schedule("cosin", 10), "unknown beta schedule 'cosin'"),
+        (lambda: make_beta_schedule("cosin", 10, **COSINE), "unknown beta schedule 'cosin'"),
     ],
 )
 def test_bad_parameters_give_one_line_errors(call, fragment):
@@ -100,7 +105,7 @@ def test_spacings():
 
 
 def test_respaced_betas_reproduce_alpha_bar_on_kept_steps():
-    alphas_cumprod = torch.cumprod(1 - linear_beta_schedule(1000), 0)
+    alphas_cumprod = torch.cumprod(1 - paper_betas(1000), 0)
     kept = space_timesteps(1000, "linspace", 37)
     new_betas = respace_betas(alphas_cumprod, kept)
     # cumulative product of the new alphas, by a plain loop
@@ -110,4 +115,4 @@ def test_respaced_betas_reproduce_alpha_bar_on_kept_steps():
         got.append(prod)
     np.testing.assert_allclose(got, alphas_cumprod[kept].numpy(), rtol=1e-13, atol=0)
     full = respace_betas(alphas_cumprod, list(range(1000)))
-    torch.testing.assert_close(full, linear_beta_schedule(1000), rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(full, paper_betas(1000), rtol=1e-12, atol=1e-15)

@@ -1,4 +1,4 @@
-"""Fast solvers (DPM-Solver++(2M), its SDE, UniPC, Heun) and the logsnr / karras spacings.
+"""Fast solvers (DPM-Solver++(2M), its SDE, UniPC, Heun) on DDPM's denoiser, and the logsnr / karras spacings.
 
 Oracles recompute ᾱ with numpy. Gaussian data N(μ, s²I) has the exact denoiser
 E[x0 | x_t] = μ + sqrt(ᾱ) s²/(ᾱ s² + 1 - ᾱ) (x_t - sqrt(ᾱ) μ), and its probability-flow ODE keeps
@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from diffusion.core.gaussian import GaussianDiffusion
-from diffusion.core.sampling import ddim_sample
-from diffusion.core.sampling.solvers import (
-    SOLVER_SPECS,
-    SOLVERS,
+from diffusion.core.objectives.ddpm import DDPMDenoiser
+from diffusion.core.sampling import (
+    SAMPLERS,
+    ddim_sample,
     dpmpp_2m_sample,
     dpmpp_2m_sde_sample,
     heun_sample,
@@ -25,22 +25,32 @@ from diffusion.core.sampling.solvers import (
 )
 from diffusion.core.schedules import (
     cosine_beta_schedule,
-    linear_beta_schedule,
     quadratic_beta_schedule,
     space_timesteps,
 )
 from diffusion.errors import UserError
+from helpers import PAPER_BETAS, ddpm, paper_betas
 
 T = 1000
-BETAS = linear_beta_schedule(T)
+BETAS = paper_betas(T)
 AC = torch.from_numpy(np.cumprod(1 - BETAS.numpy()))  # ᾱ, by numpy
 X_STAR = torch.tensor([[-0.6, 0.2], [0.9, -1.0]], dtype=torch.float64).reshape(1, 1, 2, 2)
 MU, S = torch.tensor([0.3, -0.5, 0.1, 0.7], dtype=torch.float64).reshape(1, 1, 2, 2), 0.5
 DETERMINISTIC = ["dpmpp_2m", "unipc", "heun"]
+SOLVERS = ["dpmpp_2m", "dpmpp_2m_sde", "unipc", "heun"]  # the samplers whose grids start at x_T (T-1)
 
 
-def diffusion(parameterization="eps", variance="fixed_large", dtype=torch.float64):
-    return GaussianDiffusion(BETAS, parameterization, variance, dtype=dtype)
+def denoiser(model, parameterization="eps", variance="fixed_large", dtype=torch.float64, clip=True) -> DDPMDenoiser:
+    """DDPM's denoiser of `model` with the chain's coefficients in `dtype` (x̂0 clamped when `clip`)."""
+    objective = ddpm(BETAS, parameterization=parameterization, variance=variance)
+    objective.diffusion = GaussianDiffusion(BETAS, parameterization, variance, dtype=dtype)
+    return objective.denoiser(model, clip=clip)
+
+
+def solve(name, model, x, **kwargs):
+    """SAMPLERS[name] on DDPM's denoiser of `model` (clip: keyword, default True)."""
+    d = denoiser(model, **{k: kwargs.pop(k) for k in ("parameterization", "variance", "dtype", "clip") if k in kwargs})
+    return SAMPLERS[name].fn(d, x, **kwargs)
 
 
 def gaussian_denoiser(x_t, t, mu=MU, s=S):
@@ -90,7 +100,7 @@ def _log_snr_np(betas):
     return np.log(ac / (1 - ac))
 
 
-@pytest.mark.parametrize("betas", [BETAS, quadratic_beta_schedule(T)], ids=["linear", "quadratic"])
+@pytest.mark.parametrize("betas", [BETAS, quadratic_beta_schedule(T, **PAPER_BETAS)], ids=["linear", "quadratic"])
 @pytest.mark.parametrize("K", [2, 5, 10, 20])
 def test_logsnr_and_karras_steps_are_the_nearest_lambda_to_their_targets(betas, K):
     """Targets recomputed in numpy: λ uniform, or σ by Karras Eq. 5 with ρ=7; each step the index of nearest λ."""
@@ -130,7 +140,7 @@ def _nearest_then_distinct(lam, targets):
 def test_snr_spacings_keep_the_count_when_targets_collide(spacing, K):
     """Where integer steps are coarser in λ than the targets (t near 0 for the linear schedule; near T-1 for the
     cosine one, whose clipped last β makes λ jump by 7), repeats move to free indices and K steps remain."""
-    for betas in [BETAS, cosine_beta_schedule(T)]:
+    for betas in [BETAS, cosine_beta_schedule(T, s=0.008, max_beta=0.999)]:
         ac, lam = torch.cumprod(1 - betas, 0), _log_snr_np(betas)
         steps = space_timesteps(T, spacing, K, alphas_cumprod=ac)
         assert len(steps) == K and steps[-1] == T - 1 and all(b > a for a, b in zip(steps, steps[1:], strict=False))
@@ -164,7 +174,7 @@ def test_old_spacings_ignore_alphas_cumprod_and_snr_spacings_need_it():
 
 # --- every solver: oracles, calls, parameterizations -------------------------------------------------
 @pytest.mark.parametrize("spacing", ["logsnr", "karras", "linspace", "trailing"])
-@pytest.mark.parametrize("name", list(SOLVERS))
+@pytest.mark.parametrize("name", SOLVERS)
 def test_point_oracle_lands_on_the_data_along_the_exact_path(name, spacing):
     """For a one-point data set every update is exact: x at each step k is sqrt(ᾱ_k) x* + sqrt(1-ᾱ_k) ε₀.
 
@@ -173,9 +183,9 @@ def test_point_oracle_lands_on_the_data_along_the_exact_path(name, spacing):
     xT, model = x_T(), point_oracle()
     wrapped, calls = counting(model)
     kw = dict(eta=0.0) if name == "dpmpp_2m_sde" else {}
-    out = SOLVERS[name](wrapped, diffusion(), xT, num_steps=9, spacing=spacing, record_steps=range(T), **kw)
+    out = solve(name, wrapped, xT, num_steps=9, spacing=spacing, record_steps=range(T), **kw)
     torch.testing.assert_close(out.x0, X_STAR.expand(4, -1, -1, -1), rtol=0, atol=1e-10)
-    assert len(calls) == SOLVER_SPECS[name].nfe(9)
+    assert len(calls) == SAMPLERS[name].nfe(9)
     assert all(c.dtype == torch.int64 and c.shape == (4,) and 0 <= c.min() and c.max() < T for c in calls)
     assert calls[0].tolist() == [T - 1] * 4
     steps = out.trajectory.steps
@@ -185,42 +195,43 @@ def test_point_oracle_lands_on_the_data_along_the_exact_path(name, spacing):
         torch.testing.assert_close(x, AC[k].sqrt() * X_STAR + (1 - AC[k]).sqrt() * eps0, rtol=0, atol=1e-10)
 
 
-@pytest.mark.parametrize("name", list(SOLVERS))
+@pytest.mark.parametrize("name", SOLVERS)
 def test_point_oracle_float32_and_sde_noise(name):
     """The float32 twin, and the SDE with noise: it, too, lands on the single data point."""
-    out = SOLVERS[name](point_oracle(), diffusion(dtype=torch.float32), x_T(dtype=torch.float32), num_steps=12,
-                        generator=torch.Generator().manual_seed(3))
+    out = solve(name, point_oracle(), x_T(dtype=torch.float32), dtype=torch.float32, num_steps=12,
+                generator=torch.Generator().manual_seed(3))
     assert out.x0.dtype == torch.float32
     torch.testing.assert_close(out.x0, X_STAR.float().expand(4, -1, -1, -1), rtol=0, atol=2e-4)
 
 
-@pytest.mark.parametrize("name", list(SOLVERS))
+@pytest.mark.parametrize("name", SOLVERS)
 def test_parameterizations_that_are_exact_conversions_give_the_same_samples(name):
     """x0-, v- and μ̃-models converted exactly from an ε-model (and one with a learned-variance half) agree."""
-    eps_d = diffusion("eps")
+    eps_d = GaussianDiffusion(BETAS, "eps", "fixed_large", dtype=torch.float64)
     eps_model = lambda x, t: torch.sin(3 * x) * 0.3 + 0.2 * x + 1e-4 * t.reshape(-1, 1, 1, 1)  # noqa: E731
 
     def x0_of(x, t):
         return eps_d.predict_x0_from_eps(x, t, eps_model(x, t))
 
     models = {
-        "x0": (diffusion("x0"), x0_of),
-        "v": (diffusion("v"), lambda x, t: eps_d.v_from_x0_eps(x0_of(x, t), eps_model(x, t), t)),
-        "mean": (diffusion("mean"), lambda x, t: eps_d.q_posterior_mean_variance(x0_of(x, t), x, t)[0]),
-        "learned": (diffusion("eps", "learned_range"), lambda x, t: torch.cat([eps_model(x, t), -x], 1)),
+        ("x0", "fixed_large"): x0_of,
+        ("v", "fixed_large"): lambda x, t: eps_d.v_from_x0_eps(x0_of(x, t), eps_model(x, t), t),
+        ("mean", "fixed_large"): lambda x, t: eps_d.q_posterior_mean_variance(x0_of(x, t), x, t)[0],
+        ("eps", "learned_range"): lambda x, t: torch.cat([eps_model(x, t), -x], 1),
     }
-    run = lambda m, d: SOLVERS[name](m, d, x_T(), num_steps=10, clip_denoised=False,  # noqa: E731
-                                     generator=torch.Generator().manual_seed(1)).x0
-    reference = run(eps_model, eps_d)
-    for d, model in models.values():
-        torch.testing.assert_close(run(model, d), reference, rtol=1e-9, atol=1e-9)
+    run = lambda m, p="eps", v="fixed_large": solve(name, m, x_T(), parameterization=p,  # noqa: E731
+                                                    variance=v, clip=False, num_steps=10,
+                                                    generator=torch.Generator().manual_seed(1)).x0
+    reference = run(eps_model)
+    for (p, v), model in models.items():
+        torch.testing.assert_close(run(model, p, v), reference, rtol=1e-9, atol=1e-9)
 
 
 def test_clip_denoised_clamps_every_prediction():
     """Data outside [-1, 1]: with clipping each x̂0 is clamped, so the oracle lands on clamp(x*)."""
     x_star = torch.tensor([[1.5, -0.2], [-3.0, 0.4]], dtype=torch.float64).reshape(1, 1, 2, 2)
-    for name, fn in SOLVERS.items():
-        out = fn(point_oracle(x_star), diffusion(), x_T(), num_steps=8, record_steps=range(T))
+    for name in SOLVERS:
+        out = solve(name, point_oracle(x_star), x_T(), clip=True, num_steps=8, record_steps=range(T))
         torch.testing.assert_close(out.x0, x_star.clamp(-1, 1).expand(4, -1, -1, -1), rtol=0, atol=1e-10)
         assert out.trajectory.x0_pred.abs().max() <= 1, name
 
@@ -250,18 +261,18 @@ def test_error_falls_with_the_solver_order(name, low, high):
     The grid stops at index 30 and the target is the exact ODE solution there, denoised: all the way down to
     index 0 the integer steps are 0.35 apart in λ/2 whatever the NFE, which puts a floor under every error.
     """
-    xT, model, d = x_T(n=16), gaussian_oracle(), diffusion()
+    xT, d = x_T(n=16), denoiser(gaussian_oracle(), clip=False)
     nfes = [24, 32, 48, 64, 96]
     errors = []
     for nfe in nfes:
         if name == "ddim":
-            x0 = ddim_sample(model, d, xT, spacing=_grid("logsnr", nfe), clip_denoised=False).x0
+            x0 = ddim_sample(d, xT, spacing=_grid("logsnr", nfe)).x0
         elif name == "heun":
-            x0 = heun_sample(model, d, xT, spacing=_grid("karras", (nfe + 1) // 2), clip_denoised=False).x0
+            x0 = heun_sample(d, xT, spacing=_grid("karras", (nfe + 1) // 2)).x0
         elif name == "dpmpp_2m":
-            x0 = dpmpp_2m_sample(model, d, xT, spacing=_grid("logsnr", nfe), clip_denoised=False).x0
+            x0 = dpmpp_2m_sample(d, xT, spacing=_grid("logsnr", nfe)).x0
         else:
-            x0 = unipc_sample(model, d, xT, spacing=_grid("logsnr", nfe), order=int(name[-1]), clip_denoised=False).x0
+            x0 = unipc_sample(d, xT, spacing=_grid("logsnr", nfe), order=int(name[-1])).x0
         errors.append((x0 - gaussian_endpoint(xT, END)).pow(2).mean().sqrt().item())
     assert low <= _slope(nfes, errors) <= high, errors
 
@@ -272,8 +283,8 @@ def test_full_grid_reaches_the_exact_endpoint(name, nfe, tol):
     xT = x_T(n=16)
     exact = MU + S * (xT - AC[-1].sqrt() * MU) / (AC[-1] * S**2 + 1 - AC[-1]).sqrt()
     assert (gaussian_endpoint(xT, 0) - exact).abs().max() < 5e-4  # the last step from index 0: O(σ_0²)
-    x0 = SOLVERS[name](gaussian_oracle(), diffusion(), xT, num_steps=nfe, clip_denoised=False).x0
-    ddim = ddim_sample(gaussian_oracle(), diffusion(), xT, num_steps=nfe, clip_denoised=False).x0
+    x0 = solve(name, gaussian_oracle(), xT, clip=False, num_steps=nfe).x0
+    ddim = ddim_sample(denoiser(gaussian_oracle(), clip=False), xT, num_steps=nfe).x0
     assert (x0 - exact).abs().max() < tol < (ddim - exact).abs().max()
 
 
@@ -310,14 +321,14 @@ def test_dpmpp_2m_and_its_sde_match_diffusers(spacing, N):
                   lower_order_final=True, final_sigmas_type="zero", prediction_type="epsilon")
     ode = _with_exact_alphas_cumprod(DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", **common))
     ode.set_timesteps(timesteps=steps[::-1])
-    ours = dpmpp_2m_sample(_diffusers_model, diffusion(), xT, spacing=steps, clip_denoised=False).x0
+    ours = dpmpp_2m_sample(denoiser(_diffusers_model, clip=False), xT, spacing=steps).x0
     torch.testing.assert_close(ours, _run_diffusers(ode, xT), rtol=1e-5, atol=1e-5)
     # SDE, η = 1: our noise is drawn from the generator in step order, so replay it into diffusers
     sde = _with_exact_alphas_cumprod(DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", **common))
     sde.set_timesteps(timesteps=steps[::-1])
     g = torch.Generator().manual_seed(3)
     noises = [torch.randn(xT.shape, generator=g, dtype=torch.float64) for _ in range(N - 1)] + [xT * 0]
-    ours = dpmpp_2m_sde_sample(_diffusers_model, diffusion(), xT, spacing=steps, eta=1.0, clip_denoised=False,
+    ours = dpmpp_2m_sde_sample(denoiser(_diffusers_model, clip=False), xT, spacing=steps, eta=1.0,
                                generator=torch.Generator().manual_seed(3)).x0
     torch.testing.assert_close(ours, _run_diffusers(sde, xT, noises), rtol=1e-5, atol=1e-5)
 
@@ -343,18 +354,18 @@ def test_unipc_matches_diffusers(spacing, order, N):
         ref.timesteps = torch.tensor(steps[::-1])
         sigmas = ((1 - AC[steps[::-1]]) / AC[steps[::-1]]).sqrt()
         ref.sigmas = torch.cat([sigmas, sigmas.new_zeros(1)]).float()
-    ours = unipc_sample(_diffusers_model, diffusion(), xT, spacing=steps, order=order, clip_denoised=False).x0
+    ours = unipc_sample(denoiser(_diffusers_model, clip=False), xT, spacing=steps, order=order).x0
     torch.testing.assert_close(ours, _run_diffusers(ref, xT), rtol=1e-5, atol=1e-5)
 
 
 # --- the SDE's randomness ----------------------------------------------------------------------------------
 def test_sde_seeded_and_eta0_is_the_ode():
-    model, d, xT = gaussian_oracle(), diffusion(), x_T()
-    run = lambda eta, seed: dpmpp_2m_sde_sample(model, d, xT, num_steps=10, eta=eta,  # noqa: E731
+    d, xT = denoiser(gaussian_oracle()), x_T()
+    run = lambda eta, seed: dpmpp_2m_sde_sample(d, xT, num_steps=10, eta=eta,  # noqa: E731
                                                 generator=torch.Generator().manual_seed(seed)).x0
     assert torch.equal(run(1.0, 5), run(1.0, 5))
     assert not torch.allclose(run(1.0, 5), run(1.0, 6))
-    assert torch.equal(run(0.0, 5), dpmpp_2m_sample(model, d, xT, num_steps=10).x0)
+    assert torch.equal(run(0.0, 5), dpmpp_2m_sample(d, xT, num_steps=10).x0)
 
 
 @pytest.mark.parametrize("eta", [0.5, 1.0])
@@ -363,7 +374,7 @@ def test_sde_samples_have_the_data_mean_and_variance(eta):
     mu, s, n = torch.tensor([0.4, -0.3], dtype=torch.float64).reshape(1, 2, 1, 1), 0.5, 20_000
     g = torch.Generator().manual_seed(0)
     xT = torch.randn(n, 2, 1, 1, generator=g, dtype=torch.float64)
-    x0 = dpmpp_2m_sde_sample(gaussian_oracle(mu, s), diffusion(), xT, num_steps=100, eta=eta, clip_denoised=False,
+    x0 = dpmpp_2m_sde_sample(denoiser(gaussian_oracle(mu, s), clip=False), xT, num_steps=100, eta=eta,
                              generator=g).x0
     mean, var = x0.mean(0).flatten(), x0.var(0).flatten()
     assert ((mean - mu.flatten()).abs() < 4 * s / math.sqrt(n)).all(), mean
@@ -371,27 +382,28 @@ def test_sde_samples_have_the_data_mean_and_variance(eta):
 
 
 # --- the table and the errors ----------------------------------------------------------------------------
-@pytest.mark.parametrize("name", list(SOLVERS))
+@pytest.mark.parametrize("name", SOLVERS)
 @pytest.mark.parametrize("budget", [1, 2, 5, 8])
 def test_spec_counts_the_network_calls(name, budget):
     wrapped, calls = counting(gaussian_oracle())
-    SOLVERS[name](wrapped, diffusion(), x_T(), num_steps=budget, generator=torch.Generator().manual_seed(0))
-    spec = SOLVER_SPECS[name]
+    solve(name, wrapped, x_T(), num_steps=budget, generator=torch.Generator().manual_seed(0))
+    spec = SAMPLERS[name]
     assert len(calls) == spec.nfe(budget) <= budget and budget >= spec.fewest_steps
     assert set(spec.spacings) == {"linspace", "trailing", "logsnr", "karras"}
 
 
 def test_solver_errors_are_one_line():
-    d, xT, model = diffusion(), x_T(), gaussian_oracle()
-    cases = [
-        (lambda: dpmpp_2m_sample(model, d, xT, num_steps=10, spacing="leading"), "never reaches index T-1"),
-        (lambda: unipc_sample(model, d, xT, spacing=[0, 500, 998]), "must end at index T-1=999"),
-        (lambda: dpmpp_2m_sample(model, d, xT, num_steps=0), "in [1, 1000], got 0"),
-        (lambda: heun_sample(model, d, xT, num_steps=2001), "in [1, 2000], got 2001"),
-        (lambda: unipc_sample(model, d, xT, num_steps=4, order=3), "order 3 needs at least 5 steps, got 4"),
-        (lambda: unipc_sample(model, d, xT, num_steps=20, order=4), "must be 1, 2 or 3"),
-        (lambda: dpmpp_2m_sde_sample(model, d, xT, num_steps=10, eta=-0.1), "eta must be >= 0"),
-        (lambda: dpmpp_2m_sample(model, d, xT, num_steps=10, spacing="logsnrr"), "unknown timestep spacing"),
+    d, xT = denoiser(gaussian_oracle()), x_T()
+    cases = [  # the functions' own messages (SamplerSpec.check_for words them for the config, test_sampler_spec.py)
+        (lambda: dpmpp_2m_sample(d, xT, num_steps=10, spacing="leading"), "must end at index T-1=999 (x_T), got "
+                                                                           "[0, 100, 200"),
+        (lambda: unipc_sample(d, xT, spacing=[0, 500, 998]), "must end at index T-1=999"),
+        (lambda: dpmpp_2m_sample(d, xT, num_steps=0), "in [1, 1000], got 0"),
+        (lambda: heun_sample(d, xT, num_steps=2001), "in [1, 1000], got 1001"),  # 2001 calls: 1001 levels
+        (lambda: unipc_sample(d, xT, num_steps=4, order=3), "order 3 needs at least 5 steps, got 4"),
+        (lambda: unipc_sample(d, xT, num_steps=20, order=4), "must be 1, 2 or 3"),
+        (lambda: dpmpp_2m_sde_sample(d, xT, num_steps=10, eta=-0.1), "eta must be >= 0"),
+        (lambda: dpmpp_2m_sample(d, xT, num_steps=10, spacing="logsnrr"), "unknown timestep spacing"),
     ]
     for call, fragment in cases:
         with pytest.raises(UserError) as err:
@@ -401,19 +413,21 @@ def test_solver_errors_are_one_line():
 
 def test_unipc_default_order_adapts_to_the_steps():
     """Order 3 where the steps allow; fewer steps lower it instead of failing (order p needs 2p-1 steps)."""
-    model, d, xT = gaussian_oracle(), diffusion(), x_T()
+    d, xT = denoiser(gaussian_oracle()), x_T()
     for n, order in [(1, 1), (3, 2), (4, 2), (5, 3), (20, 3)]:
-        torch.testing.assert_close(unipc_sample(model, d, xT, num_steps=n).x0,
-                                   unipc_sample(model, d, xT, num_steps=n, order=order).x0, rtol=0, atol=0)
-    assert not torch.allclose(unipc_sample(model, d, xT, num_steps=9, order=2).x0,
-                              unipc_sample(model, d, xT, num_steps=9).x0)
+        torch.testing.assert_close(unipc_sample(d, xT, num_steps=n).x0,
+                                   unipc_sample(d, xT, num_steps=n, order=order).x0, rtol=0, atol=0)
+    assert not torch.allclose(unipc_sample(d, xT, num_steps=9, order=2).x0, unipc_sample(d, xT, num_steps=9).x0)
 
 
-def test_solvers_import_only_torch_and_the_math():
-    """diffusers is a test-only reference: the library's solvers import torch, the stdlib and our math."""
-    tree = ast.parse((Path(__file__).resolve().parents[1] / "src/diffusion/sampling/solvers.py").read_text())
+@pytest.mark.parametrize("module", ["ddim", "dpmpp", "unipc", "heun", "common"])
+def test_solvers_import_only_torch_and_the_math(module):
+    """diffusers is a test-only reference: the library's solvers import torch, the stdlib, the denoiser contract
+    and the samplers' shared module, nothing of any one objective (no DDPM chain, schedule or network)."""
+    path = Path(__file__).resolve().parents[1] / f"src/diffusion/core/sampling/{module}.py"
+    tree = ast.parse(path.read_text())
     names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert {n.split(".")[0] for n in names} <= {"math", "collections", "dataclasses", "torch", "diffusion"}, names
     assert {n for n in names if n.startswith("diffusion.")} <= {
-        "diffusion.errors", "diffusion.core.gaussian", "diffusion.core.sampling.ancestral", "diffusion.core.schedules"}
+        "diffusion.errors", "diffusion.core.denoiser", "diffusion.core.sampling.common"}, names

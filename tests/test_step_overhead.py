@@ -60,7 +60,7 @@ class Watch(L.Callback):
 
 
 @pytest.mark.parametrize(("extra", "per_step"), [(["data.on_device=false"], 0), (["data.on_device=true"], 0),
-                                                 (["loss.nonfinite_check_every_n_steps=1"], 1)],
+                                                 (["training.nonfinite_check_every_n_steps=1"], 1)],
                          ids=["loader", "on_device", "check_every_step"])
 def test_training_steps_read_nothing_back_from_the_device(tmp_path, extra, per_step):
     """Four real steps of train.py's default callbacks (EMA, post-hoc EMA, W&B, LR monitor, binned loss, the

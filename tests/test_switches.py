@@ -79,7 +79,7 @@ def test_channels_last_trains_like_channels_first(tmp_path):
 def test_compile_trains_the_compiled_net_and_saves_plain_weights(tmp_path):
     probe = Probe()
     # A thin net without attention: inductor's compile time grows with the graph, and it is the same code path.
-    metrics = train(train_cfg(tmp_path, *FAST, "model.compile=true", "model.ch=8", "model.attn_resolutions=[]"),
+    metrics = train(train_cfg(tmp_path, *FAST, "training.compile=true", "model.ch=8", "model.attn_resolutions=[]"),
                         extra_callbacks=(probe,))
     assert probe.compiled and torch.isfinite(torch.tensor(metrics["train/loss"]))
     assert not any("_orig_mod" in key for key in _raw_weights(tmp_path))

@@ -9,10 +9,9 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from diffusion.core.gaussian import GaussianDiffusion
-from diffusion.core.schedules import linear_beta_schedule
 from diffusion.lightning.checkpoints import load_module
 from diffusion.run.commands.train import build_module, resolve_ckpt_path, train
-from helpers import ROOT, train_cfg, wandb_history
+from helpers import ROOT, paper_betas, train_cfg, wandb_history
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +59,7 @@ def test_checkpoint_loads_in_a_fresh_process_without_config(trained):
         "from diffusion.lightning.module import DiffusionModule\n"
         f"m = DiffusionModule.load_from_checkpoint(r'{out / 'checkpoints' / 'last.ckpt'}')\n"
         "x = torch.zeros(2, 1, 8, 8); t = torch.tensor([0, 19])\n"
-        "print(m.num_timesteps, tuple(m(x, t).shape))\n"
+        "print(m.objective.num_levels, tuple(m(x, t).shape))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -77,9 +76,9 @@ def test_checkpoint_holds_ema_and_raw_weights_and_never_averages_the_schedule(tr
     differs = [k for k in ema if not torch.equal(ema[k], raw[k])]
     assert differs, "EMA weights equal the raw ones: the average was not kept"
     module = load_module(str(out / "checkpoints" / "last.ckpt"))
-    fresh = GaussianDiffusion(linear_beta_schedule(20))
+    fresh = GaussianDiffusion(paper_betas(20), "eps", "fixed_large")
     for name, buffer in fresh.named_buffers():
-        assert torch.equal(getattr(module.diffusion, name), buffer), name
+        assert torch.equal(getattr(module.objective.diffusion, name), buffer), name
     assert torch.equal(module.net.state_dict()[differs[0].removeprefix("net.")], ema[differs[0]])
     raw_module = load_module(str(out / "checkpoints" / "last.ckpt"), weights="raw")
     assert torch.equal(raw_module.net.state_dict()[differs[0].removeprefix("net.")], raw[differs[0]])
@@ -97,20 +96,20 @@ def test_ema_averages_parameters_only_during_training(tmp_path):
     class Probe(L.Callback):
         def on_train_end(self, trainer, pl_module):
             ema = next(cb for cb in trainer.callbacks if isinstance(cb, EMA))
-            seen["ema"] = {k: v.clone() for k, v in ema.averaged_module().diffusion.named_buffers()}
-            seen["module"] = {k: v.clone() for k, v in pl_module.diffusion.named_buffers()}
+            seen["ema"] = {k: v.clone() for k, v in ema.averaged_module().objective.diffusion.named_buffers()}
+            seen["module"] = {k: v.clone() for k, v in pl_module.objective.diffusion.named_buffers()}
             seen["params_differ"] = any(
                 not torch.equal(a, b) for a, b in zip(ema.averaged_module().net.parameters(),
                                                       pl_module.net.parameters(), strict=True))
 
     cfg = train_cfg(tmp_path)
-    module = build_module(cfg, linear_beta_schedule(20))
+    module = build_module(cfg)
     # the probe runs before EMA.on_train_end, which copies the average into the module
     trainer = L.Trainer(max_steps=3, callbacks=[Probe(), EMA(decay=0.9, warmup=False)], logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0,
                         default_root_dir=tmp_path)
     trainer.fit(module, datamodule=DigitsDataModule(batch_size=16))
-    fresh = dict(GaussianDiffusion(linear_beta_schedule(20)).named_buffers())
+    fresh = dict(GaussianDiffusion(paper_betas(20), "eps", "fixed_large").named_buffers())
     for name, buffer in fresh.items():
         assert torch.equal(seen["ema"][name], buffer), name
         assert torch.equal(seen["module"][name], buffer), name
@@ -156,7 +155,7 @@ def test_mnist_with_cosine_schedule_from_the_readme(tmp_path):
     metrics = train(cfg)
     assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
     assert len(torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt",
-                          weights_only=True)["hyper_parameters"]["betas"]) == 500
+                          weights_only=True)["hyper_parameters"]["objective"]["betas"]) == 500
     assert "val/loss_t0499" in metrics
 
 
@@ -242,7 +241,8 @@ def test_multirun_over_two_schedules_gives_two_complete_runs(tmp_path):
         run_ids.add(runs[0].name.rsplit("-", 1)[-1])
         assert any("train/loss" in h for h in wandb_history(job))
     assert len(run_ids) == 2  # one W&B run per job, not one reused
-    betas = [torch.load(j / "checkpoints" / "last.ckpt", weights_only=True)["hyper_parameters"]["betas"] for j in jobs]
+    betas = [torch.load(j / "checkpoints" / "last.ckpt", weights_only=True)["hyper_parameters"]["objective"]["betas"]
+             for j in jobs]
     assert betas[0] != betas[1] and len(betas[0]) == len(betas[1]) == 20
 
 

@@ -13,7 +13,12 @@ from diffusion.nn.layers import timestep_embedding
 from helpers import model_kwargs
 
 SMALL = dict(in_channels=3, out_channels=3, ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
-             image_size=16, num_groups=8)  # fmt: skip
+             image_size=16, num_groups=8, dropout=0.0, resamp_with_conv=True, channels_last=False,
+             num_classes=None)  # fmt: skip
+# Ho et al. 2020's CIFAR-10 network (dropout aside): what the construction errors below are measured against
+CIFAR10 = dict(in_channels=3, out_channels=3, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
+               dropout=0.0, image_size=32, num_groups=32, resamp_with_conv=True, channels_last=False,
+               num_classes=None)  # fmt: skip
 
 
 def perturbed(model: UNet, seed: int = 0) -> UNet:
@@ -125,7 +130,7 @@ def test_channels_last_input_gives_the_same_output():
     out = model(x, t)
     out_cl = model(x.contiguous(memory_format=torch.channels_last), t)
     torch.testing.assert_close(out_cl, out, atol=1e-5, rtol=1e-5)
-    nhwc = UNet(**SMALL, channels_last=True)
+    nhwc = UNet(**{**SMALL, "channels_last": True})
     nhwc.load_state_dict(model.state_dict())
     assert nhwc.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(nhwc(x, t), out, atol=1e-5, rtol=1e-5)
@@ -156,8 +161,16 @@ def test_holds_no_buffers_and_nothing_about_schedules():
 )
 def test_bad_construction_raises_one_line_error(kwargs, message):
     with pytest.raises(UserError, match=message) as err:
-        UNet(**kwargs)
+        UNet(**{**CIFAR10, **kwargs})
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_every_argument_but_learned_variance_is_required(name):
+    """The shapes live in conf/model/*.yaml alone: leaving any argument out is an error, not a silent default."""
+    with pytest.raises(TypeError, match=name):
+        UNet(**{k: v for k, v in SMALL.items() if k != name})
+    assert UNet(**SMALL).conv_out.out_channels == 3  # learned_variance defaults to False: C output channels
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 8, 8), (2, 1, 16, 16), (3, 16, 16)])

@@ -27,6 +27,7 @@ from diffusion.config.callbacks import (
     ScheduleLogConfig,
 )
 from diffusion.config.entry import (
+    MOVED_KEYS,
     BpdConfig,
     EvaluateConfig,
     ExportConfig,
@@ -122,7 +123,8 @@ def register_configs() -> None:
 
 
 __all__ = [
-    "PRECISIONS", "BpdConfig", "CIFAR10DataConfig", "CallbacksConfig", "CheckpointConfig", "CosineScheduleConfig",
+    "MOVED_KEYS", "PRECISIONS", "BpdConfig", "CIFAR10DataConfig", "CallbacksConfig", "CheckpointConfig",
+    "CosineScheduleConfig",
     "DDPMObjectiveConfig", "DataConfig", "DigitsDataConfig", "EDMObjectiveConfig", "EMAConfig", "EvaluateConfig",
     "ExplicitScheduleConfig",
     "ExportConfig", "FeatureExtractorConfig", "FiguresConfig", "FileDataConfig", "FlowObjectiveConfig",

@@ -32,6 +32,14 @@ from diffusion.config.rules import (
 )
 from diffusion.core.sampling import SAMPLERS, SamplerSpec
 
+# Keys that moved when objectives became a config group: a command line still spelling them gets the new key.
+MOVED_KEYS = {"diffusion.parameterization": "objective.parameterization", "diffusion.variance": "objective.variance",
+              "diffusion.cond_drop_prob": "training.cond_drop_prob", "loss.type": "objective.loss",
+              "loss.vlb_weight": "objective.vlb_weight", "loss.min_snr_gamma": "objective.min_snr_gamma",
+              "loss.timestep_sampler": "objective.timesteps", "loss.on_nonfinite": "training.on_nonfinite",
+              "loss.nonfinite_check_every_n_steps": "training.nonfinite_check_every_n_steps",
+              "model.compile": "training.compile"}
+
 
 @dataclass
 class WandbConfig:

@@ -44,15 +44,25 @@ def validate(cfg: DictConfig, here: bool = True) -> None:
 
 
 def _check_schedule(cfg: DictConfig) -> None:
-    """A beta schedule exactly when the objective takes one (DDPM's betas)."""
+    """A beta schedule exactly when the objective takes one (DDPM's betas, which come from the schedule group)."""
     takes = "betas" in cfg.objective
     name = str(cfg.objective._target_).rsplit(".", 1)[-1].lower()
     if takes and cfg.schedule is None:
         raise UserError(f"objective={name} needs a beta schedule, got schedule=none; choose one, e.g. schedule=linear")
+    if takes and _plain(cfg.objective, "betas") != _plain(cfg, "schedule"):  # resolved: a DDP worker's config is
+        raise UserError(f"objective.betas={_fmt_value(cfg.objective.betas)} is set by the schedule group, not by hand; "
+                        "drop objective.betas and choose schedule=linear|cosine|..., or schedule=explicit "
+                        "'schedule.betas=[0.0001,...]'")
     if not takes and cfg.schedule is not None:
         chosen = str(cfg.schedule._target_).rsplit(".", 1)[-1].removesuffix("_beta_schedule")
         raise UserError(f"schedule={chosen} is DDPM's beta schedule, but objective={name} draws its own noise levels "
                         f"and takes none; drop schedule={chosen} (or use objective=ddpm)")
+
+
+def _plain(node: DictConfig, key: str) -> Any:
+    """A node's value as plain Python, interpolations resolved."""
+    value = node[key]
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig | ListConfig) else value
 
 
 def _check_callbacks_for(cfg: DictConfig, objective) -> None:
@@ -119,7 +129,7 @@ def logged_metrics(cfg: DictConfig) -> set[str]:
     """The final metrics a train.py run with this config reports (what optimized_metric may name)."""
     names = {"train/loss", "train/mse", "val/loss"}
     if cfg.validation.bpd_images > 0:
-        names |= {"val/bpd", "val/prior_bpd"}
+        names |= {"val/bpd"} | ({"val/prior_bpd"} if "betas" in cfg.objective else set())  # L_T: DDPM's bound
     quality = cfg.callbacks.get("quality")
     if quality is not None and (quality.at_train_end or quality.every_n_steps > 0):
         for split in quality.reference_splits:
@@ -237,9 +247,8 @@ def check_samplers(cfg: DictConfig, objective=None) -> list[SamplerSpec]:
     specs = []
     for key, node in _walk(cfg):
         if OmegaConf.get_type(node) is SamplerSpec:
-            spec = as_sampler_spec(OmegaConf.to_container(node, resolve=True), key)
-            if objective is not None:
-                spec.check_for(objective, key)
+            spec = as_sampler_spec(OmegaConf.to_container(node, resolve=True), key) if objective is None else \
+                SamplerSpec(**OmegaConf.to_container(node, resolve=True)).check_for(objective, key)
             specs.append(spec)
     return specs
 
@@ -309,7 +318,7 @@ def _fmt_value(value: Any) -> str:
 def validate_entry(config_name: str, cfg: DictConfig, here: bool = True) -> None:
     """The checks of an entry point's config before Hydra starts the job: train.py's all; export.py's paths; the
     others' rules, targets, samplers and data module (their checkpoint is read by the job itself, before its first
-    image); evaluate's post-hoc EMA width."""
+    image); the post-hoc EMA width of the commands that choose weights."""
     if config_name == "train":
         validate(cfg, here)
         return
@@ -321,7 +330,7 @@ def validate_entry(config_name: str, cfg: DictConfig, here: bool = True) -> None
     check_samplers(cfg)
     if "feature_extractor" in cfg:
         check_feature_extractor(cfg.feature_extractor, "feature_extractor")
-    if config_name == "evaluate":
+    if "ema" in cfg:  # sample.py, figures.py, evaluate.py: the same choice of weights
         check_posthoc_sigma_rel(cfg.ema.sigma_rel)
         if cfg.ema.snapshot_dir and cfg.ema.sigma_rel is None:
             raise UserError(f"ema.snapshot_dir={cfg.ema.snapshot_dir} is read only with ema.sigma_rel (a post-hoc EMA "

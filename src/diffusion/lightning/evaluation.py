@@ -88,8 +88,8 @@ class Evaluator(L.LightningModule):
         gen = torch.Generator(device=self.device).manual_seed(self.seed + 1_000_003 + int(k))
         bpd = self.model.bits_per_dim(to_model_range(images), self.bpd_method, gen, ode_levels=self.ode_levels)
         self.bpd.update(bpd["bpd"])
-        self.prior_bpd.update(bpd["prior_bpd"])
-        if "x0_mse" in bpd:
+        if "prior_bpd" in bpd:  # the bound's L_T and x̂0 errors
+            self.prior_bpd.update(bpd["prior_bpd"])
             self.x0_mse.update(bpd["x0_mse"])
 
     def on_test_epoch_end(self) -> None:
@@ -100,6 +100,7 @@ class Evaluator(L.LightningModule):
             self.results["quality"] = self.metric.compute()
             self.results["sampling_device_seconds"] = float(self.sampling_seconds.compute())
         if self.bpd_images is not None:
-            self.results["nll"] = {"bpd": float(self.bpd.compute()), "prior_bpd": float(self.prior_bpd.compute())}
+            self.results["nll"] = {"bpd": float(self.bpd.compute())}
             if self.bpd_method == "bound":
-                self.results["nll"]["x0_mse"] = float(self.x0_mse.compute())
+                self.results["nll"].update(prior_bpd=float(self.prior_bpd.compute()),
+                                           x0_mse=float(self.x0_mse.compute()))

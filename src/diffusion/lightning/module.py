@@ -215,20 +215,22 @@ class DiffusionModule(L.LightningModule):
 
     def bits_per_dim(self, x0: Tensor, method: str, generator: torch.Generator | None = None,
                      y: Tensor | None = None, ode_levels: int = ODE_LEVELS) -> dict[str, Tensor]:
-        """Bits/dim of data x0 by the full bound (DDPM, Ho et al. 2020 Table 2; with x̂0's squared error at every
-        step) or through the probability-flow ODE (every objective): {"bpd", "prior_bpd"[, "x0_mse"]}, each (B,)."""
+        """Bits/dim of data x0 by the full bound (DDPM, Ho et al. 2020 Table 2: {"bpd", "prior_bpd" (L_T), "x0_mse"
+        (x̂0's squared error over every step)}) or through the probability-flow ODE (every objective: {"bpd"}),
+        each (B,)."""
         model = self._net_given(y)
         if method == "bound":
             bound = self.objective.bound_bits_per_dim(model, x0, generator)
             return {"bpd": bound.total_bpd, "prior_bpd": bound.prior_bpd, "x0_mse": bound.x0_mse.mean(1)}
         nll = ode_bits_per_dim(self.objective.denoiser(model, clip=False), x0, ode_levels, generator=generator)
-        return {"bpd": nll.bpd, "prior_bpd": nll.prior_bpd}
+        return {"bpd": nll.bpd}
 
     def _log_bpd(self, x0: Tensor, gen: torch.Generator, y: Tensor | None = None) -> None:
-        """Bits/dim on a small fixed batch: DDPM's full bound (T network evaluations), else the ODE's."""
+        """Bits/dim on a small fixed batch: DDPM's full bound (T network evaluations) and its L_T, else the ODE's."""
         bpd = self.bits_per_dim(x0, self.objective.likelihoods[0], gen, y)
         self.log("val/bpd", bpd["bpd"].mean(), prog_bar=True, batch_size=x0.shape[0], sync_dist=True)
-        self.log("val/prior_bpd", bpd["prior_bpd"].mean(), batch_size=x0.shape[0], sync_dist=True)
+        if "prior_bpd" in bpd:
+            self.log("val/prior_bpd", bpd["prior_bpd"].mean(), batch_size=x0.shape[0], sync_dist=True)
 
     def configure_optimizers(self):
         factory = self.optimizer_factory or torch.optim.Adam

@@ -17,7 +17,7 @@ from diffusion.core.denoiser import Denoiser, Grid, grid_of
 from diffusion.core.gaussian import GaussianDiffusion
 from diffusion.core.likelihood import variational_bound
 from diffusion.core.objectives.base import LossOutput, Model, Objective
-from diffusion.core.objectives.ddpm_losses import TIMESTEPS, training_losses
+from diffusion.core.objectives.ddpm_losses import LOSS_TYPES, TIMESTEPS, training_losses
 from diffusion.core.schedules import SPACINGS, space_timesteps
 from diffusion.errors import UserError
 
@@ -36,6 +36,10 @@ class DDPM(Objective):
     def __init__(self, betas: Sequence[float] | Tensor, parameterization: str, variance: str, loss: str,
                  vlb_weight: float, min_snr_gamma: float | None, timesteps: str):
         super().__init__()
+        for key, value, choices in (("loss", loss, LOSS_TYPES), ("timesteps", timesteps, tuple(TIMESTEPS))):
+            if value not in choices:
+                raise UserError(f"objective.{key} must be one of {list(choices)}, got {value!r}; try "
+                                f"objective.{key}={choices[0]}")
         self.diffusion = GaussianDiffusion(torch.as_tensor(betas, dtype=torch.float64), parameterization, variance)
         self.loss_type, self.vlb_weight, self.min_snr_gamma = loss, vlb_weight, min_snr_gamma
         self.timesteps_name = timesteps
@@ -138,9 +142,12 @@ class DDPMDenoiser(Denoiser):
     def __init__(self, objective: DDPM, model: Model, clip: bool):
         super().__init__(objective, clip)
         self.model, self.diffusion = model, objective.diffusion
+        self._steps: Tensor | None = None  # (T, B): row t is step t for a batch, made once per sampling run
 
     def denoise(self, x: Tensor, sigma: float) -> Tensor:
-        t = torch.full((x.shape[0],), self.objective.step_of(sigma), dtype=torch.long, device=x.device)
+        if self._steps is None or self._steps.shape[1] != x.shape[0] or self._steps.device != x.device:
+            self._steps = torch.arange(self.objective.num_levels, device=x.device)[:, None].expand(-1, x.shape[0])
+        t = self._steps[self.objective.step_of(sigma)]  # (B,), a view: nothing is made per step
         mean_out, _ = self.diffusion.split_output(self.model(x, t))
         return self.diffusion.predict_x0(mean_out, x, t)
 

@@ -14,6 +14,9 @@ from torch import Tensor
 from diffusion.core.gaussian import GaussianDiffusion
 from diffusion.core.likelihood import mean_flat, vb_terms
 from diffusion.core.objectives.base import LossOutput
+from diffusion.errors import UserError
+
+LOSS_TYPES = ("simple", "vlb", "hybrid")  # objective.loss
 
 
 def min_snr_weight(diffusion: GaussianDiffusion, t: Tensor, gamma: float) -> Tensor:
@@ -53,6 +56,9 @@ def training_losses(
     weighted_mse = mse if min_snr_gamma is None else mse * min_snr_weight(diffusion, t, min_snr_gamma)
     if loss_type == "simple":
         return LossOutput(weighted_mse, mse, None)
+    if loss_type not in LOSS_TYPES:  # reached only by a wrong name: no cost to the others
+        raise UserError(f"objective.loss must be one of {list(LOSS_TYPES)}, got {loss_type!r}; "
+                        "try objective.loss=simple")
     # The bound's term L_t; in the hybrid its gradient reaches only the variance (the mean is frozen).
     frozen = model_out if loss_type == "vlb" else _freeze_mean(mean_out, var_out)
     vlb = vb_terms(diffusion, frozen, x0, x_t, t, clip_denoised=False).bpd

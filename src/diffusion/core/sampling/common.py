@@ -90,9 +90,9 @@ def apply(u: Update, x: Tensor, x0s: list[Tensor], x0_new: Tensor | None = None)
     return out if x0_new is None else out + u.w_new * x0_new
 
 
-def require_finite_start(grid: Grid, name: str) -> None:
+def require_finite_start(grid: Grid, name: str, key: str = "sampler") -> None:
     """Samplers whose steps need a finite first level (Heun's trapezoid, UniPC's differences in λ)."""
     if grid.sigma[0] == float("inf"):
-        raise UserError(f"sampler.name={name} cannot start at σ = ∞ (flow matching's t = 1, where the linspace grid "
-                        "starts): its higher-order step needs a finite first level; use sampler.spacing=karras or "
-                        "logsnr (from σ_max), or sampler.name=euler or dpmpp_2m")
+        raise UserError(f"{key}.name={name} cannot start at σ = ∞ (flow matching's t = 1, where the linspace grid "
+                        f"starts): its higher-order step needs a finite first level; use {key}.spacing=karras or "
+                        f"logsnr (from σ_max), or {key}.name=euler or dpmpp_2m")

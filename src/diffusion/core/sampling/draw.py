@@ -90,8 +90,9 @@ def draw_chunk(model: Model, objective: Objective, spec: SamplerSpec, k: int, nu
                dtype: torch.dtype | None = None, record_steps: Iterable[int] | None = None,
                labels: Tensor | None = None) -> SampleOutput:
     """Chunk k of a draw: num_images images from a generator seeded seed + k, clamped to [-1, 1]; `labels`
-    (num_images,) are this chunk's, for a class-conditional model (default: balanced within the chunk)."""
-    spec = sampler_spec(spec).resolved(objective)
+    (num_images,) are this chunk's, for a class-conditional model (default: balanced within the chunk). The spec is
+    checked against the objective (one-line errors naming `sampler.*`) before anything is drawn."""
+    spec = sampler_spec(spec).check_for(objective)
     labels = draw_labels(model, spec, num_images, labels)
     device, dtype = _placement(model, device, dtype)
     generator = torch.Generator(device=device).manual_seed(seed + k)

@@ -106,6 +106,9 @@ SAMPLERS: dict[str, SamplerKind] = {
 }
 
 
+ALL_ORDERS = tuple(sorted({order for kind in SAMPLERS.values() for order in kind.orders}))
+
+
 @dataclass
 class SamplerSpec:
     """How images are drawn. Settings left null take the sampler's defaults (see SAMPLERS); a null name, the
@@ -147,6 +150,13 @@ class SamplerSpec:
                                                               and 0.0 <= self.eta <= kind.eta_max):
             rule = f"in [0, {kind.eta_max:g}]" if math.isfinite(kind.eta_max) else ">= 0"
             raise UserError(f"{key}.eta must be {rule}, got {self.eta}; use a value {rule} ({kind.eta_hint})")
+        if kind is None and self.spacing is not None and not isinstance(self.spacing, list | tuple) \
+                and self.spacing not in SPACINGS:  # the objective's own sampler: any spacing there is
+            raise UserError(f"{key}.spacing={_shown(self.spacing)} is not a spacing; choose one of {list(SPACINGS)}")
+        if kind is None and self.order is not None and self.order not in ALL_ORDERS:
+            raise UserError(f"{key}.order must be one of {list(ALL_ORDERS)}, got {self.order!r}; try {key}.order=3")
+        if kind is None and self.eta is not None and not (math.isfinite(self.eta) and self.eta >= 0):
+            raise UserError(f"{key}.eta must be a number >= 0, got {self.eta}; try {key}.eta=0")
         if kind is not None and self.spacing is not None and not isinstance(self.spacing, list | tuple) \
                 and self.spacing not in kind.spacings:
             why = "is not a spacing" if self.spacing not in SPACINGS else f"is not a spacing of {key}.name={self.name}"
@@ -186,9 +196,8 @@ class SamplerSpec:
     def check_for(self, objective: Objective, key: str = "sampler") -> "SamplerSpec":
         """Everything check() cannot know: the objective's chain, its levels (DDPM's T), its spacings, the order the
         (default) steps allow, and the grid itself (built: a flow grid from t = 1 for a sampler that cannot start
-        there). check() ran when the config was checked; a null name's settings are checked now, against the
-        objective's own sampler. Returns the resolved spec."""
-        spec = self.named(objective) if self.name is not None else self.named(objective).check(key)
+        there), after check() with the objective's own sampler for a null name. Returns the resolved spec."""
+        spec = self.named(objective).check(key)
         kind, where = SAMPLERS[spec.name], f"objective={objective.name}"
         if kind.markov_chain and not objective.markov_chain:
             raise UserError(f"{key}.name={spec.name} walks DDPM's Markov chain ({kind.summary}); {where} has none: use "
@@ -209,7 +218,7 @@ class SamplerSpec:
         if "spacing" in kind.defaults:
             grid = objective.grid(resolved.spacing, kind.levels(resolved.steps), from_top=kind.from_top)
             if kind.finite_start:
-                require_finite_start(grid, spec.name)
+                require_finite_start(grid, spec.name, key)
         return resolved
 
     def _filled(self, objective: Objective) -> "SamplerSpec":

@@ -46,7 +46,7 @@ class PaperFigures(L.Callback):
         n = max(self.spec.num_images, self.spec.rd_images)
         x0 = to_model_range(trainer.datamodule.reference_images(self.split, n)).to(pl_module.device)
         net = averaged_net(trainer) or pl_module.net
-        paths = render_all(net, pl_module.diffusion, x0, out_dir, self.spec)
+        paths = render_all(net, pl_module.objective, x0, out_dir, self.spec)
         for logger in trainer.loggers:
             if hasattr(logger, "log_image"):
                 for name, path in paths.items():

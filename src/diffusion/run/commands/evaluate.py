@@ -226,7 +226,8 @@ def _write(report: dict, out: Path, cfg: DictConfig, extractor: str) -> None:
     print(f"quality: {describe(_train_first(report['quality']), report['protocol'])}")
     if report["nll"] is not None:
         nll = report["nll"]
-        print(f"NLL: {nll['bpd']:.4f} bits/dim on {cfg.bpd.split} (prior term {nll['prior_bpd']:.2e})")
+        prior = f" (prior term {nll['prior_bpd']:.2e})" if "prior_bpd" in nll else " (probability-flow ODE)"
+        print(f"NLL: {nll['bpd']:.4f} bits/dim on {cfg.bpd.split}{prior}")
     if guided:
         best = best_row(guided)
         accuracy = f", class accuracy {best['class_accuracy']:.1%}" if "class_accuracy" in best else ""

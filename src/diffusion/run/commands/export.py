@@ -5,7 +5,8 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from diffusion.config.validation import check_export
-from diffusion.formats.diffusers import learned_variance_of, scheduler_of, write_diffusers_folder
+from diffusion.formats.diffusers import write_diffusers_folder
+from diffusion.formats.diffusers_schedulers import PIPELINES, learned_variance_of, scheduler_of
 from diffusion.formats.diffusers_unet import unet_config_from_kwargs
 from diffusion.lightning.checkpoints import read_weights
 from diffusion.run.jobs.console import quiet_console
@@ -23,5 +24,6 @@ def export(cfg: DictConfig) -> Path:
     unet_config_from_kwargs(hparams["net"], learned_variance_of(hparams["objective"]))
     card = model_card(cfg.ckpt, cfg.out, cfg.weights, hparams, sum(v.numel() for v in state.values()))
     out = write_diffusers_folder(cfg.out, hparams["net"], state, hparams["objective"], card)
-    print(f"exported: {out} (DDPMPipeline.from_pretrained({str(out)!r}); model card {out / 'README.md'})")
+    pipeline = PIPELINES[scheduler_of(hparams["objective"])["_class_name"]]
+    print(f"exported: {out} ({pipeline}.from_pretrained({str(out)!r}); model card {out / 'README.md'})")
     return out

@@ -18,7 +18,7 @@ def sample(cfg: DictConfig) -> Path:
     quiet_console()
     device = check_device(cfg.device)
     out = writable_dir(cfg.output_dir, "output_dir")  # before the work, not after it
-    module, weights, _ = load_weights(cfg.ckpt, cfg.weights, cfg.ema.sigma_rel, cfg.ema.snapshot_dir, device)
+    module, _, _ = load_weights(cfg.ckpt, cfg.weights, cfg.ema.sigma_rel, cfg.ema.snapshot_dir, device)
     spec = SamplerSpec(**OmegaConf.to_container(cfg.sampler, resolve=True)).check_for(module.objective)
     check_guidance(spec.guidance_scale, module.num_classes)
     labels = resolve_labels(OmegaConf.to_container(cfg, resolve=True).get("labels"), cfg.num_samples,
@@ -31,5 +31,5 @@ def sample(cfg: DictConfig) -> Path:
         arrays["labels"] = labels.numpy()
     np.savez_compressed(out / "samples.npz", **arrays)
     grid_path = save_grid(drawn.images[:256], out / "samples.png")
-    print(f"samples: {grid_path} and {out / 'samples.npz'} ({spec.label(module.objective)}, {weights} weights)")
+    print(f"samples: {grid_path} and {out / 'samples.npz'}")
     return grid_path

@@ -17,7 +17,7 @@ from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from diffusion.config import register_configs, validate_entry
+from diffusion.config import MOVED_KEYS, register_configs, validate_entry
 from diffusion.core.sampling import SamplerSpec
 from diffusion.errors import UserError
 from diffusion.run.jobs.console import fail, full_errors
@@ -117,6 +117,7 @@ def precheck(config_name: str, argv: list[str]) -> DictConfig | None:
     multirun = "-m" in argv or "--multirun" in argv
 
     def check_every_job() -> DictConfig:
+        _check_moved(_user_overrides(argv))
         here = True
         for i, overrides in enumerate(jobs_to_check(_user_overrides(argv))):
             # The first job is composed with Hydra's own settings too, to check the run directory once and to
@@ -125,6 +126,16 @@ def precheck(config_name: str, argv: list[str]) -> DictConfig | None:
         return cfg
 
     return explained(config_name, check_every_job)
+
+
+def _check_moved(overrides: list[str]) -> None:
+    """A key that moved (diffusion.parameterization is objective.parameterization now) is named with its new place."""
+    for override in overrides:
+        key, _, value = override.lstrip("+~").partition("=")
+        if key in MOVED_KEYS:
+            new = MOVED_KEYS[key]
+            raise UserError(f"{key} moved to {new} (DDPM's settings live in the objective group now, the others in "
+                            f"training); write {new}={value}")
 
 
 def explained(config_name: str, check: Callable[[], DictConfig]) -> DictConfig | None:

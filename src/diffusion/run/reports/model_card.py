@@ -16,7 +16,9 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from diffusion.core.objectives.base import objective_class
 from diffusion.core.sampling import sampler_label
+from diffusion.formats.diffusers_schedulers import PIPELINES, scheduler_of
 from diffusion.lightning.callbacks.sample_quality import SHOWN
 
 REPORT_SHOWN = ("fid_train", "fid_val", "is", "kid_train", "precision_train", "recall_train")
@@ -131,34 +133,61 @@ def checkpoint_step(ckpt: Path) -> int | None:
     return int(torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["global_step"])
 
 
+def _objective_rows(objective: dict, trained: bool) -> tuple[str, str, list[str]]:
+    """(title, one sentence, Markdown table rows) of what the objective is and how diffusers holds it."""
+    name = objective_class(objective).name
+    if name == "edm":
+        return ("EDM model", "A diffusion model with the preconditioning of Karras et al. 2022 (EDM)", [
+            f"| objective | EDM: σ_data {objective['sigma_data']:g}, c_noise = ln(σ)/4 as the UNet's timestep, "
+            f"`EDMEulerScheduler` (`prediction_type: epsilon` is D = c_skip x + c_out F) |",
+            f"| sampling | σ from {objective['sigma_max']:g} down to {objective['sigma_min']:g} on Karras et al.'s "
+            "ρ = 7 levels |"])
+    if name == "flow":
+        return ("flow-matching model", "A flow-matching model on the straight path x_t = (1−t) x0 + t ε with the "
+                "velocity target (Lipman et al. 2023; rectified flow)", [
+                    f"| objective | flow matching: the UNet predicts v = ε − x0 from x_t and 1000 t, "
+                    f"`FlowMatchEulerDiscreteScheduler` (shift {objective['shift']:g}) |"])
+    betas = objective["betas"]
+    prediction = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}[objective["parameterization"]]
+    loss = f", trained with the {objective['loss']} loss" if trained else ""  # a diffusers folder does not say
+    return ("DDPM", "A denoising diffusion probabilistic model (Ho, Jain & Abbeel 2020)", [
+        f"| schedule | T={len(betas)}, betas {betas[0]:.6g} … {betas[-1]:.6g}, stored exactly as `trained_betas`"
+        f"{loss} |",
+        f"| prediction | {objective['parameterization']} (`prediction_type: {prediction}`) |",
+        f"| variance | {objective['variance']} (`variance_type: {objective['variance']}`) |"])
+
+
+def _usage(out: str, pipeline: str, objective: dict) -> list[str]:
+    """How diffusers samples the folder (the pipeline model_index.json names)."""
+    steps = len(objective["betas"]) if "betas" in objective else 18 if pipeline != "DDPMPipeline" else 50
+    what = {"ddpm": "ancestral sampling over all T steps", "edm": "Euler on Karras et al.'s levels",
+            "flow": "Euler from t = 1"}[objective_class(objective).name]
+    return ["```python", f"from diffusers import {pipeline}", "",
+            f'pipe = {pipeline}.from_pretrained("{out}")',
+            f"images = pipe(batch_size=16, num_inference_steps={steps}).images  # {what}", "```"]
+
+
 def model_card(ckpt: str, out: str, weights: str, hparams: dict, num_parameters: int) -> str:
     """The README.md of the exported folder (Hugging Face model-card front matter, then Markdown)."""
     path = Path(ckpt)
     step, net, objective = checkpoint_step(path), hparams["net"], hparams["objective"]
-    betas = objective["betas"]
-    T, shape = len(betas), f"{net['in_channels']}×{net['image_size']}×{net['image_size']}"
-    prediction = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}[objective["parameterization"]]
+    shape = f"{net['in_channels']}×{net['image_size']}×{net['image_size']}"
     source = f"diffusers folder `{ckpt}`" if step is None else f"`{ckpt}`, step {step:,}, {weights} weights"
     attention = ", ".join(str(r) for r in net["attn_resolutions"]) or "none"
-    loss = f", trained with the {objective['loss']} loss" if step is not None else ""  # a folder does not say
+    title, sentence, rows = _objective_rows(objective, trained=step is not None)
+    pipeline = PIPELINES[scheduler_of(objective)["_class_name"]]
     lines = [
         "---", "library_name: diffusers", "pipeline_tag: unconditional-image-generation",
-        "tags: [ddpm, diffusion, unconditional-image-generation]", "---", "",
-        f"# DDPM for {shape} images", "",
-        "A denoising diffusion probabilistic model (Ho, Jain & Abbeel 2020), exported by "
-        f"`python export.py ckpt={ckpt} out={out} weights={weights}`.", "",
-        "```python", "from diffusers import DDPMPipeline", "",
-        f'pipe = DDPMPipeline.from_pretrained("{out}")',
-        f"images = pipe(batch_size=16, num_inference_steps={T}).images  # ancestral sampling over all T steps",
-        "```", "",
+        f"tags: [{objective_class(objective).name}, diffusion, unconditional-image-generation]", "---", "",
+        f"# {title} for {shape} images", "",
+        f"{sentence}, exported by `python export.py ckpt={ckpt} out={out} weights={weights}`.", "",
+        *_usage(out, pipeline, objective), "",
         "## Model", "", "| | |", "|---|---|",
         f"| source | {source} |",
         f"| network | the paper's U-Net (UNet2DModel): ch={net['ch']}, ch_mult={list(net['ch_mult'])}, "
         f"num_res_blocks={net['num_res_blocks']}, attention at {attention}, dropout {net['dropout']}, "
         f"{net['num_groups']} GroupNorm groups; {num_parameters:,} parameters |",
-        f"| schedule | T={T}, betas {betas[0]:.6g} … {betas[-1]:.6g}, stored exactly as `trained_betas`{loss} |",
-        f"| prediction | {objective['parameterization']} (`prediction_type: {prediction}`) |",
-        f"| variance | {objective['variance']} (`variance_type: {objective['variance']}`) |", "",
+        *rows, "",
         "## Quality", "", "Scores with different protocol ids are not comparable.", "",
         *quality_lines(path, step), "",
     ]

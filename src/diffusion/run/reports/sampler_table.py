@@ -27,19 +27,23 @@ def table_samplers(table: DictConfig, objective: Objective) -> list[SamplerSpec]
     """The entries of cfg.sampler_table that run on this objective (see the module docstring)."""
     given = OmegaConf.to_container(table.samplers, resolve=True)
     is_default = given == [asdict(spec) for spec in SamplerTableConfig().samplers]
-    specs, skipped = [], []
+    specs, too_long, no_chain = [], [], []
     for i, entry in enumerate(given):
         key = f"sampler_table.samplers[{i}]"
         spec = SamplerSpec(**entry)
         most = spec.most_steps(objective)
-        if is_default and ((spec.steps is not None and most is not None and spec.steps > most)
-                           or (SAMPLERS[spec.name].markov_chain and not objective.markov_chain)):
-            skipped.append(f"{spec.name}-{spec.steps or 'T'}")
-            continue
-        specs.append(spec.check_for(objective, key))
-    if skipped:
-        print(f"sampler table: skipping {', '.join(skipped)} (more steps than the model's T allows, or DDPM's chain, "
-              f"which objective={objective.name} has not)")
+        if is_default and spec.steps is not None and most is not None and spec.steps > most:
+            too_long.append(f"{spec.name}-{spec.steps}")
+        elif is_default and SAMPLERS[spec.name].markov_chain and not objective.markov_chain:
+            no_chain.append(spec.name)
+        else:
+            specs.append(spec.check_for(objective, key))
+    if too_long:
+        print(f"sampler table: skipping {', '.join(too_long)} (more steps than the model's T={objective.num_levels} "
+              "allows)")
+    if no_chain:
+        print(f"sampler table: skipping {', '.join(no_chain)} (DDPM's Markov chain, which objective={objective.name} "
+              "has not)")
     return specs
 
 
