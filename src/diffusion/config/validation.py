@@ -19,6 +19,7 @@ from diffusion.core.posthoc_ema import SIGMA_REL_MAX
 from diffusion.core.sampling import SamplerSpec, as_sampler_spec
 from diffusion.errors import UserError
 from diffusion.formats.sources import check_source
+from diffusion.metrics.quality import logged_name, result_keys
 from diffusion.nn import UNet
 
 
@@ -132,10 +133,7 @@ def logged_metrics(cfg: DictConfig) -> set[str]:
         names |= {"val/bpd"} | ({"val/prior_bpd"} if "betas" in cfg.objective else set())  # L_T: DDPM's bound
     quality = cfg.callbacks.get("quality")
     if quality is not None and (quality.at_train_end or quality.every_n_steps > 0):
-        for split in quality.reference_splits:
-            suffix = "" if split == "train" else "_test"
-            names |= {f"val/{score}{suffix}" for score in ("fid", "kid", "kid_std", "precision", "recall")}
-        names |= {"val/is", "val/is_std"}
+        names |= {logged_name(key) for key in result_keys(quality.reference_splits, in_training=True)}
     return names
 
 

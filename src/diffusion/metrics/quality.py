@@ -14,6 +14,7 @@ do not depend on how the samples were spread over ranks. Reference features are 
 import hashlib
 import json
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -67,6 +68,117 @@ class Reference:
     mu: Tensor  # (D,)
     sigma: Tensor  # (D, D)
     radii: Tensor  # (N,) k-NN radii for precision
+
+
+@dataclass(frozen=True)
+class Samples:
+    """What a score may read of the generated set (in sample order)."""
+
+    features: Tensor  # (M, D) float64
+    mu: Tensor  # (D,)
+    sigma: Tensor  # (D, D)
+    radii: Tensor  # (M,) k-NN radii, for recall
+    logits: Tensor | None  # (M, K) where the extractor classifies, else None
+    asked: Tensor | None  # (M,) the labels the samples were asked for, where known (guidance), else None
+
+
+@dataclass(frozen=True)
+class Score:
+    """One number sample quality reports. SCORES is the one list of them: SampleQuality computes each, and
+    the logged names (val/...), the printed lines, evaluate.py's report, the sampler and guidance tables, the
+    sweep report and the model card all read their columns from it. A new score is one entry here."""
+
+    name: str  # the result key: `fid` gives fid_train, fid_val (per reference set); `is` gives is
+    title: str  # its column header in tables
+    compute: "Callable[[SampleQuality, Samples, Reference | None], float | tuple[float, ...] | None]"
+    extras: tuple[str, ...] = ()  # further numbers the same computation returns (kid -> kid_std)
+    per_reference: bool = True  # against each reference set (train, val), or of the samples alone
+    shown: str = "train"  # in short lists (printed line, tables, card): "all" its splits | "train" | "none"
+    headline: bool = False  # in the sweep report's markdown table (report.csv has every score)
+    fmt: str = ".3g"  # how tables print it
+    logged_in_training: bool = True  # whether a training run logs it (class_accuracy: only guidance tables)
+
+    def values(self, quality: "SampleQuality", samples: Samples, ref: "Reference | None") -> dict[str, float]:
+        """{name: value, extra: value, ...}, or {} where it does not apply (IS without logits)."""
+        got = self.compute(quality, samples, ref)
+        if got is None:
+            return {}
+        got = got if isinstance(got, tuple) else (got,)
+        return dict(zip((self.name, *self.extras), got, strict=True))
+
+
+SCORES: tuple[Score, ...] = (
+    Score("fid", "FD", lambda q, s, r: _compute_fid(r.mu, r.sigma, s.mu, s.sigma).item(), shown="all",
+          headline=True, fmt=".4g"),
+    Score("kid", "KID", lambda q, s, r: q.kid(r.features, s.features), extras=("kid_std",)),
+    Score("precision", "precision", lambda q, s, r: manifold_coverage(s.features, r.features, r.radii), fmt=".3f"),
+    Score("recall", "recall", lambda q, s, r: manifold_coverage(r.features, s.features, s.radii), fmt=".3f"),
+    Score("is", "IS", lambda q, s, r: None if s.logits is None else inception_score(s.logits, q.is_splits_for(
+        len(s.logits))), extras=("is_std",), per_reference=False, shown="all", headline=True),
+    Score("class_accuracy", "class accuracy", lambda q, s, r: None if s.asked is None else
+          (s.logits.argmax(1) == s.asked).double().mean().item(), per_reference=False, shown="all", fmt=".3f",
+          logged_in_training=False),
+)
+SPLITS = ("train", "val")  # the reference sets a run may score against (the data module's splits)
+
+
+def result_keys(splits: "Sequence[str]", *, in_training: bool = False) -> list[str]:
+    """The keys SampleQuality.compute may return against these reference sets, in its order."""
+    scores = [s for s in SCORES if s.logged_in_training or not in_training]
+    return [f"{n}_{split}" for split in splits for s in scores if s.per_reference for n in (s.name, *s.extras)] + \
+        [n for s in scores if not s.per_reference for n in (s.name, *s.extras)]
+
+
+def logged_name(key: str) -> str:
+    """A result key's name in a training run's logs: fid_train -> val/fid, fid_val -> val/fid_test (the
+    held-out split), is -> val/is."""
+    for split, suffix in (("train", ""), ("val", "_test")):
+        if any(key == f"{n}_{split}" for s in SCORES if s.per_reference for n in (s.name, *s.extras)):
+            return f"val/{key.removesuffix('_' + split)}{suffix}"
+    return f"val/{key}"
+
+
+def brief_keys(splits: "Sequence[str]" = SPLITS) -> list[str]:
+    """The result keys short lists show (the printed periodic line, tables, the model card), in SCORES order."""
+    keys = []
+    for s in SCORES:
+        if s.shown == "none":
+            continue
+        if not s.per_reference:
+            keys.append(s.name)
+        else:
+            keys += [f"{s.name}_{split}" for split in splits if s.shown == "all" or split == "train"]
+    return keys
+
+
+def is_headline(metric: str) -> bool:
+    """Whether a logged score is a headline one: val/fid, val/fid_test, val/is, eval/fid_train, eval/fid_val..."""
+    key = metric.split("/")[-1]
+    return any(key == s.name or key in [f"{s.name}_{split}" for split in (*SPLITS, "test")]
+               for s in SCORES if s.headline)
+
+
+def score_of(key: str) -> Score | None:
+    """The score a result key belongs to (its main number, not an extra): fid_val -> fid; kid_std_train -> None."""
+    return next((s for s in SCORES if key == s.name or any(key == f"{s.name}_{x}" for x in SPLITS)), None)
+
+
+def cell(key: str, value: float | None) -> str:
+    """A table cell: the value in its score's format ('nan' where absent)."""
+    score = score_of(key)
+    return "nan" if value is None or math.isnan(value) else format(value, score.fmt if score else ".4g")
+
+
+def score_cells(row: dict, keys: "Sequence[str]") -> list[float]:
+    """A row's scores for a table's columns (nan where it has none), as numbers."""
+    return [row.get(k, math.nan) for k in keys]
+
+
+def column_title(key: str) -> str:
+    """'FD (train)', 'FD (val)', 'IS', 'precision' (a brief list's train split goes unsaid, except FD's)."""
+    score = score_of(key)
+    split = key.removeprefix(score.name).lstrip("_")
+    return f"{score.title} ({split})" if split and score.shown == "all" else score.title
 
 
 class SampleQuality(Metric):
@@ -141,6 +253,8 @@ class SampleQuality(Metric):
         return {"precision_recall_k": self.k, "kid": kid, "is_splits": self.is_splits_for(num_generated)}
 
     def compute(self) -> dict[str, float]:
+        """Every score of SCORES that applies, in their order: per reference set `<name>_<split>` (fid_train,
+        kid_std_val, ...), then those of the samples alone (is, is_std, class_accuracy)."""
         index = dim_zero_cat(self.gen_index)
         order = index.argsort(stable=True)  # sample order, whatever rank made each sample
         features = dim_zero_cat(self.gen_features)[order]  # (M, D) float64
@@ -149,23 +263,23 @@ class SampleQuality(Metric):
                             "raise num_samples")
         if not self.references:
             raise UserError("sample quality has no reference set; call set_reference(name, images) first")
-        mu, sigma, radii = features.mean(0), torch.cov(features.T), knn_radii(features, self.k)
+        logits = dim_zero_cat(self.gen_logits)[order] if _nonempty(self.gen_logits) else None
+        asked = None if self.requested_labels is None or logits is None else \
+            self.requested_labels.to(features.device)[index[order]]  # (M,) the label each sample was asked for
+        samples = Samples(features, features.mean(0), torch.cov(features.T), knn_radii(features, self.k), logits,
+                          asked)
         scores = {}
         for name, ref in self.references.items():
-            ref_features = ref.features.to(features.device)
-            scores[f"fid_{name}"] = _compute_fid(ref.mu.to(mu.device), ref.sigma.to(mu.device), mu, sigma).item()
-            scores[f"kid_{name}"], scores[f"kid_std_{name}"] = self._kid(ref_features, features)
-            scores[f"precision_{name}"] = manifold_coverage(features, ref_features, ref.radii.to(features.device))
-            scores[f"recall_{name}"] = manifold_coverage(ref_features, features, radii)
-        if _nonempty(self.gen_logits):
-            logits = dim_zero_cat(self.gen_logits)[order]
-            scores["is"], scores["is_std"] = inception_score(logits, self.is_splits_for(len(logits)))
-            if self.requested_labels is not None:
-                asked = self.requested_labels.to(logits.device)[index[order]]  # (M,) in sample order
-                scores["class_accuracy"] = (logits.argmax(1) == asked).double().mean().item()
+            ref = Reference(*(t.to(features.device) for t in (ref.features, ref.mu, ref.sigma, ref.radii)))
+            for score in SCORES:
+                if score.per_reference:
+                    scores.update({f"{k}_{name}": v for k, v in score.values(self, samples, ref).items()})
+        for score in SCORES:
+            if not score.per_reference:
+                scores.update(score.values(self, samples, None))
         return scores
 
-    def _kid(self, real: Tensor, fake: Tensor) -> tuple[float, float]:
+    def kid(self, real: Tensor, fake: Tensor) -> tuple[float, float]:
         """KID (Binkowski et al. 2018): polynomial-kernel MMD² over random subsets, a fixed generator."""
         m = min(self.kid_subset_size, len(real), len(fake))
         gen = torch.Generator().manual_seed(self.kid_seed)

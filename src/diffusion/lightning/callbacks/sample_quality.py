@@ -19,20 +19,17 @@ from diffusion.core.images import to_uint8
 from diffusion.core.sampling import SamplerSpec, draw_chunks, sampler_spec
 from diffusion.errors import UserError
 from diffusion.lightning.callbacks.ema import averaged_net
-from diffusion.metrics.quality import SampleQuality, describe, make_protocol, protocol_id
-
-SCORES = ("fid", "kid", "kid_std", "precision", "recall")
-SHOWN = ("val/fid", "val/fid_test", "val/is", "val/kid", "val/precision", "val/recall")  # in the printed line
+from diffusion.metrics.quality import SampleQuality, brief_keys, describe, logged_name, make_protocol, protocol_id
 
 
-def metric_names(scores: dict[str, float], splits: tuple[str, ...]) -> dict[str, float]:
+def metric_names(scores: dict[str, float]) -> dict[str, float]:
     """SampleQuality's keys -> logged names: vs train `val/fid`, vs val (the held-out split) `val/fid_test`."""
-    named = {}
-    for split in splits:
-        suffix = "" if split == "train" else "_test" if split == "val" else f"_{split}"
-        named.update({f"val/{score}{suffix}": scores[f"{score}_{split}"] for score in SCORES})
-    named.update({f"val/{key}": scores[key] for key in ("is", "is_std") if key in scores})
-    return named
+    return {logged_name(k): v for k, v in scores.items()}
+
+
+def shown_names() -> list[str]:
+    """The logged names the periodic line prints (the scores' short list)."""
+    return [logged_name(k) for k in brief_keys()]
 
 
 class SampleQualityCallback(L.Callback):
@@ -170,7 +167,7 @@ class SampleQualityCallback(L.Callback):
         """M samples of `sampler` scored against the reference features computed once (`val/fid`, ...)."""
         self.metric.reset()  # the generated features only: the references survive
         self.generate_and_update(self.metric, net, pl_module, trainer.global_rank, trainer.world_size, sampler)
-        return metric_names(self.metric.compute(), self.reference_splits)  # gathers every rank's features
+        return metric_names(self.metric.compute())  # gathers every rank's features
 
     def _protocol(self, pl_module: L.LightningModule, weights: str, sampler: SamplerSpec) -> dict:
         metric = self.metric
@@ -195,5 +192,5 @@ class SampleQualityCallback(L.Callback):
                     if isinstance(logger, WandbLogger):
                         logger.experiment.summary.update(protocols)
         self._logged_protocol = (pid, self.extra_protocol_ids)
-        shown = {k: self.last_scores[k] for k in SHOWN if k in self.last_scores} or self.last_scores
+        shown = {k: self.last_scores[k] for k in shown_names() if k in self.last_scores} or self.last_scores
         pl_module.print(describe(shown, self.protocol))  # rank 0 only

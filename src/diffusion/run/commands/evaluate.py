@@ -16,7 +16,7 @@ from diffusion.errors import UserError
 from diffusion.lightning.checkpoints import load_weights
 from diffusion.lightning.evaluation import Evaluator
 from diffusion.lightning.module import ODE_LEVELS
-from diffusion.metrics.quality import SampleQuality, describe, make_protocol, protocol_id
+from diffusion.metrics.quality import SampleQuality, brief_keys, describe, make_protocol, protocol_id
 from diffusion.run.commands.figures import check_data_fits
 from diffusion.run.jobs import status as job_status
 from diffusion.run.jobs.console import quiet_console
@@ -244,5 +244,5 @@ def _scores(report: dict) -> dict[str, float]:
 
 
 def _train_first(quality: dict) -> dict:
-    order = ["fid_train", "is", "kid_train", "precision_train", "recall_train", "fid_val"]
+    order = brief_keys()
     return {k: quality[k] for k in order if k in quality} | {k: v for k, v in quality.items() if k not in order}

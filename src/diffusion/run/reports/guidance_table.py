@@ -13,9 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from diffusion.core.sampling import SamplerSpec, check_guidance
-from diffusion.metrics.quality import protocol_id
-
-COLUMNS = ("w", "FD (train)", "precision", "recall", "class accuracy")
+from diffusion.metrics.quality import brief_keys, cell, column_title, protocol_id, score_cells
 
 
 def guidance_samplers(scales: list[float], sampler: SamplerSpec, num_classes: int | None) -> list[SamplerSpec]:
@@ -49,9 +47,10 @@ def best_row(rows: list[dict]) -> dict:
     return min(accurate, key=lambda r: r["fid_train"])
 
 
-def _cells(row: dict) -> list:
-    return [row["guidance_scale"], row["fid_train"], row["precision_train"], row["recall_train"],
-            row.get("class_accuracy", float("nan"))]
+def _table(rows: list[dict]) -> tuple[list[str], list[str], list[list]]:
+    """The columns (w, then the scores' short list as far as measured), their result keys and each row's cells."""
+    keys = [k for k in brief_keys() if any(k in row for row in rows)]
+    return ["w", *map(column_title, keys)], keys, [[row["guidance_scale"], *score_cells(row, keys)] for row in rows]
 
 
 def write_guidance_table(rows: list[dict], sampler_label: str, extractor: str, out: Path) -> tuple[Path, Path]:
@@ -63,14 +62,14 @@ def write_guidance_table(rows: list[dict], sampler_label: str, extractor: str, o
 
     out.mkdir(parents=True, exist_ok=True)
     n = rows[0]["num_samples"]
+    columns, keys, cells = _table(rows)
     lines = [f"Classifier-free guidance: {n} samples per scale w ({sampler_label}), labels balanced over the "
-             f"classes; FD, precision and recall in the `{extractor}` feature space against the train split; class "
+             f"classes; scores in the `{extractor}` feature space against the train split unless named; class "
              "accuracy: the share classified as the label asked for (only where the extractor classifies the "
              "model's classes). w = 0 is unconditional, w = 1 conditional.", "",
-             "| " + " | ".join(COLUMNS) + " |", "|---:|" + "---:|" * (len(COLUMNS) - 1)]
-    for row in rows:
-        w, fd, precision, recall, accuracy = _cells(row)
-        lines.append(f"| {w:g} | {fd:.4g} | {precision:.3f} | {recall:.3f} | {accuracy:.3f} |")
+             "| " + " | ".join(columns) + " |", "|---:|" + "---:|" * (len(columns) - 1)]
+    for w, *scores in cells:
+        lines.append(f"| {w:g} | " + " | ".join(cell(k, v) for k, v in zip(keys, scores, strict=True)) + " |")
     md = out / "guidance.md"
     md.write_text("\n".join(lines) + "\n")
     (out / "guidance.json").write_text(json.dumps(rows, indent=2))
@@ -98,5 +97,6 @@ def write_guidance_table(rows: list[dict], sampler_label: str, extractor: str, o
 
 def log_guidance_table(logger, rows: list[dict], png: Path) -> None:
     """The table (eval/guidance_table) and the plot (eval/guidance) to a W&B logger."""
-    logger.log_table("eval/guidance_table", columns=list(COLUMNS), data=[_cells(row) for row in rows])
+    columns, _, cells = _table(rows)
+    logger.log_table("eval/guidance_table", columns=columns, data=cells)
     logger.log_image("eval/guidance", [str(png)])

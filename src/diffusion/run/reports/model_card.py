@@ -19,9 +19,8 @@ from omegaconf import OmegaConf
 from diffusion.core.objectives.base import objective_class
 from diffusion.core.sampling import sampler_label
 from diffusion.formats.diffusers_schedulers import PIPELINES, scheduler_of
-from diffusion.lightning.callbacks.sample_quality import SHOWN
-
-REPORT_SHOWN = ("fid_train", "fid_val", "is", "kid_train", "precision_train", "recall_train")
+from diffusion.lightning.callbacks.sample_quality import shown_names
+from diffusion.metrics.quality import brief_keys
 
 
 def run_directory(ckpt: Path) -> Path:
@@ -36,7 +35,7 @@ def _protocol_text(pid: str, protocol: dict) -> str:
             f"{protocol['weights']} vs {refs}, {protocol['extractor']}")
 
 
-def _scores_text(scores: dict, keys: tuple[str, ...]) -> str:
+def _scores_text(scores: dict, keys: list[str]) -> str:
     return " · ".join(f"{k} {scores[k]:.4g}" for k in keys if k in scores)
 
 
@@ -59,8 +58,8 @@ def wandb_evaluations(run_file: Path) -> list[dict]:
     for record in _wandb_records(run_file):
         if record.get("type") == "history":
             item = record["history"]["item"]
-            if any(k in item for k in SHOWN):
-                scores = {k: item[k] for k in SHOWN if k in item}
+            if any(k in item for k in shown_names()):
+                scores = {k: item[k] for k in shown_names() if k in item}
                 evaluations.append({"step": item.get("trainer/global_step"), "scores": scores, "protocol": None})
         elif record.get("type") == "config" and evaluations and evaluations[-1]["protocol"] is None:
             update = record["config"].get("update", {})
@@ -88,7 +87,7 @@ def quality_lines(ckpt: Path, step: int | None) -> list[str]:
                 other_steps.add(e["step"])
                 continue
             lines.append(f"- training run, W&B `{run_file.parent.name}`, step {step:,}: "
-                         f"{_scores_text(e['scores'], SHOWN)} [{_protocol_text(*e['protocol'])}]")
+                         f"{_scores_text(e['scores'], shown_names())} [{_protocol_text(*e['protocol'])}]")
     for path in sorted(run.rglob("report.json")):
         try:
             report = json.loads(path.read_text())
@@ -98,7 +97,7 @@ def quality_lines(ckpt: Path, step: int | None) -> list[str]:
             continue
         nll = report.get("nll")
         bpd = f"; NLL {nll['bpd']:.4g} bits/dim on {report['nll_protocol']['split']}" if nll else ""
-        lines.append(f"- evaluate.py, `{path.relative_to(run)}`: {_scores_text(report['quality'], REPORT_SHOWN)} "
+        lines.append(f"- evaluate.py, `{path.relative_to(run)}`: {_scores_text(report['quality'], brief_keys())} "
                      f"[{_protocol_text(report['protocol_id'], report['protocol'])}]{bpd}")
     if not lines:
         measured = f" (the run measured quality at steps {sorted(s for s in other_steps if s is not None)})" \

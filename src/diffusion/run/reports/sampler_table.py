@@ -18,9 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from diffusion.config.entry import SamplerTableConfig
 from diffusion.core.objectives.base import Objective
 from diffusion.core.sampling import SAMPLERS, SamplerSpec
-from diffusion.metrics.quality import protocol_id
-
-COLUMNS = ("sampler", "NFE", "s / image", "FD (train)", "IS", "KID (train)", "precision", "recall")
+from diffusion.metrics.quality import brief_keys, cell, column_title, protocol_id, score_cells
 
 
 def table_samplers(table: DictConfig, objective: Objective) -> list[SamplerSpec]:
@@ -61,10 +59,13 @@ def table_rows(specs: list[SamplerSpec], run: Callable[[SamplerSpec], tuple[dict
     return rows
 
 
-def _cells(row: dict) -> list:
-    nan = float("nan")
-    return [row["sampler"], row["nfe"], round(row["seconds_per_image"], 5), row["fid_train"], row.get("is", nan),
-            row["kid_train"], row["precision_train"], row["recall_train"]]
+def _table(rows: list[dict]) -> tuple[list[str], list[str], list[list]]:
+    """The columns (sampler, NFE, s / image, then the scores' short list as far as measured), their result keys
+    and each row's cells."""
+    keys = [k for k in brief_keys() if any(k in row for row in rows)]
+    columns = ["sampler", "NFE", "s / image", *map(column_title, keys)]
+    return columns, keys, [[row["sampler"], row["nfe"], round(row["seconds_per_image"], 5),
+                            *score_cells(row, keys)] for row in rows]
 
 
 def write_table(rows: list[dict], num_samples: int, extractor: str, out: Path) -> tuple[Path, Path]:
@@ -75,14 +76,14 @@ def write_table(rows: list[dict], num_samples: int, extractor: str, out: Path) -
     import matplotlib.pyplot as plt
 
     out.mkdir(parents=True, exist_ok=True)
-    lines = [f"Sampler comparison: {num_samples} samples each; NFE = network evaluations per image; FD (Fréchet "
-             f"distance) and KID in the `{extractor}` feature space against the train split, IS of the samples "
-             "alone; s / image = sampling device-seconds per image.", "",
-             "| " + " | ".join(COLUMNS) + " |", "|---|" + "---:|" * (len(COLUMNS) - 1)]
-    for row in rows:
-        sampler, nfe, seconds, fd, inception, kid, precision, recall = _cells(row)
-        lines.append(f"| {sampler} | {nfe} | {seconds:.4f} | {fd:.4g} | {inception:.3g} | {kid:.3g} | "
-                     f"{precision:.3f} | {recall:.3f} |")
+    columns, keys, cells = _table(rows)
+    lines = [f"Sampler comparison: {num_samples} samples each; NFE = network evaluations per image; scores in the "
+             f"`{extractor}` feature space against the train split unless named (FD: Fréchet distance), IS of the "
+             "samples alone; s / image = sampling device-seconds per image.", "",
+             "| " + " | ".join(columns) + " |", "|---|" + "---:|" * (len(columns) - 1)]
+    for sampler, nfe, seconds, *scores in cells:
+        lines.append(f"| {sampler} | {nfe} | {seconds:.4f} | " +
+                     " | ".join(cell(k, v) for k, v in zip(keys, scores, strict=True)) + " |")
     md = out / "samplers.md"
     md.write_text("\n".join(lines) + "\n")
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
@@ -109,5 +110,6 @@ def write_table(rows: list[dict], num_samples: int, extractor: str, out: Path) -
 
 def log_table(logger, rows: list[dict], png: Path) -> None:
     """The table (eval/sampler_table, a W&B table) and the plot (eval/samplers, an image) to a W&B logger."""
-    logger.log_table("eval/sampler_table", columns=list(COLUMNS), data=[_cells(row) for row in rows])
+    columns, _, cells = _table(rows)
+    logger.log_table("eval/sampler_table", columns=columns, data=cells)
     logger.log_image("eval/samplers", [str(png)])

@@ -18,12 +18,11 @@ from omegaconf import OmegaConf
 
 from diffusion.errors import UserError
 from diffusion.lightning.callbacks.loss_by_t import read_loss_by_t
-from diffusion.metrics.quality import describe_measurement, measurement_id
+from diffusion.metrics.quality import describe_measurement, is_headline, measurement_id
 from diffusion.run.jobs.status import read_status
 from diffusion.run.jobs.sweep import sweep_group
 
 LOSSES = ["train/loss", "val/loss", "val/bpd", "eval/bpd"]  # what a row shows besides quality, when logged
-MAIN_QUALITY = ("fid", "is")  # scores (fid, fid_test, fid_train, fid_val, is) in report.md; all in report.csv
 
 
 def find_jobs(dirs: list[Path]) -> list[tuple[Path, str]]:
@@ -121,8 +120,8 @@ def columns(rows: list[dict], swept: list[str], brief: bool) -> list[str]:
 
 
 def _is_main(column: str) -> bool:
-    name = column.split(" [")[0].split("/")[-1]
-    return name == "is" or name.startswith("fid")
+    """A headline score's column ('val/fid [ab12cd34]'): report.md shows these, report.csv every score."""
+    return is_headline(column.split(" [")[0])
 
 
 def write_csv(rows: list[dict], cols: list[str], path: Path) -> None:
