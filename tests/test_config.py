@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from diffusion.config import validate
 from diffusion.config.build import objective_of
@@ -75,6 +76,29 @@ def test_cifar10_recipe_is_the_papers(tmp_path):
     assert cfg.trainer.gradient_clip_val == 1.0 and cfg.trainer.max_steps == 800_000
     assert cfg.model.dropout == 0.1 and cfg.objective.variance == "fixed_large"
     assert cfg.paper_card.fid_vs_train == 3.17 and cfg.paper_card.nll_bits_per_dim_upper_bound == 3.75
+
+
+@pytest.mark.parametrize("experiment, objective, settings, card", [
+    ("cifar10_edm", "EDM", {"data.batch_size": 512, "optim.optimizer.lr": 1e-3, "optim.lr_scheduler.total_iters": 19531,
+                            "model.dropout": 0.13, "trainer.max_steps": 390_625, "trainer.gradient_clip_val": None,
+                            "objective.p_mean": -1.2, "objective.p_std": 1.2, "objective.sigma_data": 0.5},
+     {"fid": 1.97, "nfe": 35}),
+    ("cifar10_flow", "Flow", {"data.batch_size": 256, "optim.optimizer.lr": 5e-4,
+                              "optim.lr_scheduler.total_iters": 45000, "model.dropout": 0.0,
+                              "trainer.max_steps": 391_000, "objective.t_distribution": "uniform"},
+     {"fid": 6.35, "nll_bits_per_dim": 2.99, "nfe": 142}),
+])
+def test_cifar10_edm_and_flow_recipes_are_their_papers_on_the_same_network(experiment, objective, settings, card,
+                                                                          tmp_path):
+    cfg = compose_cfg("train", [f"experiment={experiment}"], tmp_path)
+    _, data, module, _ = build_all(cfg, tmp_path)
+    assert type(module.objective).__name__ == objective and cfg.schedule is None
+    assert sum(p.numel() for p in module.net.parameters()) == 35_746_307  # model=cifar10, as cifar10_ddpm
+    assert {k: OmegaConf.select(cfg, k) for k in settings} == settings
+    # EDM: EMA half-life 0.5 Mimg at 512 images a step
+    assert objective != "EDM" or cfg.callbacks.ema.decay == pytest.approx(0.5 ** (512 / 500_000), abs=1e-5)
+    assert {k: cfg.paper_card[k] for k in card} == card and data.random_flip
+    assert cfg.callbacks.quality.sampler.name == "heun" and cfg.callbacks.quality.sampler.steps == 35
 
 
 def test_sample_config_composes(tmp_path):
