@@ -93,6 +93,15 @@ def flow(**settings):
     return Flow(**{**FLOW_SETTINGS, **settings})
 
 
+def build(schema: type, **overrides):
+    """The target of a config schema (its `_target_`), built as train.py builds it: from the schema's defaults (written
+    there once) merged with `overrides`, containers passed as plain lists and dicts (`_convert_="all"`)."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    return instantiate(OmegaConf.structured(schema), _convert_="all", **overrides)
+
+
 def unet(**kwargs):
     """A U-Net with these arguments and UNET_SETTINGS' defaults for the rest of its (all required) arguments."""
     from diffusion.nn import UNet

@@ -57,8 +57,10 @@ FILL_THE_DISK = r"""
 import json, resource, shutil, signal, sys
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from diffusion.lightning.checkpoint_io import AtomicCheckpointIO
-from diffusion.data import DigitsDataModule
+from diffusion.config import DigitsDataConfig
 from diffusion.errors import UserError
 from diffusion.lightning.module import DiffusionModule
 from diffusion.core.objectives.ddpm import DDPM
@@ -83,7 +85,7 @@ trainer = L.Trainer(max_steps=3, plugins=[AtomicCheckpointIO()], callbacks=[CapF
                     logger=False, accelerator="cpu", limit_val_batches=0, enable_progress_bar=False,
                     enable_model_summary=False)
 try:
-    trainer.fit(module, datamodule=DigitsDataModule(batch_size=16))
+    trainer.fit(module, datamodule=instantiate(OmegaConf.structured(DigitsDataConfig), batch_size=16))
 except UserError as err:
     print(json.dumps({"message": str(err), "errno": err.__cause__.errno, "step": trainer.global_step}))
 else:

@@ -11,15 +11,16 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
+from diffusion.config import CIFAR10DataConfig, DigitsDataConfig, ImageFolderDataConfig, MNISTDataConfig
 from diffusion.core.images import to_model_range
-from diffusion.data import CIFAR10DataModule, DigitsDataModule, EpochSampler, ImageFolderDataModule, MNISTDataModule
+from diffusion.data import EpochSampler
 from diffusion.data.loader import _ModelInputs
 from diffusion.errors import UserError
 from diffusion.lightning.module import DiffusionModule
 from diffusion.run.commands.evaluate import evaluate
 from diffusion.run.commands.figures import figures
 from diffusion.run.commands.train import train
-from helpers import compose_cfg, diffusion_module, model_kwargs, run_script, train_cfg
+from helpers import build, compose_cfg, diffusion_module, model_kwargs, run_script, train_cfg
 from test_data import cifar_pattern, write_cifar, write_idx
 from test_resume import assert_same_tensors
 from test_resume import train as train_and_load
@@ -33,7 +34,7 @@ def conditional_module(cond_drop_prob: float = 0.1) -> DiffusionModule:
 
 # --- labels from the data ------------------------------------------------------------------------------------
 def test_digits_labels_are_the_digits_of_their_images():
-    data = DigitsDataModule(batch_size=64)
+    data = build(DigitsDataConfig, batch_size=64)
     data.setup("fit")
     digits = load_digits()
     pixels = {bytes(np.rint(img * 255 / 16).astype(np.uint8).reshape(-1)): int(y)
@@ -51,10 +52,10 @@ def test_digits_labels_are_the_digits_of_their_images():
 def test_mnist_and_cifar10_labels_are_read_from_their_files(tmp_path):
     write_idx(tmp_path / "MNIST" / "raw", "train", np.zeros((20, 28, 28), np.uint8))
     write_idx(tmp_path / "MNIST" / "raw", "t10k", np.zeros((7, 28, 28), np.uint8))
-    mnist = MNISTDataModule(str(tmp_path), batch_size=4)
+    mnist = build(MNISTDataConfig, root=str(tmp_path), batch_size=4)
     assert mnist.labels("train").tolist() == [k % 10 for k in range(20)] and mnist.labels("val").shape == (7,)
     write_cifar(tmp_path, np.stack([cifar_pattern(i) for i in range(16)]), n_test=6)  # batch i is labelled i % 10
-    cifar = CIFAR10DataModule(str(tmp_path), batch_size=2)
+    cifar = build(CIFAR10DataConfig, root=str(tmp_path), batch_size=2)
     assert cifar.labels("train").tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4] and cifar.labels("val").tolist() == [5] * 6
     assert cifar.class_names[:2] == ["airplane", "automobile"]
 
@@ -65,14 +66,14 @@ def test_image_folder_classes_are_its_sorted_subfolders(tmp_path):
             (tmp_path / name / ("deep" if i else "")).mkdir(parents=True, exist_ok=True)
             Image.fromarray(np.full((8, 8, 3), value + i, np.uint8)).save(tmp_path / name / ("deep" if i else "")
                                                                         / f"{i}.png")
-    data = ImageFolderDataModule(str(tmp_path), batch_size=2, image_size=8, val_fraction=0.2)
+    data = build(ImageFolderDataConfig, root=str(tmp_path), batch_size=2, image_size=8, val_fraction=0.2)
     assert data.class_names == ["ant", "cat", "zebra"]
     for split in ("train", "val"):  # each image's label is its top folder's index, whatever lies between
         images, labels = data.reference_images(split, 100), data.labels(split)
         assert [{10: 0, 100: 1, 200: 2}[int(x.min()) // 10 * 10] for x in images] == labels.tolist()
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "loose.png")
     with pytest.raises(UserError, match=r"1 images outside any class subfolder .*\(model.num_classes=null\)"):
-        _ = ImageFolderDataModule(str(tmp_path), batch_size=2, image_size=8).class_names
+        _ = build(ImageFolderDataConfig, root=str(tmp_path), batch_size=2, image_size=8).class_names
 
 
 # --- label dropout ----------------------------------------------------------------------------------------

@@ -15,14 +15,10 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from diffusion.data import (
-    CIFAR10DataModule,
-    DigitsDataModule,
-    FashionMNISTDataModule,
-    ImageFolderDataModule,
-    MNISTDataModule,
-)
+from diffusion.config import CIFAR10DataConfig, DigitsDataConfig, ImageFolderDataConfig, MNISTDataConfig, validate
+from diffusion.data import FashionMNISTDataModule, MNISTDataModule
 from diffusion.errors import UserError
+from helpers import build, train_cfg
 
 
 # --- writers for the real formats ---------------------------------------------------------------------
@@ -95,7 +91,7 @@ def assert_on_grid(x: torch.Tensor) -> None:
 
 # --- digits ---------------------------------------------------------------------------------------------
 def test_digits_batches_are_on_the_256_level_grid():
-    data = DigitsDataModule(batch_size=32)
+    data = build(DigitsDataConfig, batch_size=32)
     assert (data.channels, data.image_size) == (1, 8)  # known before setup
     data.setup("fit")
     train, val = first_epoch(data.train_dataloader()), first_epoch(data.val_dataloader())
@@ -105,7 +101,7 @@ def test_digits_batches_are_on_the_256_level_grid():
 
 
 def test_digits_pixels_round_trip_and_split_partitions_the_set():
-    data = DigitsDataModule(batch_size=16)
+    data = build(DigitsDataConfig, batch_size=16)
     got = torch.cat([data.reference_images("train", 10_000), data.reference_images("val", 10_000)])
     assert got.dtype == torch.uint8 and got.shape == (1797, 1, 8, 8)
     expected = np.rint(load_digits().images * 255 / 16).astype(np.uint8)  # 0..16 -> 0..255
@@ -113,7 +109,7 @@ def test_digits_pixels_round_trip_and_split_partitions_the_set():
 
 
 def test_digits_split_is_fixed_but_shuffling_follows_the_seed():
-    a, a_again, b = (DigitsDataModule(batch_size=64, seed=seed) for seed in (1, 1, 2))
+    a, a_again, b = (build(DigitsDataConfig, batch_size=64, seed=seed) for seed in (1, 1, 2))
     assert torch.equal(a.reference_images("val", 297), b.reference_images("val", 297))
     loader, loader_again = a.train_dataloader(), a_again.train_dataloader()
     epochs, epochs_again = [first_epoch(loader) for _ in range(2)], [first_epoch(loader_again) for _ in range(2)]
@@ -123,20 +119,21 @@ def test_digits_split_is_fixed_but_shuffling_follows_the_seed():
     assert not torch.equal(epochs[0][0], first_epoch(b.train_dataloader())[0])  # another seed, another order
 
 
-def test_digits_refuse_flips_and_bad_sizes():
+def test_digits_refuse_flips_and_bad_sizes(tmp_path):
+    """The config says so before anything is built (config/validation.py); a batch larger than the split, at setup."""
     with pytest.raises(UserError, match="data.random_flip=false"):
-        DigitsDataModule(random_flip=True)
+        validate(train_cfg(tmp_path, "data.random_flip=true"))
     with pytest.raises(UserError, match="got 0"):
-        DigitsDataModule(batch_size=0)
+        validate(train_cfg(tmp_path, "data.batch_size=0"))
     with pytest.raises(UserError, match=r"fewer than one batch \(data.batch_size=4096\)"):
-        DigitsDataModule(batch_size=4096).setup("fit")
+        build(DigitsDataConfig, batch_size=4096).setup("fit")
 
 
 def test_val_loader_with_a_worker_matches_the_main_process():
-    data = DigitsDataModule(batch_size=100, num_workers=1)
+    data = build(DigitsDataConfig, batch_size=100, num_workers=1)
     loader = data.val_dataloader()
-    assert loader.persistent_workers and not DigitsDataModule().val_dataloader().persistent_workers
-    expected = DigitsDataModule(batch_size=100).val_dataloader()
+    assert loader.persistent_workers and not build(DigitsDataConfig).val_dataloader().persistent_workers
+    expected = build(DigitsDataConfig, batch_size=100).val_dataloader()
     assert all(torch.equal(x, y) for x, y in zip(loader, expected, strict=True))
 
 
@@ -146,7 +143,7 @@ def test_cifar10_pickles_round_trip(tmp_path):
     write_cifar(tmp_path, images, n_test=6)
     with open(tmp_path / "cifar-10-batches-py" / "data_batch_1", "rb") as f:
         assert set(pickle.load(f, encoding="bytes")) >= {b"data", b"labels"}  # the release's keys
-    data = CIFAR10DataModule(str(tmp_path), batch_size=4, random_flip=False)
+    data = build(CIFAR10DataConfig, root=str(tmp_path), batch_size=4, random_flip=False)
     assert (data.channels, data.image_size) == (3, 32)
     data.setup("fit")
     assert torch.equal(data.reference_images("train", 100), torch.from_numpy(images[:20]))
@@ -168,16 +165,16 @@ def test_cifar10_flips_only_train_and_only_when_asked(tmp_path):
         return int(flipped.sum()), len(x)
 
     torch.manual_seed(0)
-    data = CIFAR10DataModule(str(tmp_path), batch_size=8)  # random_flip defaults to True
+    data = build(CIFAR10DataConfig, root=str(tmp_path), batch_size=8)  # random_flip defaults to True
     flipped, total = count_flipped(data.train_dataloader())
     assert total == 40 and 5 <= flipped <= 35  # Binomial(40, 1/2)
     assert count_flipped(data.val_dataloader()) == (0, 6)
-    no_flip = CIFAR10DataModule(str(tmp_path), batch_size=8, random_flip=False)
+    no_flip = build(CIFAR10DataConfig, root=str(tmp_path), batch_size=8, random_flip=False)
     assert count_flipped(no_flip.train_dataloader())[0] == 0
 
 
 def test_cifar10_missing_names_the_path_and_the_switch(tmp_path):
-    data = CIFAR10DataModule(str(tmp_path / "nowhere"), batch_size=4)
+    data = build(CIFAR10DataConfig, root=str(tmp_path / "nowhere"), batch_size=4)
     data.prepare_data()  # download=False: must not fetch anything
     with pytest.raises(UserError, match="data.download=true") as err:
         data.setup("fit")
@@ -188,7 +185,7 @@ def test_cifar10_missing_names_the_path_and_the_switch(tmp_path):
 def test_cifar10_fewer_images_than_a_batch_is_an_error(tmp_path):
     write_cifar(tmp_path, np.stack([cifar_pattern(i) for i in range(8)]), n_test=3)
     with pytest.raises(UserError, match="has 5 images, fewer than one batch") as err:
-        CIFAR10DataModule(str(tmp_path), batch_size=8).setup("fit")
+        build(CIFAR10DataConfig, root=str(tmp_path), batch_size=8).setup("fit")
     assert str(tmp_path) in str(err.value)
 
 
@@ -199,7 +196,7 @@ def test_mnist_idx_files_round_trip_padded_with_background(tmp_path, module, fol
     train, test = rng.integers(0, 256, (10, 28, 28), dtype=np.uint8), rng.integers(0, 256, (3, 28, 28), dtype=np.uint8)
     write_idx(tmp_path / folder / "raw", "train", train)
     write_idx(tmp_path / folder / "raw", "t10k", test)
-    data = module(str(tmp_path), batch_size=4)
+    data = build(MNISTDataConfig, _target_=f"diffusion.data.{module.__name__}", root=str(tmp_path), batch_size=4)
     assert (data.channels, data.image_size) == (1, 32)
     val = data.reference_images("val", 10)
     assert val.shape == (3, 1, 32, 32) and torch.equal(val[:, 0, 2:30, 2:30], torch.from_numpy(test))
@@ -207,15 +204,16 @@ def test_mnist_idx_files_round_trip_padded_with_background(tmp_path, module, fol
     batches = first_epoch(data.train_dataloader())
     assert [b.shape for b in batches] == [(4, 1, 32, 32)] * 2
     assert_on_grid(torch.cat(batches))
-    unpadded = module(str(tmp_path), batch_size=4, image_size=28)
+    unpadded = build(MNISTDataConfig, _target_=f"diffusion.data.{module.__name__}", root=str(tmp_path), batch_size=4,
+                     image_size=28)
     assert torch.equal(unpadded.reference_images("train", 10)[:, 0], torch.from_numpy(train))
 
 
 def test_mnist_missing_and_too_small(tmp_path):
     with pytest.raises(UserError, match=r"MNIST not found under .*MNIST/raw/train-images-idx3-ubyte.*download=true"):
-        MNISTDataModule(str(tmp_path), batch_size=4).setup("fit")
-    with pytest.raises(UserError, match="data.image_size=32"):
-        MNISTDataModule(str(tmp_path), batch_size=4, image_size=16)
+        build(MNISTDataConfig, root=str(tmp_path), batch_size=4).setup("fit")
+    with pytest.raises(UserError, match="data.image_size=32"):  # the config's rule, before anything is built
+        validate(train_cfg(tmp_path, "data=mnist", f"data.root={tmp_path}", "data.image_size=16"))
 
 
 # --- image folders ----------------------------------------------------------------------------------------
@@ -245,7 +243,7 @@ def write_folder(root: Path) -> dict[str, np.ndarray]:
 
 def test_image_folder_round_trips_crops_and_converts(tmp_path):
     expected = write_folder(tmp_path)
-    data = ImageFolderDataModule(str(tmp_path), batch_size=2, image_size=8, val_fraction=0.2)
+    data = build(ImageFolderDataConfig, root=str(tmp_path), batch_size=2, image_size=8, val_fraction=0.2)
     assert (data.channels, data.image_size) == (3, 8)
     data.setup("fit")
     train, val = data.reference_images("train", 100), data.reference_images("val", 100)
@@ -256,15 +254,15 @@ def test_image_folder_round_trips_crops_and_converts(tmp_path):
     batches = first_epoch(data.train_dataloader())
     assert [b.shape for b in batches] == [(2, 3, 8, 8)] * 2
     assert_on_grid(torch.cat(batches))
-    grey = ImageFolderDataModule(str(tmp_path), batch_size=2, image_size=4, channels=1)
+    grey = build(ImageFolderDataConfig, root=str(tmp_path), batch_size=2, image_size=4, channels=1)
     assert grey.reference_images("train", 100).shape == (5, 1, 4, 4)
 
 
 def test_image_folder_split_is_fixed_across_seeds(tmp_path):
     for i in range(20):
         Image.fromarray(rgb_pattern(6, 6, i)).save(tmp_path / f"{i:02d}.png")
-    a = ImageFolderDataModule(str(tmp_path), batch_size=4, image_size=6, seed=0, val_fraction=0.25)
-    b = ImageFolderDataModule(str(tmp_path), batch_size=4, image_size=6, seed=5, val_fraction=0.25)
+    a = build(ImageFolderDataConfig, root=str(tmp_path), batch_size=4, image_size=6, seed=0, val_fraction=0.25)
+    b = build(ImageFolderDataConfig, root=str(tmp_path), batch_size=4, image_size=6, seed=5, val_fraction=0.25)
     assert torch.equal(a.reference_images("val", 100), b.reference_images("val", 100))
     assert len(a.reference_images("val", 100)) == 5 and len(a.reference_images("train", 100)) == 15
 
@@ -272,9 +270,9 @@ def test_image_folder_split_is_fixed_across_seeds(tmp_path):
 def test_image_folder_empty_or_missing(tmp_path):
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     with pytest.raises(UserError, match=f"{tmp_path / 'empty'} has 0 images"):
-        ImageFolderDataModule(str(tmp_path / "empty"), batch_size=2).setup("fit")
+        build(ImageFolderDataConfig, root=str(tmp_path / "empty"), batch_size=2).setup("fit")
     with pytest.raises(UserError, match=f"{tmp_path / 'missing'} does not exist.*data.root="):
-        ImageFolderDataModule(str(tmp_path / "missing"), batch_size=2).setup("fit")
+        build(ImageFolderDataConfig, root=str(tmp_path / "missing"), batch_size=2).setup("fit")
 
 
 @pytest.mark.parametrize("suffix", [".png", ".jpg"])
@@ -284,6 +282,6 @@ def test_image_folder_names_the_first_truncated_file(tmp_path, suffix):
     whole = (tmp_path / f"whole{suffix}").read_bytes()
     (tmp_path / "sub" / f"cut{suffix}").write_bytes(whole[: len(whole) // 2])
     with pytest.raises(UserError, match="1 of 8 image files .* cannot be used") as err:
-        ImageFolderDataModule(str(tmp_path), batch_size=2, image_size=8).setup("fit")
+        build(ImageFolderDataConfig, root=str(tmp_path), batch_size=2, image_size=8).setup("fit")
     assert str(tmp_path / "sub" / f"cut{suffix}") in str(err.value) and "remove" in str(err.value)
     assert "\n" not in str(err.value)

@@ -16,9 +16,9 @@ import torch
 from PIL import Image
 from torchvision import datasets
 
-from diffusion.data import CIFAR10DataModule, ImageFolderDataModule, MNISTDataModule
+from diffusion.config import CIFAR10DataConfig, ImageFolderDataConfig, MNISTDataConfig, validate
 from diffusion.errors import UserError
-from helpers import run_script
+from helpers import build, run_script, train_cfg
 from test_data import cifar_pattern, rgb_pattern, write_cifar, write_idx, write_py2_pickle
 
 # (what the user has, a fragment of the one line it gets): collected for docs/bad_inputs.md
@@ -27,7 +27,7 @@ BAD_INPUT_CASES = [
     ("data=image_folder, an image of 200,000,000 pixels (a decompression bomb)",
      "pixels, more than data.max_image_pixels=89478485 (PIL's guard against decompression bombs); if you trust "
      "the file, set data.max_image_pixels="),
-    ("data=image_folder data.max_image_pixels=0", "data.max_image_pixels must be >= 1 or null (no limit)"),
+    ("data=image_folder data.max_image_pixels=0", "data.max_image_pixels must be null or an integer >= 1, got 0"),
     ("data=image_folder, a float TIFF with values in [0, 255]", "32-bit float values in [0, 255], outside [0, 1]"),
     ("data=image_folder, a 32-bit integer TIFF with values above 65535", "I integer values in"),
     ("data=cifar10, data_batch_3 cut short", "is truncated or corrupt"),
@@ -41,7 +41,8 @@ MESSAGES = dict(BAD_INPUT_CASES)
 
 def load_all(root: Path, channels: int, size: int) -> torch.Tensor:
     """Every image of the folder through the DataModule: uint8 (N, C, size, size), in file order."""
-    data = ImageFolderDataModule(str(root), batch_size=1, image_size=size, channels=channels, val_fraction=0.5)
+    data = build(ImageFolderDataConfig, root=str(root), batch_size=1, image_size=size, channels=channels,
+                 val_fraction=0.5)
     return torch.cat([data.reference_images("train", 100), data.reference_images("val", 100)])
 
 
@@ -136,7 +137,7 @@ def test_every_mode_converts_to_the_configured_channels(kind, channels, tmp_path
 # --- images that cannot be used: found by the scan, named in one line -----------------------------------
 def scan_error(root: Path, **kwargs) -> str:
     with pytest.raises(UserError) as err:
-        ImageFolderDataModule(str(root), batch_size=1, image_size=4, **kwargs).setup("fit")
+        build(ImageFolderDataConfig, root=str(root), batch_size=1, image_size=4, **kwargs).setup("fit")
     message = str(err.value)
     assert "\n" not in message
     return message
@@ -165,11 +166,10 @@ def test_the_pixel_limit_is_configurable(tmp_path):
     Image.fromarray(rgb_pattern(6, 6, 9)).save(tmp_path / "big.png")  # 36 pixels
     assert "6x6 = 36 pixels, more than data.max_image_pixels=35" in scan_error(tmp_path, max_image_pixels=35)
     for limit in (36, None):  # the user trusts the file
-        data = ImageFolderDataModule(str(tmp_path), batch_size=1, image_size=4, max_image_pixels=limit)
+        data = build(ImageFolderDataConfig, root=str(tmp_path), batch_size=1, image_size=4, max_image_pixels=limit)
         assert len(data.reference_images("train", 10)) + len(data.reference_images("val", 10)) == 4
-    with pytest.raises(UserError, match=MESSAGES["data=image_folder data.max_image_pixels=0"].replace("(", r"\(")
-                       .replace(")", r"\)")):
-        ImageFolderDataModule(str(tmp_path), batch_size=1, max_image_pixels=0)
+    with pytest.raises(UserError, match=MESSAGES["data=image_folder data.max_image_pixels=0"]):  # the config's rule
+        validate(train_cfg(tmp_path, "data=image_folder", f"data.root={tmp_path}", "data.max_image_pixels=0"))
 
 
 @pytest.mark.parametrize("case", ["data=image_folder, a float TIFF with values in [0, 255]",
@@ -217,7 +217,7 @@ def test_damaged_cifar10_batches_are_named(damage, tmp_path):
         write_py2_pickle(batch, {"data": np.zeros((4, 1024), np.uint8), "labels": [0] * 4})
     else:
         batch.write_bytes(b"")
-    message = setup_error(CIFAR10DataModule(str(tmp_path), batch_size=4))
+    message = setup_error(build(CIFAR10DataConfig, root=str(tmp_path), batch_size=4))
     assert str(batch) in message, message
     fragment = "is truncated or corrupt" if damage in ("truncated", "garbled", "empty") else "is not a CIFAR-10 batch"
     assert fragment in message
@@ -245,7 +245,7 @@ def test_damaged_mnist_files_are_named(damage, tmp_path):
         images.write_bytes(struct.pack(">III", 0x803, 10, 28))
     else:
         images.write_bytes(b"\x00\x00")
-    message = setup_error(MNISTDataModule(str(tmp_path), batch_size=4))
+    message = setup_error(build(MNISTDataConfig, root=str(tmp_path), batch_size=4))
     assert str(target) in message, message
     if damage == "labels as images":
         assert "starts with the magic number 0x00000801, " + MESSAGES["data=mnist, an idx file with the wrong magic "
@@ -285,7 +285,7 @@ def test_failed_cifar10_download_is_one_line(source, http_root, tmp_path, monkey
         monkeypatch.setattr(datasets.CIFAR10, "url", "http://127.0.0.1:9/cifar-10-python.tar.gz")
     root = tmp_path / "data"
     with pytest.raises(UserError) as err:
-        CIFAR10DataModule(str(root), batch_size=4, download=True).prepare_data()
+        build(CIFAR10DataConfig, root=str(root), batch_size=4, download=True).prepare_data()
     message = str(err.value)
     assert "\n" not in message
     assert MESSAGES["data=cifar10 data.download=true, no network or a damaged archive"] in message
@@ -319,5 +319,5 @@ def test_pickles_of_other_objects_are_not_batches(tmp_path):
     folder = cifar_root(tmp_path)
     with open(folder / "data_batch_2", "wb") as f:
         pickle.dump(torch.zeros(2), f)
-    message = setup_error(CIFAR10DataModule(str(tmp_path), batch_size=4))
+    message = setup_error(build(CIFAR10DataConfig, root=str(tmp_path), batch_size=4))
     assert f"{folder / 'data_batch_2'} is not a CIFAR-10 batch: it holds a Tensor" in message

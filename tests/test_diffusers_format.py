@@ -333,7 +333,8 @@ UNET_REFUSALS = [
     ("norm_num_groups", None), ("attn_norm_num_groups", 4), ("resnet_time_scale_shift", "scale_shift"),
     ("attention_head_dim", 8), ("downsample_padding", 1), ("downsample_type", "resnet"),
     ("upsample_type", "resnet"), ("center_input_sample", True), ("mid_block_type", None), ("add_attention", False),
-    ("mid_block_scale_factor", 2), ("act_fn", "gelu"), ("sample_size", [16, 32]), ("out_channels", 4),
+    ("mid_block_scale_factor", 2), ("act_fn", "gelu"), ("sample_size", [16, 32]), ("sample_size", 18),
+    ("norm_num_groups", 5), ("out_channels", 4),
     ("block_out_channels", [16, 24, 32]), ("some_future_field", 1), ("_class_name", "UNet2DConditionModel"),
 ]  # fmt: skip
 SCHEDULER_REFUSALS = [

@@ -10,13 +10,13 @@ import torch
 from PIL import Image
 from torch.testing import assert_close
 
+from diffusion.config import DigitsDataConfig, PaperFiguresConfig
 from diffusion.core.gaussian import GaussianDiffusion
 from diffusion.core.images import to_model_range
 from diffusion.core.likelihood import variational_bound
 from diffusion.core.objectives.ddpm import DDPM
 from diffusion.core.sampling import ddpm_sample
 from diffusion.core.schedules import linear_beta_schedule
-from diffusion.data import DigitsDataModule
 from diffusion.errors import UserError
 from diffusion.figures.paper_figures import (
     FigureSpec,
@@ -31,11 +31,10 @@ from diffusion.figures.paper_figures import (
     reverse_process,
     stochastic_reconstructions,
 )
-from diffusion.lightning.callbacks import PaperFigures
 from diffusion.nn import UNet
 from diffusion.run.commands.figures import figures
 from diffusion.run.commands.train import train
-from helpers import compose_cfg, ddpm, paper_betas, run_script, train_cfg, unet, wandb_records
+from helpers import build, compose_cfg, ddpm, paper_betas, run_script, train_cfg, unet, wandb_records
 
 T = 12
 BETAS = linear_beta_schedule(T, 1e-3, 0.3)
@@ -77,7 +76,7 @@ def net() -> UNet:
 
 @pytest.fixture(scope="module")
 def digits() -> torch.Tensor:
-    return to_model_range(DigitsDataModule().reference_images("val", 8))  # (8, 1, 8, 8) real digits
+    return to_model_range(build(DigitsDataConfig).reference_images("val", 8))  # (8, 1, 8, 8) real digits
 
 
 def test_steps_are_checked_at_the_boundary(diffusion):
@@ -212,8 +211,8 @@ def test_render_all_writes_every_figure(net, objective, digits, tmp_path):
 def trained_with_figures(tmp_path_factory):
     """A tiny real run (digits, T=20, 4 steps, W&B offline) with the figures callback every 2 steps."""
     out = tmp_path_factory.mktemp("figrun")
-    callback = PaperFigures(every_n_steps=2, num_images=2, num_samples=4, num_reconstructions=2, num_lambdas=3,
-                            rd_images=4, sampler={"name": "unipc", "steps": 4})
+    callback = build(PaperFiguresConfig, every_n_steps=2, at_train_end=True, num_images=2, num_samples=4,
+                     num_reconstructions=2, num_lambdas=3, rd_images=4, sampler={"name": "unipc", "steps": 4})
     train(train_cfg(out, "callbacks.ema.decay=0.5", "callbacks.ema.warmup=false",
                         "callbacks.samples.sampler.name=heun", "callbacks.samples.final_sampler.name=dpmpp_2m",
                         "callbacks.samples.final_sampler.steps=4"), extra_callbacks=(callback,))

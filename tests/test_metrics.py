@@ -17,16 +17,18 @@ import yaml
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
+from diffusion.config import DigitsDataConfig, EMAConfig, SampleQualityConfig, validate
 from diffusion.core.images import to_uint8
 from diffusion.core.sampling import SamplerSpec, chunk_bounds, draw
-from diffusion.data import DigitsDataModule, load_digits_split
+from diffusion.data import load_digits_split
 from diffusion.errors import UserError
-from diffusion.lightning.callbacks import EMA, SampleQualityCallback
+from diffusion.lightning.callbacks import SampleQualityCallback
 from diffusion.lightning.module import DiffusionModule
 from diffusion.metrics import DigitsFeatures, InceptionFeatures, ModuleFeatures, SampleQuality, make_feature_extractor
 from diffusion.metrics.features import INCEPTION_FILE, INCEPTION_URL
 from diffusion.metrics.quality import make_protocol, protocol_id
-from helpers import ddpm, diffusion_module, edm, flow, paper_betas
+from fuzz_cases import Case, outcome
+from helpers import build, ddpm, diffusion_module, edm, flow, paper_betas, train_cfg
 
 
 @pytest.fixture(autouse=True)
@@ -186,13 +188,13 @@ def test_digits_classifier_is_cached_and_held_out_accuracy_high(digits_cache):
     assert again.weights_sha256 == make_feature_extractor({"name": "digits", "cache_dir": str(digits_cache)}
                                                           ).weights_sha256
     # Trained on exactly the data module's train split: its val split is held out.
-    datamodule = DigitsDataModule()
+    datamodule = build(DigitsDataConfig)
     assert torch.equal(load_digits_split("train")[0], datamodule.reference_images("train", 10**6))
     assert torch.equal(load_digits_split("val")[0], datamodule.reference_images("val", 10**6))
 
 
 def test_real_digits_score_near_zero_and_noise_far(digits_cache, gen):
-    datamodule = DigitsDataModule()
+    datamodule = build(DigitsDataConfig)
     metric = SampleQuality({"name": "digits", "cache_dir": str(digits_cache)})
     metric.set_reference("train", datamodule.reference_images("train", 10**6))
     metric.update(datamodule.reference_images("val", 10**6))  # held-out real digits
@@ -258,17 +260,18 @@ def tiny_module() -> DiffusionModule:
 
 
 def quality_callback(cache: str, **kwargs) -> SampleQualityCallback:
-    return SampleQualityCallback(sampler={"name": "ddim", "steps": 3}, seed=1, max_reference_images=200,
-                                 feature_extractor={"name": "digits", "cache_dir": cache}, **kwargs)
+    return build(SampleQualityConfig, sampler={"name": "ddim", "steps": 3}, seed=1, max_reference_images=200,
+                 feature_extractor={"name": "digits", "cache_dir": cache}, **kwargs)
 
 
 def test_callback_in_a_trainer_logs_every_n_steps_and_at_the_end(tmp_path, digits_cache, capsys):
     module, callback = tiny_module(), quality_callback(str(digits_cache), every_n_steps=2, num_samples=40,
                                                       batch_size=16)
     trainer = L.Trainer(max_steps=5, accelerator="cpu", devices=1, logger=CSVLogger(tmp_path, name="run"),
-                        callbacks=[EMA(decay=0.9), callback], enable_checkpointing=False, enable_progress_bar=False,
-                        limit_val_batches=0, num_sanity_val_steps=0, log_every_n_steps=1, enable_model_summary=False)
-    trainer.fit(module, datamodule=DigitsDataModule(batch_size=32))
+                        callbacks=[build(EMAConfig, decay=0.9), callback], enable_checkpointing=False,
+                        enable_progress_bar=False, limit_val_batches=0, num_sanity_val_steps=0, log_every_n_steps=1,
+                        enable_model_summary=False)
+    trainer.fit(module, datamodule=build(DigitsDataConfig, batch_size=32))
     log_dir = Path(trainer.logger.log_dir)
     rows = [r for r in csv.DictReader(open(log_dir / "metrics.csv")) if r.get("val/fid")]
     assert [int(r["step"]) for r in rows] == [2, 4, 5]  # every 2 steps, and the end (step 5)
@@ -299,7 +302,7 @@ def test_extra_samplers_are_logged_at_their_tag_against_the_same_reference_featu
     trainer = L.Trainer(max_steps=2, accelerator="cpu", devices=1, logger=CSVLogger(tmp_path, name="run"),
                         callbacks=[callback], enable_checkpointing=False, enable_progress_bar=False,
                         limit_val_batches=0, num_sanity_val_steps=0, log_every_n_steps=1, enable_model_summary=False)
-    trainer.fit(module, datamodule=DigitsDataModule(batch_size=32))
+    trainer.fit(module, datamodule=build(DigitsDataConfig, batch_size=32))
     assert extracted == ["train", "val"]  # 2 evaluations x 3 samplers, one feature pass of the real images
     log_dir = Path(trainer.logger.log_dir)
     rows = [r for r in csv.DictReader(open(log_dir / "metrics.csv")) if r.get("val/fid")]
@@ -308,7 +311,7 @@ def test_extra_samplers_are_logged_at_their_tag_against_the_same_reference_featu
     assert {f"val/{score}@{tag}" for score in ("fid", "fid_test", "is", "kid", "precision", "recall")
             for tag in tags} <= set(rows[-1])
     # an independent score of each sampler's own samples against freshly extracted reference features
-    data, net = DigitsDataModule(), module.net.eval()
+    data, net = build(DigitsDataConfig), module.net.eval()
     for tag, spec in zip(tags, [SamplerSpec("dpmpp_2m", steps=3), SamplerSpec("unipc", steps=5)], strict=True):
         metric = SampleQuality(callback.feature_extractor)
         for split in ("train", "val"):
@@ -327,19 +330,22 @@ def test_extra_samplers_are_logged_at_their_tag_against_the_same_reference_featu
     assert len(printed) == 2 and all("@" not in line and "ddim-3 η=0" in line for line in printed)
 
 
-def test_extra_samplers_must_differ_and_fit_T():
-    objective = ddpm(paper_betas(10))
-    twice = quality_callback("unused", extra_samplers=[{"name": "heun", "steps": 4}, {"name": "heun", "steps": 4}])
-    with pytest.raises(UserError, match=r"callbacks.quality.extra_samplers\[1\] is heun-4 again \(entry 0\)"):
-        twice._tags(objective)
-    with pytest.raises(UserError, match=r"extra_samplers\[0\].steps=21 exceeds what the model's T=10 steps"):
-        quality_callback("unused", extra_samplers=[{"name": "heun", "steps": 21}])._tags(objective)
-    # an unknown name: a one-line error naming the entry, by the time the samplers are checked against the objective
-    with pytest.raises(UserError, match=r"callbacks.quality.extra_samplers\[0\].name=dpmpp is not a sampler") as info:
-        quality_callback("unused", extra_samplers=[{"name": "dpmpp"}])._tags(objective)
-    assert "\n" not in str(info.value)
-    with pytest.raises(UserError, match="extra_samplers must be a list of samplers"):
-        quality_callback("unused", extra_samplers={"name": "heun"})
+def test_extra_samplers_must_differ_and_fit_T(tmp_path):
+    """Checked with the config, before anything is built: by train.py's validation, against the objective."""
+    def refused(extra: str) -> str:
+        cfg = train_cfg(tmp_path, "schedule.num_timesteps=10", f"callbacks.quality.extra_samplers={extra}")
+        with pytest.raises(UserError) as info:
+            validate(cfg)
+        assert "\n" not in str(info.value)
+        return str(info.value)
+
+    assert refused("[{name: heun, steps: 4},{name: heun, steps: 4}]").startswith(
+        "callbacks.quality.extra_samplers[1] is heun-4 again (entry 0)")
+    assert "extra_samplers[0].steps=21 exceeds what the model's T=10 steps" in refused("[{name: heun, steps: 21}]")
+    assert refused("[{name: dpmpp}]").startswith("callbacks.quality.extra_samplers[0].name=dpmpp is not a sampler")
+    # not a list: refused by the config, before anything is built (the callback takes what it is given)
+    code, err = outcome(Case("train", "callbacks.quality.extra_samplers", "heun"))
+    assert code == 2 and err.startswith("error: callbacks.quality.extra_samplers must be a list, got heun; write it")
 
 
 def _free_port() -> int:
@@ -351,7 +357,7 @@ def _free_port() -> int:
 def _scores(cache: str, rank: int, world: int) -> list[dict[str, float]]:
     """The callback's sharded sampling + the synced metric, for uneven shards and for a rank with none."""
     module, results = tiny_module(), []
-    reference = DigitsDataModule().reference_images("train", 200)
+    reference = build(DigitsDataConfig).reference_images("train", 200)
     for num_samples, batch_size in ((50, 8), (6, 8)):  # chunks 4 + 3 over 2 ranks; 1 + 0
         callback = quality_callback(cache, every_n_steps=0, num_samples=num_samples, batch_size=batch_size)
         metric = SampleQuality(callback.feature_extractor)
@@ -398,7 +404,7 @@ class PixelFeatures(torch.nn.Module):
 def test_any_module_by_import_path_scores_real_vs_real_near_zero_and_noise_far():
     extractor = make_feature_extractor({"name": "module", "target": f"{__name__}.PixelFeatures"})
     assert extractor.name.endswith("PixelFeatures")
-    dm = DigitsDataModule(batch_size=8, num_workers=0, seed=0, random_flip=False, val_size=297)
+    dm = build(DigitsDataConfig, batch_size=8)
     metric = SampleQuality(feature_extractor=extractor, kid_subset_size=100, kid_subsets=10)
     metric.set_reference("train", dm.reference_images("train", 600))
     metric.update(dm.reference_images("val", 297))

@@ -14,6 +14,7 @@ import torch
 from torch.testing import assert_close
 
 import diffusion.lightning.callbacks.posthoc_snapshots as callback_module
+from diffusion.config import PostHocEMAConfig, validate
 from diffusion.core.posthoc_ema import (
     SIGMA_REL_MAX,
     PowerEMA,
@@ -34,7 +35,7 @@ from diffusion.core.posthoc_ema import (
 from diffusion.errors import UserError
 from diffusion.lightning.callbacks.ema import ema_warmup_avg_fn
 from diffusion.lightning.callbacks.posthoc_snapshots import PostHocEMA, write_atomically
-from helpers import ddpm, diffusion_module, paper_betas
+from helpers import build, ddpm, diffusion_module, paper_betas, train_cfg
 
 SIGMA_RELS = (0.05, 0.10)
 
@@ -254,9 +255,11 @@ class Recorder(L.Callback):
 
 
 def fit(root: Path, max_steps: int, ckpt_path=None, every: int | None = 3, extra=(), batch_size: int = 16,
-        num_snapshots: int = 16, **trainer_kwargs) -> PostHocEMA:
+        num_snapshots: int | None = None, **trainer_kwargs) -> PostHocEMA:
+    """num_snapshots: None, the schema's."""
     torch.manual_seed(0)
-    callback = PostHocEMA(SIGMA_RELS, every_n_steps=every, num_snapshots=num_snapshots)
+    snapshots = {} if num_snapshots is None else {"num_snapshots": num_snapshots}
+    callback = build(PostHocEMAConfig, sigma_rels=SIGMA_RELS, every_n_steps=every, **snapshots)
     checkpoint = L.pytorch.callbacks.ModelCheckpoint(root / "checkpoints", every_n_train_steps=1, save_top_k=0,
                                                      save_last=True)
     trainer = L.Trainer(max_steps=max_steps, callbacks=[callback, checkpoint, *extra], logger=False,
@@ -302,9 +305,9 @@ def test_callback_on_the_diffusion_module_gives_weights_its_net_loads(tmp_path):
                                "attn_resolutions": [], "dropout": 0.0, "image_size": 8, "num_groups": 4},
                               objective=ddpm(paper_betas(20)), val_bpd_images=0)
     images = torch.rand(8, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    trainer = L.Trainer(max_steps=3, callbacks=[PostHocEMA(every_n_steps=2)], logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
-                        accelerator="cpu", limit_val_batches=0)
+    trainer = L.Trainer(max_steps=3, callbacks=[build(PostHocEMAConfig, every_n_steps=2)], logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        default_root_dir=tmp_path, accelerator="cpu", limit_val_batches=0)
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(images, batch_size=4))
     assert snapshot_files(tmp_path) == [snapshot_name(2), snapshot_name(3)]
     state, info = load_posthoc_ema(tmp_path / "posthoc_ema", 0.10)
@@ -373,14 +376,17 @@ def test_a_failed_write_leaves_only_whole_snapshots(tmp_path, monkeypatch):
     assert torch.load(tmp_path / "posthoc_ema" / snapshot_name(3), weights_only=True)["step"] == 3
 
 
-def test_callback_rejects_bad_arguments_in_one_line():
-    for kwargs, expected in [({"every_n_steps": 0}, "every_n_steps must be an integer >= 1, got 0"),
-                             ({"num_snapshots": 0}, "num_snapshots must be an integer >= 1, got 0; try num_snapshots="),
-                             ({"sigma_rels": (0.05, 0.05)}, "must be distinct"),
-                             ({"sigma_rels": ()}, "must be distinct and at least one"),
-                             ({"sigma_rels": (0.05, 0.5)}, r"sigma_rel must be in \(0, 0.2887\]")]:
+def test_bad_callback_settings_are_refused_in_one_line(tmp_path):
+    """By the config, before anything is built (the callback takes what it is given)."""
+    key = "callbacks.posthoc_ema"
+    for override, expected in [
+            ("every_n_steps=0", rf"{key}.every_n_steps must be null or an integer >= 1, got 0"),
+            ("num_snapshots=0", rf"{key}.num_snapshots must be in \[1, 10000\], got 0; try {key}.num_snapshots="),
+            ("sigma_rels=[0.05,0.05]", "must be distinct"),
+            ("sigma_rels=[]", r"must be distinct widths .*, got \[\]"),
+            ("sigma_rels=[0.05,0.5]", rf"{key}.sigma_rels must be distinct widths in \(0, 0.2887\]")]:
         with pytest.raises(UserError, match=expected) as info:
-            PostHocEMA(**kwargs)
+            validate(train_cfg(tmp_path, f"{key}.{override}"))
         assert "\n" not in str(info.value)
 
 

@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 import torch
 
+from diffusion.config import CIFAR10DataConfig, DigitsDataConfig, EMAConfig, SampleGridConfig
 from diffusion.core.images import to_model_range
-from diffusion.data import CIFAR10DataModule, DigitsDataModule, EpochSampler
-from diffusion.lightning.callbacks import EMA, SampleGrid, ScheduleLogger
+from diffusion.data import EpochSampler
+from diffusion.lightning.callbacks import ScheduleLogger
 from diffusion.run.commands.train import build_module
 from diffusion.run.commands.train import train as train_command
-from helpers import train_cfg, wandb_history
+from helpers import build, train_cfg, wandb_history
 from test_data import cifar_pattern, first_epoch, write_cifar
 
 N = 8
@@ -111,12 +112,13 @@ def test_nothing_between_two_training_steps_draws_from_the_global_rng(tmp_path):
     cfg = train_cfg(tmp_path)
     module = build_module(cfg)
     checkpoint = L.pytorch.callbacks.ModelCheckpoint(tmp_path, every_n_train_steps=1, save_top_k=0, save_last=True)
-    callbacks = [Probe(), EMA(decay=0.9), SampleGrid(every_n_steps=2, num_samples=2, sampler={"name": "ddpm"}),
-                 ScheduleLogger(), checkpoint]
+    callbacks = [Probe(), build(EMAConfig, decay=0.9),
+                 build(SampleGridConfig, every_n_steps=2, num_samples=2, sampler={"name": "ddpm"}), ScheduleLogger(),
+                 checkpoint]
     trainer = L.Trainer(max_steps=7, callbacks=callbacks, logger=False, enable_progress_bar=False,
                         val_check_interval=2, check_val_every_n_epoch=None, limit_val_batches=1,
                         num_sanity_val_steps=0, default_root_dir=tmp_path)
-    trainer.fit(module, datamodule=DigitsDataModule(batch_size=500))
+    trainer.fit(module, datamodule=build(DigitsDataConfig, batch_size=500))
     kinds = [kind for kind, _, _ in seen]
     assert kinds == ["start"] + ["end", "saved", "start"] * 6 + ["end", "saved"]  # steps 1..7, 3 an epoch
     for (kind, step, before), (next_kind, _, after) in pairwise(seen):
@@ -127,8 +129,8 @@ def test_nothing_between_two_training_steps_draws_from_the_global_rng(tmp_path):
 def test_train_loader_resumed_mid_epoch_gives_the_same_batches_and_flips(tmp_path):
     """The loader's state_dict as Lightning saves it; a fresh loader with a worker and another global seed."""
     write_cifar(tmp_path, np.stack([cifar_pattern(i) for i in range(46)]), n_test=6)  # 40 train: 5 batches
-    loader = lambda workers: CIFAR10DataModule(str(tmp_path), batch_size=8, num_workers=workers,  # noqa: E731
-                                               seed=3).train_dataloader()
+    loader = lambda workers: build(CIFAR10DataConfig, root=str(tmp_path), batch_size=8,  # noqa: E731
+                                   num_workers=workers, seed=3).train_dataloader()
     uninterrupted = loader(0)
     epochs = [torch.cat(first_epoch(uninterrupted)) for _ in range(3)]
     interrupted = loader(0)

@@ -206,10 +206,11 @@ def test_heun_takes_up_to_2T_steps_and_an_order_is_checked_against_the_steps_T_a
     (flow(), SamplerSpec("ddpm"), "sampler.name=ddpm walks DDPM's Markov chain"),
     (edm(), SamplerSpec("respaced", steps=5), "sampler.name=respaced walks DDPM's Markov chain"),
 ], ids=["steps-above-T", "order-above-steps", "ddpm-on-flow", "respaced-on-edm"])
-def test_draw_checks_the_spec_against_the_objective(objective, spec, fragment):
-    """draw() itself refuses what check_for refuses, with its one-line message, before any network call."""
+def test_check_for_refuses_what_the_objective_cannot_run(objective, spec, fragment):
+    """The second half of a spec's validation (every command runs it once the objective is known; draw() then
+    trusts the spec): one line each."""
     with pytest.raises(UserError) as err:
-        draw(lambda x, t: x, objective, spec, 2, shape=(1, 2, 2))
+        spec.check().check_for(objective)
     assert fragment in str(err.value) and "\n" not in str(err.value), str(err.value)
 
 

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from diffusion.config import validate
 from diffusion.core.schedules import (
+    check_betas,
     cosine_beta_schedule,
     explicit_beta_schedule,
     linear_beta_schedule,
@@ -17,7 +19,7 @@ from diffusion.core.schedules import (
     space_timesteps,
 )
 from diffusion.errors import UserError
-from helpers import PAPER_BETAS, paper_betas
+from helpers import PAPER_BETAS, paper_betas, train_cfg
 
 COSINE = dict(s=0.008, max_beta=0.999)  # Nichol & Dhariwal 2021
 SCHEDULE_SETTINGS = {"linear": PAPER_BETAS, "quadratic": PAPER_BETAS, "sigmoid": {**PAPER_BETAS, "steepness": 6.0},
@@ -66,26 +68,43 @@ def test_every_schedule_any_T(name, T):
 
 
 def test_explicit_list():
-    betas = explicit_beta_schedule([0.1, 0.2, 0.3])
+    betas = explicit_beta_schedule([0.1, 0.2, 0.3], None)
     assert betas.tolist() == [0.1, 0.2, 0.3] and betas.dtype == torch.float64
 
 
 @pytest.mark.parametrize(
     "call, fragment",
     [
-        (lambda: linear_beta_schedule(10, 0.02, 0.01), "beta_end must be in (beta_start=0.02, 1), got 0.01"),
-        (lambda: linear_beta_schedule(10, 1e-4, 1.5), "got 1.5; try schedule.beta_end=0.02"),
-        (lambda: linear_beta_schedule(10, -1e-4, 0.02), "beta_start must be in (0, 1), got -0.0001"),
-        (lambda: linear_beta_schedule(0, 1e-4, 0.02), "num_timesteps must be an integer >= 1, got 0"),
-        (lambda: cosine_beta_schedule(-3, 0.008, 0.999), "got -3"),
-        (lambda: explicit_beta_schedule([0.1, 1.0]), "betas[1]=1.0"),
-        (lambda: explicit_beta_schedule([0.0]), "betas[0]=0.0"),
+        (lambda: check_betas([0.1, 1.0]), "betas[1]=1.0"),  # what the objective checks of any betas it is given
+        (lambda: check_betas([0.0]), "betas[0]=0.0"),
         (lambda: make_beta_schedule("cosin", 10, **COSINE), "unknown beta schedule 'cosin'"),
     ],
 )
 def test_bad_parameters_give_one_line_errors(call, fragment):
     with pytest.raises(UserError) as err:
         call()
+    message = str(err.value)
+    assert fragment in message and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (["schedule.beta_start=0.02", "schedule.beta_end=0.01"], "beta_end must be in (beta_start=0.02, 1), got 0.01"),
+        (["schedule=sigmoid", "schedule.beta_start=0.05", "schedule.beta_end=0.01"],
+         "beta_end must be in (beta_start=0.05, 1), got 0.01; try schedule.beta_end=0.1"),
+        (["schedule.beta_end=1.5"], "got 1.5; try schedule.beta_end=0.02"),
+        (["schedule.beta_start=-1e-4"], "beta_start must be in (0, 1), got -0.0001"),
+        (["schedule.num_timesteps=0"], "num_timesteps must be in [1, 100000], got 0"),
+        (["schedule=cosine", "schedule.num_timesteps=-3"], "got -3"),
+        (["schedule=cosine", "schedule.s=0"], "schedule.s must be a number > 0, got 0.0"),
+        (["schedule=explicit", "schedule.betas=[0.1,1.0]"], "schedule.betas must be a non-empty list, each in (0, 1)"),
+    ],
+)
+def test_bad_schedule_settings_give_one_line_errors_before_anything_is_built(overrides, fragment, tmp_path):
+    """The schedule functions take what they are given: the config's rules and validation check it first."""
+    with pytest.raises(UserError) as err:
+        validate(train_cfg(tmp_path, *overrides))
     message = str(err.value)
     assert fragment in message and "\n" not in message
 

@@ -15,12 +15,12 @@ import torch
 from hydra.utils import instantiate
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from diffusion.config import validate
-from diffusion.data import CIFAR10DataModule, EpochSampler
+from diffusion.config import CIFAR10DataConfig, validate
+from diffusion.data import EpochSampler
 from diffusion.data.loader import DeviceLoader, ResumableLoader, _ModelInputs
 from diffusion.errors import UserError
 from diffusion.run.commands.train import train
-from helpers import ROOT, compose_cfg, train_cfg
+from helpers import ROOT, build, compose_cfg, train_cfg
 from test_data import cifar_pattern, write_cifar
 
 QUIET = ["callbacks.samples=null", "trainer.val_check_interval=1000", "callbacks.checkpoint.every_n_train_steps=1000",
@@ -72,7 +72,7 @@ def test_training_steps_read_nothing_back_from_the_device(tmp_path, extra, per_s
 
 
 def loaders(root, seed, rank=0, world=1, on_device=False):
-    data = CIFAR10DataModule(str(root), batch_size=4, seed=seed)
+    data = build(CIFAR10DataConfig, root=str(root), batch_size=4, seed=seed)
     images = data._split("train")
     sampler = EpochSampler(_ModelInputs(images), seed, True, num_replicas=world, rank=rank)
     if on_device:
@@ -112,7 +112,7 @@ def test_on_device_batches_carry_their_labels_as_the_loaders_do(tmp_path):
     write_cifar(tmp_path, np.stack([cifar_pattern(i) for i in range(46)]), n_test=6)  # 5 batches: labels 0..4
     batches = {}
     for on_device in (False, True):
-        data = CIFAR10DataModule(str(tmp_path), batch_size=4, seed=7, on_device=on_device)
+        data = build(CIFAR10DataConfig, root=str(tmp_path), batch_size=4, seed=7, on_device=on_device)
         data.with_labels = True
         batches[on_device] = list(data.train_dataloader())
     for (xa, ya), (xb, yb) in zip(batches[False], batches[True], strict=True):

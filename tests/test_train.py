@@ -11,7 +11,7 @@ from PIL import Image
 from diffusion.core.gaussian import GaussianDiffusion
 from diffusion.lightning.checkpoints import load_module
 from diffusion.run.commands.train import build_module, resolve_ckpt_path, train
-from helpers import ROOT, paper_betas, train_cfg, wandb_history
+from helpers import ROOT, build, paper_betas, train_cfg, wandb_history
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,7 @@ def test_ema_averages_parameters_only_during_training(tmp_path):
     """During fit the EMA copy's schedule buffers stay bit-identical: nothing averages betas."""
     import lightning as L
 
-    from diffusion.data import DigitsDataModule
+    from diffusion.config import DigitsDataConfig
     from diffusion.lightning.callbacks import EMA
 
     seen = {}
@@ -108,7 +108,7 @@ def test_ema_averages_parameters_only_during_training(tmp_path):
     trainer = L.Trainer(max_steps=3, callbacks=[Probe(), EMA(decay=0.9, warmup=False)], logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0,
                         default_root_dir=tmp_path)
-    trainer.fit(module, datamodule=DigitsDataModule(batch_size=16))
+    trainer.fit(module, datamodule=build(DigitsDataConfig, batch_size=16))
     fresh = dict(GaussianDiffusion(paper_betas(20), "eps", "fixed_large").named_buffers())
     for name, buffer in fresh.items():
         assert torch.equal(seen["ema"][name], buffer), name

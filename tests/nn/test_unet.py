@@ -6,19 +6,16 @@ import numpy as np
 import pytest
 import torch
 
+from diffusion.config import validate
 from diffusion.errors import UserError
 from diffusion.formats.diffusers_unet import from_diffusers_state_dict, to_diffusers_state_dict
 from diffusion.nn import UNet
 from diffusion.nn.layers import timestep_embedding
-from helpers import model_kwargs
+from helpers import model_kwargs, train_cfg
 
 SMALL = dict(in_channels=3, out_channels=3, ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
              image_size=16, num_groups=8, dropout=0.0, resamp_with_conv=True, channels_last=False,
              num_classes=None)  # fmt: skip
-# Ho et al. 2020's CIFAR-10 network (dropout aside): what the construction errors below are measured against
-CIFAR10 = dict(in_channels=3, out_channels=3, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
-               dropout=0.0, image_size=32, num_groups=32, resamp_with_conv=True, channels_last=False,
-               num_classes=None)  # fmt: skip
 
 
 def perturbed(model: UNet, seed: int = 0) -> UNet:
@@ -152,16 +149,18 @@ def test_holds_no_buffers_and_nothing_about_schedules():
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "message"),
+    ("override", "message"),
     [
-        ({"image_size": 30}, "image_size=30 is not divisible by the U-Net's total downsampling 8"),
-        ({"ch": 48}, "ch=48 is not a multiple of num_groups=32"),
-        ({"attn_resolutions": (12,)}, r"attn_resolutions=\[12\] holds 12, which never occurs .* \[32, 16, 8, 4\]"),
+        ("data.image_size=30", "model.image_size=30 is not divisible by the U-Net's total downsampling 8"),
+        ("model.ch=48", "model.ch=48 is not a multiple of model.num_groups=32"),
+        ("model.attn_resolutions=[12]",
+         r"model.attn_resolutions=\[12\] holds 12, which never occurs .* \[32, 16, 8, 4\]"),
     ],
 )
-def test_bad_construction_raises_one_line_error(kwargs, message):
+def test_bad_construction_is_a_one_line_error_before_building(override, message, tmp_path):
+    """The U-Net takes its arguments as given: the config's validation names the bad model.* setting first."""
     with pytest.raises(UserError, match=message) as err:
-        UNet(**{**CIFAR10, **kwargs})
+        validate(train_cfg(tmp_path, "data=cifar10", override))  # conf/model/cifar10.yaml: Ho et al.'s net
     assert "\n" not in str(err.value)
 
 

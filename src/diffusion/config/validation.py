@@ -5,8 +5,8 @@ start of each job, so a mistake is one line before anything is built.
 """
 
 import importlib
-import re
 from collections.abc import Callable
+from dataclasses import fields, is_dataclass
 from typing import Any
 
 from hydra.errors import InstantiationException
@@ -14,9 +14,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from diffusion.config.build import net_kwargs, objective_of
+from diffusion.config.callbacks import PostHocEMAConfig
+from diffusion.config.groups import RangeScheduleConfig
 from diffusion.config.rules import check_rules
 from diffusion.core.posthoc_ema import SIGMA_REL_MAX
 from diffusion.core.sampling import SamplerSpec, as_sampler_spec
+from diffusion.data import DigitsDataModule, ImageFolderDataModule
 from diffusion.errors import UserError
 from diffusion.formats.sources import check_source
 from diffusion.metrics.quality import logged_name, result_keys
@@ -58,6 +61,12 @@ def _check_schedule(cfg: DictConfig) -> None:
         chosen = str(cfg.schedule._target_).rsplit(".", 1)[-1].removesuffix("_beta_schedule")
         raise UserError(f"schedule={chosen} is DDPM's beta schedule, but objective={name} draws its own noise levels "
                         f"and takes none; drop schedule={chosen} (or use objective=ddpm)")
+    if takes and "beta_start" in cfg.schedule and "beta_end" in cfg.schedule:  # linear, quadratic, sigmoid
+        start, end = cfg.schedule.beta_start, cfg.schedule.beta_end  # each in (0, 1) by the schema's rules
+        if not start < end < 1.0:  # (said as when building the objective found it: "objective: ...")
+            fix = _schema_default(RangeScheduleConfig, "beta_end")
+            raise UserError(f"objective: schedule.beta_end must be in (beta_start={start}, 1), got {end}; "
+                            f"try schedule.beta_end={fix if start < fix else min(2 * start, 0.999):g}")
 
 
 def _plain(node: DictConfig, key: str) -> Any:
@@ -67,7 +76,16 @@ def _plain(node: DictConfig, key: str) -> Any:
 
 
 def _check_callbacks_for(cfg: DictConfig, objective) -> None:
-    """Callbacks that need what only some objectives have: the paper's figures draw DDPM's Markov chain."""
+    """Callbacks that need what only some objectives have (the paper's figures draw DDPM's Markov chain), and the
+    quality callback's extra samplers, whose metric suffixes (val/fid@<tag>) must differ on this objective."""
+    quality = cfg.callbacks.get("quality")
+    tags = []
+    for i, node in enumerate(quality.extra_samplers if quality is not None else []):
+        tag = SamplerSpec(**OmegaConf.to_container(node, resolve=True)).tag(objective)
+        if tag in tags:
+            raise UserError(f"callbacks.quality.extra_samplers[{i}] is {tag} again (entry {tags.index(tag)}); "
+                            "drop the repeat or change a setting")
+        tags.append(tag)
     figures = cfg.callbacks.get("figures")
     if figures is not None and (figures.every_n_steps > 0 or figures.at_train_end) and not objective.markov_chain:
         raise UserError(f"callbacks.figures draws Ho et al.'s figures of DDPM's Markov chain (forward and reverse "
@@ -138,18 +156,19 @@ def logged_metrics(cfg: DictConfig) -> set[str]:
 
 
 def _check_builds(cfg: DictConfig) -> None:
-    """Build the cheap pieces whose constructors check their own arguments, naming the config group."""
+    """The network's and the data's own checks (the constructors take what they are given), then the cheap pieces
+    built (the network on the meta device), an argument torch or a constructor refuses named by its config group."""
     import torch
 
+    net = net_kwargs(cfg)
+    _check_unet(net)
     with torch.device("meta"):
         try:
-            UNet(**net_kwargs(cfg), learned_variance=False)
-        except UserError as err:  # name the config keys: ch=33 -> model.ch=33
-            raise UserError(re.sub(r"(?<![.\w])(ch|ch_mult|num_groups|image_size|attn_resolutions)=", r"model.\1=",
-                                   str(err))) from err
+            UNet(**net, learned_variance=False)
         except (ValueError, TypeError, RuntimeError) as err:
             raise UserError(f"model cannot be built with these settings ({' '.join(str(err).split())}); fix the "
                             "model.* and data.channels / data.image_size settings") from err
+    _check_data(cfg.data)
     _built(lambda: instantiate(cfg.data), "data")
     param = torch.nn.Parameter(torch.zeros(1))
     optimizer = _built(lambda: instantiate(cfg.optim.optimizer)(params=[param]), "optim.optimizer")
@@ -157,6 +176,47 @@ def _check_builds(cfg: DictConfig) -> None:
         _built(lambda: instantiate(cfg.optim.lr_scheduler)(optimizer=optimizer), "optim.lr_scheduler")
     if cfg.init_from is not None:
         _check_init_from(cfg)
+
+
+def _check_unet(net: dict[str, Any]) -> None:
+    """model.* (channels and size from the data): what the U-Net's layers need of each other."""
+    ch, ch_mult, size, groups = net["ch"], net["ch_mult"], net["image_size"], net["num_groups"]
+    total = 2 ** (len(ch_mult) - 1)
+    if size % total != 0:
+        raise UserError(f"model.image_size={size} is not divisible by the U-Net's total downsampling {total} "
+                        f"(ch_mult has {len(ch_mult)} levels); use an image size that is a multiple of {total} "
+                        "or fewer ch_mult levels")
+    if ch < 4 or ch % groups != 0:  # every channel count is a multiple of ch
+        raise UserError(f"model.ch={ch} is not a multiple of model.num_groups={groups} (GroupNorm needs whole groups) "
+                        f"or is below 4; use a ch that is a multiple of {groups} or lower num_groups")
+    resolutions = [size // 2**i for i in range(len(ch_mult))]
+    for r in net["attn_resolutions"]:
+        if r not in resolutions:
+            raise UserError(f"model.attn_resolutions={list(net['attn_resolutions'])} holds {r}, which never occurs in "
+                            f"this U-Net, whose resolutions are {resolutions}; pick attn_resolutions from those")
+
+
+def _check_data(data: DictConfig) -> None:
+    """What a data set's images forbid: another shape than theirs (the keys its module's `fixed_shape` names, the
+    values its schema's defaults), flipped digits, downloading a folder."""
+    module, schema = _import(str(data._target_)), OmegaConf.get_type(data)
+    if is_dataclass(schema):  # (a DDP worker's config, resolved and untyped, was checked by rank 0)
+        for key in getattr(module, "fixed_shape", ()):
+            actual = _schema_default(schema, key)
+            if data[key] != actual:
+                raise UserError(f"data.{key}={data[key]}, but {module.name} images have {key} {actual}; "
+                                f"drop data.{key} or set data.{key}={actual}")
+    if not isinstance(module, type):
+        return
+    if issubclass(module, DigitsDataModule) and data.random_flip:
+        raise UserError("data.random_flip=true would mirror digits into other symbols; set data.random_flip=false")
+    if issubclass(module, ImageFolderDataModule) and data.download:
+        raise UserError("data.download=true: an image folder cannot be downloaded; set data.download=false")
+
+
+def _schema_default(schema: type, key: str) -> Any:
+    """The default a schema writes for `key` (the one place it is written)."""
+    return next(f.default for f in fields(schema) if f.name == key)
 
 
 def _check_init_from(cfg: DictConfig) -> None:
@@ -204,16 +264,13 @@ def _require(ok: bool, key: str, value: Any, rule: str, fix: str) -> None:
 
 
 def _check_posthoc_ema(node: DictConfig) -> None:
-    """callbacks.posthoc_ema: widths a power function has, distinct; a cadence >= 1."""
+    """callbacks.posthoc_ema: widths a power function has, distinct (the cadences are the schema's rules)."""
     key = "callbacks.posthoc_ema"
     sigma_rels = list(node.sigma_rels)
+    default = ",".join(f"{s:.2f}" for s in PostHocEMAConfig().sigma_rels)
     _require(bool(sigma_rels) and len(set(sigma_rels)) == len(sigma_rels) and
              all(0 < s <= SIGMA_REL_MAX for s in sigma_rels), f"{key}.sigma_rels", sigma_rels,
-             f"distinct widths in (0, {SIGMA_REL_MAX:.4f}]", f"try {key}.sigma_rels=[0.05,0.10]")
-    _require(node.every_n_steps is None or node.every_n_steps >= 1, f"{key}.every_n_steps", node.every_n_steps,
-             ">= 1 or null (null: trainer.max_steps / num_snapshots)", f"try {key}.every_n_steps=null")
-    _require(node.num_snapshots >= 1, f"{key}.num_snapshots", node.num_snapshots, ">= 1",
-             f"try {key}.num_snapshots=16")
+             f"distinct widths in (0, {SIGMA_REL_MAX:.4f}]", f"try {key}.sigma_rels=[{default}]")
 
 
 def check_posthoc_sigma_rel(sigma_rel: float | None, key: str = "ema.sigma_rel") -> None:
@@ -246,7 +303,7 @@ def check_samplers(cfg: DictConfig, objective=None) -> list[SamplerSpec]:
     for key, node in _walk(cfg):
         if OmegaConf.get_type(node) is SamplerSpec:
             spec = as_sampler_spec(OmegaConf.to_container(node, resolve=True), key) if objective is None else \
-                SamplerSpec(**OmegaConf.to_container(node, resolve=True)).check_for(objective, key)
+                SamplerSpec(**OmegaConf.to_container(node, resolve=True)).check(key).check_for(objective, key)
             specs.append(spec)
     return specs
 
@@ -334,4 +391,5 @@ def validate_entry(config_name: str, cfg: DictConfig, here: bool = True) -> None
             raise UserError(f"ema.snapshot_dir={cfg.ema.snapshot_dir} is read only with ema.sigma_rel (a post-hoc EMA "
                             "width), which is null; set ema.sigma_rel=0.05, or drop ema.snapshot_dir")
     if "data" in cfg:
+        _check_data(cfg.data)
         _built(lambda: instantiate(cfg.data), "data")

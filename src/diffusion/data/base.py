@@ -56,29 +56,20 @@ class ImageDataModule(L.LightningDataModule):
     name = "images"
     quality_extractor = "inception"
     eval_num_samples = 1_000
+    # the data.* keys whose value the data set itself fixes (digits: 1×8×8): the value is the schema's default, and
+    # config/validation.py refuses another before anything is built
+    fixed_shape: tuple[str, ...] = ()
 
     def __init__(self, root: str, batch_size: int, num_workers: int, download: bool, seed: int,
-                 random_flip: bool, *, channels: int, image_size: int, on_device: bool = False):
+                 random_flip: bool, *, channels: int, image_size: int, on_device: bool):
+        """The arguments are a validated config's (config/groups.py: their defaults and rules); taken as given."""
         super().__init__()
-        if batch_size < 1:
-            raise UserError(f"data.batch_size must be >= 1, got {batch_size}; try data.batch_size=128")
-        if num_workers < 0:
-            raise UserError(f"data.num_workers must be >= 0, got {num_workers}; try data.num_workers=0")
-        if seed < 0:
-            raise UserError(f"data.seed must be >= 0, got {seed}; try data.seed=0")
         self.root, self.batch_size, self.num_workers = Path(root).expanduser(), batch_size, num_workers
         self.download, self.seed, self.random_flip = download, seed, random_flip
         self.channels, self.image_size, self.on_device = channels, image_size, on_device
         self._splits: dict[str, Dataset] = {}
         self._labels: dict[str, Tensor] = {}
         self.with_labels = False
-
-    def require_shape(self, channels: int, image_size: int) -> None:
-        """The configured data.channels and data.image_size must be what this data set gives."""
-        for key, given, actual in (("channels", channels, self.channels), ("image_size", image_size, self.image_size)):
-            if given != actual:
-                raise UserError(f"data.{key}={given}, but {self.name} images have {key} {actual}; "
-                                f"drop data.{key} or set data.{key}={actual}")
 
     def _load_split(self, split: str) -> Dataset:
         """The split's images as a dataset of uint8 (C, H, W) tensors."""

@@ -35,16 +35,12 @@ class DigitsDataModule(ImageDataModule):
 
     name = "digits"
     quality_extractor = "digits"
+    fixed_shape = ("channels", "image_size")  # 1×8×8 (config/validation.py also refuses random_flip=true)
 
-    def __init__(self, batch_size: int = 128, num_workers: int = 0, seed: int = 0, random_flip: bool = False,
-                 val_size: int = 297, channels: int = 1, image_size: int = 8, on_device: bool = False):
-        super().__init__("", batch_size, num_workers, False, seed, random_flip, channels=1, image_size=8,
-                         on_device=on_device)
-        self.require_shape(channels, image_size)
-        if random_flip:
-            raise UserError("data.random_flip=true would mirror digits into other symbols; set data.random_flip=false")
-        if not 1 <= val_size < 1797:
-            raise UserError(f"data.val_size must be in [1, 1796] for the 1,797 digits, got {val_size}; try 297")
+    def __init__(self, *, batch_size: int, num_workers: int, seed: int, random_flip: bool, val_size: int,
+                 channels: int, image_size: int, on_device: bool):
+        super().__init__("", batch_size, num_workers, False, seed, random_flip, channels=channels,
+                         image_size=image_size, on_device=on_device)
         self.val_size = val_size
 
     def _where(self) -> str:
@@ -71,17 +67,13 @@ class MNISTDataModule(ImageDataModule):
     name = "MNIST"
     dataset_class = datasets.MNIST
     classes = tuple(str(k) for k in range(10))
+    fixed_shape = ("channels",)  # grey; image_size >= 28 (the schema's rule) pads them
 
-    def __init__(self, root: str, batch_size: int, num_workers: int = 0, download: bool = False,
-                 seed: int = 0, random_flip: bool = False, image_size: int = 32, channels: int = 1,
-                 on_device: bool = False):
+    def __init__(self, *, root: str, batch_size: int, num_workers: int, download: bool, seed: int,
+                 random_flip: bool, image_size: int, channels: int, on_device: bool):
         super().__init__(root, batch_size, num_workers, download, seed, random_flip,
-                         channels=1, image_size=image_size, on_device=on_device)
-        self.require_shape(channels, image_size)
+                         channels=channels, image_size=image_size, on_device=on_device)
         self._labels_read: dict[str, torch.Tensor] = {}
-        if image_size < 28:
-            raise UserError(f"data.image_size must be >= 28 for {self.name} (it pads the 28x28 images with "
-                            f"background), got {image_size}; try data.image_size=32")
 
     def _fetch(self) -> None:
         for train in (True, False):
@@ -128,13 +120,12 @@ class CIFAR10DataModule(ImageDataModule):
 
     name = "CIFAR-10"
     eval_num_samples = 50_000  # Ho et al. 2020: FID and IS of 50,000 samples
+    fixed_shape = ("channels", "image_size")  # 3×32×32
 
-    def __init__(self, root: str, batch_size: int, num_workers: int = 0, download: bool = False,
-                 seed: int = 0, random_flip: bool = True, channels: int = 3, image_size: int = 32,
-                 on_device: bool = False):
-        super().__init__(root, batch_size, num_workers, download, seed, random_flip, channels=3, image_size=32,
-                         on_device=on_device)
-        self.require_shape(channels, image_size)
+    def __init__(self, *, root: str, batch_size: int, num_workers: int, download: bool, seed: int,
+                 random_flip: bool, channels: int, image_size: int, on_device: bool):
+        super().__init__(root, batch_size, num_workers, download, seed, random_flip, channels=channels,
+                         image_size=image_size, on_device=on_device)
         self._labels_read: dict[str, torch.Tensor] = {}
 
     def _fetch(self) -> None:

@@ -141,22 +141,12 @@ class ImageFolderDataModule(ImageDataModule):
 
     name = "image folder"
 
-    def __init__(self, root: str, batch_size: int, num_workers: int = 0, download: bool = False,
-                 seed: int = 0, random_flip: bool = False, image_size: int = 64, channels: int = 3,
-                 val_fraction: float = 0.05, max_image_pixels: int | None = PIL_MAX_PIXELS):
+    def __init__(self, *, root: str, batch_size: int, num_workers: int, download: bool, seed: int,
+                 random_flip: bool, image_size: int, channels: int, val_fraction: float,
+                 max_image_pixels: int | None):
+        """download is always false here (config/validation.py refuses true: a folder cannot be downloaded)."""
         super().__init__(root, batch_size, num_workers, download, seed, random_flip,
-                         channels=channels, image_size=image_size)
-        if download:
-            raise UserError("data.download=true: an image folder cannot be downloaded; set data.download=false")
-        if channels not in (1, 3):
-            raise UserError(f"data.channels must be 1 (grey) or 3 (RGB), got {channels}; try data.channels=3")
-        if image_size < 1:
-            raise UserError(f"data.image_size must be >= 1, got {image_size}; try data.image_size=64")
-        if not 0 < val_fraction < 1:
-            raise UserError(f"data.val_fraction must be in (0, 1), got {val_fraction}; try data.val_fraction=0.05")
-        if max_image_pixels is not None and max_image_pixels < 1:
-            raise UserError(f"data.max_image_pixels must be >= 1 or null (no limit), got {max_image_pixels}; "
-                            f"try data.max_image_pixels={PIL_MAX_PIXELS}")
+                         channels=channels, image_size=image_size, on_device=False)
         self.val_fraction, self.max_image_pixels = val_fraction, max_image_pixels
 
     @cached_property

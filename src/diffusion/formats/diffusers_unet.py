@@ -176,6 +176,12 @@ def unet_kwargs_from_config(cfg: dict, file: Path | str = "config.json") -> tupl
     size = size if isinstance(size, (list, tuple)) else [size, size]
     if size[0] is None or size[0] != size[1]:
         raise refuse(file, "sample_size", c["sample_size"], "our U-Net needs a square image size")
+    if size[0] % 2 ** (len(channels) - 1):
+        raise refuse(file, "sample_size", c["sample_size"], f"it must be divisible by the {2 ** (len(channels) - 1)} "
+                     f"its {len(channels)} blocks downsample by")
+    if ch % c["norm_num_groups"]:
+        raise refuse(file, "norm_num_groups", c["norm_num_groups"], f"GroupNorm needs whole groups of "
+                     f"block_out_channels[0]={ch}")
     in_ch, out_ch = c["in_channels"], c["out_channels"]
     if out_ch not in (in_ch, 2 * in_ch):
         raise refuse(file, "out_channels", out_ch, f"it must be in_channels={in_ch} or twice that (learned variance)")

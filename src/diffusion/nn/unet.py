@@ -28,29 +28,6 @@ from diffusion.nn.layers import (
 )
 
 
-def _check_args(ch: int, ch_mult: tuple, attn_resolutions: tuple, image_size: int, num_groups: int) -> None:
-    """Raise a one-line UserError for a U-Net that cannot be built."""
-    total = 2 ** (len(ch_mult) - 1)
-    if image_size % total != 0:
-        raise UserError(
-            f"image_size={image_size} is not divisible by the U-Net's total downsampling {total} "
-            f"(ch_mult has {len(ch_mult)} levels); use an image size that is a multiple of {total} "
-            f"or fewer ch_mult levels"
-        )
-    if ch < 4 or ch % num_groups != 0:  # every channel count is a multiple of ch
-        raise UserError(
-            f"ch={ch} is not a multiple of num_groups={num_groups} (GroupNorm needs whole groups) or is "
-            f"below 4; use a ch that is a multiple of {num_groups} or lower num_groups"
-        )
-    resolutions = [image_size // 2**i for i in range(len(ch_mult))]
-    for r in attn_resolutions:
-        if r not in resolutions:
-            raise UserError(
-                f"attn_resolutions={list(attn_resolutions)} holds {r}, which never occurs in this U-Net, whose "
-                f"resolutions are {resolutions}; pick attn_resolutions from those"
-            )
-
-
 class Level(nn.Module):
     """One resolution of the U-Net: residual blocks, attention after each when used, a resampler."""
 
@@ -70,17 +47,15 @@ class UNet(nn.Module):
                  resamp_with_conv: bool, channels_last: bool, num_classes: int | None,
                  learned_variance: bool = False):
         """Every argument is given (conf/model/*.yaml holds the shapes); num_classes=K makes the net class-conditional,
-        None unconditional; learned_variance (the objective's) doubles the output channels."""
+        None unconditional; learned_variance (the objective's) doubles the output channels. They are taken as given:
+        config/validation.py checks them before anything is built (image_size divisible by the downsampling, ch a
+        multiple of num_groups, attn_resolutions that occur)."""
         super().__init__()
         ch_mult, attn_resolutions = tuple(ch_mult), tuple(attn_resolutions)
-        _check_args(ch, ch_mult, attn_resolutions, image_size, num_groups)
         self.in_channels, self.image_size = in_channels, image_size
         self.num_res_blocks = num_res_blocks
         block_kw = dict(temb_ch=4 * ch, dropout=dropout, num_groups=num_groups)
         self.temb = TimestepEmbedding(ch, 4 * ch)
-        if num_classes is not None and (isinstance(num_classes, bool) or num_classes < 1):
-            raise UserError(f"model.num_classes must be >= 1 or null (unconditional), got {num_classes}; "
-                            "try model.num_classes=10 for the digits")
         self.num_classes = num_classes
         if num_classes is not None:  # row num_classes is "no label", what dropped labels and guidance use
             self.label_emb = nn.Embedding(num_classes + 1, 4 * ch)

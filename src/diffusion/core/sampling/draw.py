@@ -91,8 +91,8 @@ def draw_chunk(model: Model, objective: Objective, spec: SamplerSpec, k: int, nu
                labels: Tensor | None = None) -> SampleOutput:
     """Chunk k of a draw: num_images images from a generator seeded seed + k, clamped to [-1, 1]; `labels`
     (num_images,) are this chunk's, for a class-conditional model (default: balanced within the chunk). The spec is
-    checked against the objective (one-line errors naming `sampler.*`) before anything is drawn."""
-    spec = sampler_spec(spec).check_for(objective)
+    taken as checked (SamplerSpec.check, then check_for the objective: what every command does before drawing)."""
+    spec = sampler_spec(spec).resolved(objective)
     labels = draw_labels(model, spec, num_images, labels)
     device, dtype = _placement(model, device, dtype)
     generator = torch.Generator(device=device).manual_seed(seed + k)

@@ -196,8 +196,13 @@ class SamplerSpec:
     def check_for(self, objective: Objective, key: str = "sampler") -> "SamplerSpec":
         """Everything check() cannot know: the objective's chain, its levels (DDPM's T), its spacings, the order the
         (default) steps allow, and the grid itself (built: a flow grid from t = 1 for a sampler that cannot start
-        there), after check() with the objective's own sampler for a null name. Returns the resolved spec."""
-        spec = self.named(objective).check(key)
+        there); for a null name, the settings against the objective's own sampler. Returns the resolved spec.
+
+        The second half of a spec's validation: check() runs with the config's other rules (a command's precheck),
+        this once the objective is known (train.py: at once; the other commands: from their checkpoint)."""
+        spec = self.named(objective)
+        if self.name is None:
+            spec._check_settings(key, SAMPLERS[spec.name])
         kind, where = SAMPLERS[spec.name], f"objective={objective.name}"
         if kind.markov_chain and not objective.markov_chain:
             raise UserError(f"{key}.name={spec.name} walks DDPM's Markov chain ({kind.summary}); {where} has none: use "
@@ -237,7 +242,8 @@ class SamplerSpec:
         return replace(spec, **filled)
 
     def resolved(self, objective: Objective) -> "SamplerSpec":
-        """The spec with every setting the sampler uses filled in (checked before: check and check_for)."""
+        """The spec as it runs on this objective, every setting the sampler uses filled in (what check_for returns),
+        unchecked: for callers whose command has checked it (drawing, the callbacks)."""
         return self._filled(objective)
 
     def sampler_kwargs(self, objective: Objective) -> dict[str, Any]:

@@ -19,7 +19,7 @@ class RanksInSync(L.Callback):
     a difference means some rank-local state (an op without a sync, a buffer) leaked into the weights.
     """
 
-    def __init__(self, every_n_steps: int = 1000):
+    def __init__(self, *, every_n_steps: int):
         self.every_n_steps = every_n_steps
         self.last_in_sync: bool | None = None
 

@@ -45,7 +45,7 @@ class EMA(EMAWeightAveraging):
     ones in `current_model_state`; validation and the end of training use the EMA weights.
     """
 
-    def __init__(self, decay: float = 0.9999, warmup: bool = True):
+    def __init__(self, *, decay: float, warmup: bool):
         super().__init__(decay=decay, use_buffers=False)
         self.decay, self.warmup = decay, warmup
         self._kwargs["avg_fn"] = ema_warmup_avg_fn(decay, warmup)  # what AveragedModel would use elsewhere

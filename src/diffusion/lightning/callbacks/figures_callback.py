@@ -19,13 +19,12 @@ class PaperFigures(L.Callback):
     else the raw ones. Data images are the first ones of the datamodule's `split` (reference_images).
     """
 
-    def __init__(self, every_n_steps: int = 0, at_train_end: bool = True, split: str = "val",
-                 num_images: int = 8, num_samples: int = 64, num_reconstructions: int = 6, num_lambdas: int = 9,
-                 rd_images: int = 64, seed: int = 0, forward_steps: list[int] | None = None,
-                 reverse_steps: list[int] | None = None, reconstruction_steps: list[int] | None = None,
-                 interpolation_steps: list[int] | None = None, sampler: SamplerSpec | dict | None = None):
-        if every_n_steps < 0:
-            raise UserError(f"figures every_n_steps must be >= 0 (0: only at the end), got {every_n_steps}")
+    def __init__(self, *, every_n_steps: int, at_train_end: bool, split: str, num_images: int, num_samples: int,
+                 rd_images: int, seed: int, sampler: SamplerSpec | dict, num_reconstructions: int = 6,
+                 num_lambdas: int = 9, forward_steps: list[int] | None = None, reverse_steps: list[int] | None = None,
+                 reconstruction_steps: list[int] | None = None, interpolation_steps: list[int] | None = None):
+        """A validated config's values (callbacks.figures: 0 steps, only at the end); the figures' other knobs,
+        which the callback's schema leaves out, keep their defaults here."""
         self.every_n_steps, self.at_train_end, self.split = every_n_steps, at_train_end, split
         self.spec = FigureSpec(num_images, num_samples, num_reconstructions, num_lambdas, rd_images, seed,
                                forward_steps, reverse_steps, reconstruction_steps, interpolation_steps,

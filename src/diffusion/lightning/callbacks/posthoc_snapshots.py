@@ -29,7 +29,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from diffusion.core.posthoc_ema import SNAPSHOT_RE, PowerEMA, sigma_rel_to_gamma, snapshot_contents, snapshot_name
+from diffusion.core.posthoc_ema import SNAPSHOT_RE, PowerEMA, snapshot_contents, snapshot_name
 from diffusion.errors import UserError
 from diffusion.files import fsync_dir, write_durably
 
@@ -58,18 +58,10 @@ class PostHocEMA(L.Callback):
     """Track power EMAs of width `sigma_rels` (EDM2's 0.05 and 0.10) and snapshot them every `every_n_steps`
     (None: every max_steps / num_snapshots steps, rounded up) and at the end."""
 
-    def __init__(self, sigma_rels: tuple[float, ...] = (0.05, 0.10), every_n_steps: int | None = None,
-                 num_snapshots: int = 16, dirpath: str | None = None):
-        for key, value in (("every_n_steps", every_n_steps), ("num_snapshots", num_snapshots)):
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise UserError(f"post-hoc EMA {key} must be an integer >= 1, got {value!r}; try "
-                                f"{key}={100 if key == 'every_n_steps' else 16}")
+    def __init__(self, *, sigma_rels: tuple[float, ...] | list[float], every_n_steps: int | None, num_snapshots: int,
+                 dirpath: str | None):
+        """A validated config's values (config/validation.py: distinct widths a power function has, cadences >= 1)."""
         sigma_rels = tuple(float(s) for s in sigma_rels)
-        if not sigma_rels or len(set(sigma_rels)) != len(sigma_rels):
-            raise UserError(f"post-hoc EMA sigma_rels must be distinct and at least one, got {list(sigma_rels)}; "
-                            "try [0.05, 0.10]")
-        for s in sigma_rels:
-            sigma_rel_to_gamma(s)  # a one-line error for a width no power function has
         self.sigma_rels, self.every_n_steps, self.num_snapshots = sigma_rels, every_n_steps, num_snapshots
         self.dirpath = dirpath
         self.every = every_n_steps  # the cadence in use: every_n_steps, or derived from max_steps at the start

@@ -5,7 +5,6 @@ from pathlib import Path
 import lightning as L
 
 from diffusion.core.sampling import SamplerSpec, class_rows, draw, num_classes_of, sampler_spec
-from diffusion.errors import UserError
 from diffusion.formats.png import image_grid, save_png, side_by_side
 from diffusion.lightning.callbacks.ema import averaged_net
 
@@ -19,15 +18,11 @@ class SampleGrid(L.Callback):
     in class order, drawn with the sampler's guidance scale.
     """
 
-    def __init__(self, every_n_steps: int = 10_000, num_samples: int = 64, seed: int = 0,
-                 sampler: SamplerSpec | dict | None = None, final_sampler: SamplerSpec | dict | None = None):
-        if every_n_steps < 0:
-            raise UserError(f"callbacks.samples.every_n_steps must be >= 0 (0: only the final grid), got "
-                            f"{every_n_steps}; try callbacks.samples.every_n_steps=10000")
-        if num_samples < 1:
-            raise UserError(f"callbacks.samples.num_samples must be >= 1, got {num_samples}; try 64")
+    def __init__(self, *, every_n_steps: int, num_samples: int, seed: int, sampler: SamplerSpec | dict,
+                 final_sampler: SamplerSpec | dict):
+        """A validated config's values (0 steps: only the final grid); a sampler as a SamplerSpec or its fields."""
         self.every_n_steps, self.num_samples, self.seed = every_n_steps, num_samples, seed
-        self.sampler = sampler_spec(sampler, SamplerSpec("ddim"))
+        self.sampler = sampler_spec(sampler)
         self.final_sampler = sampler_spec(final_sampler)
         self.last_path: Path | None = None
         self.final_path: Path | None = None

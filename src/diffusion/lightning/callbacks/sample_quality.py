@@ -35,26 +35,14 @@ def shown_names() -> list[str]:
 class SampleQualityCallback(L.Callback):
     """Every `every_n_steps` steps (0: never) and at the end of training: sample, score, log, print one line."""
 
-    def __init__(self, every_n_steps: int = 10_000, num_samples: int = 1000, batch_size: int = 250,
-                 sampler: SamplerSpec | dict | None = None, seed: int = 0, feature_extractor="digits",
-                 reference_splits: tuple[str, ...] = ("train", "val"), max_reference_images: int | None = None,
-                 weights: str = "ema", at_train_end: bool = True,
-                 extra_samplers: "list[SamplerSpec | dict] | tuple" = ()):
-        if every_n_steps < 0:
-            raise UserError(f"callbacks.quality.every_n_steps must be >= 0, got {every_n_steps}; 0 turns it off")
-        if num_samples < 4:
-            raise UserError(f"callbacks.quality.num_samples must be >= 4, got {num_samples}; try 1000")
-        if batch_size < 1:
-            raise UserError(f"callbacks.quality.batch_size must be >= 1, got {batch_size}; try 250")
-        if weights not in ("ema", "raw"):
-            raise UserError(f"callbacks.quality.weights must be 'ema' or 'raw', got {weights!r}; try ema")
-        if not reference_splits:
-            raise UserError("callbacks.quality.reference_splits is empty; try [train,val]")
+    def __init__(self, *, every_n_steps: int, num_samples: int, batch_size: int, sampler: SamplerSpec | dict,
+                 seed: int, feature_extractor: Mapping | str, reference_splits: "list[str] | tuple[str, ...]",
+                 max_reference_images: int | None, weights: str, at_train_end: bool,
+                 extra_samplers: "list[SamplerSpec | dict] | tuple"):
+        """A validated config's values (callbacks.quality: its schema's rules); samplers as SamplerSpecs or their
+        fields, the feature extractor as its settings (or a name)."""
         self.every_n_steps, self.num_samples, self.batch_size, self.seed = every_n_steps, num_samples, batch_size, seed
-        self.sampler = sampler_spec(sampler, SamplerSpec("ddim"))
-        if extra_samplers is None or isinstance(extra_samplers, str | Mapping | SamplerSpec):
-            raise UserError(f"callbacks.quality.extra_samplers must be a list of samplers, got {extra_samplers!r}; "
-                            "try callbacks.quality.extra_samplers=[{name: dpmpp_2m, steps: 10}]")
+        self.sampler = sampler_spec(sampler)
         self.extra_samplers = [sampler_spec(spec) for spec in extra_samplers]
         self.extra_tags: list[str] = []
         spec = feature_extractor
@@ -118,17 +106,8 @@ class SampleQualityCallback(L.Callback):
             self.metric.set_reference(split, images, batch_size=self.batch_size)
 
     def _tags(self, objective) -> list[str]:
-        """The extra samplers checked against the objective, and their metric suffixes (which must differ)."""
-        self.sampler.check_for(objective, "callbacks.quality.sampler")
-        tags = []
-        for i, spec in enumerate(self.extra_samplers):
-            spec.check_for(objective, f"callbacks.quality.extra_samplers[{i}]")
-            tag = spec.tag(objective)
-            if tag in tags:
-                raise UserError(f"callbacks.quality.extra_samplers[{i}] is {tag} again (entry {tags.index(tag)}); "
-                                "drop the repeat or change a setting")
-            tags.append(tag)
-        return tags
+        """The extra samplers' metric suffixes on this objective (distinct: the config's validation says so)."""
+        return [spec.tag(objective) for spec in self.extra_samplers]
 
     def generate_and_update(self, metric: SampleQuality, net, pl_module, rank: int, world_size: int,
                             sampler: SamplerSpec | None = None) -> None:

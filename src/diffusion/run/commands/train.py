@@ -22,6 +22,7 @@ from diffusion.metrics.quality import describe
 from diffusion.run.jobs import lock as run_lock
 from diffusion.run.jobs import status as job_status
 from diffusion.run.jobs.console import quiet_console
+from diffusion.run.jobs.precheck import checked_here
 from diffusion.run.jobs.preflight import build_trainer, check_logger, writable_dir
 from diffusion.run.jobs.sweep import sweep_info
 
@@ -180,8 +181,10 @@ def check_resumable(ckpt_path: str, module: DiffusionModule, output_dir: Path, o
 
 def train(cfg: DictConfig, extra_callbacks: tuple = ()) -> dict[str, float]:
     """Train per the config; save checkpoints, sample grids and logs under the run directory, which the run
-    holds locked throughout (run_lock.py: one training run per run directory)."""
-    validate(cfg)
+    holds locked throughout (run_lock.py: one training run per run directory). The config is validated once: by
+    the entry point's precheck where it ran in this process, else here."""
+    if not checked_here():
+        validate(cfg)
     quiet_console()
     output_dir = writable_dir(cfg.paths.output_dir, "hydra.run.dir")
     with run_lock.hold(output_dir):

@@ -117,15 +117,27 @@ def precheck(config_name: str, argv: list[str]) -> DictConfig | None:
     multirun = "-m" in argv or "--multirun" in argv
 
     def check_every_job() -> DictConfig:
+        global _checked_here
         _check_moved(_user_overrides(argv))
         here = True
         for i, overrides in enumerate(jobs_to_check(_user_overrides(argv))):
             # The first job is composed with Hydra's own settings too, to check the run directory once and to
             # see whether the jobs run here or on other machines (a SLURM launcher: their GPUs are not ours).
             cfg, here = _check_one(config_name, overrides, _hydra_overrides(argv) if i == 0 else None, multirun, here)
+        _checked_here = here
         return cfg
 
     return explained(config_name, check_every_job)
+
+
+_checked_here = False  # whether this process's precheck validated every job with this machine's environment
+
+
+def checked_here() -> bool:
+    """Whether the jobs of this process's command line were validated in full here (precheck, every job, with this
+    machine's devices): a job need not validate its config again. False in a job that runs elsewhere (a SLURM job
+    validates there, once) or when train() is called without the entry point."""
+    return _checked_here
 
 
 def _check_moved(overrides: list[str]) -> None:
