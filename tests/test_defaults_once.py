@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 import diffusion.config.callbacks
 import diffusion.config.entry
 import diffusion.config.groups
-from diffusion.config import register_configs, validate
+from diffusion.config import objective_schemas, register_configs, validate
 from diffusion.errors import UserError
 from diffusion.run.jobs.precheck import CONF_DIR, check_composed, explained
 from helpers import train_cfg
@@ -27,9 +27,10 @@ SCHEMA_MODULES = (diffusion.config.groups, diffusion.config.callbacks, diffusion
 
 
 def schemas() -> list[type]:
-    """Every dataclass the schema modules define."""
+    """Every dataclass the schema modules define, and the schema each objective's module declares beside it."""
     return [obj for module in SCHEMA_MODULES for obj in vars(module).values()
-            if isinstance(obj, type) and dataclasses.is_dataclass(obj) and obj.__module__ == module.__name__]
+            if isinstance(obj, type) and dataclasses.is_dataclass(obj) and obj.__module__ == module.__name__] + \
+        list(objective_schemas().values())
 
 
 def targeted() -> list[tuple[type, object]]:

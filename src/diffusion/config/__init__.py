@@ -43,15 +43,11 @@ from diffusion.config.groups import (
     CIFAR10DataConfig,
     CosineScheduleConfig,
     DataConfig,
-    DDPMObjectiveConfig,
     DigitsDataConfig,
-    EDMObjectiveConfig,
     ExplicitScheduleConfig,
     FileDataConfig,
-    FlowObjectiveConfig,
     ImageFolderDataConfig,
     MNISTDataConfig,
-    ObjectiveConfig,
     OptimConfig,
     OptimizerConfig,
     RangeScheduleConfig,
@@ -62,6 +58,7 @@ from diffusion.config.groups import (
     UNetConfig,
     ValidationConfig,
     WarmupConfig,
+    objective_schemas,
 )
 from diffusion.config.validation import check_samplers, logged_metrics, validate, validate_entry
 
@@ -106,9 +103,6 @@ def register_configs() -> None:
         ("schedule", "base_schedule_sigmoid", SigmoidScheduleConfig),
         ("schedule", "base_schedule_cosine", CosineScheduleConfig),
         ("schedule", "base_schedule_explicit", ExplicitScheduleConfig),
-        ("objective", "base_objective_ddpm", DDPMObjectiveConfig),
-        ("objective", "base_objective_edm", EDMObjectiveConfig),
-        ("objective", "base_objective_flow", FlowObjectiveConfig),
         ("model", "base_model", UNetConfig),
         ("data", "base_data_digits", DigitsDataConfig),
         ("data", "base_data_mnist", MNISTDataConfig),
@@ -118,6 +112,7 @@ def register_configs() -> None:
         ("callbacks", "base_callbacks", CallbacksConfig),
         ("logger", "base_logger", WandbConfig),
         ("paths", "base_paths", PathsConfig),
+        *(("objective", f"base_objective_{name}", schema) for name, schema in objective_schemas().items()),
     ]:
         cs.store(group=group, name=name, node=node)
 
@@ -125,14 +120,14 @@ def register_configs() -> None:
 __all__ = [
     "MOVED_KEYS", "PRECISIONS", "BpdConfig", "CIFAR10DataConfig", "CallbacksConfig", "CheckpointConfig",
     "CosineScheduleConfig",
-    "DDPMObjectiveConfig", "DataConfig", "DigitsDataConfig", "EDMObjectiveConfig", "EMAConfig", "EvaluateConfig",
+    "DataConfig", "DigitsDataConfig", "EMAConfig", "EvaluateConfig",
     "ExplicitScheduleConfig",
-    "ExportConfig", "FeatureExtractorConfig", "FiguresConfig", "FileDataConfig", "FlowObjectiveConfig",
-    "ImageFolderDataConfig", "LRMonitorConfig", "LossByTConfig", "MNISTDataConfig", "ObjectiveConfig", "OptimConfig",
+    "ExportConfig", "FeatureExtractorConfig", "FiguresConfig", "FileDataConfig",
+    "ImageFolderDataConfig", "LRMonitorConfig", "LossByTConfig", "MNISTDataConfig", "OptimConfig",
     "OptimizerConfig",
     "PaperFiguresConfig", "PathsConfig", "PostHocEMAConfig",
     "RNGStateConfig", "RangeScheduleConfig", "RanksInSyncConfig", "SampleConfig", "SampleGridConfig",
     "SampleQualityConfig", "SamplerTableConfig", "ScheduleConfig", "ScheduleLogConfig", "SigmoidScheduleConfig",
     "TrainConfig", "TrainerConfig", "TrainingConfig", "UNetConfig", "ValidationConfig", "WandbConfig", "WarmupConfig",
-    "check_samplers", "logged_metrics", "register_configs", "run_id", "validate", "validate_entry",
+    "check_samplers", "logged_metrics", "objective_schemas", "register_configs", "run_id", "validate", "validate_entry",
 ]

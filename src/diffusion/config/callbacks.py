@@ -2,8 +2,8 @@
 
 from dataclasses import dataclass, field
 
-from diffusion.config.rules import at_least, between, checked, each, nonempty_text, one_of, optional, seed
 from diffusion.core.sampling import SamplerSpec
+from diffusion.rules import at_least, between, checked, each, nonempty_text, one_of, optional, seed
 
 
 @dataclass

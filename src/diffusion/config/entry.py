@@ -8,7 +8,6 @@ from omegaconf import MISSING
 from diffusion.config.callbacks import CallbacksConfig, FeatureExtractorConfig
 from diffusion.config.groups import (
     DataConfig,
-    ObjectiveConfig,
     OptimConfig,
     ScheduleConfig,
     TrainerConfig,
@@ -16,21 +15,10 @@ from diffusion.config.groups import (
     UNetConfig,
     ValidationConfig,
 )
-from diffusion.config.rules import (
-    Rule,
-    at_least,
-    between,
-    checked,
-    device,
-    devices,
-    each,
-    label_choice,
-    nonempty_text,
-    one_of,
-    optional,
-    seed,
-)
+from diffusion.config.rules import device, devices, label_choice
+from diffusion.core.objectives.base import ObjectiveConfig
 from diffusion.core.sampling import SAMPLERS, SamplerSpec
+from diffusion.rules import Rule, at_least, between, checked, each, nonempty_text, one_of, optional, seed
 
 # Keys that moved when objectives became a config group: a command line still spelling them gets the new key.
 MOVED_KEYS = {"diffusion.parameterization": "objective.parameterization", "diffusion.variance": "objective.variance",

@@ -1,23 +1,18 @@
-"""Schemas of the training groups: schedule, network, diffusion, loss, optimizer, data, trainer."""
+"""Schemas of the training groups: schedule, network, training, optimizer, data, trainer; the objectives' are found
+beside each objective (objective_schemas)."""
 
+import importlib
+import pkgutil
 from dataclasses import dataclass, field
 from typing import Any
 
+from hydra.utils import get_object
 from omegaconf import II, MISSING
 
-from diffusion.config.rules import (
-    at_least,
-    between,
-    checked,
-    devices,
-    each,
-    nonempty_text,
-    one_of,
-    optional,
-    positive,
-    seed,
-    strategy,
-)
+from diffusion.config.rules import devices, strategy
+from diffusion.core import objectives
+from diffusion.core.objectives.base import ObjectiveConfig
+from diffusion.rules import at_least, between, checked, each, nonempty_text, one_of, optional, positive, seed
 
 MAX_TIMESTEPS = 100_000  # T beyond this is no schedule anyone trains (the bound alone costs T network passes)
 
@@ -57,7 +52,21 @@ class ExplicitScheduleConfig(ScheduleConfig):
     num_timesteps: int | None = checked(None, optional(between(1, MAX_TIMESTEPS)))  # null: len(betas); else knots
 
 
-# --- network, objective, training ------------------------------------------------------------------------
+# --- objectives: their schemas live beside them (core/objectives/<name>.py), found here -----------------------
+def objective_schemas() -> dict[str, type[ObjectiveConfig]]:
+    """{name: schema} of every objective: the ObjectiveConfig subclasses the modules of diffusion.core.objectives
+    define, named by the Objective their `_target_` builds (edm -> base_objective_edm in the ConfigStore)."""
+    found = {}
+    for info in pkgutil.iter_modules(objectives.__path__):
+        module = importlib.import_module(f"{objectives.__name__}.{info.name}")
+        for schema in vars(module).values():
+            if isinstance(schema, type) and issubclass(schema, ObjectiveConfig) and schema is not ObjectiveConfig \
+                    and schema.__module__ == module.__name__:
+                found[get_object(schema._target_).name] = schema
+    return found
+
+
+# --- network, training ----------------------------------------------------------------------------------
 @dataclass
 class UNetConfig:
     """The U-Net's arguments: its shape (conf/model/*.yaml, the one place it is written), its image size and
@@ -74,50 +83,6 @@ class UNetConfig:
     resamp_with_conv: bool = True
     channels_last: bool = False  # NHWC inside the net: faster for large maps (GPU, CIFAR-size CPU), not for 8×8
     num_classes: int | None = checked(None, optional(between(1, 100_000)))  # null: unconditional; N: class-conditional
-
-
-@dataclass
-class ObjectiveConfig:
-    _target_: str = MISSING
-
-
-@dataclass
-class DDPMObjectiveConfig(ObjectiveConfig):
-    """Ho et al. 2020 and its successors' options (core/objectives/ddpm.py); its betas are the schedule group's."""
-
-    _target_: str = "diffusion.core.objectives.ddpm.DDPM"
-    betas: Any = "${schedule}"  # the schedule group, built (a tensor of T betas) when the objective is
-    parameterization: str = checked("eps", one_of("eps", "x0", "v", "mean"))
-    variance: str = checked("fixed_large", one_of("fixed_large", "fixed_small", "learned_range"))  # σ²=β | β̃ | learned
-    loss: str = checked("simple", one_of("simple", "vlb", "hybrid"))  # Eq. 14 | the bound | simple + vlb_weight·vlb
-    vlb_weight: float = checked(0.001, at_least(0, integer=False))
-    min_snr_gamma: float | None = checked(None, optional(positive()))
-    timesteps: str = checked("uniform", one_of("uniform", "importance"))  # how training draws t
-
-
-@dataclass
-class EDMObjectiveConfig(ObjectiveConfig):
-    """Karras et al. 2022 (core/objectives/edm.py): Table 1's preconditioning, Sec. 5's training distribution."""
-
-    _target_: str = "diffusion.core.objectives.edm.EDM"
-    sigma_data: float = checked(0.5, positive())  # the data's std (0.5 for images in [-1, 1])
-    p_mean: float = checked(-1.2, between(-20, 20))  # ln σ ~ N(p_mean, p_std²) in training
-    p_std: float = checked(1.2, positive())
-    sigma_min: float = checked(0.002, positive())  # sampling runs from sigma_max down to sigma_min
-    sigma_max: float = checked(80.0, positive())
-
-
-@dataclass
-class FlowObjectiveConfig(ObjectiveConfig):
-    """Flow matching on the straight path with the velocity target (core/objectives/flow.py)."""
-
-    _target_: str = "diffusion.core.objectives.flow.Flow"
-    t_distribution: str = checked("logit_normal", one_of("uniform", "logit_normal"))  # how training draws t
-    logit_mean: float = checked(0.0, between(-20, 20))  # logit_normal: t = sigmoid(logit_mean + logit_std·n)
-    logit_std: float = checked(1.0, positive())
-    shift: float = checked(1.0, positive())  # SD3's t' = shift·t / (1 + (shift−1)·t), in training and sampling
-    t_min: float = checked(0.001, between(0, 1, low_open=True, high_open=True))  # the smallest t a grid reaches
-    sigma_max: float = checked(80.0, positive())  # the karras and logsnr grids start at σ = t/(1−t) = sigma_max
 
 
 @dataclass

@@ -1,90 +1,20 @@
 """Value rules written beside each schema field, checked for every composed config before anything runs.
 
-A field's rule lives in its dataclass as `field(metadata={"rule": Rule})` (`checked(default, rule)` writes that),
-so a setting's type, default and valid values are in one place. OmegaConf checks the types while Hydra composes;
-`check_rules` walks the composed config and checks every rule, naming the key, the value and the fix (the
-schema's default). Cross-field and environment checks live in validation.py and run/preflight.py.
+A field's rule lives in its dataclass as `field(metadata={"rule": Rule})` (`checked(default, rule)` writes that,
+diffusion/rules.py), so a setting's type, default and valid values are in one place. OmegaConf checks the types
+while Hydra composes; `check_rules` walks the composed config and checks every rule, naming the key, the value and
+the fix (the schema's default). Here too: the rules that need Lightning. Cross-field and environment checks live in
+validation.py and run/jobs/preflight.py.
 """
 
-import math
-from collections.abc import Callable, Sequence
-from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from collections.abc import Sequence
+from dataclasses import MISSING, fields, is_dataclass
 from typing import Any
 
-from omegaconf import MISSING as REQUIRED
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from diffusion.errors import UserError
-
-NUMPY_SEED_MAX = 2**32 - 1  # numpy's SeedSequence and Lightning's seed_everything take seeds in [0, 2**32 - 1]
-
-
-@dataclass(frozen=True)
-class Rule:
-    """A predicate on a field's value and how a message says it ("an integer >= 1")."""
-
-    ok: Callable[[Any], bool]
-    text: str
-
-
-def checked(default: Any = REQUIRED, rule: Rule | None = None, *, factory: Callable[[], Any] | None = None) -> Any:
-    """A dataclass field with a rule: `batch_size: int = checked(128, at_least(1))` (no default: required, ???)."""
-    meta = {"rule": rule} if rule is not None else {}
-    if factory is not None:
-        return field(default_factory=factory, metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-def _number(x: Any) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def at_least(low: float, integer: bool = True) -> Rule:
-    kind = "an integer" if integer else "a number"
-    return Rule(lambda x: _number(x) and x >= low, f"{kind} >= {low:g}")
-
-
-def positive() -> Rule:
-    return Rule(lambda x: _number(x) and x > 0, "a number > 0")
-
-
-def between(low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> Rule:
-    """low <= x <= high, either end open."""
-    def ok(x: Any) -> bool:
-        return _number(x) and (x > low if low_open else x >= low) and (x < high if high_open else x <= high)
-
-    return Rule(ok, f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}")
-
-
-def one_of(*choices: Any) -> Rule:
-    return Rule(lambda x: x in choices, f"one of {list(choices)}")
-
-
-def optional(rule: Rule) -> Rule:
-    """None (null) or what `rule` allows."""
-    return Rule(lambda x: x is None or rule.ok(x), f"null or {rule.text}")
-
-
-def nonempty_text() -> Rule:
-    return Rule(lambda x: isinstance(x, str) and x.strip() != "", "a non-empty string")
-
-
-def each(rule: Rule, *, size: int | None = None, nonempty: bool = True) -> Rule:
-    """A list whose every item obeys `rule` (of exactly `size` items, or at least one)."""
-    def ok(x: Any) -> bool:
-        if not isinstance(x, Sequence) or isinstance(x, str):
-            return False
-        if (size is not None and len(x) != size) or (nonempty and len(x) == 0):
-            return False
-        return all(rule.ok(item) for item in x)
-
-    count = f"{size} items" if size is not None else "a non-empty list" if nonempty else "a list"
-    return Rule(ok, f"{count}, each {rule.text}")
-
-
-def seed() -> Rule:
-    return Rule(lambda x: isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= NUMPY_SEED_MAX,
-                f"an integer in [0, {NUMPY_SEED_MAX}] (numpy's seed range)")
+from diffusion.rules import REQUIRED, Rule
 
 
 def devices() -> Rule:

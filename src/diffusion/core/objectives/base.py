@@ -4,7 +4,9 @@ An objective owns its noise-level distribution (what training draws), the networ
 given and what it predicts), the training target and loss weighting, and the denoiser D(x; σ) -> x̂0 it exposes
 (core/denoiser.py). The network is any `model(x_in, noise_in[, y])`; the objective decides both inputs.
 
-A new objective is one module here (a subclass of Objective) and one YAML in conf/objective/ naming it.
+A new objective is one module here and one YAML in conf/objective/: the module holds the Objective subclass and
+its schema (a subclass of ObjectiveConfig: the settings, their defaults and rules, written once), which the config
+layer finds and registers as base_objective_<name>; the YAML names that schema.
 """
 
 import importlib
@@ -17,8 +19,17 @@ from torch import Tensor, nn
 
 from diffusion.core.denoiser import Denoiser, Grid
 from diffusion.errors import UserError
+from diffusion.rules import REQUIRED
 
 Model = Callable[[Tensor, Tensor], Tensor]  # model(x_in, noise_in) -> network output
+
+
+@dataclass
+class ObjectiveConfig:
+    """The schema an objective's module declares beside it (`_target_` names the Objective subclass; the fields are
+    its constructor's settings, each `checked(default, rule)`)."""
+
+    _target_: str = REQUIRED
 
 
 @dataclass

@@ -8,18 +8,34 @@ targets onto steps), and x_T is drawn from N(0, I), the paper's p(x_T).
 """
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from diffusion.core.denoiser import Denoiser, Grid, grid_of
-from diffusion.core.gaussian import GaussianDiffusion
+from diffusion.core.gaussian import PARAMETERIZATIONS, VARIANCES, GaussianDiffusion
 from diffusion.core.likelihood import variational_bound
-from diffusion.core.objectives.base import LossOutput, Model, Objective
+from diffusion.core.objectives.base import LossOutput, Model, Objective, ObjectiveConfig
 from diffusion.core.objectives.ddpm_losses import LOSS_TYPES, TIMESTEPS, training_losses
 from diffusion.core.schedules import SPACINGS, space_timesteps
 from diffusion.errors import UserError
+from diffusion.rules import at_least, checked, one_of, optional, positive
+
+
+@dataclass
+class DDPMObjectiveConfig(ObjectiveConfig):
+    """objective=ddpm: Ho et al. 2020 and its successors' options; its betas are the schedule group's."""
+
+    _target_: str = "diffusion.core.objectives.ddpm.DDPM"
+    betas: Any = "${schedule}"  # the schedule group, built (a tensor of T betas) when the objective is
+    parameterization: str = checked("eps", one_of(*PARAMETERIZATIONS))
+    variance: str = checked("fixed_large", one_of(*VARIANCES))  # σ²=β | β̃ | learned
+    loss: str = checked("simple", one_of(*LOSS_TYPES))  # Eq. 14 | the bound | simple + vlb_weight·vlb
+    vlb_weight: float = checked(0.001, at_least(0, integer=False))
+    min_snr_gamma: float | None = checked(None, optional(positive()))
+    timesteps: str = checked("uniform", one_of(*TIMESTEPS))  # how training draws t
 
 
 class DDPM(Objective):

@@ -10,6 +10,7 @@ Sampling runs from σ_max down to σ_min (80 and 0.002 in the paper) on Karras e
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,10 +18,23 @@ from torch import Tensor
 
 from diffusion.core.denoiser import Denoiser, Grid, grid_of, sigma_spacing
 from diffusion.core.likelihood import mean_flat
-from diffusion.core.objectives.base import LossOutput, Model, Objective
+from diffusion.core.objectives.base import LossOutput, Model, Objective, ObjectiveConfig
 from diffusion.errors import UserError
+from diffusion.rules import between, checked, positive
 
 BIN_STDS = 3.0  # the loss is binned over ln σ within P_mean ± 3 P_std (99.7% of the draws; the rest in the end bins)
+
+
+@dataclass
+class EDMObjectiveConfig(ObjectiveConfig):
+    """objective=edm: Karras et al. 2022, Table 1's preconditioning, Sec. 5's training distribution."""
+
+    _target_: str = "diffusion.core.objectives.edm.EDM"
+    sigma_data: float = checked(0.5, positive())  # the data's std (0.5 for images in [-1, 1])
+    p_mean: float = checked(-1.2, between(-20, 20))  # ln σ ~ N(p_mean, p_std²) in training
+    p_std: float = checked(1.2, positive())
+    sigma_min: float = checked(0.002, positive())  # sampling runs from sigma_max down to sigma_min
+    sigma_max: float = checked(80.0, positive())
 
 
 class EDM(Objective):

@@ -11,6 +11,7 @@ t uniform from 1 down to t_min, then shifted. The 'karras' and 'logsnr' grids ru
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,11 +19,25 @@ from torch import Tensor
 
 from diffusion.core.denoiser import Denoiser, Grid, grid_of, sigma_spacing
 from diffusion.core.likelihood import mean_flat
-from diffusion.core.objectives.base import LossOutput, Model, Objective
+from diffusion.core.objectives.base import LossOutput, Model, Objective, ObjectiveConfig
 from diffusion.errors import UserError
+from diffusion.rules import between, checked, one_of, positive
 
 TIME_SCALE = 1000.0  # the network sees 1000 t (diffusers' num_train_timesteps convention)
 T_DISTRIBUTIONS = ("uniform", "logit_normal")
+
+
+@dataclass
+class FlowObjectiveConfig(ObjectiveConfig):
+    """objective=flow: flow matching on the straight path with the velocity target."""
+
+    _target_: str = "diffusion.core.objectives.flow.Flow"
+    t_distribution: str = checked("logit_normal", one_of(*T_DISTRIBUTIONS))  # how training draws t
+    logit_mean: float = checked(0.0, between(-20, 20))  # logit_normal: t = sigmoid(logit_mean + logit_std·n)
+    logit_std: float = checked(1.0, positive())
+    shift: float = checked(1.0, positive())  # SD3's t' = shift·t / (1 + (shift−1)·t), in training and sampling
+    t_min: float = checked(0.001, between(0, 1, low_open=True, high_open=True))  # the smallest t a grid reaches
+    sigma_max: float = checked(80.0, positive())  # the karras and logsnr grids start at σ = t/(1−t) = sigma_max
 
 
 class Flow(Objective):
