@@ -1,6 +1,8 @@
-"""Durable file writes every layer shares: a new file written whole and fsynced, and a rename made durable."""
+"""File handling every layer shares: a new file written whole and fsynced, a rename made durable, a folder proved
+writable."""
 
 import os
+import uuid
 from pathlib import Path
 
 
@@ -24,3 +26,13 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def probe_writable(folder: Path) -> Path:
+    """Create the folder if needed and write and remove a probe file in it (raises OSError); returns the folder."""
+    folder = Path(folder).expanduser()
+    probe = folder / f".write-probe-{uuid.uuid4().hex[:8]}"
+    folder.mkdir(parents=True, exist_ok=True)
+    probe.write_bytes(b"ok")
+    probe.unlink()
+    return folder

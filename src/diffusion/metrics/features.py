@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from diffusion.core.images import to_model_range
 from diffusion.data import load_digits_split
 from diffusion.errors import UserError
+from diffusion.files import probe_writable
 
 DIGITS_CNN_VERSION = "v1"  # bump when the architecture or the training recipe changes: a new cache file
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's name in the torch hub cache
@@ -171,11 +172,8 @@ class DigitsFeatures(FeatureExtractor):
 
 def _check_writable(folder: Path) -> None:
     """The cache folder can take the trained classifier (created if needed; a probe file written and removed)."""
-    probe = folder / f".probe-{os.getpid()}"
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
+        probe_writable(folder)
     except OSError as err:
         raise UserError(f"the digits classifier cannot be cached in {folder} ({err.strerror or err}); set "
                         "callbacks.quality.feature_extractor.cache_dir=<a writable folder> (or XDG_CACHE_HOME)"

@@ -10,7 +10,6 @@ cluster node never costs the run).
 import netrc
 import os
 import socket
-import uuid
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -19,6 +18,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, open_dict
 
 from diffusion.errors import UserError
+from diffusion.files import probe_writable
 
 WANDB_TIMEOUT_S = 5.0
 
@@ -26,11 +26,8 @@ WANDB_TIMEOUT_S = 5.0
 def writable_dir(path: str | Path, key: str) -> Path:
     """The folder, created if needed, after writing and removing a probe file in it."""
     path = Path(path).expanduser()
-    probe = path / f".write-probe-{uuid.uuid4().hex[:8]}"
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"ok")
-        probe.unlink()
+        probe_writable(path)
     except OSError as err:
         raise UserError(f"{key}={path} cannot be written ({err.strerror or err}); choose a folder you can write, "
                         f"e.g. {key}=$HOME/diffusion-outputs, or fix its permissions") from err
