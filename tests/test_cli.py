@@ -98,6 +98,15 @@ def test_sampler_mistakes_are_one_line_before_anything_is_built(script, args, fr
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "samples.npz").exists()
 
 
+def test_a_path_into_a_sweeps_job_folder_is_named_with_its_quoted_spelling(tmp_path):
+    """A -m sweep's job folders hold '=' and ',' (1_objective=edm,seed=0): Hydra reads such a value only quoted."""
+    ckpt = "multirun/objectives/1_objective=edm,seed=0/checkpoints/last.ckpt"
+    result = run_script("sample.py", f"ckpt={ckpt}", cwd=tmp_path)
+    check_one_line_error(result, [f"ckpt={ckpt} cannot be read", f"write ckpt='{ckpt}'"])
+    quoted = run_script("sample.py", f"ckpt='{ckpt}'", cwd=tmp_path)  # read: the next error is the missing file
+    check_one_line_error(quoted, [f"ckpt {ckpt} does not exist"])
+
+
 def test_missing_dataset_names_path_and_download_switch(tmp_path):
     result = run_script("train.py", "debug=fast", "logger=none", "data=mnist", f"data.root={tmp_path / 'nope'}",
                         f"hydra.run.dir={tmp_path}", cwd=tmp_path)

@@ -118,6 +118,7 @@ def precheck(config_name: str, argv: list[str]) -> DictConfig | None:
 
     def check_every_job() -> DictConfig:
         global _checked_here
+        _check_readable(_overrides(argv))
         _check_moved(_user_overrides(argv))
         here = True
         for i, overrides in enumerate(jobs_to_check(_user_overrides(argv))):
@@ -138,6 +139,21 @@ def checked_here() -> bool:
     machine's devices): a job need not validate its config again. False in a job that runs elsewhere (a SLURM job
     validates there, once) or when train() is called without the entry point."""
     return _checked_here
+
+
+def _check_readable(overrides: list[str]) -> None:
+    """An override Hydra's grammar cannot read because its value holds '=', ',' or brackets unquoted (a path into
+    a sweep's job folder, `1_objective=edm,seed=0/...`) is named with its quoted spelling."""
+    parser = OverridesParser.create()
+    for override in overrides:
+        try:
+            parser.parse_overrides([override])
+        except HydraException:
+            key, _, value = override.partition("=")
+            if value and not value.startswith(("'", '"')) and re.search(r"[=,\[\]{}()\s]", value):
+                raise UserError(f"{key}={value} cannot be read: Hydra takes '=', ',', brackets or spaces in a value "
+                                f"only quoted; write {key}='{value}' (in a shell: \"{key}='{value}'\")") from None
+            raise
 
 
 def _check_moved(overrides: list[str]) -> None:
