@@ -120,6 +120,7 @@ SCORES: tuple[Score, ...] = (
           logged_in_training=False),
 )
 SPLITS = ("train", "val")  # the reference sets a run may score against (the data module's splits)
+PRIMARY = "fid_train"  # the score choices rank by and plots draw (the best guidance scale, FD against NFE)
 
 
 def result_keys(splits: "Sequence[str]", *, in_training: bool = False) -> list[str]:

@@ -16,7 +16,15 @@ from diffusion.errors import UserError
 from diffusion.lightning.checkpoints import load_weights
 from diffusion.lightning.evaluation import Evaluator
 from diffusion.lightning.module import ODE_LEVELS
-from diffusion.metrics.quality import SampleQuality, brief_keys, describe, make_protocol, protocol_id
+from diffusion.metrics.quality import (
+    PRIMARY,
+    SampleQuality,
+    brief_keys,
+    column_title,
+    describe,
+    make_protocol,
+    protocol_id,
+)
 from diffusion.run.commands.figures import check_data_fits
 from diffusion.run.jobs import status as job_status
 from diffusion.run.jobs.console import quiet_console
@@ -231,7 +239,7 @@ def _write(report: dict, out: Path, cfg: DictConfig, extractor: str) -> None:
     if guided:
         best = best_row(guided)
         accuracy = f", class accuracy {best['class_accuracy']:.1%}" if "class_accuracy" in best else ""
-        print(f"best guidance: w={best['guidance_scale']:g}{accuracy}, FD (train) {best['fid_train']:.4g}")
+        print(f"best guidance: w={best['guidance_scale']:g}{accuracy}, {column_title(PRIMARY)} {best[PRIMARY]:.4g}")
     print(f"report: {out / 'report.json'}")
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from diffusion.core.sampling import SamplerSpec, check_guidance
-from diffusion.metrics.quality import brief_keys, cell, column_title, protocol_id, score_cells
+from diffusion.metrics.quality import PRIMARY, brief_keys, cell, column_title, protocol_id, score_cells
 
 
 def guidance_samplers(scales: list[float], sampler: SamplerSpec, num_classes: int | None) -> list[SamplerSpec]:
@@ -43,8 +43,8 @@ def best_row(rows: list[dict]) -> dict:
     extractor classifies; every row otherwise); if none reaches 95%, the highest class accuracy."""
     accurate = [r for r in rows if r.get("class_accuracy", 1.0) >= ACCURATE]
     if not accurate:
-        return max(rows, key=lambda r: (r["class_accuracy"], -r["fid_train"]))
-    return min(accurate, key=lambda r: r["fid_train"])
+        return max(rows, key=lambda r: (r["class_accuracy"], -r[PRIMARY]))
+    return min(accurate, key=lambda r: r[PRIMARY])
 
 
 def _table(rows: list[dict]) -> tuple[list[str], list[str], list[list]]:
@@ -77,9 +77,9 @@ def write_guidance_table(rows: list[dict], sampler_label: str, extractor: str, o
     fig, axes = plt.subplots(1, 2 if accuracy else 1, figsize=(9.5 if accuracy else 5, 3.8), squeeze=False)
     ax = axes[0, 0]
     for key, marker in (("precision_train", "o-"), ("recall_train", "s--")):
-        ax.plot([r["fid_train"] for r in rows], [r[key] for r in rows], marker, label=key.removesuffix("_train"))
+        ax.plot([r[PRIMARY] for r in rows], [r[key] for r in rows], marker, label=key.removesuffix("_train"))
     for r in rows:
-        ax.annotate(f"w={r['guidance_scale']:g}", (r["fid_train"], r["precision_train"]), fontsize=7,
+        ax.annotate(f"w={r['guidance_scale']:g}", (r[PRIMARY], r["precision_train"]), fontsize=7,
                     textcoords="offset points", xytext=(3, 3))
     ax.set(xlabel=f"FD ({extractor} features, train)", ylabel="precision / recall", title="Guidance trade-off")
     ax.legend(fontsize=8)

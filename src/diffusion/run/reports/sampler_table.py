@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from diffusion.config.entry import SamplerTableConfig
 from diffusion.core.objectives.base import Objective
 from diffusion.core.sampling import SAMPLERS, SamplerSpec
-from diffusion.metrics.quality import brief_keys, cell, column_title, protocol_id, score_cells
+from diffusion.metrics.quality import PRIMARY, brief_keys, cell, column_title, protocol_id, score_cells
 
 
 def table_samplers(table: DictConfig, objective: Objective) -> list[SamplerSpec]:
@@ -91,7 +91,7 @@ def write_table(rows: list[dict], num_samples: int, extractor: str, out: Path) -
         return re.sub(r"-\d+", "", row["sampler"], count=1)
 
     for name in dict.fromkeys(line_of(row) for row in rows):
-        points = sorted((row["nfe"], row["fid_train"]) for row in rows if line_of(row) == name)
+        points = sorted((row["nfe"], row[PRIMARY]) for row in rows if line_of(row) == name)
         line = ax.plot(*zip(*points, strict=True), "o-", label=name)[0]
         if len(points) == 1:  # a single budget (ancestral over all T): a reference level across the plot
             ax.axhline(points[0][1], color=line.get_color(), linestyle="--", linewidth=1,
