@@ -3,7 +3,7 @@ DDPM (its exact float64 betas as trained_betas), EDMEulerScheduler for EDM (Karr
 grid), FlowMatchEulerDiscreteScheduler for flow matching (its UNet sees 1000 t, our network's input). Whatever a
 scheduler cannot express, or our objectives cannot reproduce, is refused with a one-line UserError naming the
 field; a missing field takes diffusers 0.42's default, as diffusers itself does. A folder does not say how its model
-was trained: the papers' training settings stand in (RELEASED_TRAINING)."""
+was trained: the objectives' defaults, the papers' training settings, stand in (RELEASED_TRAINING)."""
 
 from pathlib import Path
 
@@ -12,9 +12,9 @@ from torch import Tensor
 
 from diffusion.core.denoiser import KARRAS_RHO
 from diffusion.core.objectives.base import objective_class
-from diffusion.core.objectives.ddpm import DDPM
-from diffusion.core.objectives.edm import EDM
-from diffusion.core.objectives.flow import TIME_SCALE, Flow
+from diffusion.core.objectives.ddpm import DDPM, DDPMObjectiveConfig
+from diffusion.core.objectives.edm import EDM, EDMObjectiveConfig
+from diffusion.core.objectives.flow import TIME_SCALE, Flow, FlowObjectiveConfig
 from diffusion.core.schedules import (
     cosine_beta_schedule,
     linear_beta_schedule,
@@ -46,10 +46,18 @@ DDPM_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler")
 # with it, right for DDPM and flow matching; EDM's needs scale_model_input (c_in), which ConsistencyModelPipeline calls.
 PIPELINES = {"DDPMScheduler": "DDPMPipeline", "EDMEulerScheduler": "ConsistencyModelPipeline",
              "FlowMatchEulerDiscreteScheduler": "DDPMPipeline"}
-RELEASED_TRAINING = {  # a folder does not say how its model was trained: the papers' settings stand in
-    "ddpm": {"loss": "simple", "vlb_weight": 0.001, "min_snr_gamma": None, "timesteps": "uniform"},
-    "edm": {"p_mean": -1.2, "p_std": 1.2},
-    "flow": {"t_distribution": "logit_normal", "logit_mean": 0.0, "logit_std": 1.0, "sigma_max": 80.0},
+
+
+def _defaults(schema: type, *keys: str) -> dict:
+    """The schema's defaults of these settings (the papers' own, written there once)."""
+    return {k: getattr(schema(), k) for k in keys}
+
+
+# A folder does not say how its model was trained: the objectives' defaults (the papers' settings) stand in.
+RELEASED_TRAINING = {
+    "ddpm": _defaults(DDPMObjectiveConfig, "loss", "vlb_weight", "min_snr_gamma", "timesteps"),
+    "edm": _defaults(EDMObjectiveConfig, "p_mean", "p_std"),
+    "flow": _defaults(FlowObjectiveConfig, "t_distribution", "logit_mean", "logit_std", "sigma_max"),
 }
 PREDICTION_TYPES = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
 # DDPMScheduler.step draws with std sqrt(β̃) for both fixed_small and fixed_small_log (the latter stores the std).
