@@ -65,6 +65,15 @@ def test_evaluate_writes_report_wandb_summary_and_sampler_table(tiny_ckpt, tmp_p
     assert (tmp_path / "samplers.png").stat().st_size > 1000
 
 
+def test_evaluate_py_computes_the_ode_likelihood_through_its_test_loop(tiny_ckpt, tmp_path):
+    """Lightning's test loop runs under torch.inference_mode, where the ODE's divergence (autograd) cannot be taken."""
+    result = run_script("evaluate.py", f"ckpt={tiny_ckpt}", *EVAL, "bpd.method=ode", "bpd.ode_levels=3",
+                        f"hydra.run.dir={tmp_path}", "progress_bar=false", "logger=none", cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    nll = json.loads((tmp_path / "report.json").read_text())["nll"]
+    assert math.isfinite(nll["bpd"]) and nll["bpd"] > 0 and "NLL:" in result.stdout
+
+
 def test_the_default_sampler_table_skips_what_T_cannot_run_and_a_given_one_refuses(capsys, tmp_path):
     from diffusion.run.reports.sampler_table import table_samplers
 

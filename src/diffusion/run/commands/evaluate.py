@@ -88,12 +88,15 @@ def _bpd_method(cfg: DictConfig, module) -> str:
 
 
 def _trainer(cfg: DictConfig) -> L.Trainer:
-    """Every device of the machine (devices=auto), one process each; Lightning's progress bar with its ETA."""
+    """Every device of the machine (devices=auto), one process each; Lightning's progress bar with its ETA. The test
+    loop runs under no_grad, not Lightning's default torch.inference_mode: the ODE likelihood takes the divergence
+    of the denoiser by autograd, which inference mode cannot re-enable."""
     accelerator = "gpu" if torch.cuda.is_available() and cfg.accelerator == "auto" else cfg.accelerator
     devices = cfg.devices if cfg.devices != "auto" else (torch.cuda.device_count() if accelerator == "gpu" else 1)
     return build_trainer(L.Trainer, accelerator=accelerator, devices=devices,
                          strategy="ddp" if devices != 1 else "auto", logger=False, use_distributed_sampler=False,
-                         enable_checkpointing=False, enable_progress_bar=cfg.progress_bar, enable_model_summary=False)
+                         enable_checkpointing=False, enable_progress_bar=cfg.progress_bar, enable_model_summary=False,
+                         inference_mode=False)
 
 
 def _pass(cfg, module, datamodule, metric: SampleQuality, weights: str, sampler: SamplerSpec, num_samples: int,
