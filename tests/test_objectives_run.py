@@ -2,6 +2,9 @@
 global batch (class-conditional), post-hoc EMA widths, guidance and labels in sample.py, the loss binned over each
 objective's own noise level, and the sweep report of a multirun over objectives. Real entry points, tiny networks."""
 
+import csv
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -59,10 +62,13 @@ def test_a_sweep_over_objectives_samples_with_posthoc_widths_and_guidance_and_is
     sweep = tmp_path / "sweep"
     result = run_script("train.py", "-m", "objective=ddpm,edm,flow", "debug=fast", "model.num_classes=10",
                         "logger=none", "trainer.max_steps=4", "callbacks.figures=null", f"hydra.sweep.dir={sweep}",
-                        cwd=tmp_path, timeout=900)
+                        "callbacks.quality.at_train_end=true",
+                        "callbacks.quality.extra_samplers=[{name: heun, steps: 3}]",
+                        cwd=tmp_path, timeout=900, env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
-    assert [f"objective={o}" in p.name for p, o in zip(jobs, ("ddpm", "edm", "flow"), strict=True)] == [True] * 3
+    overrides = [(p / ".hydra" / "overrides.yaml").read_text() for p in jobs]  # folder names are cut at 120 chars
+    assert [f"objective={o}" in s for s, o in zip(overrides, ("ddpm", "edm", "flow"), strict=True)] == [True] * 3
     for job, unit in zip(jobs, ("t0", "sigma", "t0."), strict=True):  # DDPM's steps t0000-0001, σ, flow's t in [0, 1]
         bins = (job / "loss_by_t.csv").read_text().splitlines()[0].split(",")[1:]  # the header: step, then the bins
         assert 5 <= len(bins) <= 10 and all(b.startswith(unit) for b in bins), bins  # bins drawn into, of 10
@@ -78,6 +84,17 @@ def test_a_sweep_over_objectives_samples_with_posthoc_widths_and_guidance_and_is
         assert drawn["samples"].shape == (4, 8, 8, 1) and drawn["labels"].tolist() == [3, 7, 3, 7]
     report = run_script("report.py", str(sweep), "--no-wandb", cwd=tmp_path)
     assert report.returncode == 0, report.stderr[-3000:]
+    # one sampler setting on three objectives is one measurement: heun-3 (an extra sampler) is one column, all
+    # rows filled; ddim-2's default spacing is the objective's (karras for EDM, linspace for the others): two
+    header = (sweep / "report.csv").read_text().splitlines()[0].split(",")
+    rows = list(csv.DictReader((sweep / "report.csv").open()))
+    statuses = [json.loads((job / "status.json").read_text()) for job in jobs]
+    (extra,) = [c for c in header if c.startswith("val/fid@heun-3 [")]
+    assert [float(r[extra]) for r in rows] == pytest.approx(
+        [s["quality_extra"]["heun-3"]["quality"]["val/fid"] for s in statuses])
+    main = [c for c in header if c.startswith("val/fid [")]
+    assert [[float(r[c]) for c in main if r[c]] for r in rows] == [[s["quality"]["val/fid"]] for s in statuses]
+    assert [[bool(r[c]) for c in main] for r in rows] == [[True, False], [False, True], [True, False]]
     table = (sweep / "report.md").read_text()
     for objective in ("ddpm", "edm", "flow"):
         assert any(line.startswith("| ") and f"| {objective} |" in line and "finished" in line

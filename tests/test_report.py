@@ -18,11 +18,21 @@ from diffusion.errors import Interrupted, UserError
 from diffusion.lightning.callbacks import LossByTLog
 from diffusion.lightning.callbacks.loss_by_t import read_loss_by_t
 from diffusion.metrics.quality import measurement_id, protocol_id
-from diffusion.run.commands.report import report
+from diffusion.run.commands.report import bin_title, report
 from diffusion.run.jobs import status as job_status
 from diffusion.run.jobs.guard import guarded
 from diffusion.run.reports.sweep import find_jobs
-from helpers import compose_cfg, ddpm, diffusion_module, paper_betas, run_script, wandb_history, wandb_records
+from helpers import (
+    compose_cfg,
+    ddpm,
+    diffusion_module,
+    edm,
+    flow,
+    paper_betas,
+    run_script,
+    wandb_history,
+    wandb_records,
+)
 
 LRS = ["0.001", "0.002", "0.0005", "1e+30"]  # Adam at 1e30: an infinite loss at step 1, inside the job
 
@@ -105,6 +115,34 @@ def write_job(folder: Path, overrides: list[str]) -> None:
     (folder / ".hydra").mkdir(parents=True)
     (folder / ".hydra" / "config.yaml").write_text("name: x\nlogger: null\n")
     (folder / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+
+
+def test_loss_by_level_of_three_objectives_is_plotted_with_each_objectives_own_bins(tmp_path):
+    """DDPM bins its loss by step, flow by t in [0, 1], EDM by σ: the report plots all three, titled in their units."""
+    bins = {"ddpm": ["t0000-0099", "t0900-0999"], "flow": ["t0.00-0.10", "t0.90-1.00"],
+            "edm": ["sigma0.00823-0.0169", "sigma5.37-11"]}
+    for k, (objective, names) in enumerate(bins.items()):
+        write_job(tmp_path / f"{k}_objective={objective}", [f"objective={objective}"])
+        rows = "".join(f"{step},{step / 10},{step / 20}\n" for step in (11, 22))
+        (tmp_path / f"{k}_objective={objective}" / "loss_by_t.csv").write_text(f"step,{','.join(names)}\n{rows}")
+    out = report([tmp_path], use_wandb=False)
+    assert (out / "report_loss_by_t.png").stat().st_size > 1000
+    assert [bin_title(n) for names in bins.values() for n in names] == [
+        "t in [0, 99]", "t in [900, 999]", "t in [0.00, 0.10]", "t in [0.90, 1.00]", "σ in [0.00823, 0.0169]",
+        "σ in [5.37, 11]"]
+    assert bin_title("val/loss") == "val/loss"
+
+
+def test_one_sampler_setting_on_three_objectives_is_one_measurement_of_three_models():
+    """A sweep over objectives (or T) compares them in one column; another sampler or sample count is another."""
+    base = {"num_generated": 1000, "reference": {"train": {"num_images": 1500}}, "extractor": "digits-cnn-v1",
+            "extractor_sha256": "0505ec543d97", "seed": 0, "settings": {},
+            "sampler": {"name": "heun", "steps": 35, "eta": None, "spacing": "karras", "clip_denoised": True}}
+    protocols = [{**base, **objective.protocol(), "weights": "ema"} for objective in (ddpm(), edm(), flow())]
+    protocols.append({**base, **ddpm(paper_betas(100)).protocol(), "weights": "posthoc-ema sigma_rel=0.05"})
+    assert len({protocol_id(p) for p in protocols}) == 4 and len({measurement_id(p) for p in protocols}) == 1
+    assert measurement_id({**base, "num_generated": 500}) != measurement_id(base)
+    assert measurement_id({**base, "sampler": {**base["sampler"], "steps": 9}}) != measurement_id(base)
 
 
 def test_report_on_a_folder_that_is_not_a_sweep_is_one_line(tmp_path):

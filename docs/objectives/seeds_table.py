@@ -1,39 +1,42 @@
-"""The README's objectives table from a sweep report: for each objective, every sampler's FD as mean ± std over seeds.
+"""The README's objectives table from a sweep folder: for each objective, every sampler's FD as mean ± std over seeds.
 
-    python docs/objectives/seeds_table.py multirun/objectives/<time>/report.csv
+    python docs/objectives/seeds_table.py multirun/objectives/<time>
 
-Reads the report.csv that `make report DIR=multirun/objectives/<time>` writes (one row per job, an `objective` and
-a `seed` column, `val/fid` for the main sampler and `val/fid@<tag>` for each extra one) and prints a Markdown table
-with one row per sampler and one column per objective. The sample standard deviation (n - 1) is over the seeds;
-a cell whose seeds did not all finish says how many did.
+Reads each job's .hydra/overrides.yaml (its objective) and status.json (the FDs the run logged at its end: `val/fid`
+for the main sampler, `val/fid@<tag>` for each extra one) and prints a Markdown table with one row per sampler and
+one column per objective. The standard deviation is the sample one (n - 1) over the seeds; a cell whose seeds did not
+all finish says how many did.
 """
 
-import csv
+import json
 import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 MAIN_TAG = "heun-35"  # conf/experiment/objectives.yaml's callbacks.quality.sampler
-
-
 SHARED = ("heun-9", "dpmpp_2m-10", MAIN_TAG, "dpmpp_2m-35")  # the samplers every objective is scored with
 
 
-def read(path: Path) -> tuple[dict[str, dict[str, list[float]]], dict[str, str]]:
+def read(sweep: Path) -> tuple[dict[str, dict[str, list[float]]], dict[str, str]]:
     """{row: {objective: FDs over seeds}} with row a shared sampler's tag or "own", and each objective's own tag."""
     scores: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     own_tags: dict[str, str] = {}
-    with path.open() as f:
-        for row in csv.DictReader(f):
-            for column, value in row.items():
-                if not (column == "val/fid" or column.startswith("val/fid@")) or value in ("", None):
-                    continue
-                tag = column.partition("@")[2] or MAIN_TAG
-                if tag not in SHARED:  # the objective's own sampler (ddpm-1000, heun-20, euler-50): one row for all
-                    own_tags[row["objective"]] = tag
-                    tag = "own"
-                scores[tag][row["objective"]].append(float(value))
+    for job in sorted(p.parent for p in sweep.glob("*/status.json")):
+        overrides = dict(o.split("=", 1) for o in OmegaConf.load(job / ".hydra" / "overrides.yaml"))
+        status = json.loads((job / "status.json").read_text())
+        if status["status"] != "finished":
+            continue
+        objective = overrides.get("objective", "ddpm")
+        for metric, value in status["metrics"].items():
+            if not (metric == "val/fid" or metric.startswith("val/fid@")):
+                continue
+            tag = metric.partition("@")[2] or MAIN_TAG
+            if tag not in SHARED:  # the objective's own sampler (ddpm-1000, heun-20, euler-50): one row for all
+                own_tags[objective], tag = tag, "own"
+            scores[tag][objective].append(value)
     return scores, own_tags
 
 
@@ -46,8 +49,8 @@ def cell(values: list[float], seeds: int) -> str:
     return text + ("" if len(values) == seeds else f" ({len(values)} of {seeds} seeds)")
 
 
-def main(path: Path) -> None:
-    scores, own_tags = read(path)
+def main(sweep: Path) -> None:
+    scores, own_tags = read(sweep)
     objectives = sorted({o for by in scores.values() for o in by})
     seeds = max(len(v) for by in scores.values() for v in by.values())
     print("| sampler-NFE | " + " | ".join(f"`{o}`" for o in objectives) + " |")

@@ -314,10 +314,17 @@ def protocol_id(protocol: dict) -> str:
     return hashlib.sha256(json.dumps(protocol, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
+# What a protocol records of the model measured rather than of the measurement: its weights (ema, raw, posthoc-ema
+# σ_rel=...) and what `Objective.protocol()` adds (its objective; DDPM's T and variance). A test keeps every
+# objective's keys in this list.
+MODEL_KEYS = ("weights", "objective", "num_timesteps", "variance")
+
+
 def measurement_id(protocol: dict) -> str:
-    """protocol_id of the protocol less its `weights`: scores of different averages of one network (ema, raw,
-    posthoc-ema σ_rel=...) measured alike share it, so a sweep's table may compare them in one column."""
-    return protocol_id({k: v for k, v in protocol.items() if k != "weights"})
+    """protocol_id of the protocol less the model's own entries (`MODEL_KEYS`): scores of different models or
+    averages (another objective, T, EMA width) measured alike, with the same sampler setting, samples, reference
+    and extractor, share it, so a sweep's table compares them in one column."""
+    return protocol_id({k: v for k, v in protocol.items() if k not in MODEL_KEYS})
 
 
 def describe_measurement(protocol: dict) -> str:

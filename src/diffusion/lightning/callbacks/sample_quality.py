@@ -53,7 +53,7 @@ class SampleQualityCallback(L.Callback):
         self.last_scores: dict[str, float] = {}  # the main sampler's
         self.extra_scores: dict[str, float] = {}  # every extra sampler's, as `val/<score>@<tag>`
         self.protocol: dict | None = None
-        self.extra_protocol_ids: dict[str, str] = {}
+        self.extra_protocols: dict[str, dict] = {}  # each extra sampler's: the main one's with its sampler
         self._last_step, self._logged_protocol = -1, None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -134,11 +134,11 @@ class SampleQualityCallback(L.Callback):
         self.protocol = self._protocol(pl_module, weights, self.sampler)
         if not self.extra_tags and self.extra_samplers:
             self.extra_tags = self._tags(pl_module.objective)
-        self.extra_scores, self.extra_protocol_ids = {}, {}
+        self.extra_scores, self.extra_protocols = {}, {}
         for tag, sampler in zip(self.extra_tags, self.extra_samplers, strict=True):
             scores = self._score(net, trainer, pl_module, sampler)
             self.extra_scores.update({f"{name}@{tag}": value for name, value in scores.items()})
-            self.extra_protocol_ids[tag] = protocol_id(self._protocol(pl_module, weights, sampler))
+            self.extra_protocols[tag] = self._protocol(pl_module, weights, sampler)
         self._log(trainer, pl_module)
         return self.last_scores
 
@@ -161,15 +161,16 @@ class SampleQualityCallback(L.Callback):
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in scores.items()})
         pid = protocol_id(self.protocol)
         protocols = {"quality_protocol": self.protocol, "quality_protocol_id": pid}
-        if self.extra_protocol_ids:  # each extra sampler's protocol is the main one's with its sampler
-            protocols["quality_extra_protocol_ids"] = self.extra_protocol_ids
+        extra_ids = {tag: protocol_id(protocol) for tag, protocol in self.extra_protocols.items()}
+        if extra_ids:  # each extra sampler's protocol is the main one's with its sampler
+            protocols["quality_extra_protocol_ids"] = extra_ids
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(scores, step=trainer.global_step)
-                if (pid, self.extra_protocol_ids) != self._logged_protocol:
+                if (pid, extra_ids) != self._logged_protocol:
                     logger.log_hyperparams(protocols)
                     if isinstance(logger, WandbLogger):
                         logger.experiment.summary.update(protocols)
-        self._logged_protocol = (pid, self.extra_protocol_ids)
+        self._logged_protocol = (pid, extra_ids)
         shown = {k: self.last_scores[k] for k in shown_names() if k in self.last_scores} or self.last_scores
         pl_module.print(describe(shown, self.protocol))  # rank 0 only

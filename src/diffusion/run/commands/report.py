@@ -99,13 +99,41 @@ def plot_vs_swept(rows: list[dict], swept: list[str], cols: list[str], out: Path
     return paths
 
 
+def _bin_parts(name: str) -> tuple[str, str, str]:
+    """A loss-by-level bin's name, "t0000-0099" (DDPM's steps), "t0.10-0.20" (flow's t) or "sigma0.147-0.301" (σ),
+    split into its variable and its two ends."""
+    variable = name.rstrip("0123456789.-e+")
+    lo, _, hi = name[len(variable):].partition("-")
+    return variable, lo, hi
+
+
+def _bin_order(name: str) -> tuple:
+    """DDPM's step bins, then flow's t bins, then σ bins, each from the lowest level up."""
+    variable, lo, _ = _bin_parts(name)
+    try:
+        return variable, not lo.isdigit(), float(lo), name
+    except ValueError:  # not a bin of ours: after them, by name
+        return variable, True, math.inf, name
+
+
+def bin_title(name: str) -> str:
+    """ "t in [0, 99]", "t in [0.10, 0.20]", "σ in [0.147, 0.301]"; any other column keeps its name."""
+    variable, lo, hi = _bin_parts(name)
+    try:
+        float(lo), float(hi)
+    except ValueError:
+        return name
+    lo, hi = (str(int(v)) if v.isdigit() else v for v in (lo, hi))  # DDPM's zero-padded steps
+    return f"{'σ' if variable == 'sigma' else variable} in [{lo}, {hi}]"
+
+
 def plot_loss_by_t(jobs: list[dict], labels: dict[str, str], out: Path) -> list[Path]:
     """report_loss_by_t.png: one panel a t-bin, the training loss against the step, every job overlaid."""
     curves = [(labels[job["name"]], job["loss_by_t"]) for job in jobs if job["loss_by_t"]]
     if not curves:
         return []
     plt = _pyplot()
-    bins = sorted({k for _, rows in curves for r in rows for k in r if k != "step"})
+    bins = sorted({k for _, rows in curves for r in rows for k in r if k != "step"}, key=_bin_order)
     ncols = min(5, len(bins))
     nrows = math.ceil(len(bins) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 2.6 * nrows), squeeze=False)
@@ -113,14 +141,17 @@ def plot_loss_by_t(jobs: list[dict], labels: dict[str, str], out: Path) -> list[
         for job_label, rows in curves:
             pts = [(r["step"], r[name]) for r in rows if name in r]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", markersize=3, label=job_label)
-        lo, _, hi = name[1:].partition("-")
-        ax.set(title=f"t in [{int(lo)}, {int(hi)}]" if hi.isdigit() else name, xlabel="step")
+        ax.set(title=bin_title(name), xlabel="step")
         ax.title.set_fontsize(8)
     for ax in axes[:, 0]:
-        ax.set_ylabel("L_simple, epoch mean")
+        ax.set_ylabel("training loss, epoch mean")
     for ax in list(axes.flat)[len(bins):]:
         ax.axis("off")
-    handles, names = axes[0][0].get_legend_handles_labels()
+    # jobs of different objectives draw into different bins: the legend gathers every panel's, each job once
+    legend = {}
+    for ax in axes.flat:
+        legend.update(zip(*reversed(ax.get_legend_handles_labels()), strict=True))
+    names, handles = list(legend), list(legend.values())
     fig.legend(handles, names, loc="lower center", ncol=min(4, len(names)), fontsize=7)
     fig.tight_layout(rect=(0, 0.04 + 0.03 * math.ceil(len(names) / 4), 1, 1))
     path = out / "report_loss_by_t.png"

@@ -238,8 +238,11 @@ def _fit(cfg: DictConfig, output_dir: Path, extra_callbacks: tuple) -> dict[str,
     if trainer.is_global_zero and grid is not None:
         print(f"samples: {grid.final_path}")
     if quality is not None:
+        extra = {tag: {"quality": {k.removesuffix(f"@{tag}"): v for k, v in quality.extra_scores.items()
+                                   if k.endswith(f"@{tag}")}, "quality_protocol": protocol}
+                 for tag, protocol in quality.extra_protocols.items()}
         job_status.record(quality=quality.last_scores, quality_protocol=quality.protocol,
-                          weights=quality.protocol["weights"])
+                          weights=quality.protocol["weights"], quality_extra=extra)
     if trainer.is_global_zero and quality is not None:  # the last line `make train` prints
         print(f"quality: {describe(quality.last_scores, quality.protocol)}")
     return metrics

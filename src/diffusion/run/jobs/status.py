@@ -7,6 +7,7 @@ What the job measured reaches it through `record(...)`, which run.train and run.
     {"status": "finished", "error": null, "resume": null, "entry": "train", "wall_seconds": 41.2, "step": 1200,
      "metrics": {"train/loss": 0.031, "val/loss": 0.029, "val/bpd": 4.66, "val/fid": 0.19, ...},
      "quality": {"val/fid": 0.19, ...}, "quality_protocol_id": "645b2bbb", "quality_protocol": {...},
+     "quality_extra": {"heun-9": {"quality": {"val/fid": 0.83, ...}, "quality_protocol": {...}}, ...},
      "weights": "ema", "started": "...", "updated": "..."}
 
 Only rank 0 writes; a job requeued into the same directory adds the wall time of its interrupted attempts.
@@ -31,7 +32,8 @@ _recorded: dict[str, Any] = {}  # what the running job measured (one job at a ti
 
 def record(**fields: Any) -> None:
     """Remember what this job measured: step, metrics (floats by name), quality (the sample-quality scores among
-    them), quality_protocol (their protocol: its id is added), weights."""
+    them), quality_protocol (their protocol: its id is added), quality_extra (each extra sampler's scores and
+    protocol, by its tag), weights."""
     if fields.get("quality_protocol") is not None:
         fields["quality_protocol_id"] = protocol_id(fields["quality_protocol"])
     _recorded.update(fields)

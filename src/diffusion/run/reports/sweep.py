@@ -4,8 +4,9 @@ A job is a folder with .hydra/config.yaml (its resolved config) and .hydra/overr
 values); its status.json (diffusion.run.jobs.status) says how it ended and what it measured, and its
 loss_by_t.csv holds the per-epoch training loss binned over t. The swept parameters are the override keys
 whose values differ between the jobs. Quality scores go in one column only when they were measured alike:
-the column is named by the protocol's measurement id (`measurement_id`: the protocol less the weights,
-which get a column of their own), so scores of different protocols never share a column.
+the column is named by the protocol's measurement id (`measurement_id`: the protocol less what it records of
+the model, its weights, objective and T, which are the jobs' own columns), so scores measured differently never
+share a column.
 """
 
 import csv
@@ -87,11 +88,13 @@ def build_rows(jobs: list[dict]) -> tuple[list[dict], list[str], dict[str, str]]
         row["step"], row["wall_seconds"] = status.get("step"), status.get("wall_seconds")
         metrics, quality = status.get("metrics") or {}, status.get("quality") or {}
         row.update({k: v for k, v in metrics.items() if k not in quality})
-        protocol = status.get("quality_protocol")
-        if protocol and quality:
-            mid = measurement_id(protocol)
-            measurements[mid] = describe_measurement(protocol)
-            row.update({f"{k} [{mid}]": v for k, v in quality.items()})
+        extra = {f"@{tag}": (m.get("quality") or {}, m.get("quality_protocol"))
+                 for tag, m in (status.get("quality_extra") or {}).items()}
+        for suffix, (scores, protocol) in {"": (quality, status.get("quality_protocol")), **extra}.items():
+            if protocol and scores:
+                mid = measurement_id(protocol)
+                measurements[mid] = describe_measurement(protocol)
+                row.update({f"{k}{suffix} [{mid}]": v for k, v in scores.items()})
         row["weights"], row["protocol_id"] = status.get("weights"), status.get("quality_protocol_id")
         row["note"] = _note(status, job)
         rows.append(row)
@@ -120,8 +123,9 @@ def columns(rows: list[dict], swept: list[str], brief: bool) -> list[str]:
 
 
 def _is_main(column: str) -> bool:
-    """A headline score's column ('val/fid [ab12cd34]'): report.md shows these, report.csv every score."""
-    return is_headline(column.split(" [")[0])
+    """A headline score's column ('val/fid [ab12cd34]', 'val/fid@heun-9 [cd34ef56]' of an extra sampler): report.md
+    shows these, report.csv every score."""
+    return is_headline(column.split(" [")[0].split("@")[0])
 
 
 def write_csv(rows: list[dict], cols: list[str], path: Path) -> None:
@@ -144,8 +148,8 @@ def markdown(rows: list[dict], swept: list[str], measurements: dict[str, str], t
     lines += ["| " + " | ".join(_cell(_short(row[c]) if c == "job" else row.get(c)) for c in cols) + " |"
               for row in rows]
     if measurements:
-        lines += ["", "Quality scores, by measurement id (the protocol less the weights; `protocol_id` in "
-                  "report.csv is the full one):", ""]
+        lines += ["", "Quality scores, by measurement id (the protocol less what it says of the model: its weights, "
+                  "objective and T; `protocol_id` in report.csv is the full one):", ""]
         lines += [f"- `{mid}`: {text}" for mid, text in measurements.items()]
     lines += ["", *(f"![{p.stem}]({p.name})" for p in figures)]
     return "\n".join(lines) + "\n"
