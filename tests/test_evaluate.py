@@ -58,7 +58,8 @@ def test_evaluate_writes_report_wandb_summary_and_sampler_table(tiny_ckpt, tmp_p
     assert len({r["protocol_id"] for r in rows}) == 6  # different samplers are different protocols
     assert all(r["seconds_per_image"] > 0 and math.isfinite(r["fid_train"]) for r in rows)
     lines = (tmp_path / "samplers.md").read_text().splitlines()
-    assert "| sampler | NFE | s / image | FD (train) | IS | KID (train) | precision | recall |" in lines
+    # the scores' columns are SCORES' brief list, in its order (a score added there joins this table)
+    assert "| sampler | NFE | s / image | FD (train) | FD (val) | KID | precision | recall | IS |" in lines
     starts = ("| ddim-2 η=0 | 2 |", "| dpmpp_2m-3 | 3 |", "| dpmpp_2m_sde-3 η=1 | 3 |", "| unipc-5 order=3 | 5 |",
               "| heun-4 | 3 |", "| ddpm-20 | 20 |")
     assert sum(line.startswith(starts) for line in lines) == 6
