@@ -163,7 +163,8 @@ def _evaluate(cfg: DictConfig) -> dict:
     if rank_zero_only.rank == 0:
         _write(report, out, cfg, extractor)
     job_status.record(step=posthoc["step"] if posthoc else None, metrics=_scores(report), weights=weights,
-                      quality={f"eval/{k}": v for k, v in report["quality"].items()}, quality_protocol=protocol)
+                      quality={f"eval/{k}": v for k, v in report["quality"].items()}, quality_protocol=protocol,
+                      quality_protocol_id=report["protocol_id"])
     return report
 
 

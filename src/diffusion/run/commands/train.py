@@ -18,7 +18,7 @@ from diffusion.lightning.checkpoint_io import AtomicCheckpointIO
 from diffusion.lightning.checkpoints import ModelMismatch, check_checkpoint, init_weights
 from diffusion.lightning.distributed import JobDDPStrategy
 from diffusion.lightning.module import DiffusionModule
-from diffusion.metrics.quality import describe
+from diffusion.metrics.quality import describe, protocol_id
 from diffusion.run.jobs import lock as run_lock
 from diffusion.run.jobs import status as job_status
 from diffusion.run.jobs.console import quiet_console
@@ -242,7 +242,8 @@ def _fit(cfg: DictConfig, output_dir: Path, extra_callbacks: tuple) -> dict[str,
                                    if k.endswith(f"@{tag}")}, "quality_protocol": protocol}
                  for tag, protocol in quality.extra_protocols.items()}
         job_status.record(quality=quality.last_scores, quality_protocol=quality.protocol,
-                          weights=quality.protocol["weights"], quality_extra=extra)
+                          quality_protocol_id=protocol_id(quality.protocol), weights=quality.protocol["weights"],
+                          quality_extra=extra)
     if trainer.is_global_zero and quality is not None:  # the last line `make train` prints
         print(f"quality: {describe(quality.last_scores, quality.protocol)}")
     return metrics

@@ -21,10 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
-from lightning.pytorch.utilities import rank_zero_only
+from lightning_utilities.core.rank_zero import rank_zero_only  # the rank Lightning sets (utils_rank_zero_only), without importing Lightning
 
 from diffusion.errors import UserError
-from diffusion.metrics.quality import protocol_id
 
 FILENAME = "status.json"
 _recorded: dict[str, Any] = {}  # what the running job measured (one job at a time, also under -m)
@@ -32,10 +31,9 @@ _recorded: dict[str, Any] = {}  # what the running job measured (one job at a ti
 
 def record(**fields: Any) -> None:
     """Remember what this job measured: step, metrics (floats by name), quality (the sample-quality scores among
-    them), quality_protocol (their protocol: its id is added), quality_extra (each extra sampler's scores and
-    protocol, by its tag), weights."""
-    if fields.get("quality_protocol") is not None:
-        fields["quality_protocol_id"] = protocol_id(fields["quality_protocol"])
+    them), quality_protocol and quality_protocol_id (their protocol and its id), quality_extra (each extra
+    sampler's scores and protocol, by its tag), weights. (This module imports neither Lightning nor the metrics:
+    every entry point imports it before it has checked its command line.)"""
     _recorded.update(fields)
 
 
