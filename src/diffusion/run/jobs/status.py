@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
-from lightning_utilities.core.rank_zero import rank_zero_only  # the rank Lightning sets (utils_rank_zero_only), without importing Lightning
+from lightning_utilities.core.rank_zero import (
+    rank_zero_only,  # the rank Lightning sets (utils_rank_zero_only), without importing Lightning
+)
 
 from diffusion.errors import UserError
 
