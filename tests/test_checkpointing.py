@@ -15,7 +15,7 @@ from PIL import Image
 
 from diffusion.core.schedules import cosine_beta_schedule
 from diffusion.errors import UserError
-from diffusion.lightning.checkpoint_io import AtomicCheckpointIO
+from diffusion.lightning.checkpoint_io import AtomicCheckpointIO, BackgroundCheckpointIO
 from diffusion.lightning.checkpoints import check_checkpoint
 from diffusion.run.commands.train import build_module, check_resumable, train
 from helpers import ROOT, paper_betas, train_cfg
@@ -45,7 +45,8 @@ def trained(tmp_path_factory):
 
 def test_training_writes_every_checkpoint_through_the_atomic_plugin(trained):
     out, seen = trained
-    assert isinstance(seen["trainer"].strategy.checkpoint_io, AtomicCheckpointIO)
+    io = seen["trainer"].strategy.checkpoint_io  # training.async_checkpoints: the atomic writer in a thread
+    assert isinstance(io, BackgroundCheckpointIO) and isinstance(io.checkpoint_io, AtomicCheckpointIO)
     written = sorted(p.name for p in (out / "checkpoints").iterdir())  # hidden temp files included
     assert written == ["last.ckpt", "step0000002.ckpt", "step0000004.ckpt"]
     assert sorted({p.name for p in seen["saves"]}) == written

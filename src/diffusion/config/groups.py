@@ -97,6 +97,9 @@ class TrainingConfig:
     # skip reads every step's loss whatever this says (it must know before the optimizer step)
     nonfinite_check_every_n_steps: int = checked(100, at_least(1))
     loss_bins: int = checked(10, between(1, 1000))  # train_loss_by_t/*: the loss in this many ranges of noise level
+    # checkpoints written by a background thread: a step waits for a copy of the tensors, not for the disk; the
+    # run's last checkpoint is on disk before train.py ends or a signal's stop says it was saved. false: in the step
+    async_checkpoints: bool = True
 
 
 @dataclass

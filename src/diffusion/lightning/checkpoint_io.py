@@ -4,19 +4,29 @@
 renames it onto the final name: a full disk or a crash leaves the previous checkpoint there whole.
 (Lightning's own writer stages the file in the system temp directory, which may lie on another disk,
 and then copies it under the final name, so a copy that fails part-way leaves a truncated checkpoint.)
+
+`BackgroundCheckpointIO` runs those writes in a thread (training.async_checkpoints=true), so that a step
+waits for a copy of the checkpoint's tensors only, not for the file system. It is Lightning's
+AsyncCheckpointIO, which (since lightning 2.5.4, PR #21079) clones every tensor on the caller's thread
+before handing the checkpoint to its writer: the next optimizer step, which changes the weights in place,
+cannot reach the file being written. Added here: removals wait behind the writes queued before them (a
+checkpoint is never removed before a newer one is whole), at most two writes wait at a time (each holds a
+copy of the checkpoint), and `wait()`, which a signal's save calls before the process says it is saved.
 """
 
 import contextlib
 import errno
 import os
 import uuid
+from collections import deque
+from concurrent.futures import Future
 from io import BytesIO
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
-from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.plugins.io import AsyncCheckpointIO, TorchCheckpointIO
 
 from diffusion.errors import UserError
 from diffusion.files import fsync_dir, write_durably
@@ -51,6 +61,50 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 tmp.unlink()
             raise UserError(_write_error(path, err, existed)) from err
         _fsync_dir(path)
+
+
+class BackgroundCheckpointIO(AsyncCheckpointIO):
+    """AtomicCheckpointIO's writes in one background thread, in the order they were asked for."""
+
+    max_pending = 2  # writes queued or running; a third save waits for the oldest (memory: one copy each)
+
+    def __init__(self):
+        super().__init__(AtomicCheckpointIO())
+        self._pending: deque[Future] = deque()
+
+    def save_checkpoint(self, *args: Any, **kwargs: Any) -> None:
+        while len(self._pending) >= self.max_pending:
+            self._pending.popleft().result()
+        super().save_checkpoint(*args, **kwargs)  # clones the tensors here, then queues the write
+        self._pending.append(self._executor.submit(lambda: None))  # done when that write is
+
+    def remove_checkpoint(self, path) -> None:
+        self._ensure_setup()
+        self._executor.submit(self._remove, path)
+
+    def _remove(self, path) -> None:
+        try:
+            self.checkpoint_io.remove_checkpoint(path)
+        except BaseException as err:  # raised on the caller's thread at the next save, wait or teardown
+            self._error = err
+
+    def wait(self) -> None:
+        """Return once every write and removal asked for so far is done; raise the first one's error."""
+        if self._executor is not None:
+            self._executor.submit(lambda: None).result()
+        self._pending.clear()
+        if self._error:
+            raise self._error
+
+    def teardown(self) -> None:
+        self._pending.clear()
+        super().teardown()
+
+
+def wait_for_checkpoints(trainer) -> None:
+    """Block until the trainer's checkpoints asked for so far are on disk (a no-op for synchronous writes)."""
+    if isinstance(trainer.strategy.checkpoint_io, BackgroundCheckpointIO):
+        trainer.strategy.checkpoint_io.wait()
 
 
 def _fsync_dir(path: Path) -> None:

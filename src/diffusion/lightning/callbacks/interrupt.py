@@ -36,6 +36,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from diffusion.errors import Interrupted, UserError
+from diffusion.lightning.checkpoint_io import wait_for_checkpoints
 
 
 def default_requeue_signal() -> str:
@@ -166,6 +167,7 @@ class GracefulInterrupt(L.Callback):
                 trainer.save_checkpoint(path, weights_only=False)
             finally:
                 self._stopping = False
+            wait_for_checkpoints(trainer)  # on disk before we say so, requeue, or exit
             message = f"stopped by {name} at step {trainer.global_step}; checkpoint saved to {path}"
         else:  # in a validation (Lightning heard of it on its own), its EMA weights swapped in: nothing to save
             message, path = (f"stopped by {name} in a validation at step {trainer.global_step}; nothing was saved, "

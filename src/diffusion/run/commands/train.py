@@ -14,7 +14,7 @@ from diffusion.config.build import module_kwargs, net_kwargs, objective_of
 from diffusion.core.objectives.base import Objective
 from diffusion.errors import UserError
 from diffusion.lightning.callbacks import GracefulInterrupt, SampleGrid, SampleQualityCallback, StepProgressBar
-from diffusion.lightning.checkpoint_io import AtomicCheckpointIO
+from diffusion.lightning.checkpoint_io import AtomicCheckpointIO, BackgroundCheckpointIO
 from diffusion.lightning.checkpoints import ModelMismatch, check_checkpoint, init_weights
 from diffusion.lightning.distributed import JobDDPStrategy
 from diffusion.lightning.module import DiffusionModule
@@ -220,7 +220,7 @@ def _fit(cfg: DictConfig, output_dir: Path, extra_callbacks: tuple) -> dict[str,
     try:
         # partial: the strategy may be an object, which the schema's `strategy: str` field cannot hold
         trainer = build_trainer(instantiate(cfg.trainer, _partial_=True),
-                                strategy=strategy, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
+                                strategy=strategy, callbacks=callbacks, plugins=[_checkpoint_io(cfg)],
                                 logger=logger if logger else False, default_root_dir=str(output_dir),
                                 enable_model_summary=False)
         _announce(trainer, cfg, module, output_dir)
@@ -247,6 +247,11 @@ def _fit(cfg: DictConfig, output_dir: Path, extra_callbacks: tuple) -> dict[str,
     if trainer.is_global_zero and quality is not None:  # the last line `make train` prints
         print(f"quality: {describe(quality.last_scores, quality.protocol)}")
     return metrics
+
+
+def _checkpoint_io(cfg: DictConfig) -> AtomicCheckpointIO | BackgroundCheckpointIO:
+    """Atomic checkpoint writes, in a background thread unless training.async_checkpoints=false."""
+    return BackgroundCheckpointIO() if cfg.training.async_checkpoints else AtomicCheckpointIO()
 
 
 def objective(cfg: DictConfig, metrics: dict[str, float]) -> float | None:
