@@ -60,18 +60,19 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from diffusion.lightning.checkpoint_io import AtomicCheckpointIO
+from diffusion.lightning.checkpoint_io import AtomicCheckpointIO, BackgroundCheckpointIO, wait_for_checkpoints
 from diffusion.config import DigitsDataConfig
 from diffusion.errors import UserError
 from diffusion.lightning.module import DiffusionModule
 from diffusion.core.objectives.ddpm import DDPM
 from diffusion.core.schedules import linear_beta_schedule
 
-ckpt_dir, good_copy, limit = sys.argv[1], sys.argv[2], int(sys.argv[3])
+ckpt_dir, good_copy, limit, io = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 
 class CapFileSize(L.Callback):  # runs before ModelCheckpoint, which Lightning always puts last
     def on_train_batch_end(self, trainer, *args):
         if trainer.global_step == 2:
+            wait_for_checkpoints(trainer)  # step 1's, when written in the background
             shutil.copy(f"{ckpt_dir}/last.ckpt", good_copy)
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # so write() fails with EFBIG instead of killing us
             resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
@@ -82,7 +83,8 @@ objective = DDPM(linear_beta_schedule(20, 1e-4, 0.02), "eps", "fixed_large", "si
 module = DiffusionModule(net=net, objective=objective.spec(), val_timestep_fractions=(0.0, 0.5, 1.0), val_bpd_images=0,
                          loss_bins=10, on_nonfinite="stop", nonfinite_check_every_n_steps=100, compile=False)
 checkpoint = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=1, save_top_k=0, save_last=True)
-trainer = L.Trainer(max_steps=3, plugins=[AtomicCheckpointIO()], callbacks=[CapFileSize(), checkpoint],
+io = BackgroundCheckpointIO() if io == "background" else AtomicCheckpointIO()
+trainer = L.Trainer(max_steps=3, plugins=[io], callbacks=[CapFileSize(), checkpoint],
                     logger=False, accelerator="cpu", limit_val_batches=0, enable_progress_bar=False,
                     enable_model_summary=False)
 try:
@@ -94,16 +96,18 @@ else:
 """
 
 
-def test_a_save_failing_part_way_leaves_the_previous_checkpoint_whole(tmp_path):
+@pytest.mark.parametrize("io, raised_at", [("atomic", 2), ("background", 3)])
+def test_a_save_failing_part_way_leaves_the_previous_checkpoint_whole(io, raised_at, tmp_path):
+    """Written in the step, the error stops the run at once; written in the background, at the next save."""
     ckpt_dir, good_copy, limit = tmp_path / "checkpoints", tmp_path / "step1_copy.ckpt", 16 * 1024
-    result = subprocess.run([sys.executable, "-c", FILL_THE_DISK, str(ckpt_dir), str(good_copy), str(limit)],
+    result = subprocess.run([sys.executable, "-c", FILL_THE_DISK, str(ckpt_dir), str(good_copy), str(limit), io],
                             capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     last = ckpt_dir / "last.ckpt"
     assert good_copy.stat().st_size > limit  # the new save really was cut off part-way, not refused up front
-    # The error reached trainer.fit's caller, at step 2, as one line naming the path, the OS error and a fix.
-    assert report["errno"] == errno.EFBIG and report["step"] == 2
+    # The error reached trainer.fit's caller, at step 2 (3), as one line naming the path, the OS error and a fix.
+    assert report["errno"] == errno.EFBIG and report["step"] == raised_at
     message = report["message"]
     assert "\n" not in message and str(last) in message and "File too large" in message
     assert "previous checkpoint there is intact" in message and f"ckpt_path={last}" in message
