@@ -34,9 +34,10 @@ test: $(STAMP)  ## Run the whole test suite (sets up .venv first if needed)
 lint: $(STAMP)  ## Run ruff over the code
 	$(VENV)/bin/ruff check .
 
-bench: $(BENCH_STAMP)  ## Throughput vs diffusers, train.py's overhead over a bare loop, EMA/Adam kernels (bench/results/)
+bench: $(BENCH_STAMP)  ## Throughput vs diffusers, train.py's overhead, EMA/Adam kernels, checkpoint stall (bench/results/)
 	$(PY) bench/overhead.py
 	$(PY) bench/unet_throughput.py
+	$(PY) bench/checkpoint_stall.py
 
 train: $(STAMP)  ## Train on the bundled digits on CPU in minutes; prints the sample grid's path last
 	$(PY) train.py experiment=digits
