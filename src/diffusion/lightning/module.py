@@ -257,6 +257,10 @@ class DiffusionModule(L.LightningModule):
         checkpoint["nonfinite_skips"] = self.nonfinite_skips
         # The epoch's binned losses so far: a run resumed mid-epoch logs the whole epoch's means at its end.
         checkpoint["train_loss_by_t"] = [dict(metric.metric_state) for metric in self.train_bin_loss]
+        # What a resume must continue: the same data (run/commands/train.py compares it), the same W&B run.
+        identity = getattr(self.trainer.datamodule, "identity", None)
+        if identity is not None:
+            checkpoint["data"] = identity
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "timestep_sampler" in checkpoint:
