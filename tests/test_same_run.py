@@ -1,6 +1,9 @@
 """A resume is the same run: on the data it was trained on (else refused, init_from named), in the same W&B run."""
 
+import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -112,3 +115,43 @@ def test_a_copy_of_the_folder_is_the_same_data_and_a_changed_file_is_not(tmp_pat
     assert {**copy, "root": None} == {**original, "root": None}
     Image.fromarray(np.zeros((8, 8), np.uint8), mode="L").save(tmp_path / "b" / "07.png")  # another size on disk
     assert folder_identity(tmp_path / "b")["fingerprint"] != original["fingerprint"]
+
+
+def wandb_run_ids(run_dir: Path) -> list[str]:
+    """The run id of each offline W&B run under run_dir, in start order, as wandb's own reader reads it back."""
+    exe = Path(sys.executable).parent / "wandb"
+    ids = []
+    for folder in sorted(run_dir.glob("wandb/offline-run-*")):
+        out = subprocess.run([str(exe), "leet", "inspect", "--json", str(folder)], capture_output=True, text=True,
+                             timeout=120, check=True).stdout
+        records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        (run,) = [r["run"] for r in records if r.get("type") == "run"]
+        assert folder.name.endswith(f"-{run['run_id']}")  # what `wandb sync` uploads it as
+        ids.append(run["run_id"])
+    return ids
+
+
+def test_a_resume_and_a_requeue_continue_the_same_wandb_run_and_init_from_starts_a_new_one(tmp_path):
+    first, resumed = tmp_path / "first", tmp_path / "resumed"
+    train(train_cfg(first, "callbacks.samples=null", "trainer.max_steps=2"))  # logger: W&B, offline
+    (run_id,) = wandb_run_ids(first)
+    ckpt = first / "checkpoints" / "last.ckpt"
+    assert torch.load(ckpt, weights_only=True)["wandb_run_id"] == run_id
+    assert (first / "wandb_run_id").read_text() == f"{run_id}\n"
+    # ckpt_path (what a signal's message says to run): into a new run directory, the same W&B run
+    train(train_cfg(resumed, "callbacks.samples=null", "trainer.max_steps=3", f"ckpt_path={ckpt}"))
+    assert wandb_run_ids(resumed) == [run_id]
+    assert torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)["wandb_run_id"] == run_id
+    # a requeue: train.py again into the run directory, which resumes its own last.ckpt
+    train(train_cfg(first, "callbacks.samples=null", "trainer.max_steps=4"))
+    assert wandb_run_ids(first) == [run_id, run_id]
+    # a requeue before the first checkpoint: the run directory names the W&B run
+    early = tmp_path / "early"
+    early.mkdir()
+    shutil.copy(first / "wandb_run_id", early)
+    train(train_cfg(early, "callbacks.samples=null", "trainer.max_steps=1", "callbacks.checkpoint=null"))
+    assert wandb_run_ids(early) == [run_id]
+    # init_from starts a new run from the weights: a new W&B run
+    train(train_cfg(tmp_path / "tuned", "callbacks.samples=null", "trainer.max_steps=1", f"init_from={ckpt}"))
+    (new,) = wandb_run_ids(tmp_path / "tuned")
+    assert new != run_id

@@ -11,6 +11,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.utilities.seed import reset_seed
+from lightning.pytorch.loggers import WandbLogger
 from torch import Tensor
 from torchmetrics import MeanMetric
 
@@ -261,6 +262,9 @@ class DiffusionModule(L.LightningModule):
         identity = getattr(self.trainer.datamodule, "identity", None)
         if identity is not None:
             checkpoint["data"] = identity
+        for logger in self.trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                checkpoint["wandb_run_id"] = logger.version
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "timestep_sampler" in checkpoint:
