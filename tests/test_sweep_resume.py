@@ -49,3 +49,24 @@ def test_a_sweep_run_again_after_its_process_was_killed_skips_resumes_and_runs_t
     with (sweep / "report.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 3
+
+
+@pytest.mark.slow
+def test_an_optuna_sweep_run_again_replays_its_recorded_trials_and_goes_on(tmp_path):
+    """The study lives in memory (optuna < 3's SQLite storage fails with SQLAlchemy 2): run again with a seeded
+    sampler, it proposes the same first trial, which is skipped with its recorded value, then a new one."""
+    sweep = tmp_path / "sweep"
+    optuna = ["-m", "debug=fast", "callbacks.samples=null", "logger=none", "hydra/sweeper=optuna",
+              "hydra.sweeper.sampler.seed=0", "optimized_metric=val/loss", "seed=choice(0,1,2,3,4,5,6,7,8,9)",
+              f"hydra.sweep.dir={sweep}"]
+    first = run_script("train.py", *optuna, "hydra.sweeper.n_trials=1", cwd=tmp_path, timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    (trial0,) = [path.parent for path in sweep.rglob("status.json")]
+    recorded = (trial0 / "status.json").read_bytes()
+    again = run_script("train.py", *optuna, "hydra.sweeper.n_trials=2", cwd=tmp_path, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (trial0 / "status.json").read_bytes() == recorded and "job 0: finished before" in again.stdout
+    statuses = [read_status(path.parent) for path in sweep.rglob("status.json")]
+    assert len(statuses) == 2 and all(s["status"] == "finished" for s in statuses)
+    best = float((sweep / "optimization_results.yaml").read_text().split("best_value:")[1].split()[0])
+    assert best == min(s["metrics"]["val/loss"] for s in statuses)  # trial 0's recorded value reached the study
