@@ -7,7 +7,6 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion.config import validate
@@ -118,7 +117,7 @@ def _logger(cfg: DictConfig, output_dir: Path, run_id: str | None):
     logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), **sweep.get("config", {})})
     if cfg.paper_card:
         logger.experiment.summary.update({f"paper/{k}": v for k, v in cfg.paper_card.items()})
-    if rank_zero_only.rank == 0:  # the other ranks' logger has no run
+    if run_lock.is_global_rank_zero():  # the other ranks' logger has no run
         if run_id is not None:
             print(f"W&B: continuing run {run_id}")
         path = output_dir / WANDB_RUN_ID
