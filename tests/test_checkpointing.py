@@ -243,12 +243,12 @@ def test_the_run_directorys_own_checkpoint_of_another_model_names_the_fix_that_w
     difference = {"net": "net.ch=32, this run has net.ch=16", "T": "T=20 timesteps, this run has T=30",
                   "variance": "objective.variance=fixed_large, this run has objective.variance=learned_range"}[other]
     with pytest.raises(UserError) as own:
-        check_resumable(str(path), module, out, own=True)
+        check_resumable(str(path), module, {}, out, own=True)
     assert str(own.value) == (f"run directory {out} holds a checkpoint of another model (trained with {difference}): "
                               f"use another hydra.run.dir, or remove {out / 'checkpoints'} (that model's checkpoints) "
                               "to train this one there")
     with pytest.raises(UserError) as given:  # ckpt_path=... given: then leaving it out is the fix
-        check_resumable(str(path), module, out, own=False)
+        check_resumable(str(path), module, {}, out, own=False)
     assert f"trained with {difference}; " in str(given.value) and str(given.value).endswith("start without ckpt_path")
 
 
@@ -260,6 +260,6 @@ def test_a_damaged_own_checkpoint_names_the_fix_that_works(trained, tmp_path):
     hparams = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["hyper_parameters"]
     module = SimpleNamespace(hparams=hparams)
     with pytest.raises(UserError) as err:
-        check_resumable(str(checkpoints / "last.ckpt"), module, tmp_path, own=True)
+        check_resumable(str(checkpoints / "last.ckpt"), module, {}, tmp_path, own=True)
     assert "is truncated or corrupt" in str(err.value) and "ckpt_path" not in str(err.value).split("; ")[-1]
     assert str(err.value).endswith(f"or remove {checkpoints} to start afresh there")

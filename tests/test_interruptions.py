@@ -79,13 +79,17 @@ def test_slurm_requeue_resumes_in_the_same_run_directory(tmp_path):
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 143, stderr[-2000:]
     first_step = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
-    requeued = subprocess.run([*cmd[:2], "debug=fast", "name=slurmtest", "callbacks.samples=null", "logger=none",
+    requeued = subprocess.run([*cmd[:2], "debug=fast", "name=slurmtest", "callbacks.samples=null",
                                f"trainer.max_steps={first_step + 2}"], cwd=tmp_path, env=env, capture_output=True,
                               text=True, timeout=300)
     assert requeued.returncode == 0, requeued.stderr[-3000:]
     assert f"resuming from {run_dir / 'checkpoints' / 'last.ckpt'}" in requeued.stdout
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == first_step + 2
     assert [p.name for p in (outputs / "slurmtest").iterdir()] == ["slurm-4242"]
+    # the requeued job continues the W&B run of the first attempt: two offline folders, one run id
+    first, second = sorted(run_dir.glob("wandb/offline-run-*"))
+    run_id = first.name.rsplit("-", 1)[1]
+    assert second.name.endswith(f"-{run_id}") and f"W&B: continuing run {run_id}" in requeued.stdout
 
 
 @pytest.mark.slow

@@ -1,6 +1,6 @@
 """LightningDataModules: scikit-learn digits (the default), MNIST, Fashion-MNIST, CIFAR-10, a folder of images."""
 
-from diffusion.data.base import SPLIT_SEED, SPLITS, ImageDataModule, require_files
+from diffusion.data.base import SPLIT_SEED, SPLITS, ImageDataModule, describe_data, require_files, same_data
 from diffusion.data.datasets import (
     CIFAR10DataModule,
     DigitsDataModule,
@@ -12,5 +12,6 @@ from diffusion.data.folder import ImageFolderDataModule, find_images, image_prob
 from diffusion.data.loader import EpochSampler, ResumableLoader
 
 __all__ = ["CIFAR10DataModule", "DigitsDataModule", "EpochSampler", "FashionMNISTDataModule", "ImageDataModule",
-           "ImageFolderDataModule", "MNISTDataModule", "ResumableLoader", "SPLITS", "SPLIT_SEED", "find_images",
-           "image_problem", "load_digits_split", "load_square", "require_files", "to_channels"]
+           "ImageFolderDataModule", "MNISTDataModule", "ResumableLoader", "SPLITS", "SPLIT_SEED", "describe_data",
+           "find_images", "image_problem", "load_digits_split", "load_square", "require_files", "same_data",
+           "to_channels"]

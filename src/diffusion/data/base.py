@@ -6,8 +6,10 @@ discretized decoder assumes (Ho et al. 2020, Sec. 3.3). Nothing is downloaded un
 missing or empty data raise a one-line ``UserError`` before training starts.
 """
 
+import hashlib
 import tarfile
 import zlib
+from functools import cached_property
 from pathlib import Path
 
 import lightning as L
@@ -21,6 +23,18 @@ from diffusion.errors import UserError
 SPLITS = ("train", "val")
 SPLIT_SEED = 0  # held-out splits are fixed, independent of the training seed
 _NOT_FOUND = "set data.download=true to fetch it, or data.root=PATH to point at an existing copy"
+
+def same_data(a: dict, b: dict) -> bool:
+    """Whether two `identity` records are of the same data: the same data set, images and contents. The root may
+    differ: a copy of the same files elsewhere (a node's local disk) is the same data."""
+    return all(a.get(key) == b.get(key) for key in ("name", "size", "fingerprint"))
+
+
+def describe_data(identity: dict) -> str:
+    """An `identity` record in a few words: `digits (scikit-learn's load_digits, 1500+297 images, 3f2a...)`."""
+    size = "+".join(str(n) for n in identity["size"].values())
+    return f"{identity['name']} ({identity['root']}, {size} images, fingerprint {identity['fingerprint']})"
+
 
 def require_files(name: str, root: Path, relpaths: list[str]) -> None:
     """Raise the one-line 'not found' UserError unless every file exists under root."""
@@ -101,6 +115,25 @@ class ImageDataModule(L.LightningDataModule):
     def _inputs(self, split: str) -> Dataset:
         """The split as model inputs: images in [-1, 1], with their labels when `with_labels` is set."""
         return _ModelInputs(self._split(split), self.labels(split) if self.with_labels else None)
+
+    @cached_property
+    def identity(self) -> dict:
+        """What this data is, for a checkpoint to record and a resume to compare: the data set's name, where it
+        was read from, the images per split and a fingerprint of their contents (`same_data` says which count)."""
+        return {"name": self.name, "root": self._source(), "size": {s: len(self._split(s)) for s in SPLITS},
+                "fingerprint": self._fingerprint()}
+
+    def _source(self) -> str:
+        return str(self.root.resolve())
+
+    def _fingerprint(self) -> str:
+        """sha256 of every split's uint8 images (already in memory), shape and bytes."""
+        digest = hashlib.sha256()
+        for split in SPLITS:
+            images = self._split(split).images.contiguous()  # (N, C, H, W) uint8
+            digest.update(f"{split} {tuple(images.shape)}\n".encode())
+            digest.update(images.numpy().tobytes())
+        return digest.hexdigest()[:16]
 
     def _fetch(self) -> None:
         """Download the dataset into root (only called with download=True)."""

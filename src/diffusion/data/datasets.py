@@ -46,6 +46,9 @@ class DigitsDataModule(ImageDataModule):
     def _where(self) -> str:
         return "in scikit-learn's load_digits"
 
+    def _source(self) -> str:
+        return "scikit-learn's load_digits"
+
     def _load_split(self, split: str) -> Dataset:
         return _Images(load_digits_split(split, self.val_size)[0])
 

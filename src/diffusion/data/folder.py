@@ -14,6 +14,7 @@ decompression bombs, 89,478,485 by default) or whose values do not fit the range
 scan before training, and named in one line.
 """
 
+import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 from pathlib import Path
@@ -26,7 +27,7 @@ from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from diffusion.data.base import SPLIT_SEED, ImageDataModule
+from diffusion.data.base import SPLIT_SEED, SPLITS, ImageDataModule
 from diffusion.errors import UserError
 
 PIL_MAX_PIXELS = 89_478_485  # PIL's default Image.MAX_IMAGE_PIXELS
@@ -177,6 +178,16 @@ class ImageFolderDataModule(ImageDataModule):
             raise UserError(f"{len(bad)} of {len(paths)} image files in {root} cannot be used, first "
                             f"{bad[0][0]}: {bad[0][1]}")
         return paths
+
+    def _fingerprint(self) -> str:
+        """sha256 of each split's files: their paths relative to the root, sorted, and their sizes in bytes (the
+        images are not read again: the scan has read every one)."""
+        digest = hashlib.sha256()
+        root = self.root.resolve()
+        for split in SPLITS:
+            for path in self._files[split]:
+                digest.update(f"{split} {path.relative_to(root).as_posix()} {path.stat().st_size}\n".encode())
+        return digest.hexdigest()[:16]
 
     def _class_of(self, path: Path) -> str | None:
         parts = path.relative_to(self.root.resolve()).parts

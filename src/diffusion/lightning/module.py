@@ -11,6 +11,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.utilities.seed import reset_seed
+from lightning.pytorch.loggers import WandbLogger
 from torch import Tensor
 from torchmetrics import MeanMetric
 
@@ -257,6 +258,13 @@ class DiffusionModule(L.LightningModule):
         checkpoint["nonfinite_skips"] = self.nonfinite_skips
         # The epoch's binned losses so far: a run resumed mid-epoch logs the whole epoch's means at its end.
         checkpoint["train_loss_by_t"] = [dict(metric.metric_state) for metric in self.train_bin_loss]
+        # What a resume must continue: the same data (run/commands/train.py compares it), the same W&B run.
+        identity = getattr(self.trainer.datamodule, "identity", None)
+        if identity is not None:
+            checkpoint["data"] = identity
+        for logger in self.trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                checkpoint["wandb_run_id"] = logger.version
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "timestep_sampler" in checkpoint:

@@ -23,8 +23,9 @@ CONF = "../conf"  # src/diffusion/conf, shipped inside the package (the reposito
 def _train(cfg: DictConfig):
     from diffusion.run.commands.train import objective, train
 
-    # The value of cfg.optimized_metric (what a sweeper such as Optuna optimizes), else None.
-    return guarded(lambda c: objective(c, train(c)), cfg)
+    # The value of cfg.optimized_metric (what a sweeper such as Optuna optimizes), else None; for a job of a sweep
+    # run again that finished before, the value its status.json recorded.
+    return guarded(lambda c: objective(c, train(c)), cfg, lambda c, status: objective(c, status.get("metrics", {})))
 
 
 @hydra.main(version_base="1.3", config_path=CONF, config_name="sample")

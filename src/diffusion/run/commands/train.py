@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from diffusion.config import validate
 from diffusion.config.build import module_kwargs, net_kwargs, objective_of
 from diffusion.core.objectives.base import Objective
+from diffusion.data import describe_data, same_data
 from diffusion.errors import UserError
 from diffusion.lightning.callbacks import GracefulInterrupt, SampleGrid, SampleQualityCallback, StepProgressBar
 from diffusion.lightning.checkpoint_io import AtomicCheckpointIO, BackgroundCheckpointIO
@@ -94,15 +95,35 @@ def write_classes(output_dir: Path, class_names: list[str]) -> Path:
     return path
 
 
-def _logger(cfg: DictConfig):
-    """The W&B logger (offline unless logger.offline=false), with the resolved config and the paper card."""
+WANDB_RUN_ID = "wandb_run_id"  # the run directory's file (and the checkpoint's key) naming its W&B run
+
+
+def _wandb_run_id(resumed: dict | None, output_dir: Path) -> str | None:
+    """The W&B run a run continues: the one its checkpoint names, else the one its run directory started (a
+    requeued job that had not yet checkpointed), else none (a new W&B run)."""
+    if resumed is not None and resumed.get(WANDB_RUN_ID):
+        return resumed[WANDB_RUN_ID]
+    path = output_dir / WANDB_RUN_ID
+    return (path.read_text().strip() or None) if path.is_file() else None
+
+
+def _logger(cfg: DictConfig, output_dir: Path, run_id: str | None):
+    """The W&B logger (offline unless logger.offline=false), with the resolved config and the paper card; with
+    `run_id`, it continues that W&B run (resume="allow", online and offline: `wandb sync` joins the files)."""
     if cfg.logger is None:
         return None
     sweep = sweep_info(cfg)
-    logger = instantiate(cfg.logger, **sweep.get("wandb", {}))
+    logger = instantiate(cfg.logger, id=run_id, **sweep.get("wandb", {}))
     logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), **sweep.get("config", {})})
     if cfg.paper_card:
         logger.experiment.summary.update({f"paper/{k}": v for k, v in cfg.paper_card.items()})
+    if run_lock.is_global_rank_zero():  # the other ranks' logger has no run
+        if run_id is not None:
+            print(f"W&B: continuing run {run_id}")
+        path = output_dir / WANDB_RUN_ID
+        tmp = path.with_name(f".{WANDB_RUN_ID}.tmp")
+        tmp.write_text(f"{logger.version}\n")
+        os.replace(tmp, path)
     return logger
 
 
@@ -164,19 +185,38 @@ def _callbacks(cfg: DictConfig, logger, datamodule) -> list[L.Callback]:
     return callbacks
 
 
-def check_resumable(ckpt_path: str, module: DiffusionModule, output_dir: Path, own: bool) -> None:
-    """The checkpoint to resume must be of this model. The run directory's own last.ckpt (`own`: resumed
-    without ckpt_path) is not left behind by leaving out ckpt_path: another run directory is the fix."""
-    if not own:
-        check_checkpoint(ckpt_path, module.hparams)  # architecture, objective and what gives its weights meaning
-        return
+def check_resumable(ckpt_path: str, module: DiffusionModule, data: dict, output_dir: Path, own: bool) -> dict:
+    """The checkpoint to resume, which must be of this model and this data (`data`: the data module's
+    identity). The run directory's own last.ckpt (`own`: resumed without ckpt_path) is not left behind by
+    leaving out ckpt_path: another run directory is the fix."""
     checkpoints = Path(ckpt_path).parent
-    try:
-        check_checkpoint(ckpt_path, module.hparams, start_over=f"remove {checkpoints} to start afresh there")
-    except ModelMismatch as err:
-        raise UserError(f"run directory {output_dir} holds a checkpoint of another model (trained with "
-                        f"{err.difference}): use another hydra.run.dir, or remove {checkpoints} (that model's "
-                        "checkpoints) to train this one there") from err
+    if not own:
+        ckpt = check_checkpoint(ckpt_path, module.hparams)  # architecture, objective and what gives its weights meaning
+    else:
+        try:
+            ckpt = check_checkpoint(ckpt_path, module.hparams, start_over=f"remove {checkpoints} to start afresh there")
+        except ModelMismatch as err:
+            raise UserError(f"run directory {output_dir} holds a checkpoint of another model (trained with "
+                            f"{err.difference}): use another hydra.run.dir, or remove {checkpoints} (that model's "
+                            "checkpoints) to train this one there") from err
+    _check_same_data(ckpt_path, ckpt.get("data"), data, output_dir, own)
+    return ckpt
+
+
+def _check_same_data(ckpt_path: str, trained_on: dict | None, data: dict, output_dir: Path, own: bool) -> None:
+    """A resume continues a run on the data it was trained on; new data starts a new run from the weights."""
+    if trained_on is None:
+        print(f"{ckpt_path} does not record its data (written before checkpoints did): resuming without checking "
+              "that this is the data it was trained on")
+        return
+    if same_data(trained_on, data):
+        return
+    where = f"run directory {output_dir} holds a checkpoint" if own else f"checkpoint {ckpt_path} was"
+    fix = f"use another hydra.run.dir with init_from={ckpt_path}" if own else \
+        f"drop ckpt_path and set init_from={ckpt_path}"
+    raise UserError(f"{where} trained on {describe_data(trained_on)}, but this run's data is {describe_data(data)}; "
+                    f"a resume continues a run on its own data: {fix} to start from its weights on this data "
+                    "(step 0, a new optimizer), or resume with that run's data settings")
 
 
 def train(cfg: DictConfig, extra_callbacks: tuple = ()) -> dict[str, float]:
@@ -203,8 +243,8 @@ def _fit(cfg: DictConfig, output_dir: Path, extra_callbacks: tuple) -> dict[str,
         write_classes(output_dir, class_names)
     if init is not None:
         module.net.load_state_dict(init)
-    if ckpt_path is not None:
-        check_resumable(ckpt_path, module, output_dir, own=cfg.ckpt_path is None)
+    resumed = None if ckpt_path is None else \
+        check_resumable(ckpt_path, module, datamodule.identity, output_dir, own=cfg.ckpt_path is None)
     if cfg.callbacks.checkpoint is not None:
         writable_dir(cfg.callbacks.checkpoint.dirpath, "callbacks.checkpoint.dirpath")
     check_logger(cfg.logger)
@@ -214,7 +254,7 @@ def _fit(cfg: DictConfig, output_dir: Path, extra_callbacks: tuple) -> dict[str,
     for callback in callbacks:  # their feature extractors and data checks, before the logger starts a run
         if hasattr(callback, "preflight"):
             callback.preflight(datamodule)
-    logger = _logger(cfg)
+    logger = _logger(cfg, output_dir, _wandb_run_id(resumed, output_dir))
     strategy = _strategy(cfg, output_dir, ckpt_path)
     trainer = None
     try:

@@ -13,15 +13,24 @@ from omegaconf import DictConfig
 
 from diffusion.errors import Interrupted, UserError
 from diffusion.run.jobs.console import fail, full_errors
-from diffusion.run.jobs.status import FILENAME, JobStatus
+from diffusion.run.jobs.status import FILENAME, JobStatus, finished_before
 
 
-def guarded(fn: Callable[[DictConfig], object], cfg: DictConfig):
+def guarded(fn: Callable[[DictConfig], object], cfg: DictConfig,
+            finished: Callable[[DictConfig, dict], object] | None = None):
     """Run fn(cfg); a UserError becomes one line on stderr and exit status 2 (HYDRA_FULL_ERROR=1: traceback).
 
     The job's status.json (diffusion.run.jobs.status) records how it ended. Under -m a failed job does not stop
     the sweep: its line is printed, the next job runs, and the sweep ends with a summary of the failed jobs and
-    exit status 1 (SweepSummary)."""
+    exit status 1 (SweepSummary). A sweep run again into the same hydra.sweep.dir (after its -m process died)
+    skips the jobs whose status.json says finished, answering `finished(cfg, status)` (what fn returned, for a
+    sweeper); the others run again, and a training job resumes from its own last.ckpt (run.commands.train)."""
+    done = finished_before() if _in_multirun() else None
+    if done is not None:
+        path, state = done
+        print(f"job {HydraConfig.get().job.num}: finished before ({path}: step {state.get('step')}, "
+              f"{state.get('wall_seconds')} s), skipped; remove that file to run it again", flush=True)
+        return None if finished is None else finished(cfg, state)
     status = JobStatus()
     try:
         result = fn(cfg)

@@ -75,6 +75,16 @@ class JobStatus:
         os.replace(tmp, self.path)
 
 
+def finished_before() -> tuple[Path, dict] | None:
+    """The status file of the job Hydra is running and its content, if it says the job finished (a sweep run
+    again into its folder); None otherwise, outside a Hydra job, or off rank 0."""
+    if not HydraConfig.initialized() or rank_zero_only.rank != 0:
+        return None
+    folder = Path(HydraConfig.get().runtime.output_dir)
+    state = read_status(folder)
+    return (folder / FILENAME, state) if state and state.get("status") == "finished" else None
+
+
 def one_line(err: BaseException) -> str:
     """A UserError's message as it is; anything else as 'Type: first line'."""
     first = str(err).strip().splitlines()[0] if str(err).strip() else ""

@@ -1,0 +1,72 @@
+"""A sweep resumes as a whole: the same command again after its -m process died skips the finished jobs, resumes
+the interrupted one from its last.ckpt and runs the rest; the report has one row per job."""
+
+import csv
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from diffusion.run.jobs.status import read_status
+from helpers import ROOT, run_script
+
+SWEEP = ["-m", "debug=fast", "callbacks.samples=null", "logger=none", "seed=0,1,2"]  # 3 jobs of 4 steps
+
+
+@pytest.mark.slow
+def test_a_sweep_run_again_after_its_process_was_killed_skips_resumes_and_runs_the_rest(tmp_path):
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, str(ROOT / "train.py"), *SWEEP, f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while not list(sweep.glob("1_*/checkpoints/last.ckpt")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.kill()  # SIGKILL of the -m process once job 1 has checkpointed: a login node gone, a laptop closed
+    proc.wait()
+    (job0,), (job1,) = sweep.glob("0_*"), sweep.glob("1_*")
+    assert not list(sweep.glob("2_*"))
+    assert read_status(job0)["status"] == "finished" and read_status(job1)["status"] == "running"
+    killed_at = torch.load(job1 / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    assert 0 < killed_at < 4
+    finished = (job0 / "status.json").read_bytes()
+    job0_ckpt = (job0 / "checkpoints" / "last.ckpt").stat().st_mtime_ns
+
+    again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"job 0: finished before ({job0 / 'status.json'}: step 4, " in again.stdout
+    assert (job0 / "status.json").read_bytes() == finished  # not trained again: its status and wall time as they were
+    assert (job0 / "checkpoints" / "last.ckpt").stat().st_mtime_ns == job0_ckpt
+    assert f"resuming from {job1 / 'checkpoints' / 'last.ckpt'}" in again.stdout
+    (job2,) = sweep.glob("2_*")
+    for job in (job1, job2):
+        assert read_status(job)["status"] == "finished" and read_status(job)["step"] == 4
+    assert again.stdout.count("resuming from") == 1  # job 2 started afresh
+
+    report = run_script("report.py", str(sweep), "--no-wandb", cwd=tmp_path)
+    assert report.returncode == 0, report.stderr[-3000:]
+    with (sweep / "report.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3
+
+
+@pytest.mark.slow
+def test_an_optuna_sweep_run_again_replays_its_recorded_trials_and_goes_on(tmp_path):
+    """The study lives in memory (optuna < 3's SQLite storage fails with SQLAlchemy 2): run again with a seeded
+    sampler, it proposes the same first trial, which is skipped with its recorded value, then a new one."""
+    sweep = tmp_path / "sweep"
+    optuna = ["-m", "debug=fast", "callbacks.samples=null", "logger=none", "hydra/sweeper=optuna",
+              "hydra.sweeper.sampler.seed=0", "optimized_metric=val/loss", "seed=choice(0,1,2,3,4,5,6,7,8,9)",
+              f"hydra.sweep.dir={sweep}"]
+    first = run_script("train.py", *optuna, "hydra.sweeper.n_trials=1", cwd=tmp_path, timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    (trial0,) = [path.parent for path in sweep.rglob("status.json")]
+    recorded = (trial0 / "status.json").read_bytes()
+    again = run_script("train.py", *optuna, "hydra.sweeper.n_trials=2", cwd=tmp_path, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (trial0 / "status.json").read_bytes() == recorded and "job 0: finished before" in again.stdout
+    statuses = [read_status(path.parent) for path in sweep.rglob("status.json")]
+    assert len(statuses) == 2 and all(s["status"] == "finished" for s in statuses)
+    best = float((sweep / "optimization_results.yaml").read_text().split("best_value:")[1].split()[0])
+    assert best == min(s["metrics"]["val/loss"] for s in statuses)  # trial 0's recorded value reached the study
