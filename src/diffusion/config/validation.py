@@ -5,6 +5,7 @@ start of each job, so a mistake is one line before anything is built.
 """
 
 import importlib
+import math
 from collections.abc import Callable
 from dataclasses import fields, is_dataclass
 from typing import Any
@@ -15,10 +16,17 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from diffusion.config.build import net_kwargs, objective_of
 from diffusion.config.callbacks import PostHocEMAConfig
-from diffusion.config.groups import RangeScheduleConfig
+from diffusion.config.groups import CosineScheduleConfig, LinearScaledScheduleConfig, RangeScheduleConfig
 from diffusion.config.rules import check_rules
+from diffusion.core.likelihood import largest_prior_bpd
 from diffusion.core.posthoc_ema import SIGMA_REL_MAX
 from diffusion.core.sampling import SamplerSpec, as_sampler_spec
+from diffusion.core.schedules import (
+    LINEAR_REFERENCE_TIMESTEPS,
+    cosine_beta_schedule,
+    linear_beta_schedule,
+    linear_scaled_beta_schedule,
+)
 from diffusion.data import DigitsDataModule, ImageFolderDataModule
 from diffusion.errors import UserError
 from diffusion.formats.sources import check_source
@@ -34,6 +42,7 @@ def validate(cfg: DictConfig, here: bool = True) -> None:
     check_targets(cfg)
     _check_schedule(cfg)
     objective = _built(lambda: objective_of(cfg), "objective")
+    _check_prior(cfg, objective)  # before the samplers: their fix for a tiny T would train a chain that ends short
     check_samplers(cfg, objective)
     for key, node in _walk(cfg):  # a training run's samplers guide only a class-conditional model
         if OmegaConf.get_type(node) is SamplerSpec and node.get("guidance_scale") is not None \
@@ -67,6 +76,41 @@ def _check_schedule(cfg: DictConfig) -> None:
             fix = _schema_default(RangeScheduleConfig, "beta_end")
             raise UserError(f"objective: schedule.beta_end must be in (beta_start={start}, 1), got {end}; "
                             f"try schedule.beta_end={fix if start < fix else min(2 * start, 0.999):g}")
+        T = cfg.schedule.num_timesteps
+        if cfg.schedule._target_ == LinearScaledScheduleConfig._target_ and LINEAR_REFERENCE_TIMESTEPS * end >= T:
+            shortest = math.floor(LINEAR_REFERENCE_TIMESTEPS * end) + 1
+            raise UserError(f"schedule=linear_scaled scales beta_end={end:g} by 1000/T, which reaches 1 at "
+                            f"schedule.num_timesteps={T}; use schedule.num_timesteps={shortest} or more, or "
+                            "schedule=cosine at this T")
+
+
+def _check_prior(cfg: DictConfig, objective) -> None:
+    """DDPM's chain must end at noise: L_T at most training.max_prior_bpd, else refused with a schedule that does
+    reach it at the same T (each proposal checked here, so the fix is never a chain that ends short too)."""
+    limit = cfg.training.max_prior_bpd
+    if not objective.markov_chain or limit is None:
+        return
+    T = objective.num_levels
+    prior = largest_prior_bpd(objective.diffusion.betas_float64)
+    if prior <= limit:
+        return
+    chosen = str(cfg.schedule._target_).rsplit(".", 1)[-1].removesuffix("_beta_schedule")
+    paper = {key: _schema_default(RangeScheduleConfig, key) for key in ("beta_start", "beta_end")}
+    cosine = {key: _schema_default(CosineScheduleConfig, key) for key in ("s", "max_beta")}
+    proposals = {"cosine": (cosine_beta_schedule, cosine, "")}
+    if LINEAR_REFERENCE_TIMESTEPS * paper["beta_end"] < T:  # linear_scaled's last beta stays below 1
+        proposals = {"linear_scaled": (linear_scaled_beta_schedule, paper, " (the paper's betas scaled by 1000/T, "
+                                       "Nichol & Dhariwal 2021)"), **proposals}
+    fix = "raise training.max_prior_bpd if a chain that ends short of noise is what you study"
+    for name, (schedule, kwargs, why) in proposals.items():
+        if name != chosen and largest_prior_bpd(schedule(T, **kwargs)) <= limit:
+            fix = f"use schedule={name}{why} at this T, or {fix}"
+            break
+    ac_T = objective.diffusion.alphas_cumprod_float64[-1].item()
+    reference = largest_prior_bpd(linear_beta_schedule(LINEAR_REFERENCE_TIMESTEPS, **paper))
+    raise UserError(f"schedule={chosen} with T={T} does not reach noise: ᾱ_T={ac_T:.3g}, so L_T = KL(q(x_T|x_0) || "
+                    f"N(0, I)) is up to {prior:.3g} bits/dim, above training.max_prior_bpd={limit:g} (the paper's "
+                    f"T=1000: {reference:.2g}), and sampling from N(0, I) starts where the model never trained; {fix}")
 
 
 def _plain(node: DictConfig, key: str) -> Any:
