@@ -20,7 +20,7 @@ from diffusion.config.groups import CosineScheduleConfig, LinearScaledScheduleCo
 from diffusion.config.rules import check_rules
 from diffusion.core.likelihood import largest_prior_bpd
 from diffusion.core.posthoc_ema import SIGMA_REL_MAX
-from diffusion.core.sampling import SamplerSpec, as_sampler_spec
+from diffusion.core.sampling import SamplerSpec, as_sampler_spec, check_guidance
 from diffusion.core.schedules import (
     LINEAR_REFERENCE_TIMESTEPS,
     cosine_beta_schedule,
@@ -44,11 +44,13 @@ def validate(cfg: DictConfig, here: bool = True) -> None:
     objective = _built(lambda: objective_of(cfg), "objective")
     _check_prior(cfg, objective)  # before the samplers: their fix for a tiny T would train a chain that ends short
     check_samplers(cfg, objective)
+    conditional = cfg.model.get("num_classes") is not None
     for key, node in _walk(cfg):  # a training run's samplers guide only a class-conditional model
-        if OmegaConf.get_type(node) is SamplerSpec and node.get("guidance_scale") is not None \
-                and cfg.model.get("num_classes") is None:
+        if OmegaConf.get_type(node) is SamplerSpec and node.get("guidance_scale") is not None and not conditional:
             raise UserError(f"{key}.guidance_scale={node.guidance_scale} needs a class-conditional model; set "
                             f"model.num_classes=N or drop {key}.guidance_scale")
+        if OmegaConf.get_type(node) is SamplerSpec and conditional:
+            check_guidance(node.get("guidance_scale"), cfg.model.num_classes, key, cfg.training.cond_drop_prob)
     _check_cross_fields(cfg, here)
     _check_callbacks_for(cfg, objective)
     if cfg.callbacks.get("quality") is not None:
@@ -150,6 +152,18 @@ def _check_cross_fields(cfg: DictConfig, here: bool = True) -> None:
     if str(cfg.trainer.precision) == "16-mixed" and cfg.trainer.accelerator == "cpu":
         raise UserError("trainer.precision=16-mixed needs a CUDA GPU (fp16 autocast with gradient scaling), got "
                         "trainer.accelerator=cpu; use trainer.precision=bf16-mixed on CPU")
+    if here and str(cfg.trainer.precision) == "16-mixed" and cfg.trainer.accelerator == "auto":
+        import torch
+
+        if not (torch.cuda.is_available() or torch.backends.mps.is_available()):  # auto is the CPU: Lightning would
+            # train in bf16-mixed there while the run's config, checkpoint and W&B run say 16-mixed
+            raise UserError("trainer.precision=16-mixed needs a GPU, but trainer.accelerator=auto finds none "
+                            "here and would train in bf16-mixed instead; use trainer.precision=bf16-mixed (or "
+                            "trainer.precision=32-true) on this machine")
+    if cfg.model.get("num_classes") is not None and cfg.training.cond_drop_prob == 1:
+        raise UserError("training.cond_drop_prob=1.0 replaces every label by \"no label\", so the class-conditional "
+                        "model (model.num_classes set) would never see a label; use training.cond_drop_prob=0.1, or "
+                        "model.num_classes=null for an unconditional model")
     if here and cfg.trainer.accelerator in ("gpu", "cuda"):
         import torch
 
