@@ -72,6 +72,11 @@ def _check_schedule(cfg: DictConfig) -> None:
         chosen = str(cfg.schedule._target_).rsplit(".", 1)[-1].removesuffix("_beta_schedule")
         raise UserError(f"schedule={chosen} is DDPM's beta schedule, but objective={name} draws its own noise levels "
                         f"and takes none; drop schedule={chosen} (or use objective=ddpm)")
+    if takes and "betas" in cfg.schedule and cfg.schedule.get("num_timesteps") is not None \
+            and cfg.schedule.num_timesteps != len(cfg.schedule.betas):  # explicit: used as given, never resampled
+        T, given = cfg.schedule.num_timesteps, len(cfg.schedule.betas)
+        raise UserError(f"schedule.num_timesteps={T} differs from the {given} betas of schedule.betas; give {T} betas, "
+                        f"or set schedule.num_timesteps=null (T = {given}, their number)")
     if takes and "beta_start" in cfg.schedule and "beta_end" in cfg.schedule:  # linear, quadratic, sigmoid
         start, end = cfg.schedule.beta_start, cfg.schedule.beta_end  # each in (0, 1) by the schema's rules
         if not start < end < 1.0:  # (said as when building the objective found it: "objective: ...")

@@ -87,13 +87,8 @@ def cosine_beta_schedule(num_timesteps: int, s: float, max_beta: float) -> torch
 
 
 def explicit_beta_schedule(betas: Sequence[float], num_timesteps: int | None) -> torch.Tensor:
-    """A user-given list of betas (the schema checks they lie in (0, 1)): T is their number, and num_timesteps,
-    when given, must be that number (no beta is dropped or made up)."""
-    if num_timesteps is not None and num_timesteps != len(betas):
-        raise UserError(
-            f"schedule.num_timesteps={num_timesteps} differs from the {len(betas)} betas of schedule.betas; give "
-            f"{num_timesteps} betas, or set schedule.num_timesteps=null (T = {len(betas)}, their number)"
-        )
+    """A user-given list of betas as given: T is their number. num_timesteps, when given, equals it (validation refuses
+    any other: no beta is dropped or made up), as the schema checks they lie in (0, 1)."""
     return torch.tensor(list(betas), dtype=torch.float64)
 
 
