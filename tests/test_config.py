@@ -34,7 +34,7 @@ def build_all(cfg, tmp_path: Path):
 
 
 EXTRA = {
-    "schedule": {"explicit": ["schedule.betas=[0.001,0.01,0.02]"], "none": ["objective=edm"]},
+    "schedule": {"explicit": ["schedule.betas=[0.01,0.5,0.999]"], "none": ["objective=edm"]},
     "data": {"image_folder": ["data.root=/nonexistent", "data.image_size=32", "model=small32"]},
     "model": {"small32": ["data=mnist"], "unet256": ["data=image_folder", "data.root=/nonexistent"],
               "image_folder": ["data=image_folder", "data.root=/nonexistent"]},

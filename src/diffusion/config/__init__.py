@@ -47,6 +47,7 @@ from diffusion.config.groups import (
     ExplicitScheduleConfig,
     FileDataConfig,
     ImageFolderDataConfig,
+    LinearScaledScheduleConfig,
     MNISTDataConfig,
     OptimConfig,
     OptimizerConfig,
@@ -100,6 +101,7 @@ def register_configs() -> None:
     cs.store(name="base_export", node=ExportConfig)
     for group, name, node in [
         ("schedule", "base_schedule_range", RangeScheduleConfig),
+        ("schedule", "base_schedule_linear_scaled", LinearScaledScheduleConfig),
         ("schedule", "base_schedule_sigmoid", SigmoidScheduleConfig),
         ("schedule", "base_schedule_cosine", CosineScheduleConfig),
         ("schedule", "base_schedule_explicit", ExplicitScheduleConfig),
@@ -123,7 +125,8 @@ __all__ = [
     "DataConfig", "DigitsDataConfig", "EMAConfig", "EvaluateConfig",
     "ExplicitScheduleConfig",
     "ExportConfig", "FeatureExtractorConfig", "FiguresConfig", "FileDataConfig",
-    "ImageFolderDataConfig", "LRMonitorConfig", "LossByTConfig", "MNISTDataConfig", "OptimConfig",
+    "ImageFolderDataConfig", "LinearScaledScheduleConfig", "LRMonitorConfig", "LossByTConfig", "MNISTDataConfig",
+    "OptimConfig",
     "OptimizerConfig",
     "PaperFiguresConfig", "PathsConfig", "PostHocEMAConfig",
     "RNGStateConfig", "RangeScheduleConfig", "RanksInSyncConfig", "SampleConfig", "SampleGridConfig",

@@ -32,6 +32,13 @@ class RangeScheduleConfig(ScheduleConfig):
 
 
 @dataclass
+class LinearScaledScheduleConfig(RangeScheduleConfig):
+    """beta_start and beta_end are those of T = 1000, scaled by 1000/T (so T > 1000·beta_end)."""
+
+    _target_: str = "diffusion.core.schedules.linear_scaled_beta_schedule"
+
+
+@dataclass
 class SigmoidScheduleConfig(RangeScheduleConfig):
     _target_: str = "diffusion.core.schedules.sigmoid_beta_schedule"
     steepness: float = checked(6.0, positive())
@@ -49,7 +56,7 @@ class CosineScheduleConfig(ScheduleConfig):
 class ExplicitScheduleConfig(ScheduleConfig):
     _target_: str = "diffusion.core.schedules.explicit_beta_schedule"
     betas: list[float] = checked(rule=each(between(0, 1, low_open=True, high_open=True)))
-    num_timesteps: int | None = checked(None, optional(between(1, MAX_TIMESTEPS)))  # null: len(betas); else knots
+    num_timesteps: int | None = checked(None, optional(between(1, MAX_TIMESTEPS)))  # null: len(betas); else equal to it
 
 
 # --- objectives: their schemas live beside them (core/objectives/<name>.py), found here -----------------------
@@ -100,6 +107,9 @@ class TrainingConfig:
     # checkpoints written by a background thread: a step waits for a copy of the tensors, not for the disk; the
     # run's last checkpoint is on disk before train.py ends or a signal's stop says it was saved. false: in the step
     async_checkpoints: bool = True
+    # DDPM: the most its prior term L_T = KL(q(x_T|x_0) || N(0, I)) may be, in bits/dim, for data at ±1 (the worst
+    # case); a schedule that ends further from noise is refused before training (null: no limit)
+    max_prior_bpd: float | None = checked(1e-3, optional(positive()))
 
 
 @dataclass

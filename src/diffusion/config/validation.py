@@ -5,6 +5,7 @@ start of each job, so a mistake is one line before anything is built.
 """
 
 import importlib
+import math
 from collections.abc import Callable
 from dataclasses import fields, is_dataclass
 from typing import Any
@@ -15,10 +16,17 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from diffusion.config.build import net_kwargs, objective_of
 from diffusion.config.callbacks import PostHocEMAConfig
-from diffusion.config.groups import RangeScheduleConfig
+from diffusion.config.groups import CosineScheduleConfig, LinearScaledScheduleConfig, RangeScheduleConfig
 from diffusion.config.rules import check_rules
+from diffusion.core.likelihood import largest_prior_bpd
 from diffusion.core.posthoc_ema import SIGMA_REL_MAX
-from diffusion.core.sampling import SamplerSpec, as_sampler_spec
+from diffusion.core.sampling import SamplerSpec, as_sampler_spec, check_guidance
+from diffusion.core.schedules import (
+    LINEAR_REFERENCE_TIMESTEPS,
+    cosine_beta_schedule,
+    linear_beta_schedule,
+    linear_scaled_beta_schedule,
+)
 from diffusion.data import DigitsDataModule, ImageFolderDataModule
 from diffusion.errors import UserError
 from diffusion.formats.sources import check_source
@@ -34,12 +42,15 @@ def validate(cfg: DictConfig, here: bool = True) -> None:
     check_targets(cfg)
     _check_schedule(cfg)
     objective = _built(lambda: objective_of(cfg), "objective")
+    _check_prior(cfg, objective)  # before the samplers: their fix for a tiny T would train a chain that ends short
     check_samplers(cfg, objective)
+    conditional = cfg.model.get("num_classes") is not None
     for key, node in _walk(cfg):  # a training run's samplers guide only a class-conditional model
-        if OmegaConf.get_type(node) is SamplerSpec and node.get("guidance_scale") is not None \
-                and cfg.model.get("num_classes") is None:
+        if OmegaConf.get_type(node) is SamplerSpec and node.get("guidance_scale") is not None and not conditional:
             raise UserError(f"{key}.guidance_scale={node.guidance_scale} needs a class-conditional model; set "
                             f"model.num_classes=N or drop {key}.guidance_scale")
+        if OmegaConf.get_type(node) is SamplerSpec and conditional:
+            check_guidance(node.get("guidance_scale"), cfg.model.num_classes, key, cfg.training.cond_drop_prob)
     _check_cross_fields(cfg, here)
     _check_callbacks_for(cfg, objective)
     if cfg.callbacks.get("quality") is not None:
@@ -61,12 +72,52 @@ def _check_schedule(cfg: DictConfig) -> None:
         chosen = str(cfg.schedule._target_).rsplit(".", 1)[-1].removesuffix("_beta_schedule")
         raise UserError(f"schedule={chosen} is DDPM's beta schedule, but objective={name} draws its own noise levels "
                         f"and takes none; drop schedule={chosen} (or use objective=ddpm)")
+    if takes and "betas" in cfg.schedule and cfg.schedule.get("num_timesteps") is not None \
+            and cfg.schedule.num_timesteps != len(cfg.schedule.betas):  # explicit: used as given, never resampled
+        T, given = cfg.schedule.num_timesteps, len(cfg.schedule.betas)
+        raise UserError(f"schedule.num_timesteps={T} differs from the {given} betas of schedule.betas; give {T} betas, "
+                        f"or set schedule.num_timesteps=null (T = {given}, their number)")
     if takes and "beta_start" in cfg.schedule and "beta_end" in cfg.schedule:  # linear, quadratic, sigmoid
         start, end = cfg.schedule.beta_start, cfg.schedule.beta_end  # each in (0, 1) by the schema's rules
         if not start < end < 1.0:  # (said as when building the objective found it: "objective: ...")
             fix = _schema_default(RangeScheduleConfig, "beta_end")
             raise UserError(f"objective: schedule.beta_end must be in (beta_start={start}, 1), got {end}; "
                             f"try schedule.beta_end={fix if start < fix else min(2 * start, 0.999):g}")
+        T = cfg.schedule.num_timesteps
+        if cfg.schedule._target_ == LinearScaledScheduleConfig._target_ and LINEAR_REFERENCE_TIMESTEPS * end >= T:
+            shortest = math.floor(LINEAR_REFERENCE_TIMESTEPS * end) + 1
+            raise UserError(f"schedule=linear_scaled scales beta_end={end:g} by 1000/T, which reaches 1 at "
+                            f"schedule.num_timesteps={T}; use schedule.num_timesteps={shortest} or more, or "
+                            "schedule=cosine at this T")
+
+
+def _check_prior(cfg: DictConfig, objective) -> None:
+    """DDPM's chain must end at noise: L_T at most training.max_prior_bpd, else refused with a schedule that does
+    reach it at the same T (each proposal checked here, so the fix is never a chain that ends short too)."""
+    limit = cfg.training.max_prior_bpd
+    if not objective.markov_chain or limit is None:
+        return
+    T = objective.num_levels
+    prior = largest_prior_bpd(objective.diffusion.betas_float64)
+    if prior <= limit:
+        return
+    chosen = str(cfg.schedule._target_).rsplit(".", 1)[-1].removesuffix("_beta_schedule")
+    paper = {key: _schema_default(RangeScheduleConfig, key) for key in ("beta_start", "beta_end")}
+    cosine = {key: _schema_default(CosineScheduleConfig, key) for key in ("s", "max_beta")}
+    proposals = {"cosine": (cosine_beta_schedule, cosine, "")}
+    if LINEAR_REFERENCE_TIMESTEPS * paper["beta_end"] < T:  # linear_scaled's last beta stays below 1
+        proposals = {"linear_scaled": (linear_scaled_beta_schedule, paper, " (the paper's betas scaled by 1000/T, "
+                                       "Nichol & Dhariwal 2021)"), **proposals}
+    fix = "raise training.max_prior_bpd if a chain that ends short of noise is what you study"
+    for name, (schedule, kwargs, why) in proposals.items():
+        if name != chosen and largest_prior_bpd(schedule(T, **kwargs)) <= limit:
+            fix = f"use schedule={name}{why} at this T, or {fix}"
+            break
+    ac_T = objective.diffusion.alphas_cumprod_float64[-1].item()
+    reference = largest_prior_bpd(linear_beta_schedule(LINEAR_REFERENCE_TIMESTEPS, **paper))
+    raise UserError(f"schedule={chosen} with T={T} does not reach noise: ᾱ_T={ac_T:.3g}, so L_T = KL(q(x_T|x_0) || "
+                    f"N(0, I)) is up to {prior:.3g} bits/dim, above training.max_prior_bpd={limit:g} (the paper's "
+                    f"T=1000: {reference:.2g}), and sampling from N(0, I) starts where the model never trained; {fix}")
 
 
 def _plain(node: DictConfig, key: str) -> Any:
@@ -106,6 +157,18 @@ def _check_cross_fields(cfg: DictConfig, here: bool = True) -> None:
     if str(cfg.trainer.precision) == "16-mixed" and cfg.trainer.accelerator == "cpu":
         raise UserError("trainer.precision=16-mixed needs a CUDA GPU (fp16 autocast with gradient scaling), got "
                         "trainer.accelerator=cpu; use trainer.precision=bf16-mixed on CPU")
+    if here and str(cfg.trainer.precision) == "16-mixed" and cfg.trainer.accelerator == "auto":
+        import torch
+
+        if not (torch.cuda.is_available() or torch.backends.mps.is_available()):  # auto is the CPU: Lightning would
+            # train in bf16-mixed there while the run's config, checkpoint and W&B run say 16-mixed
+            raise UserError("trainer.precision=16-mixed needs a GPU, but trainer.accelerator=auto finds none "
+                            "here and would train in bf16-mixed instead; use trainer.precision=bf16-mixed (or "
+                            "trainer.precision=32-true) on this machine")
+    if cfg.model.get("num_classes") is not None and cfg.training.cond_drop_prob == 1:
+        raise UserError("training.cond_drop_prob=1.0 replaces every label by \"no label\", so the class-conditional "
+                        "model (model.num_classes set) would never see a label; use training.cond_drop_prob=0.1, or "
+                        "model.num_classes=null for an unconditional model")
     if here and cfg.trainer.accelerator in ("gpu", "cuda"):
         import torch
 

@@ -82,6 +82,13 @@ def prior_kl(diffusion: GaussianDiffusion, x0: Tensor) -> Tensor:
     return normal_kl(mean, log_var, torch.zeros_like(mean), torch.zeros_like(log_var)).flatten(1).sum(1)
 
 
+def largest_prior_bpd(betas: Tensor) -> float:
+    """The largest L_T of any data in [-1, 1] under these betas, in bits/dim: prior_kl (in float64) at x_0 = 1, where
+    it peaks at -log(1 - ᾱ_T)/2 nats per dimension (KL = (ᾱ_T (x_0² - 1) - log(1 - ᾱ_T))/2 grows with x_0²)."""
+    diffusion = GaussianDiffusion(torch.as_tensor(betas, dtype=torch.float64), "eps", "fixed_large", torch.float64)
+    return nats_to_bpd(prior_kl(diffusion, torch.ones(1, 1, dtype=torch.float64)), 1).item()
+
+
 def nats_to_bpd(nats: Tensor, num_dims: int) -> Tensor:
     """Convert nats per image to bits per dimension."""
     return nats / (num_dims * LOG2)

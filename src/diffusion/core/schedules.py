@@ -16,6 +16,7 @@ import torch
 
 from diffusion.errors import UserError
 
+LINEAR_REFERENCE_TIMESTEPS = 1000  # linear_scaled: its beta_start and beta_end are those of T = 1000
 SPACINGS = ("linspace", "leading", "trailing", "logsnr", "karras")
 SNR_SPACINGS = ("logsnr", "karras")  # these need the schedule's ᾱ
 KARRAS_RHO = 7.0  # Karras et al. 2022 Eq. 5
@@ -52,6 +53,13 @@ def linear_beta_schedule(num_timesteps: int, beta_start: float, beta_end: float)
     return torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
 
 
+def linear_scaled_beta_schedule(num_timesteps: int, beta_start: float, beta_end: float) -> torch.Tensor:
+    """Linear betas whose ends are scaled by 1000/T (Nichol & Dhariwal 2021's code, get_named_beta_schedule
+    "linear"): every T then ends near the paper's ᾱ_T of T = 1000, and T = 1000 is the paper's schedule exactly."""
+    scale = LINEAR_REFERENCE_TIMESTEPS / num_timesteps
+    return linear_beta_schedule(num_timesteps, scale * beta_start, scale * beta_end)
+
+
 def quadratic_beta_schedule(num_timesteps: int, beta_start: float, beta_end: float) -> torch.Tensor:
     """Betas linear in sqrt(beta) from beta_start to beta_end (the 'quad' schedule of the paper's code)."""
     return torch.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=torch.float64) ** 2
@@ -79,22 +87,14 @@ def cosine_beta_schedule(num_timesteps: int, s: float, max_beta: float) -> torch
 
 
 def explicit_beta_schedule(betas: Sequence[float], num_timesteps: int | None) -> torch.Tensor:
-    """A user-given list of betas (the schema checks they lie in (0, 1)); with num_timesteps (None: their number),
-    the betas are knots spaced evenly over the T steps and the schedule is their linear interpolation (a
-    piecewise-linear schedule through them)."""
-    knots = torch.tensor(list(betas), dtype=torch.float64)
-    if num_timesteps is None or num_timesteps == len(knots):
-        return knots
-    if len(knots) == 1:
-        return knots.expand(num_timesteps).clone()
-    position = torch.linspace(0, len(knots) - 1, num_timesteps, dtype=torch.float64)  # in knot units
-    left = position.floor().long().clamp(max=len(knots) - 2)
-    frac = position - left
-    return knots[left] * (1 - frac) + knots[left + 1] * frac
+    """A user-given list of betas as given: T is their number. num_timesteps, when given, equals it (validation refuses
+    any other: no beta is dropped or made up), as the schema checks they lie in (0, 1)."""
+    return torch.tensor(list(betas), dtype=torch.float64)
 
 
 BETA_SCHEDULES = {
     "linear": linear_beta_schedule,
+    "linear_scaled": linear_scaled_beta_schedule,
     "cosine": cosine_beta_schedule,
     "quadratic": quadratic_beta_schedule,
     "sigmoid": sigmoid_beta_schedule,
@@ -102,7 +102,8 @@ BETA_SCHEDULES = {
 
 
 def make_beta_schedule(name: str, num_timesteps: int, **kwargs) -> torch.Tensor:
-    """Build a named schedule ("linear", "cosine", "quadratic", "sigmoid") of num_timesteps float64 betas."""
+    """Build a named schedule ("linear", "linear_scaled", "cosine", "quadratic", "sigmoid") of num_timesteps float64
+    betas."""
     if name not in BETA_SCHEDULES:
         raise UserError(
             f"unknown beta schedule {name!r}; choose one of {sorted(BETA_SCHEDULES)} or give explicit betas"

@@ -57,6 +57,12 @@ class DiffusionModule(L.LightningModule):
         return self.net.num_classes
 
     @property
+    def cond_drop_prob(self) -> float | None:
+        """The share of labels training replaced by "no label" (0: the unconditional pass never learned); None for an
+        unconditional model."""
+        return self.hparams.get("cond_drop_prob")
+
+    @property
     def class_names(self) -> list[str] | None:
         """The classes' names (index order) when the data named them, else None."""
         return self.hparams.get("class_names")

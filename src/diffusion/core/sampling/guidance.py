@@ -102,11 +102,18 @@ def _label_index(value, num_classes: int, class_names: Sequence[str] | None, key
     raise UserError(f"{key} holds {value!r}, which is not a class of the model; use {known}")
 
 
-def check_guidance(scale: float | None, num_classes: int | None, key: str = "sampler") -> None:
-    """A guidance scale needs a class-conditional model: a one-line UserError otherwise."""
+def check_guidance(scale: float | None, num_classes: int | None, key: str = "sampler",
+                   cond_drop_prob: float | None = None) -> None:
+    """A guidance scale needs a class-conditional model that learned the unconditional pass too (trained with
+    cond_drop_prob > 0; None: not known here): a one-line UserError otherwise. w = 1 is the conditional pass alone."""
     if scale is not None and num_classes is None:
         raise UserError(f"{key}.guidance_scale={scale:g} guides a class-conditional model, but the checkpoint is "
                         f"unconditional (trained without model.num_classes); drop {key}.guidance_scale")
+    if scale is not None and scale != 1 and cond_drop_prob == 0:
+        raise UserError(f"{key}.guidance_scale={scale:g} mixes in the unconditional pass, which this model never "
+                        "learned (trained with training.cond_drop_prob=0, it never saw the \"no label\" input); drop "
+                        f"{key}.guidance_scale (or set it to 1: the conditional model alone), or train with "
+                        "training.cond_drop_prob=0.1")
 
 
 def _shown(value) -> str:

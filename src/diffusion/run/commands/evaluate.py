@@ -50,13 +50,13 @@ def _setup(cfg: DictConfig):
         check_device("cuda", "accelerator")
     module, weights, posthoc = _load(cfg)
     sampler = _sampler(cfg).check_for(module.objective)
-    check_guidance(sampler.guidance_scale, module.num_classes)
+    check_guidance(sampler.guidance_scale, module.num_classes, cond_drop_prob=module.cond_drop_prob)
     if cfg.bpd.enabled and _bpd_method(cfg, module) not in module.objective.likelihoods:
         raise UserError(f"bpd.method={cfg.bpd.method}: objective={module.objective.name} has only "
                         f"{list(module.objective.likelihoods)} (the bound is DDPM's Eq. 5); use bpd.method=ode")
     table = table_samplers(cfg.sampler_table, module.objective) if cfg.sampler_table.enabled else []
     if cfg.guidance_table is not None:  # every scale checked before any sampling
-        guidance_samplers(list(cfg.guidance_table), sampler, module.num_classes)
+        guidance_samplers(list(cfg.guidance_table), sampler, module.num_classes, module.cond_drop_prob)
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     check_data_fits(datamodule, module, cfg.ckpt)
@@ -207,7 +207,8 @@ def guidance_table(cfg: DictConfig, module, datamodule, metric: SampleQuality, w
             done[_key(spec, n, objective)] = _pass(cfg, module, datamodule, metric, weights, spec, n, bpd=False)
         return done[_key(spec, n, objective)]
 
-    return guidance_rows(guidance_samplers(list(cfg.guidance_table), sampler, module.num_classes), run, n)
+    return guidance_rows(guidance_samplers(list(cfg.guidance_table), sampler, module.num_classes,
+                                           module.cond_drop_prob), run, n)
 
 
 def _write(report: dict, out: Path, cfg: DictConfig, extractor: str) -> None:

@@ -52,7 +52,7 @@ def _figures(cfg: DictConfig) -> dict[str, Path]:
     plain = OmegaConf.to_container(cfg, resolve=True)
     spec = FigureSpec(**{k: v for k, v in plain.items() if k in FigureSpec.__dataclass_fields__ and k != "sampler"},
                       sampler=SamplerSpec(**plain["sampler"]).check_for(module.objective))
-    check_guidance(spec.sampler.guidance_scale, module.num_classes)
+    check_guidance(spec.sampler.guidance_scale, module.num_classes, cond_drop_prob=module.cond_drop_prob)
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     check_data_fits(datamodule, module, cfg.ckpt)

@@ -20,7 +20,7 @@ def sample(cfg: DictConfig) -> Path:
     out = writable_dir(cfg.output_dir, "output_dir")  # before the work, not after it
     module, _, _ = load_weights(cfg.ckpt, cfg.weights, cfg.ema.sigma_rel, cfg.ema.snapshot_dir, device)
     spec = SamplerSpec(**OmegaConf.to_container(cfg.sampler, resolve=True)).check_for(module.objective)
-    check_guidance(spec.guidance_scale, module.num_classes)
+    check_guidance(spec.guidance_scale, module.num_classes, cond_drop_prob=module.cond_drop_prob)
     labels = resolve_labels(OmegaConf.to_container(cfg, resolve=True).get("labels"), cfg.num_samples,
                             module.num_classes, module.class_names)
     drawn = draw(module.net, module.objective, spec, cfg.num_samples, shape=module.net.image_shape, seed=cfg.seed,

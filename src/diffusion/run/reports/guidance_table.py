@@ -16,11 +16,13 @@ from diffusion.core.sampling import SamplerSpec, check_guidance
 from diffusion.metrics.quality import PRIMARY, brief_keys, cell, column_title, protocol_id, score_cells
 
 
-def guidance_samplers(scales: list[float], sampler: SamplerSpec, num_classes: int | None) -> list[SamplerSpec]:
-    """The sampler at each scale, checked (a class-conditional model, scales in range) before any sampling."""
+def guidance_samplers(scales: list[float], sampler: SamplerSpec, num_classes: int | None,
+                      cond_drop_prob: float | None) -> list[SamplerSpec]:
+    """The sampler at each scale, checked (a class-conditional model that learned its unconditional pass, scales in
+    range) before any sampling."""
     specs = [replace(sampler, guidance_scale=float(w)).check(f"guidance_table[{i}]") for i, w in enumerate(scales)]
     for spec in specs:
-        check_guidance(spec.guidance_scale, num_classes, "guidance_table")
+        check_guidance(spec.guidance_scale, num_classes, "guidance_table", cond_drop_prob)
     return specs
 
 
