@@ -6,7 +6,12 @@ The commands are imported when the job starts, not here. The check itself needs 
 scores' registry, so a mistake is answered after Lightning and torchmetrics are imported (about 6 s on a 2-core CPU).
 """
 
+# ruff: noqa: E402 (the slow imports come after end_on_signals(): Ctrl-C during them is one line, not a traceback)
 import sys
+
+from diffusion.run.jobs.stopping import end_on_signals
+
+end_on_signals()
 
 import hydra
 from omegaconf import DictConfig

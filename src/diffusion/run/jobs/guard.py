@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 from diffusion.errors import Interrupted, UserError
 from diffusion.run.jobs.console import fail, full_errors
 from diffusion.run.jobs.status import FILENAME, JobStatus
+from diffusion.run.jobs.stopping import INTACT, stop_on_signals
 
 
 def guarded(fn: Callable[[DictConfig], object], cfg: DictConfig):
@@ -21,10 +22,12 @@ def guarded(fn: Callable[[DictConfig], object], cfg: DictConfig):
 
     The job's status.json (diffusion.run.jobs.status) records how it ended. Under -m a failed job does not stop
     the sweep: its line is printed, the next job runs, and the sweep ends with a summary of the failed jobs and
-    exit status 1 (SweepSummary)."""
+    exit status 1 (SweepSummary). SIGINT or SIGTERM ends it in one line with 128 + the signal (run/jobs/stopping.py).
+    """
     status = JobStatus()
     try:
-        result = fn(cfg)
+        with stop_on_signals(lambda: INTACT):
+            result = fn(cfg)
         status.finished()
         return result
     except Interrupted as err:

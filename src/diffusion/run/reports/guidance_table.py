@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from diffusion.core.sampling import SamplerSpec, check_guidance
+from diffusion.files import write_file, written_whole
 from diffusion.metrics.quality import PRIMARY, brief_keys, cell, column_title, protocol_id, score_cells
 
 
@@ -71,8 +72,8 @@ def write_guidance_table(rows: list[dict], sampler_label: str, extractor: str, o
     for w, *scores in cells:
         lines.append(f"| {w:g} | " + " | ".join(cell(k, v) for k, v in zip(keys, scores, strict=True)) + " |")
     md = out / "guidance.md"
-    md.write_text("\n".join(lines) + "\n")
-    (out / "guidance.json").write_text(json.dumps(rows, indent=2))
+    write_file(md, "\n".join(lines) + "\n")
+    write_file(out / "guidance.json", json.dumps(rows, indent=2))
     accuracy = any("class_accuracy" in row for row in rows)
     fig, axes = plt.subplots(1, 2 if accuracy else 1, figsize=(9.5 if accuracy else 5, 3.8), squeeze=False)
     ax = axes[0, 0]
@@ -89,7 +90,8 @@ def write_guidance_table(rows: list[dict], sampler_label: str, extractor: str, o
         ax.set(xlabel="guidance scale w", ylabel="class accuracy", title="Samples classified as asked")
     fig.tight_layout()
     png = out / "guidance.png"
-    fig.savefig(png, dpi=120)
+    with written_whole(png) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
     print(f"guidance table: {md} and {png}")
     return md, png

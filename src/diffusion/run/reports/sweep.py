@@ -18,6 +18,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from diffusion.errors import UserError
+from diffusion.files import written_whole
 from diffusion.lightning.callbacks.loss_by_t import read_loss_by_t
 from diffusion.metrics.quality import describe_measurement, is_headline, measurement_id
 from diffusion.run.jobs.status import read_status
@@ -129,7 +130,7 @@ def _is_main(column: str) -> bool:
 
 
 def write_csv(rows: list[dict], cols: list[str], path: Path) -> None:
-    with open(path, "w", newline="") as f:
+    with written_whole(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         writer.writeheader()
         writer.writerows({k: ("" if row.get(k) is None else row.get(k)) for k in cols} for row in rows)
