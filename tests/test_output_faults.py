@@ -2,8 +2,10 @@
 write by a real limit (RLIMIT_FSIZE, a read-only folder, a path under a file), stopped by Ctrl-C or SIGTERM, or
 given a damaged job folder. Each through the real scripts, as a user runs them."""
 
+import csv
 import json
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +18,15 @@ from helpers import ROOT, run_script, save_digits_pipeline
 
 BAD_INPUT_CASES = [  # (what, the part of the one line the tests check) for docs/bad_inputs.md
     ("sample.py, samples.npz over the file-size limit (ulimit -f)", "cannot write"),
+    ("sample.py stopped by Ctrl-C or SIGTERM while importing or sampling", "error: stopped by SIG"),
+    ("export.py, the weights over the file-size limit (ulimit -f)", "cannot write"),
+    ("export.py out= a file", "already exists and is not an empty folder"),
+    ("export.py out= under a file", "is a file, not a folder"),
+    ("report.py, a job folder with a cut-off .hydra/config.yaml or an unreadable file", "damaged job folder"),
+    ("report.py --out a file or under a file", "--out="),
+    ("report.py, the report over the file-size limit (ulimit -f)", "cannot write"),
 ]
+FAST = ["debug=fast", "logger=none", "callbacks.samples=null"]
 
 
 def file_size_limit(limit: int):
@@ -33,6 +43,23 @@ def one_line(result) -> str:
 def leftovers(folder: Path) -> list[str]:
     """Hidden temporary files a writer left behind."""
     return sorted(p.name for p in folder.rglob(".*") if ".tmp" in p.name)
+
+
+@pytest.fixture
+def a_file(tmp_path) -> Path:
+    """A regular file: nothing can be created under it, whoever runs the test (root included)."""
+    path = tmp_path / "a_file"
+    path.write_text("not a folder")
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A tiny real run through train.py (digits, T=20, 4 steps)."""
+    out = tmp_path_factory.mktemp("run")
+    result = run_script("train.py", *FAST, f"hydra.run.dir={out}", cwd=out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +114,74 @@ def test_sample_stopped_while_it_samples_is_one_line_and_leaves_no_samples(pipel
     assert "no file was left half-written" in line
     assert json.loads((run / "status.json").read_text())["status"] == "interrupted"
     assert not (out / "samples.npz").exists() and not (out / "samples.png").exists() and leftovers(out) == []
+
+
+# --- export.py ------------------------------------------------------------------------------------------------
+def export_script(trained: Path, out: Path, tmp_path: Path, **kwargs):
+    return run_script("export.py", f"ckpt={trained / 'checkpoints' / 'last.ckpt'}", f"out={out}",
+                      f"hydra.run.dir={tmp_path / 'h'}", "hydra.output_subdir=null", cwd=tmp_path, **kwargs)
+
+
+@pytest.mark.slow
+def test_export_over_the_file_size_limit_is_one_line_and_leaves_no_folder(trained, tmp_path):
+    out = tmp_path / "model"
+    line = one_line(export_script(trained, out, tmp_path, preexec_fn=file_size_limit(100_000)))
+    assert f"cannot write {out} (File too large)" in line
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_export_to_a_file_or_under_a_file_is_one_line(trained, a_file, tmp_path):
+    assert f"out={a_file} already exists and is not an empty folder" in one_line(export_script(trained, a_file,
+                                                                                               tmp_path))
+    line = one_line(export_script(trained, a_file / "model", tmp_path))
+    assert f"cannot write {a_file / 'model'}: {a_file} is a file, not a folder" in line
+    assert a_file.read_text() == "not a folder" and leftovers(tmp_path) == []
+
+
+# --- report.py ------------------------------------------------------------------------------------------------
+def sweep_of(trained: Path, folder: Path, jobs: int) -> Path:
+    """A sweep folder of `jobs` copies of the trained run's job files (config, overrides, status)."""
+    for i in range(jobs):
+        job = folder / f"{i}_seed={i}"
+        shutil.copytree(trained / ".hydra", job / ".hydra")
+        shutil.copy(trained / "status.json", job / "status.json")
+        (job / ".hydra" / "overrides.yaml").write_text(f"- seed={i}\n")
+    return folder
+
+
+def report_rows(folder: Path) -> list[dict]:
+    with open(folder / "report.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_report_marks_a_damaged_job_unknown_with_the_reason(trained, tmp_path):
+    sweep = sweep_of(trained, tmp_path / "sweep", 3)
+    config = sweep / "1_seed=1" / ".hydra" / "config.yaml"
+    config.write_text(config.read_text()[:200] + "\n  name: 'cut off her")  # a copy stopped mid-string
+    (sweep / "2_seed=2" / "loss_by_t.csv").write_bytes(b"step,t0\n\xff\xfe\x00")  # not text at all
+    result = run_script("report.py", str(sweep), "--no-wandb", cwd=tmp_path)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    rows = {row["job"]: row for row in report_rows(sweep)}
+    assert rows["0_seed=0"]["status"] == "finished"
+    assert rows["1_seed=1"]["status"] == "unknown" and rows["2_seed=2"]["status"] == "unknown"
+    assert rows["1_seed=1"]["note"].startswith("damaged job folder: .hydra/config.yaml cannot be read (")
+    assert rows["2_seed=2"]["note"].startswith("damaged job folder: loss_by_t.csv cannot be read (")
+    assert "3 jobs: 1 finished, 2 unknown" in result.stdout
+
+
+@pytest.mark.slow
+def test_report_out_that_is_a_file_or_under_a_file_is_one_line(trained, a_file, tmp_path):
+    sweep = sweep_of(trained, tmp_path / "sweep", 1)
+    for out in (a_file, a_file / "reports"):
+        line = one_line(run_script("report.py", str(sweep), "--out", str(out), "--no-wandb", cwd=tmp_path))
+        assert f"--out={out} cannot be written ({a_file} is a file, not a folder)" in line
+
+
+@pytest.mark.slow
+def test_report_over_the_file_size_limit_is_one_line_and_leaves_no_report(trained, tmp_path):
+    sweep = sweep_of(trained, tmp_path / "sweep", 2)
+    line = one_line(run_script("report.py", str(sweep), "--no-wandb", cwd=tmp_path, preexec_fn=file_size_limit(300)))
+    assert f"cannot write {sweep}/" in line and "(File too large)" in line
+    assert not list(sweep.glob("report*")) and leftovers(sweep) == []

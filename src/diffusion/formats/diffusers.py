@@ -110,6 +110,7 @@ def write_diffusers_folder(out_dir: str | os.PathLike, unet_kwargs: dict, state_
         for file, content in [("model_index.json", index), ("unet/config.json", unet),
                               ("scheduler/scheduler_config.json", scheduler)]:  # fmt: skip
             (tmp / file).write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
-        safetensors.torch.save_file(weights, tmp / "unet" / WEIGHTS[0], metadata={"format": "pt"})
+        # serialized here, written by Python: a failed write is an OSError that names the folder
+        (tmp / "unet" / WEIGHTS[0]).write_bytes(safetensors.torch.save(weights, metadata={"format": "pt"}))
         (tmp / "README.md").write_text(card_markdown)
     return out

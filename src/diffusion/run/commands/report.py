@@ -12,6 +12,7 @@ from pathlib import Path
 
 from diffusion.errors import UserError
 from diffusion.files import write_file, written_whole
+from diffusion.run.jobs.preflight import writable_dir
 from diffusion.run.reports.sweep import (
     build_rows,
     columns,
@@ -32,7 +33,7 @@ def report(dirs: list[str | Path], out: str | Path | None = None, use_wandb: boo
     dirs = [Path(d) for d in dirs]
     jobs = [read_job(path, name) for path, name in find_jobs(dirs)]
     out = Path(out) if out else dirs[0] if len(dirs) == 1 else Path(os.path.commonpath([d.resolve() for d in dirs]))
-    out.mkdir(parents=True, exist_ok=True)
+    writable_dir(out, "--out")  # before the plots: a folder that cannot be written is one line
     rows, swept, measurements = build_rows(jobs)
     labels = {row["job"]: label(row, swept) for row in rows}
     figures = [*plot_vs_swept(rows, swept, columns(rows, swept, brief=True), out), *plot_loss_by_t(jobs, labels, out)]

@@ -89,6 +89,7 @@ def read_status(run_dir) -> dict | None:
     """A run directory's status.json, or None if it has none (or an unreadable one)."""
     path = Path(run_dir) / FILENAME
     try:
-        return json.loads(path.read_text())
+        state = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    return state if isinstance(state, dict) else None
