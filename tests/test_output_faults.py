@@ -25,6 +25,8 @@ BAD_INPUT_CASES = [  # (what, the part of the one line the tests check) for docs
     ("report.py, a job folder with a cut-off .hydra/config.yaml or an unreadable file", "damaged job folder"),
     ("report.py --out a file or under a file", "--out="),
     ("report.py, the report over the file-size limit (ulimit -f)", "cannot write"),
+    ("evaluate.py guidance_table= on an unconditional checkpoint", "leave out guidance_table"),
+    ("sample.py or export.py given a truncated checkpoint", "another checkpoint of that run"),
 ]
 FAST = ["debug=fast", "logger=none", "callbacks.samples=null"]
 
@@ -185,3 +187,26 @@ def test_report_over_the_file_size_limit_is_one_line_and_leaves_no_report(traine
     line = one_line(run_script("report.py", str(sweep), "--no-wandb", cwd=tmp_path, preexec_fn=file_size_limit(300)))
     assert f"cannot write {sweep}/" in line and "(File too large)" in line
     assert not list(sweep.glob("report*")) and leftovers(sweep) == []
+
+
+# --- messages that point the right way ------------------------------------------------------------------------
+def test_a_guidance_table_on_an_unconditional_checkpoint_names_the_key_given(pipeline, tmp_path):
+    line = one_line(run_script("evaluate.py", f"ckpt={pipeline}", "guidance_table=[0,2]", "logger=none",
+                               f"output_dir={tmp_path / 'out'}", f"hydra.run.dir={tmp_path / 'h'}", cwd=tmp_path))
+    assert "guidance_table=[0.0, 2.0]" in line and "leave out guidance_table" in line, line
+    assert "guidance_table." not in line
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["sample.py", "export.py"])
+def test_a_truncated_checkpoint_given_to_read_names_another_checkpoint_not_a_resume(trained, tmp_path, script):
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    good = shutil.copy(trained / "checkpoints" / "step0000002.ckpt", folder / "step0000002.ckpt")
+    data = (trained / "checkpoints" / "last.ckpt").read_bytes()
+    (folder / "last.ckpt").write_bytes(data[: len(data) // 2])  # a copy cut off half-way
+    target = f"out={tmp_path / 'model'}" if script == "export.py" else f"output_dir={tmp_path / 'out'}"
+    line = one_line(run_script(script, f"ckpt={folder / 'last.ckpt'}", target, f"hydra.run.dir={tmp_path / 'h'}",
+                               cwd=tmp_path))
+    assert "is truncated or corrupt" in line and f"give ckpt= another checkpoint of that run, e.g. ckpt={good}" in line
+    assert "ckpt_path" not in line and "resume" not in line

@@ -102,11 +102,11 @@ def _label_index(value, num_classes: int, class_names: Sequence[str] | None, key
     raise UserError(f"{key} holds {value!r}, which is not a class of the model; use {known}")
 
 
-def check_guidance(scale: float | None, num_classes: int | None, key: str = "sampler") -> None:
+def check_guidance(scale: float | None, num_classes: int | None) -> None:
     """A guidance scale needs a class-conditional model: a one-line UserError otherwise."""
     if scale is not None and num_classes is None:
-        raise UserError(f"{key}.guidance_scale={scale:g} guides a class-conditional model, but the checkpoint is "
-                        f"unconditional (trained without model.num_classes); drop {key}.guidance_scale")
+        raise UserError(f"sampler.guidance_scale={scale:g} guides a class-conditional model, but the checkpoint is "
+                        "unconditional (trained without model.num_classes); drop sampler.guidance_scale")
 
 
 def _shown(value) -> str:

@@ -12,17 +12,19 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from diffusion.core.sampling import SamplerSpec, check_guidance
+from diffusion.core.sampling import SamplerSpec
+from diffusion.errors import UserError
 from diffusion.files import write_file, written_whole
 from diffusion.metrics.quality import PRIMARY, brief_keys, cell, column_title, protocol_id, score_cells
 
 
 def guidance_samplers(scales: list[float], sampler: SamplerSpec, num_classes: int | None) -> list[SamplerSpec]:
     """The sampler at each scale, checked (a class-conditional model, scales in range) before any sampling."""
-    specs = [replace(sampler, guidance_scale=float(w)).check(f"guidance_table[{i}]") for i, w in enumerate(scales)]
-    for spec in specs:
-        check_guidance(spec.guidance_scale, num_classes, "guidance_table")
-    return specs
+    if num_classes is None:
+        raise UserError(f"guidance_table={[float(w) for w in scales]} compares guidance scales, which need a "
+                        "class-conditional model, but the checkpoint is unconditional (trained without "
+                        "model.num_classes); leave out guidance_table, or evaluate a class-conditional checkpoint")
+    return [replace(sampler, guidance_scale=float(w)).check(f"guidance_table[{i}]") for i, w in enumerate(scales)]
 
 
 def guidance_rows(specs: list[SamplerSpec], run: Callable[[SamplerSpec], tuple[dict, dict]],
