@@ -19,6 +19,9 @@ from helpers import ROOT, run_script, save_digits_pipeline
 BAD_INPUT_CASES = [  # (what, the part of the one line the tests check) for docs/bad_inputs.md
     ("sample.py, samples.npz over the file-size limit (ulimit -f)", "cannot write"),
     ("sample.py stopped by Ctrl-C or SIGTERM while importing or sampling", "error: stopped by SIG"),
+    ("train.py, evaluate.py, figures.py, export.py, report.py stopped while importing", "error: stopped by SIG"),
+    ("evaluate.py or figures.py, output_dir under a file", "is a file, not a folder"),
+    ("train.py, a checkpoint over the file-size limit (ulimit -f)", "File too large"),
     ("export.py, the weights over the file-size limit (ulimit -f)", "cannot write"),
     ("export.py out= a file", "already exists and is not an empty folder"),
     ("export.py out= under a file", "is a file, not a folder"),
@@ -94,10 +97,17 @@ def ended_by(proc: subprocess.Popen, sig: signal.Signals) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_sample_stopped_while_it_imports_is_one_line(pipeline, tmp_path, sig):
+@pytest.mark.parametrize("script, sig", [("sample.py", signal.SIGINT), ("sample.py", signal.SIGTERM),
+                                         ("train.py", signal.SIGINT), ("evaluate.py", signal.SIGTERM),
+                                         ("figures.py", signal.SIGINT), ("export.py", signal.SIGTERM),
+                                         ("report.py", signal.SIGINT)])
+def test_an_entry_point_stopped_while_it_imports_is_one_line(pipeline, tmp_path, script, sig):
     run = tmp_path / "h"
-    proc = start("sample.py", f"ckpt={pipeline}", f"hydra.run.dir={run}", cwd=tmp_path)
+    args = [str(tmp_path)] if script == "report.py" else \
+        [*FAST] if script == "train.py" else [f"ckpt={pipeline}", f"out={tmp_path / 'model'}"] \
+        if script == "export.py" else [f"ckpt={pipeline}"]
+    hydra = [] if script == "report.py" else [f"hydra.run.dir={run}"]
+    proc = start(script, *args, *hydra, cwd=tmp_path)
     time.sleep(1.0)  # Python is up; torch, Lightning and Hydra take seconds more to import
     ended_by(proc, sig)
     assert not run.exists()  # stopped before the job began: during the imports or the command line's check
@@ -116,6 +126,24 @@ def test_sample_stopped_while_it_samples_is_one_line_and_leaves_no_samples(pipel
     assert "no file was left half-written" in line
     assert json.loads((run / "status.json").read_text())["status"] == "interrupted"
     assert not (out / "samples.npz").exists() and not (out / "samples.png").exists() and leftovers(out) == []
+
+
+@pytest.mark.parametrize("script", ["evaluate.py", "figures.py"])
+def test_an_output_dir_under_a_file_is_one_line_before_the_work(pipeline, a_file, tmp_path, script):
+    line = one_line(run_script(script, f"ckpt={pipeline}", "logger=none", f"output_dir={a_file}/out",
+                               f"hydra.run.dir={tmp_path / 'h'}", cwd=tmp_path))
+    assert f"output_dir={a_file}/out cannot be written ({a_file} is a file, not a folder)" in line
+
+
+@pytest.mark.slow
+def test_train_over_the_file_size_limit_is_one_line_and_leaves_no_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    result = run_script("train.py", *FAST, f"hydra.run.dir={run}", "hydra.output_subdir=null", cwd=tmp_path,
+                        preexec_fn=file_size_limit(1_000_000))
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]  # beside Lightning's notes
+    assert result.returncode == 2 and len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert f"cannot write {run}/" in errors[0] and "(File too large)" in errors[0] and "ulimit -f" in errors[0]
+    assert not list(run.rglob("*.ckpt")) and leftovers(run) == []
 
 
 # --- export.py ------------------------------------------------------------------------------------------------
