@@ -34,9 +34,10 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def end_on_signals() -> None:
-    """Until a job takes over: SIGINT or SIGTERM prints "error: stopped by <signal>; ..." and exits with 128 +
-    the signal, during imports too (where an exception would end in a traceback). Only the installing process:
-    a forked worker (a DataLoader's) keeps the default behaviour, so one line is printed, not one per process."""
+    """Until a job takes over: SIGINT or SIGTERM prints "error: stopped by <signal>; ..." and exits at once with
+    128 + the signal (os._exit: an exception raised during the imports ends in a traceback, or aborts inside
+    torch's C++ code, and nothing has been written yet). Only the installing process: a forked worker (a
+    DataLoader's) keeps the default behaviour, so one line is printed, not one per process."""
     if threading.current_thread() is not threading.main_thread():
         return
     owner = os.getpid()
@@ -49,7 +50,7 @@ def end_on_signals() -> None:
         for other in SIGNALS:  # a second Ctrl-C must not cut the line short, nor the cleanup after it
             signal.signal(other, signal.SIG_IGN)
         print(f"error: stopped by {signal.Signals(signum).name}; {INTACT}", file=sys.stderr, flush=True)
-        raise SystemExit(128 + signum)
+        os._exit(128 + signum)
 
     for signum in SIGNALS:
         signal.signal(signum, end)
