@@ -37,10 +37,12 @@ def train_cfg(tmp_path: Path, *overrides: str) -> DictConfig:
     return compose_cfg("train", ["debug=fast", *overrides], tmp_path)
 
 
-def run_script(*args: str, cwd: Path, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run an entry point (train.py, sample.py) of the repository as a user would (env: extra variables)."""
+def run_script(*args: str, cwd: Path, timeout: int = 300, env: dict | None = None,
+               preexec_fn=None) -> subprocess.CompletedProcess:
+    """Run an entry point (train.py, sample.py) of the repository as a user would (env: extra variables;
+    preexec_fn: run in the child before the script, e.g. to set a resource limit)."""
     return subprocess.run([sys.executable, str(ROOT / args[0]), *args[1:]], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})}, preexec_fn=preexec_fn)
 
 
 def wandb_records(run_dir: Path) -> list[dict]:

@@ -30,6 +30,7 @@ from diffusion.core.sampling import (
     num_classes_of,
 )
 from diffusion.errors import UserError
+from diffusion.files import write_file, written_whole
 from diffusion.formats.png import save_grid, save_rows
 
 matplotlib.use("Agg")
@@ -208,7 +209,8 @@ def save_rate_distortion_plot(rd: RateDistortion, path: Path) -> Path:
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    with written_whole(path) as tmp:
+        fig.savefig(tmp, dpi=80)
     plt.close(fig)
     return path
 
@@ -244,8 +246,8 @@ def write_rate_distortion(rd: RateDistortion, out_dir: Path) -> dict[str, Path]:
     paths = {"rate_distortion": save_rate_distortion_plot(rd, out_dir / "rate_distortion.png"),
              "rate_distortion_table": out_dir / "rate_distortion.md",
              "rate_distortion_json": out_dir / "rate_distortion.json"}
-    paths["rate_distortion_table"].write_text(rate_distortion_table(rd))
-    paths["rate_distortion_json"].write_text(json.dumps(asdict(rd)))
+    write_file(paths["rate_distortion_table"], rate_distortion_table(rd))
+    write_file(paths["rate_distortion_json"], json.dumps(asdict(rd)))
     return paths
 
 

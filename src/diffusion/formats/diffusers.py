@@ -8,7 +8,6 @@ or objectives cannot reproduce is refused with a one-line UserError naming the f
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import safetensors.torch
@@ -16,6 +15,7 @@ import torch
 from torch import Tensor
 
 from diffusion.errors import UserError
+from diffusion.files import written_whole
 from diffusion.formats.diffusers_schedulers import (
     PIPELINES,
     learned_variance_of,
@@ -104,19 +104,13 @@ def write_diffusers_folder(out_dir: str | os.PathLike, unet_kwargs: dict, state_
     index = {"_class_name": PIPELINES[scheduler["_class_name"]], "_diffusers_version": DIFFUSERS_VERSION,
              "scheduler": ["diffusers", scheduler["_class_name"]], "unet": ["diffusers", "UNet2DModel"]}
     # Written beside the target and renamed at the end: a failure leaves no half-written folder.
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
+    with written_whole(out) as tmp:
         (tmp / "unet").mkdir(parents=True)
         (tmp / "scheduler").mkdir()
         for file, content in [("model_index.json", index), ("unet/config.json", unet),
                               ("scheduler/scheduler_config.json", scheduler)]:  # fmt: skip
             (tmp / file).write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
-        safetensors.torch.save_file(weights, tmp / "unet" / WEIGHTS[0], metadata={"format": "pt"})
+        # serialized here, written by Python: a failed write is an OSError that names the folder
+        (tmp / "unet" / WEIGHTS[0]).write_bytes(safetensors.torch.save(weights, metadata={"format": "pt"}))
         (tmp / "README.md").write_text(card_markdown)
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

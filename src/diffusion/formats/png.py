@@ -1,6 +1,5 @@
 """PNG grids of images in the model range [-1, 1]: written whole or not at all."""
 
-import os
 from pathlib import Path
 
 import torch
@@ -8,6 +7,7 @@ from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
 from diffusion.core.images import to_unit
+from diffusion.files import written_whole
 
 
 def image_grid(x: Tensor, nrow: int | None = None, min_size: int = 32, pad_value: float = 0.0) -> Tensor:
@@ -31,12 +31,9 @@ def side_by_side(grids: list[Tensor]) -> Tensor:
 def save_png(image: Tensor, path: Path) -> Path:
     """A (C, H, W) image in [0, 1] as a PNG, creating the folder; written whole or not at all (a temporary
     file renamed), so a run stopped mid-write never leaves a truncated PNG under the final name."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    save_image(image, tmp)
-    os.replace(tmp, path)
-    return path
+    with written_whole(path) as tmp:
+        save_image(image, tmp)
+    return Path(path)
 
 
 def save_grid(x: Tensor, path: Path, nrow: int | None = None, min_size: int = 32, pad_value: float = 0.0) -> Path:

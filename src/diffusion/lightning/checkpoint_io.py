@@ -29,16 +29,7 @@ from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.plugins.io import AsyncCheckpointIO, TorchCheckpointIO
 
 from diffusion.errors import UserError
-from diffusion.files import fsync_dir, write_durably
-
-_FIXES = {
-    errno.ENOSPC: "free space on that disk",
-    errno.EDQUOT: "free space within your disk quota",
-    errno.EFBIG: "raise the file-size limit (ulimit -f) or use a filesystem that allows larger files",
-    errno.EACCES: "make that directory writable",
-    errno.EPERM: "make that directory writable",
-    errno.EROFS: "that disk is read-only; write elsewhere",
-}
+from diffusion.files import FIXES, fsync_dir, write_durably
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -119,7 +110,7 @@ def _fsync_dir(path: Path) -> None:
 
 def _write_error(path: Path, err: OSError, existed: bool) -> str:
     """One line: the path, the OS error, what is left on disk, and how to go on."""
-    fix = _FIXES.get(err.errno, "check that disk")
+    fix = FIXES.get(err.errno, "check that disk")
     last = path.parent / "last.ckpt"
     resume = path if existed else (last if last.is_file() else None)
     state = "the previous checkpoint there is intact" if existed else "no partial file was left"

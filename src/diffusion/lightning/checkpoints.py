@@ -56,20 +56,23 @@ class ModelMismatch(UserError):
         self.difference = difference
 
 
-def check_checkpoint(path, expected: dict | None = None, start_over: str = "start without ckpt_path") -> dict:
+def check_checkpoint(path, expected: dict | None = None, start_over: str = "start without ckpt_path",
+                     key: str | None = None) -> dict:
     """Load a training checkpoint on the CPU (weights only); raise a one-line UserError if it cannot be used.
 
     `expected` holds a DiffusionModule's hyperparameters (`module.hparams`): the checkpoint must have the same
     network and objective, with the objective's settings that give the weights their meaning (DDPM's betas,
     parameterization and variance; EDM's σ_data), else `ModelMismatch`. `start_over` is how the user starts
-    without this checkpoint, for the messages. The checkpoint's hyperparameters come back upgraded.
+    without this checkpoint, for the messages; `key` the setting of a command that reads the weights (sample.py's
+    ckpt, train.py's init_from), whose fix for a damaged file is another checkpoint, not a resume. The checkpoint's
+    hyperparameters come back upgraded.
     """
     path = Path(path)
     head = _read_head(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except _UNREADABLE as err:
-        raise UserError(_unreadable(path, head, err, start_over)) from err
+        raise UserError(_unreadable(path, head, err, start_over, key)) from err
     _check_kind(path, ckpt)
     ckpt["hyper_parameters"] = upgrade_hparams(ckpt["hyper_parameters"])
     if expected is not None:
@@ -90,9 +93,10 @@ def _read_head(path: Path) -> bytes:
         raise UserError(f"checkpoint {path} cannot be read ({err.strerror}); check its permissions") from err
 
 
-def _unreadable(path: Path, head: bytes, err: Exception, start_over: str) -> str:
+def _unreadable(path: Path, head: bytes, err: Exception, start_over: str, key: str | None) -> str:
     """Why torch.load failed, told apart by the file's first bytes: cut off, pickled objects, or not torch."""
-    earlier = f"resume from an earlier checkpoint (another step*.ckpt in {path.parent}) or {start_over}"
+    earlier = f"resume from an earlier checkpoint (another step*.ckpt in {path.parent}) or {start_over}" \
+        if key is None else _another_checkpoint(path, key)
     if not head:
         return f"checkpoint {path} is empty (0 bytes): its write never completed; {earlier}"
     refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
@@ -104,6 +108,15 @@ def _unreadable(path: Path, head: bytes, err: Exception, start_over: str) -> str
         return f"checkpoint {path} is truncated or corrupt ({_reason(err)}; {size} bytes); {earlier}"
     return (f"{path} is not a PyTorch checkpoint ({_describe(head)}); give a .ckpt file written by train.py, "
             f"{EXAMPLE}")
+
+
+def _another_checkpoint(path: Path, key: str) -> str:
+    """The fix for a damaged checkpoint that a command reads: the run's latest other checkpoint, by name."""
+    others = sorted(p for p in path.parent.glob("*.ckpt") if p.name != path.name and p.stat().st_size > 0)
+    latest = max(others, key=lambda p: p.stat().st_mtime, default=None)
+    if latest is None:
+        return f"no other checkpoint is in {path.parent}; give {key}= a checkpoint of another run, or train again"
+    return f"give {key}= another checkpoint of that run, e.g. {key}={latest}"
 
 
 def _reason(err: Exception) -> str:
@@ -231,7 +244,7 @@ def read_weights(source, weights: str = "ema", key: str = "ckpt") -> tuple[dict,
             raise UserError(f"{key} {source} is a diffusers folder, which holds one set of weights; use weights=ema")
         unet_kwargs, state, objective, _ = read_diffusers_folder(path)
         return {"net": unet_kwargs, "objective": objective, **NOT_TRAINED}, state
-    ckpt = check_checkpoint(path)
+    ckpt = check_checkpoint(path, key=key)
     if weights == "raw" and "current_model_state" not in ckpt:
         raise UserError(f"{source} holds no raw weights (trained without EMA); use weights=ema")
     state = ckpt["state_dict"] if weights == "ema" else ckpt["current_model_state"]
@@ -278,7 +291,7 @@ def load_posthoc_module(ckpt, sigma_rel: float, snapshot_dir=None,
     if path.is_dir():
         raise UserError(f"ckpt {ckpt} is a diffusers folder, which has no post-hoc EMA snapshots; give a training "
                         "run's .ckpt, or drop ema.sigma_rel")
-    state = check_checkpoint(path)
+    state = check_checkpoint(path, key="ckpt")
     folder = Path(snapshot_dir) if snapshot_dir else path.resolve().parent.parent / "posthoc_ema"
     net_state, info = load_posthoc_ema(folder, sigma_rel, max_step=int(state["global_step"]))
     module = DiffusionModule(**state["hyper_parameters"])

@@ -6,12 +6,17 @@ The commands are imported when the job starts, not here. The check itself needs 
 scores' registry, so a mistake is answered after Lightning and torchmetrics are imported (about 6 s on a 2-core CPU).
 """
 
+# ruff: noqa: E402 (the slow imports come after end_on_signals(): Ctrl-C during them is one line, not a traceback)
 import sys
+
+from diffusion.run.jobs.stopping import INTACT, end_on_signals, stop_on_signals
+
+end_on_signals()
 
 import hydra
 from omegaconf import DictConfig
 
-from diffusion.errors import UserError
+from diffusion.errors import Interrupted, UserError
 from diffusion.run.jobs.console import fail
 from diffusion.run.jobs.guard import guarded
 from diffusion.run.jobs.precheck import precheck
@@ -104,6 +109,10 @@ def report_main(argv: list[str] | None = None) -> None:
     from diffusion.run.commands.report import report  # after parsing: --help stays fast
 
     try:
-        report(args.dirs, args.out, use_wandb=not args.no_wandb)
+        with stop_on_signals(lambda: INTACT):  # temporary files removed on the way out
+            report(args.dirs, args.out, use_wandb=not args.no_wandb)
     except UserError as err:
         fail(str(err))
+    except Interrupted as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)

@@ -69,6 +69,7 @@ class GracefulInterrupt(L.Callback):
         self._previous: dict[signal.Signals, object] = {}
         self._step_at_batch_start = 0
         self._stopping = False  # the checkpoint being written is the stop's (see on_save_checkpoint)
+        self._outside_fit = signal.SIG_DFL  # SIGTERM's handler before fit, given back after it
 
     # --- signals: noted by the handler, told to Lightning after a whole step ------------------------------
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -76,6 +77,9 @@ class GracefulInterrupt(L.Callback):
         if threading.current_thread() is threading.main_thread():  # only there may handlers be installed
             for signum in (signal.SIGINT, self.requeue_signal):
                 self._previous[signum] = signal.signal(signum, self._note)
+            # Lightning calls the SIGTERM handler it finds installed besides its own: the entry point's (which ends
+            # the process at once, run/jobs/stopping.py) must not run during fit, so Lightning finds the default.
+            self._outside_fit = signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._take_sigterm()
@@ -126,6 +130,8 @@ class GracefulInterrupt(L.Callback):
     # --- the checkpoint ---------------------------------------------------------------------------------
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore()
+        if threading.current_thread() is threading.main_thread():  # after Lightning's teardown
+            signal.signal(signal.SIGTERM, self._outside_fit)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Give SIGTERM back to Lightning (its teardown, next, restores what was there before fit), and save the

@@ -9,10 +9,11 @@ in the same directory keeps the rows up to its checkpoint's step.
 
 import csv
 import io
-import os
 from pathlib import Path
 
 import lightning as L
+
+from diffusion.files import write_file
 
 
 class LossByTLog(L.Callback):
@@ -39,9 +40,7 @@ class LossByTLog(L.Callback):
         writer = csv.DictWriter(text, fieldnames=columns)
         writer.writeheader()
         writer.writerows(self.rows)
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text(text.getvalue())
-        os.replace(tmp, self.path)
+        write_file(self.path, text.getvalue())
 
 
 def read_loss_by_t(path: Path) -> list[dict[str, float]]:

@@ -17,10 +17,8 @@ an uninterrupted one. A run resumed into another run directory first hard-links 
 has already written there, up to the checkpoint's step, so that each run's folder holds the whole history.
 """
 
-import contextlib
 import math
 import os
-import uuid
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -31,7 +29,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from diffusion.core.posthoc_ema import SNAPSHOT_RE, PowerEMA, snapshot_contents, snapshot_name
 from diffusion.errors import UserError
-from diffusion.files import fsync_dir, write_durably
+from diffusion.files import write_file
 
 
 def write_atomically(data: bytes | memoryview, path: Path) -> None:
@@ -39,19 +37,7 @@ def write_atomically(data: bytes | memoryview, path: Path) -> None:
 
     Readers see the old file or the whole new one; a failure leaves no temporary file and raises a one-line error.
     """
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_durably(tmp, data)
-        os.replace(tmp, path)
-        with contextlib.suppress(OSError):  # some filesystems cannot sync a directory; the file is whole anyway
-            fsync_dir(path)
-    except OSError as err:
-        with contextlib.suppress(OSError):  # the write error below is the one to report
-            tmp.unlink()
-        raise UserError(f"could not write post-hoc EMA snapshot {path} ({err.strerror or err}); no partial file was "
-                        f"left; free space or make {path.parent} writable (or set the callback's dirpath), then "
-                        "resume from the last checkpoint") from err
+    write_file(path, data, durable=True)
 
 
 class PostHocEMA(L.Callback):

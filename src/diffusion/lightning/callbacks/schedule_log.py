@@ -16,6 +16,7 @@ import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from diffusion.core.likelihood import nats_to_bpd, normal_kl, prior_kl  # noqa: E402
+from diffusion.files import written_whole
 
 
 def schedule_figure(diffusion) -> plt.Figure:
@@ -80,8 +81,8 @@ class ScheduleLogger(L.Callback):
             return
         fig = schedule_figure(objective.diffusion) if objective.markov_chain else levels_figure(objective)
         path = Path(trainer.default_root_dir) / "schedule.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=100)
+        with written_whole(path) as tmp:
+            fig.savefig(tmp, dpi=100)
         plt.close(fig)
         for logger in trainer.loggers:
             logger.log_metrics(stats, step=0)

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffusion.core.sampling import SamplerSpec, check_guidance, sampler_label
 from diffusion.errors import UserError
+from diffusion.files import write_file
 from diffusion.lightning.checkpoints import load_weights
 from diffusion.lightning.evaluation import Evaluator
 from diffusion.lightning.module import ODE_LEVELS
@@ -215,7 +216,7 @@ def _write(report: dict, out: Path, cfg: DictConfig, extractor: str) -> None:
     """The JSON report, the sampler table's files, the W&B summary, table and plot (offline by default) and the
     lines `evaluate.py` prints."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    write_file(out / "report.json", json.dumps(report, indent=2))
     rows = report.get("sampler_table")
     if rows:
         _, png = write_table(rows, rows[0]["num_samples"], extractor, out)

@@ -11,6 +11,8 @@ import re
 from pathlib import Path
 
 from diffusion.errors import UserError
+from diffusion.files import write_file, written_whole
+from diffusion.run.jobs.preflight import writable_dir
 from diffusion.run.reports.sweep import (
     build_rows,
     columns,
@@ -31,13 +33,13 @@ def report(dirs: list[str | Path], out: str | Path | None = None, use_wandb: boo
     dirs = [Path(d) for d in dirs]
     jobs = [read_job(path, name) for path, name in find_jobs(dirs)]
     out = Path(out) if out else dirs[0] if len(dirs) == 1 else Path(os.path.commonpath([d.resolve() for d in dirs]))
-    out.mkdir(parents=True, exist_ok=True)
+    writable_dir(out, "--out")  # before the plots: a folder that cannot be written is one line
     rows, swept, measurements = build_rows(jobs)
     labels = {row["job"]: label(row, swept) for row in rows}
     figures = [*plot_vs_swept(rows, swept, columns(rows, swept, brief=True), out), *plot_loss_by_t(jobs, labels, out)]
     write_csv(rows, columns(rows, swept, brief=False), out / "report.csv")
     title = ", ".join(str(d) for d in dirs)
-    (out / "report.md").write_text(markdown(rows, swept, measurements, title, figures))
+    write_file(out / "report.md", markdown(rows, swept, measurements, title, figures))
     target = wandb_target(jobs) if use_wandb else None
     if target is not None:
         log_to_wandb(rows, columns(rows, swept, brief=False), figures, target, out)
@@ -94,7 +96,8 @@ def plot_vs_swept(rows: list[dict], swept: list[str], cols: list[str], out: Path
             axes[0][0].legend(fontsize=6)
         fig.tight_layout()
         paths.append(out / f"report_vs_{_safe(key)}.png")
-        fig.savefig(paths[-1], dpi=110)
+        with written_whole(paths[-1]) as tmp:
+            fig.savefig(tmp, dpi=110)
         plt.close(fig)
     return paths
 
@@ -155,7 +158,8 @@ def plot_loss_by_t(jobs: list[dict], labels: dict[str, str], out: Path) -> list[
     fig.legend(handles, names, loc="lower center", ncol=min(4, len(names)), fontsize=7)
     fig.tight_layout(rect=(0, 0.04 + 0.03 * math.ceil(len(names) / 4), 1, 1))
     path = out / "report_loss_by_t.png"
-    fig.savefig(path, dpi=110)
+    with written_whole(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
     return [path]
 

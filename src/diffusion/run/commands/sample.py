@@ -7,6 +7,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffusion.core.images import to_uint8
 from diffusion.core.sampling import SamplerSpec, check_guidance, draw, resolve_labels
+from diffusion.files import written_whole
 from diffusion.formats.png import save_grid
 from diffusion.lightning.checkpoints import load_weights
 from diffusion.run.jobs.console import quiet_console
@@ -29,7 +30,8 @@ def sample(cfg: DictConfig) -> Path:
     arrays = {"samples": uint8.permute(0, 2, 3, 1).numpy()}
     if labels is not None:  # the label each image was asked for
         arrays["labels"] = labels.numpy()
-    np.savez_compressed(out / "samples.npz", **arrays)
+    with written_whole(out / "samples.npz") as tmp:
+        np.savez_compressed(tmp, **arrays)
     grid_path = save_grid(drawn.images[:256], out / "samples.png")
     print(f"samples: {grid_path} and {out / 'samples.npz'}")
     return grid_path

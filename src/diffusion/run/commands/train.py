@@ -14,6 +14,7 @@ from diffusion.config.build import module_kwargs, net_kwargs, objective_of
 from diffusion.core.objectives.base import Objective
 from diffusion.data import describe_data, same_data
 from diffusion.errors import UserError
+from diffusion.files import write_file
 from diffusion.lightning.callbacks import GracefulInterrupt, SampleGrid, SampleQualityCallback, StepProgressBar
 from diffusion.lightning.checkpoint_io import AtomicCheckpointIO, BackgroundCheckpointIO
 from diffusion.lightning.checkpoints import ModelMismatch, check_checkpoint, init_weights
@@ -88,11 +89,7 @@ def _data(cfg: DictConfig):
 
 def write_classes(output_dir: Path, class_names: list[str]) -> Path:
     """classes.json in the run directory: the class names in index order (what sample.py's labels= may name)."""
-    path = output_dir / "classes.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(class_names, indent=1) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_file(output_dir / "classes.json", json.dumps(class_names, indent=1) + "\n")
 
 
 WANDB_RUN_ID = "wandb_run_id"  # the run directory's file (and the checkpoint's key) naming its W&B run
@@ -147,10 +144,7 @@ def _strategy(cfg: DictConfig, output_dir: Path, ckpt_path: str | None):
     if "LOCAL_RANK" not in os.environ:
         job = OmegaConf.to_container(cfg, resolve=True)
         job["ckpt_path"] = ckpt_path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(job)))
-        os.replace(tmp, path)
+        write_file(path, OmegaConf.to_yaml(OmegaConf.create(job)))
     return JobDDPStrategy(path)
 
 

@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 from diffusion.errors import Interrupted, UserError
 from diffusion.run.jobs.console import fail, full_errors
 from diffusion.run.jobs.status import FILENAME, JobStatus, finished_before
+from diffusion.run.jobs.stopping import INTACT, stop_on_signals
 
 
 def guarded(fn: Callable[[DictConfig], object], cfg: DictConfig,
@@ -22,9 +23,10 @@ def guarded(fn: Callable[[DictConfig], object], cfg: DictConfig,
 
     The job's status.json (diffusion.run.jobs.status) records how it ended. Under -m a failed job does not stop
     the sweep: its line is printed, the next job runs, and the sweep ends with a summary of the failed jobs and
-    exit status 1 (SweepSummary). A sweep run again into the same hydra.sweep.dir (after its -m process died)
-    skips the jobs whose status.json says finished, answering `finished(cfg, status)` (what fn returned, for a
-    sweeper); the others run again, and a training job resumes from its own last.ckpt (run.commands.train)."""
+    exit status 1 (SweepSummary). SIGINT or SIGTERM ends it in one line with 128 + the signal (run/jobs/stopping.py).
+    A sweep run again into the same hydra.sweep.dir (after its -m process died) skips the jobs whose status.json
+    says finished, answering `finished(cfg, status)` (what fn returned, for a sweeper); the others run again, and a
+    training job resumes from its own last.ckpt (run.commands.train)."""
     done = finished_before() if _in_multirun() else None
     if done is not None:
         path, state = done
@@ -33,7 +35,8 @@ def guarded(fn: Callable[[DictConfig], object], cfg: DictConfig,
         return None if finished is None else finished(cfg, state)
     status = JobStatus()
     try:
-        result = fn(cfg)
+        with stop_on_signals(lambda: INTACT):
+            result = fn(cfg)
         status.finished()
         return result
     except Interrupted as err:

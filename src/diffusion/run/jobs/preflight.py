@@ -18,7 +18,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, open_dict
 
 from diffusion.errors import UserError
-from diffusion.files import probe_writable
+from diffusion.files import blocking_file, probe_writable
 
 WANDB_TIMEOUT_S = 5.0
 
@@ -29,7 +29,9 @@ def writable_dir(path: str | Path, key: str) -> Path:
     try:
         probe_writable(path)
     except OSError as err:
-        raise UserError(f"{key}={path} cannot be written ({err.strerror or err}); choose a folder you can write, "
+        above = path if path.exists() and not path.is_dir() else blocking_file(path)
+        reason = f"{above} is a file, not a folder" if above is not None else err.strerror or err
+        raise UserError(f"{key}={path} cannot be written ({reason}); choose a folder you can write, "
                         f"e.g. {key}=$HOME/diffusion-outputs, or fix its permissions") from err
     return path
 

@@ -14,7 +14,6 @@ Only rank 0 writes; a job requeued into the same directory adds the wall time of
 """
 
 import json
-import os
 import time
 from datetime import datetime
 from pathlib import Path
@@ -26,6 +25,7 @@ from lightning_utilities.core.rank_zero import (
 )
 
 from diffusion.errors import UserError
+from diffusion.files import write_file
 
 FILENAME = "status.json"
 _recorded: dict[str, Any] = {}  # what the running job measured (one job at a time, also under -m)
@@ -57,22 +57,26 @@ class JobStatus:
         self._write("finished")
 
     def failed(self, err: BaseException) -> None:
-        self._write("failed", error=one_line(err))
+        self._write("failed", error=one_line(err), best_effort=True)
 
     def interrupted(self, err: BaseException, resume: str) -> None:
-        self._write("interrupted", error=one_line(err), resume=resume)
+        self._write("interrupted", error=one_line(err), resume=resume, best_effort=True)
 
-    def _write(self, status: str, error: str | None = None, resume: str | None = None) -> None:
+    def _write(self, status: str, error: str | None = None, resume: str | None = None,
+               best_effort: bool = False) -> None:
+        """best_effort: a job that already failed (perhaps a full disk) keeps its own one-line error; a status.json
+        that cannot be written then is left out (report.py shows such a job as running or unknown)."""
         if self.path is None:
             return
         state = {"status": status, "error": error, "resume": resume, "entry": self.entry,
                  "wall_seconds": round(self.earlier + time.monotonic() - self.began, 3), "step": None,
                  "metrics": {}, "quality": {}, "quality_protocol_id": None, "quality_protocol": None, **_recorded,
                  "started": self.started, "updated": datetime.now().astimezone().isoformat(timespec="seconds")}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{FILENAME}.tmp")
-        tmp.write_text(json.dumps(state, indent=2, default=str))
-        os.replace(tmp, self.path)
+        try:
+            write_file(self.path, json.dumps(state, indent=2, default=str))
+        except UserError:
+            if not best_effort:
+                raise
 
 
 def finished_before() -> tuple[Path, dict] | None:
@@ -95,6 +99,7 @@ def read_status(run_dir) -> dict | None:
     """A run directory's status.json, or None if it has none (or an unreadable one)."""
     path = Path(run_dir) / FILENAME
     try:
-        return json.loads(path.read_text())
+        state = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    return state if isinstance(state, dict) else None

@@ -1,10 +1,16 @@
-"""evaluate.py and figures.py on SIGTERM or Ctrl-C: stop at once, and say in one line what is on disk.
+"""Every entry point on SIGTERM or Ctrl-C: stop at once, and say in one line what is on disk.
 
-Neither command leaves anything half-done that a later run would trust (a PNG is written whole or not at all,
-the report last), so they stop where the signal finds them, without a checkpoint to save or a step to finish.
+No command leaves anything half-done that a later run would trust (every output is written whole or not at all,
+diffusion.files.written_whole), so they stop where the signal finds them; training alone first finishes its step
+and saves a checkpoint (lightning/callbacks/interrupt.py). From the first import (`end_on_signals`, which the
+entry points install before their slow imports) a signal prints one line and exits with 128 + its number; inside
+a job (`stop_on_signals`, which guard.py and evaluate.py and figures.py enter) it raises Interrupted, so that the
+job's status.json records it.
 """
 
+import os
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,6 +29,33 @@ def written_since(directory: Path, since: float) -> list[Path]:
                   and not p.name.startswith(".") and p.stat().st_mtime >= since)
 
 
+INTACT = "no file was left half-written"
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def end_on_signals() -> None:
+    """Until a job takes over: SIGINT or SIGTERM prints "error: stopped by <signal>; ..." and exits at once with
+    128 + the signal (os._exit: an exception raised during the imports ends in a traceback, or aborts inside
+    torch's C++ code, and nothing has been written yet). Only the installing process: a forked worker (a
+    DataLoader's) keeps the default behaviour, so one line is printed, not one per process."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    owner = os.getpid()
+
+    def end(signum, frame) -> None:
+        if os.getpid() != owner:
+            signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        for other in SIGNALS:  # a second Ctrl-C must not cut the line short, nor the cleanup after it
+            signal.signal(other, signal.SIG_IGN)
+        print(f"error: stopped by {signal.Signals(signum).name}; {INTACT}", file=sys.stderr, flush=True)
+        os._exit(128 + signum)
+
+    for signum in SIGNALS:
+        signal.signal(signum, end)
+
+
 @contextmanager
 def stop_on_signals(what_is_written: Callable[[], str]) -> Iterator[None]:
     """Inside: SIGINT or SIGTERM raises Interrupted("stopped by <signal>; <what_is_written()>", 128 + signal)
@@ -36,7 +69,7 @@ def stop_on_signals(what_is_written: Callable[[], str]) -> Iterator[None]:
             signal.signal(other, signal.SIG_IGN)
         raise Interrupted(f"stopped by {signal.Signals(signum).name}; {what_is_written()}", 128 + signum, None)
 
-    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
+    previous = {signum: signal.signal(signum, stop) for signum in SIGNALS}
     try:
         yield
     finally:

@@ -12,7 +12,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from diffusion.core.sampling import SamplerSpec, check_guidance
+from diffusion.core.sampling import SamplerSpec
+from diffusion.errors import UserError
+from diffusion.files import write_file, written_whole
 from diffusion.metrics.quality import PRIMARY, brief_keys, cell, column_title, protocol_id, score_cells
 
 
@@ -20,10 +22,16 @@ def guidance_samplers(scales: list[float], sampler: SamplerSpec, num_classes: in
                       cond_drop_prob: float | None) -> list[SamplerSpec]:
     """The sampler at each scale, checked (a class-conditional model that learned its unconditional pass, scales in
     range) before any sampling."""
-    specs = [replace(sampler, guidance_scale=float(w)).check(f"guidance_table[{i}]") for i, w in enumerate(scales)]
-    for spec in specs:
-        check_guidance(spec.guidance_scale, num_classes, "guidance_table", cond_drop_prob)
-    return specs
+    given = [float(w) for w in scales]
+    if num_classes is None:
+        raise UserError(f"guidance_table={given} compares guidance scales, which need a "
+                        "class-conditional model, but the checkpoint is unconditional (trained without "
+                        "model.num_classes); leave out guidance_table, or evaluate a class-conditional checkpoint")
+    if cond_drop_prob == 0 and any(w != 1 for w in given):
+        raise UserError(f"guidance_table={given} mixes in the unconditional pass, which this model never learned "
+                        "(trained with training.cond_drop_prob=0, it never saw the \"no label\" input); leave out "
+                        "guidance_table, or train with training.cond_drop_prob=0.1")
+    return [replace(sampler, guidance_scale=w).check(f"guidance_table[{i}]") for i, w in enumerate(given)]
 
 
 def guidance_rows(specs: list[SamplerSpec], run: Callable[[SamplerSpec], tuple[dict, dict]],
@@ -73,8 +81,8 @@ def write_guidance_table(rows: list[dict], sampler_label: str, extractor: str, o
     for w, *scores in cells:
         lines.append(f"| {w:g} | " + " | ".join(cell(k, v) for k, v in zip(keys, scores, strict=True)) + " |")
     md = out / "guidance.md"
-    md.write_text("\n".join(lines) + "\n")
-    (out / "guidance.json").write_text(json.dumps(rows, indent=2))
+    write_file(md, "\n".join(lines) + "\n")
+    write_file(out / "guidance.json", json.dumps(rows, indent=2))
     accuracy = any("class_accuracy" in row for row in rows)
     fig, axes = plt.subplots(1, 2 if accuracy else 1, figsize=(9.5 if accuracy else 5, 3.8), squeeze=False)
     ax = axes[0, 0]
@@ -91,7 +99,8 @@ def write_guidance_table(rows: list[dict], sampler_label: str, extractor: str, o
         ax.set(xlabel="guidance scale w", ylabel="class accuracy", title="Samples classified as asked")
     fig.tight_layout()
     png = out / "guidance.png"
-    fig.savefig(png, dpi=120)
+    with written_whole(png) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
     print(f"guidance table: {md} and {png}")
     return md, png

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from diffusion.config.entry import SamplerTableConfig
 from diffusion.core.objectives.base import Objective
 from diffusion.core.sampling import SAMPLERS, SamplerSpec
+from diffusion.files import write_file, written_whole
 from diffusion.metrics.quality import PRIMARY, brief_keys, cell, column_title, protocol_id, score_cells
 
 
@@ -85,7 +86,7 @@ def write_table(rows: list[dict], num_samples: int, extractor: str, out: Path) -
         lines.append(f"| {sampler} | {nfe} | {seconds:.4f} | " +
                      " | ".join(cell(k, v) for k, v in zip(keys, scores, strict=True)) + " |")
     md = out / "samplers.md"
-    md.write_text("\n".join(lines) + "\n")
+    write_file(md, "\n".join(lines) + "\n")
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     def line_of(row: dict) -> str:  # the label without the steps: 'dpmpp_2m', 'ddim η=0', 'unipc order=3 karras'
         return re.sub(r"-\d+", "", row["sampler"], count=1)
@@ -102,7 +103,8 @@ def write_table(rows: list[dict], num_samples: int, extractor: str, out: Path) -
     ax.legend(fontsize=8)
     fig.tight_layout()
     png = out / "samplers.png"
-    fig.savefig(png, dpi=120)
+    with written_whole(png) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
     print(f"sampler table: {md} and {png}")
     return md, png

@@ -15,9 +15,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from diffusion.errors import UserError
+from diffusion.files import written_whole
 from diffusion.lightning.callbacks.loss_by_t import read_loss_by_t
 from diffusion.metrics.quality import describe_measurement, is_headline, measurement_id
 from diffusion.run.jobs.status import read_status
@@ -56,13 +59,30 @@ def _job_order(path: Path, folder: Path) -> tuple:
 
 
 def read_job(path: Path, name: str) -> dict[str, Any]:
-    """What report.py needs of one job folder (its config, overrides, status, loss-by-t rows)."""
+    """What report.py needs of one job folder (its config, overrides, status, loss-by-t rows).
+
+    A folder that cannot be read whole (a cut-off .hydra/config.yaml, a file that cannot be read) is a job all
+    the same: `damaged` says which file and why, and its row is marked unknown (build_rows)."""
     hydra_dir = path / ".hydra"
-    overrides = OmegaConf.load(hydra_dir / "overrides.yaml") if (hydra_dir / "overrides.yaml").is_file() else []
-    hydra = OmegaConf.load(hydra_dir / "hydra.yaml").hydra if (hydra_dir / "hydra.yaml").is_file() else None
-    return {"path": path, "name": name, "config": OmegaConf.load(hydra_dir / "config.yaml"),
-            "overrides": dict(_split(o) for o in overrides), "hydra": hydra,
-            "status": read_status(path), "loss_by_t": read_loss_by_t(path / "loss_by_t.csv")}
+    job = {"path": path, "name": name, "config": OmegaConf.create(), "overrides": {}, "hydra": None,
+           "status": read_status(path), "loss_by_t": [], "damaged": None}
+    file = hydra_dir / "config.yaml"
+    try:
+        config = OmegaConf.load(file)
+        if not isinstance(config, DictConfig):
+            raise ValueError(f"a {type(config).__name__}, not a mapping")
+        job["config"] = config
+        if (file := hydra_dir / "overrides.yaml").is_file():
+            job["overrides"] = dict(_split(o) for o in OmegaConf.load(file))
+        if (file := hydra_dir / "hydra.yaml").is_file():
+            job["hydra"] = OmegaConf.load(file).hydra
+        file = path / "loss_by_t.csv"
+        job["loss_by_t"] = read_loss_by_t(file)
+    except (OSError, ValueError, yaml.YAMLError, OmegaConfBaseException) as err:
+        reason = getattr(err, "strerror", None) or " ".join(str(err).split()) or type(err).__name__
+        job.update(config=OmegaConf.create(), overrides={}, hydra=None, loss_by_t=[],
+                   damaged=f"{file.relative_to(path)} cannot be read ({reason})")
+    return job
 
 
 def _split(override: str) -> tuple[str, str]:
@@ -84,7 +104,7 @@ def build_rows(jobs: list[dict]) -> tuple[list[dict], list[str], dict[str, str]]
     for job in jobs:
         status = job["status"] or {}
         row = {"job": job["name"], **{k: job["overrides"].get(k, "") for k in swept}}
-        row["status"] = status.get("status", "unknown")
+        row["status"] = "unknown" if job["damaged"] else status.get("status", "unknown")
         row["step"], row["wall_seconds"] = status.get("step"), status.get("wall_seconds")
         metrics, quality = status.get("metrics") or {}, status.get("quality") or {}
         row.update({k: v for k, v in metrics.items() if k not in quality})
@@ -103,6 +123,8 @@ def build_rows(jobs: list[dict]) -> tuple[list[dict], list[str], dict[str, str]]
 
 def _note(status: dict, job: dict) -> str:
     """The one-line error of a failed job, the resume command of an interrupted one, why a status is unknown."""
+    if job["damaged"]:
+        return f"damaged job folder: {job['damaged'][:200]}"
     if not status:
         return "no status.json: killed, still running, or run before jobs wrote one"
     if status.get("status") == "running":
@@ -129,7 +151,7 @@ def _is_main(column: str) -> bool:
 
 
 def write_csv(rows: list[dict], cols: list[str], path: Path) -> None:
-    with open(path, "w", newline="") as f:
+    with written_whole(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         writer.writeheader()
         writer.writerows({k: ("" if row.get(k) is None else row.get(k)) for k in cols} for row in rows)
