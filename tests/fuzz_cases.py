@@ -67,6 +67,7 @@ ACCEPTED = [
     ("trainer.gradient_clip_val", "0.0", "0: no clipping"),
     ("trainer.gradient_clip_val", "1e30", "a bound that never clips"),
     ("*seed", "0", "seed 0 is a seed"),
+    ("training.max_prior_bpd", "1e30", "a limit no chain exceeds: the check is off, as with null"),
     ("objective.vlb_weight", "0.0", "0: the hybrid loss reduces to L_simple"),
     ("objective.vlb_weight", "1e30", "an extreme but well-defined weighting"),
     ("objective.min_snr_gamma", "1e30", "γ above every SNR: no clipping, plain SNR weighting"),

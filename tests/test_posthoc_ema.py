@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+import diffusion.files as files
 import diffusion.lightning.callbacks.posthoc_snapshots as callback_module
 from diffusion.config import PostHocEMAConfig, validate
 from diffusion.core.posthoc_ema import (
@@ -356,7 +357,7 @@ def test_resuming_a_checkpoint_without_posthoc_state_is_a_one_line_error(tmp_pat
 
 
 def test_a_failed_write_leaves_only_whole_snapshots(tmp_path, monkeypatch):
-    real = callback_module.write_durably  # diffusion.files' durable write, as the callback imports it
+    real = files.write_durably  # diffusion.files' durable write, through which the callback's writes go
     calls = []
 
     def half_then_full_disk(path, data):
@@ -367,11 +368,11 @@ def test_a_failed_write_leaves_only_whole_snapshots(tmp_path, monkeypatch):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         real(path, data)
 
-    monkeypatch.setattr(callback_module, "write_durably", half_then_full_disk)
+    monkeypatch.setattr(files, "write_durably", half_then_full_disk)
     with pytest.raises(UserError) as info:
         fit(tmp_path, max_steps=8)
     message = str(info.value)
-    assert "\n" not in message and snapshot_name(6) in message and "no partial file was left" in message
+    assert "\n" not in message and snapshot_name(6) in message and "free space on that disk" in message
     assert snapshot_files(tmp_path) == [snapshot_name(3)]  # no step 6, no temporary file
     assert torch.load(tmp_path / "posthoc_ema" / snapshot_name(3), weights_only=True)["step"] == 3
 

@@ -104,7 +104,7 @@ def build_rows(jobs: list[dict]) -> tuple[list[dict], list[str], dict[str, str]]
     for job in jobs:
         status = job["status"] or {}
         row = {"job": job["name"], **{k: job["overrides"].get(k, "") for k in swept}}
-        row["status"] = "unknown" if job["damaged"] else status.get("status", "unknown")
+        row["status"] = "unknown" if job.get("damaged") else status.get("status", "unknown")
         row["step"], row["wall_seconds"] = status.get("step"), status.get("wall_seconds")
         metrics, quality = status.get("metrics") or {}, status.get("quality") or {}
         row.update({k: v for k, v in metrics.items() if k not in quality})
@@ -123,7 +123,7 @@ def build_rows(jobs: list[dict]) -> tuple[list[dict], list[str], dict[str, str]]
 
 def _note(status: dict, job: dict) -> str:
     """The one-line error of a failed job, the resume command of an interrupted one, why a status is unknown."""
-    if job["damaged"]:
+    if job.get("damaged"):
         return f"damaged job folder: {job['damaged'][:200]}"
     if not status:
         return "no status.json: killed, still running, or run before jobs wrote one"
