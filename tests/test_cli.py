@@ -33,8 +33,8 @@ CASES = [
     (["init_from=/nonexistent/model", "ckpt_path=/nonexistent/last.ckpt"],
      ["are both set: ckpt_path resumes a run (weights, optimizer, step count)", "drop one"]),
     # a chain that ends short of noise; what ran is what is recorded
-    (["schedule.num_timesteps=100", "training.max_prior_bpd=0.001"], ["T=100 does not reach noise", "above training.max_prior_bpd=0.001",
-                                      "use schedule=linear_scaled"]),
+    (["schedule.num_timesteps=100", "training.max_prior_bpd=0.001"],
+     ["T=100 does not reach noise", "above training.max_prior_bpd=0.001", "use schedule=linear_scaled"]),
     (["schedule=linear_scaled", "schedule.num_timesteps=10"], ["reaches 1 at schedule.num_timesteps=10",
                                                                 "use schedule.num_timesteps=21"]),
     (["model.num_classes=10", "training.cond_drop_prob=1.0"], ["training.cond_drop_prob=1.0",
