@@ -83,6 +83,30 @@ def test_ddim_eta1_all_steps_equals_ddpm_with_posterior_variance(gen):
     torch.testing.assert_close(ddim.x0, ancestral.x0, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("eta", [0.0, 0.5])
+def test_ddim_on_a_trained_chain_keeps_its_float32_arithmetic_bit_for_bit(eta, gen):
+    """DDIM on DDPM's chain is Song et al. 2021 Eqs. 12 and 16 in the chain's stored float32 ᾱ, written out here;
+    the images `make train` scores are drawn this way, so its printed numbers depend on every bit of it."""
+    net = lambda x, t: torch.sin(3 * x) + 0.01 * t.reshape(-1, 1, 1, 1)  # noqa: E731 any deterministic model
+    chain = ddpm(paper_betas(T)).diffusion  # float32 buffers, as in training
+    xT = torch.randn(4, 1, 2, 2, generator=gen)
+    out = ddim_sample(ddpm(paper_betas(T)).denoiser(net), xT, num_steps=10, eta=eta,
+                      generator=torch.Generator().manual_seed(7))
+    kept, g, x = space_timesteps(T, "linspace", 10), torch.Generator().manual_seed(7), xT
+    for j in reversed(range(len(kept))):
+        t = torch.full((4,), kept[j])
+        ac, ac_prev = chain.alphas_cumprod[kept[j]], chain.alphas_cumprod[kept[j - 1]] if j else torch.tensor(1.0)
+        r = chain.sqrt_recip_alphas_cumprod[t].view(-1, 1, 1, 1)
+        rm1 = chain.sqrt_recipm1_alphas_cumprod[t].view(-1, 1, 1, 1)
+        x0 = (r * x - rm1 * net(x, t)).clamp(-1, 1)
+        eps = (r * x - x0) / rm1
+        sigma = eta * ((1 - ac_prev) / (1 - ac) * (1 - ac / ac_prev)).sqrt()
+        x = ac_prev.sqrt() * x0 + (1 - ac_prev - sigma**2).clamp(min=0).sqrt() * eps
+        if eta > 0 and j > 0:
+            x = x + sigma * torch.randn(x.shape, generator=g)
+    assert out.x0.dtype == torch.float32 and torch.equal(out.x0, x)
+
+
 def test_respaced_with_all_steps_equals_full_sampler(gen):
     net = lambda x, t: torch.tanh(x) * (1 + t.reshape(-1, 1, 1, 1) / T)  # noqa: E731
     d, xT = denoiser(net, "fixed_large"), x_T(gen)

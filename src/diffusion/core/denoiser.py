@@ -86,6 +86,15 @@ class Denoiser:
     def denoise(self, x: Tensor, sigma: float) -> Tensor:
         raise NotImplementedError
 
+    def eps(self, x: Tensor, sigma: float, x0: Tensor, alpha: float, beta: float) -> Tensor:
+        """ε̂ = (x − α x̂0)/β, the noise that x̂0 implies at this level (β > 0)."""
+        return (x - alpha * x0) / beta
+
+    def alphas_cumprod_at(self, grid: Grid) -> Tensor | None:
+        """ᾱ at the grid's levels (largest noise first) as a trained discrete chain stores them, in its own
+        precision, for samplers that keep that chain's arithmetic; None for a denoiser without one."""
+        return None
+
     def grid(self, spacing: str | Sequence[int], num_levels: int | None, from_top: bool = False) -> Grid:
         """The objective's grid (from_top: it must start at the objective's largest noise level, as the solvers
         need; a continuous objective's grids always do)."""

@@ -161,11 +161,22 @@ class DDPMDenoiser(Denoiser):
         self._steps: Tensor | None = None  # (T, B): row t is step t for a batch, made once per sampling run
 
     def denoise(self, x: Tensor, sigma: float) -> Tensor:
+        mean_out, _ = self.diffusion.split_output(self.model(x, self._t(x, sigma)))
+        return self.diffusion.predict_x0(mean_out, x, self._t(x, sigma))
+
+    def eps(self, x: Tensor, sigma: float, x0: Tensor, alpha: float, beta: float) -> Tensor:
+        """ε̂ from the chain's own coefficients, as the samplers computed it before objectives were a layer."""
+        return self.diffusion.predict_eps_from_x0(x, self._t(x, sigma), x0)
+
+    def alphas_cumprod_at(self, grid: Grid) -> Tensor:
+        ac = self.diffusion.alphas_cumprod
+        return ac[torch.as_tensor(self.objective.steps_of(grid), dtype=torch.long, device=ac.device)]
+
+    def _t(self, x: Tensor, sigma: float) -> Tensor:
+        """Step t of this σ for x's batch: a view of a table made once per sampling run, nothing made per step."""
         if self._steps is None or self._steps.shape[1] != x.shape[0] or self._steps.device != x.device:
             self._steps = torch.arange(self.objective.num_levels, device=x.device)[:, None].expand(-1, x.shape[0])
-        t = self._steps[self.objective.step_of(sigma)]  # (B,), a view: nothing is made per step
-        mean_out, _ = self.diffusion.split_output(self.model(x, t))
-        return self.diffusion.predict_x0(mean_out, x, t)
+        return self._steps[self.objective.step_of(sigma)]
 
     def grid(self, spacing: str | Sequence[int], num_levels: int | None, from_top: bool = False) -> Grid:
         return self.objective.grid(spacing, num_levels, from_top)
