@@ -6,27 +6,39 @@ renames it onto the final name: a full disk or a crash leaves the previous check
 and then copies it under the final name, so a copy that fails part-way leaves a truncated checkpoint.)
 
 `BackgroundCheckpointIO` runs those writes in a thread (training.async_checkpoints=true), so that a step
-waits for a copy of the checkpoint's tensors only, not for the file system. It is Lightning's
-AsyncCheckpointIO, which (since lightning 2.5.4, PR #21079) clones every tensor on the caller's thread
-before handing the checkpoint to its writer: the next optimizer step, which changes the weights in place,
-cannot reach the file being written. Added here: removals wait behind the writes queued before them (a
-checkpoint is never removed before a newer one is whole), at most two writes wait at a time (each holds a
-copy of the checkpoint), and `wait()`, which a signal's save calls before the process says it is saved.
+does not wait for the file system. It is Lightning's AsyncCheckpointIO, which (since lightning 2.5.4,
+PR #21079) clones every tensor on the caller's thread before handing the checkpoint to its writer, so that
+the next optimizer step, which changes the weights in place, cannot reach the file being written. On a GPU
+that clone is a device-to-device copy (milliseconds); in host memory it is the checkpoint's whole size,
+seconds for the paper's CIFAR-10 model (0.86 GB). So the large host tensors (weights, EMA, Adam's moments)
+are copied by the writer's thread instead, while the next step's forward and backward run, and
+`CheckpointCopies` makes the step wait for that copy just before anything may change them: before the
+optimizer step, before a validation (which swaps the EMA weights in), at the end of training. Each copied
+tensor's version counter is compared there with the one it had at the save: a tensor changed in place
+before its copy was taken (a wait point missed) is never written; the save fails in one line instead.
+Added as well: removals wait behind the writes queued before them (a checkpoint is never removed before a
+newer one is whole), at most two writes wait at a time (each holds a copy of the checkpoint), and `wait()`,
+which a signal's save calls before the process says it is saved.
 """
 
 import contextlib
 import errno
 import os
+import threading
 import uuid
 from collections import deque
 from concurrent.futures import Future
+from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.plugins.io import AsyncCheckpointIO, TorchCheckpointIO
+from lightning_utilities.core.apply_func import apply_to_collection
+from torch import Tensor
 
 from diffusion.errors import UserError
 from diffusion.files import FIXES, fsync_dir, write_durably
@@ -54,20 +66,94 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         _fsync_dir(path)
 
 
+@dataclass(eq=False)
+class _Later:
+    """Where a tensor the writer's thread copies stands in the checkpoint until it is copied."""
+
+    index: int
+
+
+@dataclass(eq=False)
+class _Save:
+    """One background save: the tensors its thread copies, their version counters at the save, and its state."""
+
+    path: Any
+    tensors: list[Tensor]
+    versions: list[int]
+    copied: threading.Event = field(default_factory=threading.Event)
+    checked: threading.Event = field(default_factory=threading.Event)
+    intact: bool = False
+    future: Future | None = None
+
+
 class BackgroundCheckpointIO(AsyncCheckpointIO):
-    """AtomicCheckpointIO's writes in one background thread, in the order they were asked for."""
+    """AtomicCheckpointIO's writes in one background thread, in the order they were asked for; the large host
+    tensors copied there too, checked at `settle()` (see the module docstring)."""
 
     max_pending = 2  # writes queued or running; a third save waits for the oldest (memory: one copy each)
+    copy_later_numel = 2**16  # host tensors this large are copied by the writer's thread; smaller ones at once
 
     def __init__(self):
         super().__init__(AtomicCheckpointIO())
-        self._pending: deque[Future] = deque()
+        self._saves: deque[_Save] = deque()  # not yet written, oldest first
+        self._unchecked: deque[_Save] = deque()  # copied (or being copied) but not yet checked
 
-    def save_checkpoint(self, *args: Any, **kwargs: Any) -> None:
-        while len(self._pending) >= self.max_pending:
-            self._pending.popleft().result()
-        super().save_checkpoint(*args, **kwargs)  # clones the tensors here, then queues the write
-        self._pending.append(self._executor.submit(lambda: None))  # done when that write is
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        self._ensure_setup()
+        self._raise_error()
+        while len(self._saves) >= self.max_pending:
+            self.settle()
+            self._saves.popleft().future.result()
+        later: list[Tensor] = []
+
+        def snapshot(t: Tensor):
+            if t.device.type == "cpu" and t.numel() >= self.copy_later_numel:
+                later.append(t.detach())
+                return _Later(len(later) - 1)
+            return t.detach().clone()  # small ones, and device tensors (a device-side copy is fast)
+
+        frozen = apply_to_collection(checkpoint, Tensor, snapshot)
+        save = _Save(path, later, [t._version for t in later])
+        save.future = self._executor.submit(self._copy_and_write, save, frozen, storage_options)
+        self._saves.append(save)
+        self._unchecked.append(save)
+
+    def _copy_and_write(self, save: _Save, frozen: dict, storage_options: Any) -> None:
+        """On the writer's thread: copy the large tensors, wait until the training thread has checked that none
+        changed before the copy, then write (or drop the save if one did, or if the training thread is gone)."""
+        try:
+            copies = [t.clone() for t in save.tensors]
+        except BaseException as err:  # out of memory, say: nothing is written, the error reaches settle()
+            self._error = err
+            return
+        finally:
+            save.copied.set()
+        while not save.checked.wait(0.1):
+            if not threading.main_thread().is_alive():  # the process is exiting without a check: write nothing
+                return
+        if not save.intact:
+            return
+        try:
+            self.checkpoint_io.save_checkpoint(apply_to_collection(frozen, _Later, lambda later: copies[later.index]),
+                                               save.path, storage_options)
+        except BaseException as err:  # raised on the training thread at the next save, settle, wait or teardown
+            self._error = err
+
+    def settle(self) -> None:
+        """Wait until every save's large tensors are copied, and check that none changed before its copy; the
+        training thread calls this before anything may change them. A changed one: that save is not written."""
+        while self._unchecked:
+            save = self._unchecked.popleft()
+            save.copied.wait()
+            changed = [t for t, v in zip(save.tensors, save.versions, strict=True) if t._version != v]
+            save.intact = not changed
+            save.checked.set()
+            if changed:
+                shape = tuple(changed[0].shape)
+                raise UserError(f"checkpoint {save.path} was not written: {len(changed)} of its tensors (the first of "
+                                f"shape {shape}) changed before the background copy was taken; set "
+                                "training.async_checkpoints=false to write checkpoints on the training thread")
+        self._raise_error()
 
     def remove_checkpoint(self, path) -> None:
         self._ensure_setup()
@@ -81,15 +167,41 @@ class BackgroundCheckpointIO(AsyncCheckpointIO):
 
     def wait(self) -> None:
         """Return once every write and removal asked for so far is done; raise the first one's error."""
+        self.settle()
         if self._executor is not None:
             self._executor.submit(lambda: None).result()
-        self._pending.clear()
-        if self._error:
-            raise self._error
+        self._saves.clear()
+        self._raise_error()
 
     def teardown(self) -> None:
-        self._pending.clear()
-        super().teardown()
+        try:
+            self.settle()
+        finally:
+            self._saves.clear()
+            super().teardown()
+
+    def _raise_error(self) -> None:
+        if self._error:
+            error, self._error = self._error, None
+            raise error
+
+
+class CheckpointCopies(L.Callback):
+    """Makes the training thread wait for a background save's copies (`BackgroundCheckpointIO.settle`) before
+    anything changes the tensors they copy: the optimizer step, a validation's EMA swap, the end of training.
+    Put it first among the callbacks, so that it runs before any other callback's hook at those points."""
+
+    def __init__(self, io: BackgroundCheckpointIO):
+        self.io = io
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.io.settle()
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self.io.settle()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.io.settle()
 
 
 def wait_for_checkpoints(trainer) -> None:

@@ -16,7 +16,7 @@ from diffusion.data import describe_data, same_data
 from diffusion.errors import UserError
 from diffusion.files import write_file
 from diffusion.lightning.callbacks import GracefulInterrupt, SampleGrid, SampleQualityCallback, StepProgressBar
-from diffusion.lightning.checkpoint_io import AtomicCheckpointIO, BackgroundCheckpointIO
+from diffusion.lightning.checkpoint_io import AtomicCheckpointIO, BackgroundCheckpointIO, CheckpointCopies
 from diffusion.lightning.checkpoints import ModelMismatch, check_checkpoint, init_weights
 from diffusion.lightning.distributed import JobDDPStrategy
 from diffusion.lightning.module import DiffusionModule
@@ -242,7 +242,9 @@ def _fit(cfg: DictConfig, output_dir: Path, extra_callbacks: tuple) -> dict[str,
     if cfg.callbacks.checkpoint is not None:
         writable_dir(cfg.callbacks.checkpoint.dirpath, "callbacks.checkpoint.dirpath")
     check_logger(cfg.logger)
-    callbacks = [GracefulInterrupt(), *_callbacks(cfg, cfg.logger, datamodule), *extra_callbacks]
+    checkpoint_io = _checkpoint_io(cfg)
+    copies = [CheckpointCopies(checkpoint_io)] if isinstance(checkpoint_io, BackgroundCheckpointIO) else []
+    callbacks = [*copies, GracefulInterrupt(), *_callbacks(cfg, cfg.logger, datamodule), *extra_callbacks]
     if cfg.trainer.enable_progress_bar:
         callbacks.append(StepProgressBar())
     for callback in callbacks:  # their feature extractors and data checks, before the logger starts a run
@@ -254,7 +256,7 @@ def _fit(cfg: DictConfig, output_dir: Path, extra_callbacks: tuple) -> dict[str,
     try:
         # partial: the strategy may be an object, which the schema's `strategy: str` field cannot hold
         trainer = build_trainer(instantiate(cfg.trainer, _partial_=True),
-                                strategy=strategy, callbacks=callbacks, plugins=[_checkpoint_io(cfg)],
+                                strategy=strategy, callbacks=callbacks, plugins=[checkpoint_io],
                                 logger=logger if logger else False, default_root_dir=str(output_dir),
                                 enable_model_summary=False)
         _announce(trainer, cfg, module, output_dir)
