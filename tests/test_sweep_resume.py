@@ -70,3 +70,21 @@ def test_an_optuna_sweep_run_again_replays_its_recorded_trials_and_goes_on(tmp_p
     assert len(statuses) == 2 and all(s["status"] == "finished" for s in statuses)
     best = float((sweep / "optimization_results.yaml").read_text().split("best_value:")[1].split()[0])
     assert best == min(s["metrics"]["val/loss"] for s in statuses)  # trial 0's recorded value reached the study
+
+
+def test_a_sweep_run_again_with_another_command_stops_before_touching_a_job_folder(tmp_path):
+    """experiment= is left out of the job folders' names, so `-m experiment=digits` and then `experiment=digits_cond`
+    into the same sweep folder meet in job 0's folder: the second must not take the first's result as its own."""
+    sweep = tmp_path / "sweep"
+    common = ["-m", "debug=fast", "callbacks.samples=null", "logger=none", f"hydra.sweep.dir={sweep}"]
+    first = run_script("train.py", *common, "experiment=digits", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    (job0,) = sweep.glob("0_*")
+    recorded = (job0 / "status.json").read_bytes()
+    again = run_script("train.py", *common, "experiment=digits_cond", cwd=tmp_path)
+    assert again.returncode == 2, again.stderr[-3000:]
+    (line,) = again.stderr.strip().splitlines()
+    assert line.startswith(f"error: job 0's folder {job0} holds a job run with other overrides (")
+    assert "(debug=fast callbacks.samples=null logger=none experiment=digits) than this one (debug=fast " \
+           "callbacks.samples=null logger=none experiment=digits_cond); a sweep resumes only when run again" in line
+    assert (job0 / "status.json").read_bytes() == recorded and "finished before" not in again.stdout

@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 
 from diffusion.errors import Interrupted, UserError
 from diffusion.run.jobs.console import fail, full_errors
-from diffusion.run.jobs.status import FILENAME, JobStatus, finished_before
+from diffusion.run.jobs.status import FILENAME, JobStatus, check_same_job, finished_before
 from diffusion.run.jobs.stopping import INTACT, stop_on_signals
 
 
@@ -26,7 +26,13 @@ def guarded(fn: Callable[[DictConfig], object], cfg: DictConfig,
     exit status 1 (SweepSummary). SIGINT or SIGTERM ends it in one line with 128 + the signal (run/jobs/stopping.py).
     A sweep run again into the same hydra.sweep.dir (after its -m process died) skips the jobs whose status.json
     says finished, answering `finished(cfg, status)` (what fn returned, for a sweeper); the others run again, and a
-    training job resumes from its own last.ckpt (run.commands.train)."""
+    training job resumes from its own last.ckpt (run.commands.train). A job folder whose status.json records other
+    overrides than the job's stops the sweep in one line (exit 2) before anything in it is touched."""
+    if _in_multirun():
+        try:
+            check_same_job()
+        except UserError as err:  # the whole sweep stops: every later job's folder is in the same doubt
+            fail(str(err))
     done = finished_before() if _in_multirun() else None
     if done is not None:
         path, state = done

@@ -45,10 +45,11 @@ class JobStatus:
     def __init__(self):
         _recorded.clear()
         self.began, self.started = time.monotonic(), datetime.now().astimezone().isoformat(timespec="seconds")
-        self.path, self.entry = None, None
+        self.path, self.entry, self.overrides = None, None, None
         if HydraConfig.initialized() and rank_zero_only.rank == 0:
             hydra = HydraConfig.get()
             self.path, self.entry = Path(hydra.runtime.output_dir) / FILENAME, hydra.job.config_name
+            self.overrides = job_overrides()
         before = read_status(self.path.parent) if self.path else None
         self.earlier = before["wall_seconds"] if before and before.get("status") == "interrupted" else 0.0
         self._write("running")
@@ -68,7 +69,7 @@ class JobStatus:
         that cannot be written then is left out (report.py shows such a job as running or unknown)."""
         if self.path is None:
             return
-        state = {"status": status, "error": error, "resume": resume, "entry": self.entry,
+        state = {"status": status, "error": error, "resume": resume, "entry": self.entry, "overrides": self.overrides,
                  "wall_seconds": round(self.earlier + time.monotonic() - self.began, 3), "step": None,
                  "metrics": {}, "quality": {}, "quality_protocol_id": None, "quality_protocol": None, **_recorded,
                  "started": self.started, "updated": datetime.now().astimezone().isoformat(timespec="seconds")}
@@ -87,6 +88,27 @@ def finished_before() -> tuple[Path, dict] | None:
     folder = Path(HydraConfig.get().runtime.output_dir)
     state = read_status(folder)
     return (folder / FILENAME, state) if state and state.get("status") == "finished" else None
+
+
+def job_overrides() -> list[str]:
+    """The job's own command-line overrides (under -m, the sweep's choice for this job), ckpt_path left out."""
+    return [o for o in HydraConfig.get().overrides.task if not o.startswith("ckpt_path=")]
+
+
+def check_same_job() -> None:
+    """Under -m, a job folder that holds a job with other overrides (a sweep run again with another command, or an
+    unseeded sampler proposing other trials) is refused: its status and checkpoints are another job's."""
+    if not HydraConfig.initialized() or rank_zero_only.rank != 0:
+        return
+    folder = Path(HydraConfig.get().runtime.output_dir)
+    before = (read_status(folder) or {}).get("overrides")
+    if before is None or before == job_overrides():
+        return
+    hydra = HydraConfig.get()
+    raise UserError(f"job {hydra.job.num}'s folder {folder} holds a job run with other overrides "
+                    f"({' '.join(before) or 'none'}) than this one ({' '.join(job_overrides()) or 'none'}); a sweep "
+                    "resumes only when run again with the same command (for Optuna with a seeded sampler, "
+                    "hydra.sweeper.sampler.seed); use a new hydra.sweep.dir")
 
 
 def one_line(err: BaseException) -> str:
