@@ -15,7 +15,9 @@ are copied by the writer's thread instead, while the next step's forward and bac
 `CheckpointCopies` makes the step wait for that copy just before anything may change them: before the
 optimizer step, before a validation (which swaps the EMA weights in), at the end of training. Each copied
 tensor's version counter is compared there with the one it had at the save: a tensor changed in place
-before its copy was taken (a wait point missed) is never written; the save fails in one line instead.
+before its copy was taken (a wait point missed) is never written; the save fails in one line instead. (The
+counter sees changes made through torch's in-place ops, the optimizer's among them, not writes through
+`.data` such as Lightning's EMA swap: that one is covered by its wait point alone.)
 Added as well: removals wait behind the writes queued before them (a checkpoint is never removed before a
 newer one is whole), at most two writes wait at a time (each holds a copy of the checkpoint), and `wait()`,
 which a signal's save calls before the process says it is saved.
