@@ -38,6 +38,8 @@ def test_a_non_editable_install_trains_and_samples_from_another_folder(tmp_path)
 
     where = run("-c", "import diffusion; print(diffusion.__file__)")
     assert Path(where.stdout.strip()).is_relative_to(site), where.stdout + where.stderr  # not the clone's src/
+    plugin = run("-c", "import hydra_plugins.diffusion_sweepers.resumable_optuna as m; print(m.__file__)")
+    assert Path(plugin.stdout.strip()).is_relative_to(site), plugin.stdout + plugin.stderr  # the sweeper plugin
     script = site / "bin" / "diffusion-train"
     train = run(str(script), "debug=fast", "logger=none", "trainer.max_steps=2", "hydra.run.dir=run")
     assert train.returncode == 0, train.stderr[-3000:]

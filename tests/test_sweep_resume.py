@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import optuna
 import pytest
 import torch
 
@@ -53,8 +54,8 @@ def test_a_sweep_run_again_after_its_process_was_killed_skips_resumes_and_runs_t
 
 @pytest.mark.slow
 def test_an_optuna_sweep_run_again_replays_its_recorded_trials_and_goes_on(tmp_path):
-    """The study lives in memory (optuna < 3's SQLite storage fails with SQLAlchemy 2): run again with a seeded
-    sampler, it proposes the same first trial, which is skipped with its recorded value, then a new one."""
+    """Plain hydra/sweeper=optuna keeps its study in memory: run again with a seeded sampler, it proposes the same
+    first trial, which is skipped with its recorded value, then a new one."""
     sweep = tmp_path / "sweep"
     optuna = ["-m", "debug=fast", "callbacks.samples=null", "logger=none", "hydra/sweeper=optuna",
               "hydra.sweeper.sampler.seed=0", "optimized_metric=val/loss", "seed=choice(0,1,2,3,4,5,6,7,8,9)",
@@ -88,3 +89,36 @@ def test_a_sweep_run_again_with_another_command_stops_before_touching_a_job_fold
     assert "(debug=fast callbacks.samples=null logger=none experiment=digits) than this one (debug=fast " \
            "callbacks.samples=null logger=none experiment=digits_cond); a sweep resumes only when run again" in line
     assert (job0 / "status.json").read_bytes() == recorded and "finished before" not in again.stdout
+
+
+@pytest.mark.slow
+def test_an_optuna_sweep_killed_mid_trial_goes_on_with_its_stored_study(tmp_path):
+    """hydra/sweeper=resumable_optuna (experiment=optuna_digits) keeps the study in the sweep's optuna.db: run
+    again after the -m process was killed in trial 1, trial 0 is kept (not run again), trial 1 resumes in its
+    own folder from its last.ckpt and its value reaches the study, and no third trial is asked."""
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, str(ROOT / "train.py"), "-m", "experiment=optuna_digits", "debug=fast", "logger=none",
+           "callbacks.samples=null", "callbacks.quality=null", "optimized_metric=val/loss", "trainer.max_steps=12",
+           "callbacks.checkpoint.every_n_train_steps=2", "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while not list(sweep.glob("1_*/checkpoints/last.ckpt")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    (job0,), (job1,) = sweep.glob("0_*"), sweep.glob("1_*")
+    assert read_status(job0)["status"] == "finished" and read_status(job1)["status"] == "running"
+    finished = (job0 / "status.json").read_bytes()
+
+    again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (f"study optuna_digits in sqlite:///{sweep}/optuna.db: 1 trial(s) ended before and are kept; 1 cut off, "
+            "run again in their folders; 0 new") in again.stdout
+    assert f"resuming from {job1 / 'checkpoints' / 'last.ckpt'}" in again.stdout
+    assert (job0 / "status.json").read_bytes() == finished and not list(sweep.glob("2_*"))
+    losses = [read_status(job)["metrics"]["val/loss"] for job in (job0, job1)]
+    assert read_status(job1)["status"] == "finished" and read_status(job1)["step"] == 12
+    best = float((sweep / "optimization_results.yaml").read_text().split("best_value:")[1].split()[0])
+    assert best == min(losses)
+    study = optuna.load_study(study_name="optuna_digits", storage=f"sqlite:///{sweep}/optuna.db")
+    assert [(t.state.name, t.value) for t in study.trials] == [("COMPLETE", losses[0]), ("COMPLETE", losses[1])]

@@ -102,7 +102,7 @@ def check_same_job() -> None:
         return
     folder = Path(HydraConfig.get().runtime.output_dir)
     before = (read_status(folder) or {}).get("overrides")
-    if before is None or before == job_overrides():
+    if before is None or sorted(before) == sorted(job_overrides()):  # a sweeper may list them in another order
         return
     hydra = HydraConfig.get()
     raise UserError(f"job {hydra.job.num}'s folder {folder} holds a job run with other overrides "
