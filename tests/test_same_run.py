@@ -16,6 +16,12 @@ from diffusion.errors import UserError
 from diffusion.run.commands.train import train
 from helpers import build, train_cfg
 
+BAD_INPUT_CASES = [  # (what, the part of the one line the tests check) for docs/bad_inputs.md
+    ("train.py ckpt_path= a digits checkpoint, data= an image folder of the same shape",
+     "drop ckpt_path and set init_from=<ckpt> to start from its weights on this data"),
+    ("train.py run again in a run directory whose checkpoint was trained on other data",
+     "use another hydra.run.dir with init_from=<ckpt> to start from its weights on this data"),
+]
 QUIET = ["callbacks.samples=null", "logger=none"]
 FOLDER = ["data=image_folder", "model=digits", "data.channels=1", "data.image_size=8",  # digits' 1×8×8
           "data.num_workers=0"]

@@ -13,6 +13,10 @@ import torch
 from diffusion.run.jobs.status import read_status
 from helpers import ROOT, run_script
 
+BAD_INPUT_CASES = [  # (what, the part of the one line the tests check) for docs/bad_inputs.md
+    ("train.py -m run again into a sweep folder whose job holds other overrides (e.g. another experiment=)",
+     "holds a job run with other overrides"),
+]
 SWEEP = ["-m", "debug=fast", "callbacks.samples=null", "logger=none", "seed=0,1,2"]  # 3 jobs of 4 steps
 
 
@@ -85,7 +89,7 @@ def test_a_sweep_run_again_with_another_command_stops_before_touching_a_job_fold
     again = run_script("train.py", *common, "experiment=digits_cond", cwd=tmp_path)
     assert again.returncode == 2, again.stderr[-3000:]
     (line,) = again.stderr.strip().splitlines()
-    assert line.startswith(f"error: job 0's folder {job0} holds a job run with other overrides (")
+    assert line.startswith(f"error: job 0's folder {job0} {BAD_INPUT_CASES[0][1]} (")
     assert "(debug=fast callbacks.samples=null logger=none experiment=digits) than this one (debug=fast " \
            "callbacks.samples=null logger=none experiment=digits_cond); a sweep resumes only when run again" in line
     assert (job0 / "status.json").read_bytes() == recorded and "finished before" not in again.stdout
