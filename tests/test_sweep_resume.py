@@ -102,8 +102,9 @@ def test_an_optuna_sweep_killed_mid_trial_goes_on_with_its_stored_study(tmp_path
     own folder from its last.ckpt and its value reaches the study, and no third trial is asked."""
     sweep = tmp_path / "sweep"
     cmd = [sys.executable, str(ROOT / "train.py"), "-m", "experiment=optuna_digits", "debug=fast", "logger=none",
-           "callbacks.samples=null", "callbacks.quality=null", "optimized_metric=val/loss", "trainer.max_steps=12",
-           "callbacks.checkpoint.every_n_train_steps=2", "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={sweep}"]
+           "callbacks.samples=null", "callbacks.quality=null", "optimized_metric=val/loss", "model.ch=16",
+           "trainer.max_steps=8", "callbacks.checkpoint.every_n_train_steps=2", "hydra.sweeper.n_trials=2",
+           f"hydra.sweep.dir={sweep}"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
     while not list(sweep.glob("1_*/checkpoints/last.ckpt")) and proc.poll() is None and time.time() < deadline:
@@ -121,7 +122,7 @@ def test_an_optuna_sweep_killed_mid_trial_goes_on_with_its_stored_study(tmp_path
     assert f"resuming from {job1 / 'checkpoints' / 'last.ckpt'}" in again.stdout
     assert (job0 / "status.json").read_bytes() == finished and not list(sweep.glob("2_*"))
     losses = [read_status(job)["metrics"]["val/loss"] for job in (job0, job1)]
-    assert read_status(job1)["status"] == "finished" and read_status(job1)["step"] == 12
+    assert read_status(job1)["status"] == "finished" and read_status(job1)["step"] == 8
     best = float((sweep / "optimization_results.yaml").read_text().split("best_value:")[1].split()[0])
     assert best == min(losses)
     study = optuna.load_study(study_name="optuna_digits", storage=f"sqlite:///{sweep}/optuna.db")
