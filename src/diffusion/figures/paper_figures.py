@@ -30,7 +30,8 @@ from diffusion.core.sampling import (
     num_classes_of,
 )
 from diffusion.errors import UserError
-from diffusion.files import write_file, written_whole
+from diffusion.figures.saving import save_figure
+from diffusion.files import write_file
 from diffusion.formats.png import save_grid, save_rows
 
 matplotlib.use("Agg")
@@ -209,10 +210,7 @@ def save_rate_distortion_plot(rd: RateDistortion, path: Path) -> Path:
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
     fig.tight_layout()
-    with written_whole(path) as tmp:
-        fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=80)
 
 
 # --- figure layouts ------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from diffusion.core.likelihood import nats_to_bpd, normal_kl, prior_kl  # noqa: E402
-from diffusion.files import written_whole
+from diffusion.figures.saving import save_figure
 
 
 def schedule_figure(diffusion) -> plt.Figure:
@@ -81,9 +81,7 @@ class ScheduleLogger(L.Callback):
             return
         fig = schedule_figure(objective.diffusion) if objective.markov_chain else levels_figure(objective)
         path = Path(trainer.default_root_dir) / "schedule.png"
-        with written_whole(path) as tmp:
-            fig.savefig(tmp, dpi=100)
-        plt.close(fig)
+        save_figure(fig, path, dpi=100)
         for logger in trainer.loggers:
             logger.log_metrics(stats, step=0)
             if hasattr(logger, "log_image"):

@@ -11,7 +11,8 @@ import re
 from pathlib import Path
 
 from diffusion.errors import UserError
-from diffusion.files import write_file, written_whole
+from diffusion.figures.saving import save_figure
+from diffusion.files import write_file
 from diffusion.run.jobs.preflight import writable_dir
 from diffusion.run.reports.sweep import (
     build_rows,
@@ -96,9 +97,7 @@ def plot_vs_swept(rows: list[dict], swept: list[str], cols: list[str], out: Path
             axes[0][0].legend(fontsize=6)
         fig.tight_layout()
         paths.append(out / f"report_vs_{_safe(key)}.png")
-        with written_whole(paths[-1]) as tmp:
-            fig.savefig(tmp, dpi=110)
-        plt.close(fig)
+        save_figure(fig, paths[-1], dpi=110)
     return paths
 
 
@@ -158,10 +157,7 @@ def plot_loss_by_t(jobs: list[dict], labels: dict[str, str], out: Path) -> list[
     fig.legend(handles, names, loc="lower center", ncol=min(4, len(names)), fontsize=7)
     fig.tight_layout(rect=(0, 0.04 + 0.03 * math.ceil(len(names) / 4), 1, 1))
     path = out / "report_loss_by_t.png"
-    with written_whole(path) as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    return [path]
+    return [save_figure(fig, path, dpi=110)]
 
 
 def _safe(key: str) -> str:

@@ -14,7 +14,8 @@ from typing import Any
 
 from diffusion.core.sampling import SamplerSpec
 from diffusion.errors import UserError
-from diffusion.files import write_file, written_whole
+from diffusion.figures.saving import save_figure
+from diffusion.files import write_file
 from diffusion.metrics.quality import PRIMARY, brief_keys, cell, column_title, protocol_id, score_cells
 
 
@@ -98,10 +99,7 @@ def write_guidance_table(rows: list[dict], sampler_label: str, extractor: str, o
         ax.plot([r["guidance_scale"] for r in rows], [r.get("class_accuracy") for r in rows], "o-")
         ax.set(xlabel="guidance scale w", ylabel="class accuracy", title="Samples classified as asked")
     fig.tight_layout()
-    png = out / "guidance.png"
-    with written_whole(png) as tmp:
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
+    png = save_figure(fig, out / "guidance.png", dpi=120)
     print(f"guidance table: {md} and {png}")
     return md, png
 

@@ -18,7 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 from diffusion.config.entry import SamplerTableConfig
 from diffusion.core.objectives.base import Objective
 from diffusion.core.sampling import SAMPLERS, SamplerSpec
-from diffusion.files import write_file, written_whole
+from diffusion.figures.saving import save_figure
+from diffusion.files import write_file
 from diffusion.metrics.quality import PRIMARY, brief_keys, cell, column_title, protocol_id, score_cells
 
 
@@ -102,10 +103,7 @@ def write_table(rows: list[dict], num_samples: int, extractor: str, out: Path) -
            ylabel=f"FD ({extractor} features, train)", title=f"Quality per NFE ({num_samples} samples each)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    png = out / "samplers.png"
-    with written_whole(png) as tmp:
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
+    png = save_figure(fig, out / "samplers.png", dpi=120)
     print(f"sampler table: {md} and {png}")
     return md, png
 
