@@ -20,9 +20,11 @@ from diffusion.core.sampling import (
     SAMPLERS,
     SamplerSpec,
     ddim_sample,
+    deis_sample,
     dpmpp_2m_sample,
     euler_sample,
     heun_sample,
+    ipndm_sample,
     unipc_sample,
 )
 from diffusion.core.schedules import space_timesteps
@@ -114,6 +116,8 @@ RUN = {  # (denoiser, x_T, spacing, levels) -> samples; heun makes 2N − 1 call
     "heun": lambda d, x, spacing, n: heun_sample(d, x, num_steps=2 * n - 1, spacing=spacing).x0,
     "dpmpp_2m": lambda d, x, spacing, n: dpmpp_2m_sample(d, x, num_steps=n, spacing=spacing).x0,
     "unipc": lambda d, x, spacing, n: unipc_sample(d, x, num_steps=n, spacing=spacing, order=3).x0,
+    "ipndm": lambda d, x, spacing, n: ipndm_sample(d, x, num_steps=n, spacing=spacing, order=4).x0,
+    "deis": lambda d, x, spacing, n: deis_sample(d, x, num_steps=n, spacing=spacing, order=3).x0,
 }
 
 
@@ -158,6 +162,11 @@ CASES = [  # objective, sampler, spacing, level counts, lowest and highest slope
     ("flow", "dpmpp_2m", "logsnr", (32, 64, 128), 1.8, 2.4),  # 2.00
     ("flow", "dpmpp_2m", "linspace", (32, 64, 128), 1.8, 2.4),  # 2.20
     ("flow", "unipc", "logsnr", (64, 128, 256), 3.5, 4.5),  # 3.74
+    ("ddpm", "deis", "logsnr", (32, 64, 128), 2.5, 3.2),  # 2.83
+    ("edm", "ipndm", "karras", (32, 64, 128), 1.8, 2.6),  # 2.13: fixed weights on uneven steps
+    ("edm", "deis", "karras", (32, 64, 128), 2.5, 3.2),  # 2.78
+    ("flow", "ipndm", "karras", (32, 64, 128), 1.8, 2.6),  # 2.13
+    ("flow", "deis", "karras", (32, 64, 128), 2.5, 3.2),  # 2.78
 ]
 
 
@@ -202,7 +211,7 @@ def test_flow_linspace_from_t1_works_with_euler_and_dpmpp_2m(sampler, tol):
     assert SamplerSpec(sampler, spacing="linspace").check_for(objective).spacing == "linspace"
 
 
-@pytest.mark.parametrize("sampler", ["heun", "unipc"])
+@pytest.mark.parametrize("sampler", ["heun", "unipc", "ipndm", "deis"])
 def test_heun_and_unipc_refuse_flows_linspace_grid_in_one_line(sampler):
     objective, d = exact_denoiser("flow")
     x_T = x_T_for(d.grid("linspace", 10))

@@ -1,4 +1,5 @@
-"""Fast solvers (DPM-Solver++(2M), its SDE, UniPC, Heun) on DDPM's denoiser, and the logsnr / karras spacings.
+"""Fast solvers (DPM-Solver++(2M), its SDE, UniPC, Heun, iPNDM, DEIS) on DDPM's denoiser, and the logsnr / karras
+spacings.
 
 Oracles recompute ᾱ with numpy. Gaussian data N(μ, s²I) has the exact denoiser
 E[x0 | x_t] = μ + sqrt(ᾱ) s²/(ᾱ s² + 1 - ᾱ) (x_t - sqrt(ᾱ) μ), and its probability-flow ODE keeps
@@ -18,9 +19,11 @@ from diffusion.core.objectives.ddpm import DDPMDenoiser
 from diffusion.core.sampling import (
     SAMPLERS,
     ddim_sample,
+    deis_sample,
     dpmpp_2m_sample,
     dpmpp_2m_sde_sample,
     heun_sample,
+    ipndm_sample,
     unipc_sample,
 )
 from diffusion.core.schedules import (
@@ -37,7 +40,7 @@ AC = torch.from_numpy(np.cumprod(1 - BETAS.numpy()))  # ᾱ, by numpy
 X_STAR = torch.tensor([[-0.6, 0.2], [0.9, -1.0]], dtype=torch.float64).reshape(1, 1, 2, 2)
 MU, S = torch.tensor([0.3, -0.5, 0.1, 0.7], dtype=torch.float64).reshape(1, 1, 2, 2), 0.5
 DETERMINISTIC = ["dpmpp_2m", "unipc", "heun"]
-SOLVERS = ["dpmpp_2m", "dpmpp_2m_sde", "unipc", "heun"]  # the samplers whose grids start at x_T (T-1)
+SOLVERS = ["dpmpp_2m", "dpmpp_2m_sde", "unipc", "heun", "ipndm", "deis"]  # the samplers whose grids start at x_T
 
 
 def denoiser(model, parameterization="eps", variance="fixed_large", dtype=torch.float64, clip=True) -> DDPMDenoiser:
@@ -252,11 +255,13 @@ def _slope(nfes, errors):
 @pytest.mark.parametrize(
     "name, low, high",
     [("ddim", 0.9, 1.1), ("dpmpp_2m", 1.7, 2.4), ("heun", 1.7, 2.4), ("unipc1", 1.7, 2.4), ("unipc2", 2.6, 4.5),
-     ("unipc3", 2.6, 4.5)],
+     ("unipc3", 2.6, 4.5), ("ipndm1", 0.9, 1.1), ("ipndm2", 1.7, 2.4), ("ipndm3", 2.0, 3.5), ("ipndm4", 2.0, 3.5),
+     ("deis1", 0.9, 1.1), ("deis2", 1.7, 2.4), ("deis3", 2.5, 3.3)],
 )
 def test_error_falls_with_the_solver_order(name, low, high):
     """Slope of log error against log NFE with the exact Gaussian oracle: DDIM 1, DPM-Solver++(2M) and Heun 2,
-    UniPC-p p+1 (UniC raises UniP-p by one order).
+    UniPC-p p+1 (UniC raises UniP-p by one order), DEIS-p p (its Lagrange weights follow the steps), iPNDM-p p up
+    to 2 and 2-3 beyond (fixed Adams-Bashforth weights on uneven steps, and its warm-up's low orders).
 
     The grid stops at index 30 and the target is the exact ODE solution there, denoised: all the way down to
     index 0 the integer steps are 0.35 apart in λ/2 whatever the NFE, which puts a floor under every error.
@@ -271,13 +276,17 @@ def test_error_falls_with_the_solver_order(name, low, high):
             x0 = heun_sample(d, xT, spacing=_grid("karras", (nfe + 1) // 2)).x0
         elif name == "dpmpp_2m":
             x0 = dpmpp_2m_sample(d, xT, spacing=_grid("logsnr", nfe)).x0
+        elif name.startswith(("ipndm", "deis")):
+            fn = ipndm_sample if name.startswith("ipndm") else deis_sample
+            x0 = fn(d, xT, spacing=_grid("karras", nfe), order=int(name[-1])).x0
         else:
             x0 = unipc_sample(d, xT, spacing=_grid("logsnr", nfe), order=int(name[-1])).x0
         errors.append((x0 - gaussian_endpoint(xT, END)).pow(2).mean().sqrt().item())
     assert low <= _slope(nfes, errors) <= high, errors
 
 
-@pytest.mark.parametrize("name, nfe, tol", [("dpmpp_2m", 50, 5e-3), ("unipc", 30, 1e-3), ("heun", 99, 2e-2)])
+@pytest.mark.parametrize("name, nfe, tol", [("dpmpp_2m", 50, 5e-3), ("unipc", 30, 1e-3), ("heun", 99, 2e-2),
+                                            ("ipndm", 30, 2e-2), ("deis", 30, 5e-2)])
 def test_full_grid_reaches_the_exact_endpoint(name, nfe, tol):
     """Down to σ=0 on the default grids, the result is near μ + s (x_T - sqrt(ᾱ)μ)/sqrt(ᾱs² + 1 - ᾱ)."""
     xT = x_T(n=16)
@@ -404,6 +413,8 @@ def test_solver_errors_are_one_line():
         (lambda: unipc_sample(d, xT, num_steps=20, order=4), "must be 1, 2 or 3"),
         (lambda: dpmpp_2m_sde_sample(d, xT, num_steps=10, eta=-0.1), "eta must be >= 0"),
         (lambda: dpmpp_2m_sample(d, xT, num_steps=10, spacing="logsnrr"), "unknown timestep spacing"),
+        (lambda: ipndm_sample(d, xT, num_steps=3, order=4), "ipndm order 4 needs at least 4 steps, got 3"),
+        (lambda: deis_sample(d, xT, num_steps=20, order=4), "deis order must be one of [1, 2, 3], got 4"),
     ]
     for call, fragment in cases:
         with pytest.raises(UserError) as err:
@@ -420,7 +431,7 @@ def test_unipc_default_order_adapts_to_the_steps():
     assert not torch.allclose(unipc_sample(d, xT, num_steps=9, order=2).x0, unipc_sample(d, xT, num_steps=9).x0)
 
 
-@pytest.mark.parametrize("module", ["ddim", "dpmpp", "unipc", "heun", "common"])
+@pytest.mark.parametrize("module", ["ddim", "dpmpp", "unipc", "heun", "multistep", "common"])
 def test_solvers_import_only_torch_and_the_math(module):
     """diffusers is a test-only reference: the library's solvers import torch, the stdlib, the denoiser contract
     and the samplers' shared module, nothing of any one objective (no DDPM chain, schedule or network)."""

@@ -21,7 +21,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from diffusion.core.objectives.base import Objective
-from diffusion.core.sampling import unipc
+from diffusion.core.sampling import multistep, unipc
 from diffusion.core.sampling.ancestral import ddpm_sample, respaced_sample
 from diffusion.core.sampling.common import SampleOutput, require_finite_start
 from diffusion.core.sampling.ddim import ddim_sample, euler_sample
@@ -103,6 +103,14 @@ SAMPLERS: dict[str, SamplerKind] = {
                         "Alg. 1)", SOLVER_SPACINGS, levels=_heun_levels, nfe=_heun_nfe, most_steps=_twice,
                         finite_start=True,
                         from_top=True, in_table=True),
+    "ipndm": SamplerKind(multistep.ipndm_sample, {"steps": 10, "spacing": "karras", "order": 4},
+                         "iPNDM, Adams-Bashforth of order <= 4 on the PF-ODE, `steps` network calls (Zhang & Chen "
+                         "2023)", SOLVER_SPACINGS, orders=multistep.IPNDM_ORDERS,
+                         most_order=multistep.most_order(multistep.IPNDM_ORDERS), finite_start=True, from_top=True),
+    "deis": SamplerKind(multistep.deis_sample, {"steps": 10, "spacing": "karras", "order": 3},
+                        "DEIS tAB, exponential-integrator multistep of order <= 3, `steps` network calls (Zhang & "
+                        "Chen 2023)", SOLVER_SPACINGS, orders=multistep.DEIS_ORDERS,
+                        most_order=multistep.most_order(multistep.DEIS_ORDERS), finite_start=True, from_top=True),
 }
 
 
@@ -114,12 +122,13 @@ class SamplerSpec:
     """How images are drawn. Settings left null take the sampler's defaults (see SAMPLERS); a null name, the
     objective's own sampler (DDPM: ddpm, Algorithm 2; EDM: heun; flow: euler)."""
 
-    name: str | None = None  # ddpm | ddim | euler | respaced | dpmpp_2m | dpmpp_2m_sde | unipc | heun
+    name: str | None = None  # ddpm | ddim | euler | respaced | dpmpp_2m | dpmpp_2m_sde | unipc | heun | ipndm | deis
     steps: int | None = None  # budget of network calls (NFE); default 50 (ddim, euler), 20 (solvers)
     eta: float | None = None  # noise scale η (ddim: in [0, 1], default 0; dpmpp_2m_sde: >= 0, default 1)
     spacing: str | None = None  # linspace | leading | trailing | logsnr | karras: which noise levels
     clip_denoised: bool = True  # clamp every predicted x0 to [-1, 1]
-    order: int | None = None  # unipc's order p in {1, 2, 3} (default 3, lowered to what the steps allow)
+    order: int | None = None  # unipc's, deis' order p in {1, 2, 3}, ipndm's in {1, 2, 3, 4} (default: the highest
+    # the steps allow)
     guidance_scale: float | None = None  # classifier-free guidance w >= 0 (class-conditional models); null: 1
 
     def check(self, key: str = "sampler") -> "SamplerSpec":
