@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import lightning as L
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
@@ -43,6 +44,29 @@ def run_script(*args: str, cwd: Path, timeout: int = 300, env: dict | None = Non
     preexec_fn: run in the child before the script, e.g. to set a resource limit)."""
     return subprocess.run([sys.executable, str(ROOT / args[0]), *args[1:]], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, **(env or {})}, preexec_fn=preexec_fn)
+
+
+def assert_two_processes_train_as_one(run: list[str], tmp_path: Path) -> None:
+    """train.py with these overrides, 3 steps: one process with batch 32 and 2 DDP processes (CPU) with 16 each log
+    the same losses and end with the same weights."""
+    single = run_script("train.py", *run, "trainer.max_steps=3", "trainer=cpu", "data.batch_size=32",
+                        f"hydra.run.dir={tmp_path / 'one'}", cwd=tmp_path)
+    assert single.returncode == 0, single.stderr[-3000:]
+    ddp = run_script("train.py", *run, "trainer.max_steps=3", "trainer=ddp_cpu", "data.batch_size=16",
+                     f"hydra.run.dir={tmp_path / 'two'}", cwd=tmp_path, timeout=600)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+
+    def losses(where):
+        return {int(r["trainer/global_step"]): r["train/loss"] for r in wandb_history(where) if "train/loss" in r}
+
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(one) == sorted(two) == [0, 1, 2]
+    torch.testing.assert_close(torch.tensor([two[s] for s in sorted(two)]), torch.tensor([one[s] for s in sorted(one)]),
+                               rtol=1e-5, atol=1e-6)
+    state_one = torch.load(tmp_path / "one" / "checkpoints" / "last.ckpt", weights_only=True)["current_model_state"]
+    state_two = torch.load(tmp_path / "two" / "checkpoints" / "last.ckpt", weights_only=True)["current_model_state"]
+    for key, value in state_one.items():
+        torch.testing.assert_close(state_two[key], value, rtol=1e-4, atol=1e-5, msg=key)
 
 
 def wandb_records(run_dir: Path) -> list[dict]:

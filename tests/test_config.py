@@ -11,7 +11,7 @@ from diffusion.config import validate
 from diffusion.config.build import objective_of
 from diffusion.errors import UserError
 from diffusion.run.commands.train import build_module
-from helpers import ROOT, compose_cfg
+from helpers import ROOT, compose_cfg, save_digits_pipeline
 
 CONF = ROOT / "conf"
 
@@ -41,11 +41,24 @@ EXTRA = {
 }
 
 
+@pytest.fixture(scope="module")
+def digits_pipeline(tmp_path_factory) -> Path:
+    return save_digits_pipeline(tmp_path_factory.mktemp("pipe"))
+
+
+def tuning(request, overrides: list[str]) -> list[str]:
+    """The overrides, and for a consistency-tuning config a model to tune (init_from: diffusers' digits pipeline; its
+    objective is what the config takes from it, its network is compared only when training starts)."""
+    if not any("consistency" in o for o in overrides):
+        return overrides
+    return [*overrides, f"init_from={request.getfixturevalue('digits_pipeline')}"]
+
+
 @pytest.mark.parametrize("group, option", [(g, o) for g in ("schedule", "objective", "model", "data",
                                                             "trainer", "callbacks", "logger", "paths", "debug")
                                             for o in options(g)])
-def test_every_option_composes_and_instantiates(group, option, tmp_path):
-    overrides = [f"{group}={option}", *EXTRA.get(group, {}).get(option, [])]
+def test_every_option_composes_and_instantiates(group, option, tmp_path, request):
+    overrides = tuning(request, [f"{group}={option}", *EXTRA.get(group, {}).get(option, [])])
     if group == "model" and option in options("data"):  # each data set's own network, with that data
         overrides.append(f"data={option}")
     cfg = compose_cfg("train", overrides, tmp_path)
@@ -61,8 +74,8 @@ def test_every_option_composes_and_instantiates(group, option, tmp_path):
 
 
 @pytest.mark.parametrize("experiment", options("experiment"))
-def test_every_experiment_composes_and_instantiates(experiment, tmp_path):
-    cfg = compose_cfg("train", [f"experiment={experiment}"], tmp_path)
+def test_every_experiment_composes_and_instantiates(experiment, tmp_path, request):
+    cfg = compose_cfg("train", tuning(request, [f"experiment={experiment}"]), tmp_path)
     build_all(cfg, tmp_path)
 
 

@@ -7,10 +7,9 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from diffusion.lightning.callbacks.loss_by_t import read_loss_by_t
-from helpers import run_script, wandb_history
+from helpers import assert_two_processes_train_as_one, run_script
 from test_resume import assert_same_tensors, train
 
 OBJECTIVES = ["edm", "flow"]
@@ -35,26 +34,9 @@ def test_a_stopped_and_resumed_run_equals_the_uninterrupted_one(objective, tmp_p
 @pytest.mark.ddp
 @pytest.mark.parametrize("objective", OBJECTIVES)
 def test_two_processes_train_a_class_conditional_model_as_one(objective, tmp_path):
-    run = ["debug=fast", "callbacks.samples=null", "trainer.max_steps=3", f"objective={objective}",
-           "model.num_classes=10", "training.cond_drop_prob=0.5", "validation.bpd_images=0"]
-    single = run_script("train.py", *run, "trainer=cpu", "data.batch_size=32", f"hydra.run.dir={tmp_path / 'one'}",
-                        cwd=tmp_path)
-    assert single.returncode == 0, single.stderr[-3000:]
-    ddp = run_script("train.py", *run, "trainer=ddp_cpu", "data.batch_size=16", f"hydra.run.dir={tmp_path / 'two'}",
-                     cwd=tmp_path, timeout=600)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
-
-    def losses(where):
-        return {int(r["trainer/global_step"]): r["train/loss"] for r in wandb_history(where) if "train/loss" in r}
-
-    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
-    assert sorted(one) == sorted(two) == [0, 1, 2]
-    torch.testing.assert_close(torch.tensor([two[s] for s in sorted(two)]), torch.tensor([one[s] for s in sorted(one)]),
-                               rtol=1e-5, atol=1e-6)
-    state_one = torch.load(tmp_path / "one" / "checkpoints" / "last.ckpt", weights_only=True)["current_model_state"]
-    state_two = torch.load(tmp_path / "two" / "checkpoints" / "last.ckpt", weights_only=True)["current_model_state"]
-    for key, value in state_one.items():
-        torch.testing.assert_close(state_two[key], value, rtol=1e-4, atol=1e-5, msg=key)
+    assert_two_processes_train_as_one(["debug=fast", "callbacks.samples=null", f"objective={objective}",
+                                       "model.num_classes=10", "training.cond_drop_prob=0.5",
+                                       "validation.bpd_images=0"], tmp_path)
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from diffusion.core.objectives.base import objective_class
+from diffusion.core.objectives.base import objective_class, weights_spec
 from diffusion.core.objectives.ddpm import DDPM
 from diffusion.core.posthoc_ema import load_posthoc_ema
 from diffusion.errors import UserError
@@ -179,7 +179,9 @@ def _model_difference(hparams: dict, expected: dict) -> tuple[str, str] | None:
 
 
 def _objective_difference(have: dict, want: dict) -> tuple[str, str] | None:
-    """Another objective, or other settings of the ones that give its weights their meaning."""
+    """Another objective, or other settings of the ones that give its weights their meaning (of the objective whose
+    network each is: consistency tuning's is the model it tunes)."""
+    have, want = weights_spec(have), weights_spec(want)
     have_cls, want_cls = objective_class(have), objective_class(want)
     if have_cls is not want_cls:
         return (f"objective={have_cls.name}, this run has objective={want_cls.name}", f"use objective={have_cls.name}")

@@ -90,6 +90,7 @@ class DiffusionModule(L.LightningModule):
         # Algorithm 1: a noise level from the objective's distribution, ε ~ N(0, I), a gradient step on its loss.
         x0, y = self._split_batch(batch)
         levels, weights, eps, *dropped = self._draw(x0, batch_idx)
+        self.objective.set_step(self.global_step)
         if y is not None:  # classifier-free guidance training: a share of labels replaced by "no label"
             y = torch.where(dropped[0], torch.full_like(y, self.net.null_label), y)
         out = self.objective.loss(self._net_given(y), x0, levels, eps)
@@ -234,7 +235,9 @@ class DiffusionModule(L.LightningModule):
 
     def _log_bpd(self, x0: Tensor, gen: torch.Generator, y: Tensor | None = None) -> None:
         """Bits/dim on a small fixed batch: DDPM's full bound (T network evaluations) and its L_T, else the ODE's."""
-        bpd = self.bits_per_dim(x0, self.objective.likelihoods[0], gen, y)
+        T = self.objective.num_levels  # a discrete model's ODE grid holds at most its T trained levels
+        levels = ODE_LEVELS if T is None else min(ODE_LEVELS, T)
+        bpd = self.bits_per_dim(x0, self.objective.likelihoods[0], gen, y, levels)
         self.log("val/bpd", bpd["bpd"].mean(), prog_bar=True, batch_size=x0.shape[0], sync_dist=True)
         if "prior_bpd" in bpd:
             self.log("val/prior_bpd", bpd["prior_bpd"].mean(), batch_size=x0.shape[0], sync_dist=True)

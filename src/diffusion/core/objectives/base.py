@@ -10,6 +10,7 @@ layer finds and registers as base_objective_<name>; the YAML names that schema.
 """
 
 import importlib
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -72,6 +73,10 @@ class Objective(nn.Module):
         """The per-image training loss at these noise levels and noise."""
         raise NotImplementedError
 
+    def set_step(self, step: int) -> None:
+        """The optimizer step about to be taken, for an objective whose loss follows a curriculum (consistency
+        tuning's shrinking Δσ); nothing by default."""
+
     def update_levels(self, levels: Tensor, vlb: Tensor) -> None:
         """Feedback for an adaptive level distribution (DDPM's importance sampling); nothing by default."""
 
@@ -108,6 +113,19 @@ class Objective(nn.Module):
     def denoiser(self, model: Model, clip: bool = True) -> Denoiser:
         raise NotImplementedError
 
+    def denoise_at(self, model: Model, x: Tensor, sigma: Tensor) -> Tensor:
+        """x̂0 = D(x; σ) for a batch at per-image levels σ (B,) in the VE frame x = x0 + σ ε, with gradients (what
+        consistency tuning trains). A discrete objective takes only its trained levels (`trained_sigmas`)."""
+        raise NotImplementedError
+
+    def sigma_bounds(self) -> tuple[float, float]:
+        """The smallest and largest finite σ its grids reach (where D is asked)."""
+        raise NotImplementedError
+
+    def trained_sigmas(self) -> Tensor | None:
+        """The σ of a discrete objective's trained levels, increasing (float64); None for a continuous one."""
+        return None
+
     def grid(self, spacing: str | Sequence[int], num_levels: int | None, from_top: bool = False) -> Grid:
         """num_levels noise levels of this spacing, largest first, and the data (from_top: see Denoiser.grid)."""
         raise NotImplementedError
@@ -124,6 +142,39 @@ class Objective(nn.Module):
     def protocol(self) -> dict[str, Any]:
         """What a quality score's protocol records of the objective."""
         return {"objective": self.spec()}
+
+
+class LogNormalLevels:
+    """For an objective (mixed in before Objective) whose training levels are ln σ ~ N(p_mean, p_std²) (EDM, consistency
+    tuning): their λ quantiles, and the loss binned over ln σ within p_mean ± 3 p_std (99.7% of the draws; the rest in
+    the end bins)."""
+
+    p_mean: float
+    p_std: float
+    bin_stds: float = 3.0
+
+    def _ln_sigma_range(self) -> tuple[float, float]:
+        return self.p_mean - self.bin_stds * self.p_std, self.p_mean + self.bin_stds * self.p_std
+
+    def log_snr_quantiles(self, q: Tensor) -> Tensor:
+        """λ = −2 ln σ of the training levels at quantiles q (ln σ ~ N(P_mean, P_std²))."""
+        return -2 * (self.p_mean + self.p_std * torch.special.ndtri(q))
+
+    def level_bins(self, levels: Tensor, bins: int) -> Tensor:
+        lo, hi = self._ln_sigma_range()
+        return ((levels.log() - lo) / (hi - lo) * bins).floor().clamp(0, bins - 1).long()
+
+    def bin_labels(self, bins: int) -> list[str]:
+        lo, hi = self._ln_sigma_range()
+        edges = [math.exp(lo + k * (hi - lo) / bins) for k in range(bins + 1)]
+        return [f"sigma{a:.3g}-{b:.3g}" for a, b in zip(edges, edges[1:], strict=False)]
+
+
+def weights_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """The spec of the objective whose network a spec's weights are: its own, or for an objective that tunes
+    another's network (consistency tuning), that one's (`tunes` names the key that holds its spec)."""
+    tunes = getattr(objective_class(spec), "tunes", None)
+    return weights_spec(spec[tunes]) if tunes and isinstance(spec.get(tunes), dict) else spec
 
 
 def objective_class(spec: dict[str, Any]) -> type[Objective]:

@@ -125,6 +125,25 @@ class DDPM(Objective):
         return grid_of([self.level_sigma[t] for t in steps], [self.level_alpha[t] for t in steps],
                        [self.level_beta[t] for t in steps], prior_std=1.0)
 
+    def trained_sigmas(self) -> Tensor:
+        return torch.tensor(self.level_sigma, dtype=torch.float64)
+
+    def sigma_bounds(self) -> tuple[float, float]:
+        return self.level_sigma[0], self.level_sigma[-1]
+
+    def denoise_at(self, model: Model, x: Tensor, sigma: Tensor) -> Tensor:
+        """x̂0 at trained levels σ (B,): step t of each, x_t = sqrt(ᾱ_t) x, and the network's x̂0 there."""
+        levels = self.trained_sigmas().to(sigma.device)
+        t = torch.searchsorted(levels, sigma.to(torch.float64)).clamp(max=self.num_levels - 1)
+        if not torch.allclose(levels[t], sigma.to(torch.float64), rtol=1e-9, atol=0.0):
+            raise UserError(f"DDPM's denoiser is asked only at its T={self.num_levels} trained noise levels; snap σ "
+                            "to trained_sigmas() first")
+        shape = (-1, *([1] * (x.ndim - 1)))
+        alpha = torch.tensor(self.level_alpha, dtype=torch.float64, device=x.device)[t].to(x.dtype).reshape(shape)
+        x_t = alpha * x
+        mean_out, _ = self.diffusion.split_output(model(x_t, t))
+        return self.diffusion.predict_x0(mean_out, x_t, t)
+
     def step_of(self, sigma: float) -> int:
         """The trained step whose noise level is σ (a grid's own values; any other σ is an error)."""
         step = self._step_of.get(sigma)

@@ -18,11 +18,9 @@ from torch import Tensor
 
 from diffusion.core.denoiser import Denoiser, Grid, grid_of, sigma_spacing
 from diffusion.core.likelihood import mean_flat
-from diffusion.core.objectives.base import LossOutput, Model, Objective, ObjectiveConfig
+from diffusion.core.objectives.base import LogNormalLevels, LossOutput, Model, Objective, ObjectiveConfig
 from diffusion.errors import UserError
 from diffusion.rules import between, checked, positive
-
-BIN_STDS = 3.0  # the loss is binned over ln σ within P_mean ± 3 P_std (99.7% of the draws; the rest in the end bins)
 
 
 @dataclass
@@ -37,7 +35,7 @@ class EDMObjectiveConfig(ObjectiveConfig):
     sigma_max: float = checked(80.0, positive())
 
 
-class EDM(Objective):
+class EDM(LogNormalLevels, Objective):
     name = "edm"
     identity = ("sigma_data",)
     default_sampler = "heun"
@@ -83,19 +81,6 @@ class EDM(Objective):
         mse = mean_flat((out - (x0 - c_skip * x) / c_out) ** 2)
         return LossOutput(mse, mse)
 
-    def log_snr_quantiles(self, q: Tensor) -> Tensor:
-        """λ = −2 ln σ of the training levels at quantiles q (ln σ ~ N(P_mean, P_std²))."""
-        return -2 * (self.p_mean + self.p_std * torch.special.ndtri(q))
-
-    def level_bins(self, levels: Tensor, bins: int) -> Tensor:
-        lo, hi = self.p_mean - BIN_STDS * self.p_std, self.p_mean + BIN_STDS * self.p_std
-        return ((levels.log() - lo) / (hi - lo) * bins).floor().clamp(0, bins - 1).long()
-
-    def bin_labels(self, bins: int) -> list[str]:
-        lo, hi = self.p_mean - BIN_STDS * self.p_std, self.p_mean + BIN_STDS * self.p_std
-        edges = [math.exp(lo + k * (hi - lo) / bins) for k in range(bins + 1)]
-        return [f"sigma{a:.3g}-{b:.3g}" for a, b in zip(edges, edges[1:], strict=False)]
-
     def validation_levels(self, fractions: Sequence[float], batch: int, device) -> list[tuple[str, Tensor]]:
         """σ at the fractions of [ln σ_min, ln σ_max]."""
         lo, hi = math.log(self.sigma_min), math.log(self.sigma_max)
@@ -112,6 +97,13 @@ class EDM(Objective):
                             "try sampler.spacing=karras")
         sigmas = sigma_spacing(spacing, num_levels, self.sigma_min, self.sigma_max)
         return grid_of(sigmas, [1.0] * len(sigmas), sigmas, prior_std=self.sigma_max)
+
+    def denoise_at(self, model: Model, x: Tensor, sigma: Tensor) -> Tensor:
+        out, c_skip, c_out = self.network(model, x, sigma)
+        return c_skip * x + c_out * out
+
+    def sigma_bounds(self) -> tuple[float, float]:
+        return self.sigma_min, self.sigma_max
 
     def default_spacing(self, sampler_default: str) -> str:
         return "karras"  # Karras et al.'s ρ = 7 levels, whatever the sampler
@@ -130,5 +122,4 @@ class EDMDenoiser(Denoiser):
 
     def denoise(self, x: Tensor, sigma: float) -> Tensor:
         levels = torch.full((x.shape[0],), sigma, dtype=torch.float64, device=x.device)
-        out, c_skip, c_out = self.objective.network(self.model, x, levels)
-        return c_skip * x + c_out * out
+        return self.objective.denoise_at(self.model, x, levels)

@@ -117,6 +117,16 @@ class Flow(Objective):
             t = [s / (1 + s) for s in sigmas]
         return grid_of(sigmas, [1 - ti for ti in t], t, prior_std=t[0])
 
+    def denoise_at(self, model: Model, x: Tensor, sigma: Tensor) -> Tensor:
+        """x̂0 = x_t − t v(x_t, t) with x_t = (1 − t) x, t = σ/(1 + σ): the VE frame's x taken to the path's."""
+        t = sigma.to(torch.float64) / (1 + sigma.to(torch.float64))
+        t_x = t.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+        x_t = (1 - t_x) * x
+        return x_t - t_x * self.velocity(model, x_t, t)
+
+    def sigma_bounds(self) -> tuple[float, float]:
+        return self.t_min / (1 - self.t_min), self.sigma_max
+
     def describe(self) -> str:
         shift = f", shift {self.shift:g}" if self.shift != 1 else ""
         return f"flow matching (straight path, velocity target), t {self.t_distribution}{shift}"

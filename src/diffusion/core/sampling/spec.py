@@ -21,7 +21,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from diffusion.core.objectives.base import Objective
-from diffusion.core.sampling import multistep, unipc
+from diffusion.core.sampling import consistency, multistep, unipc
 from diffusion.core.sampling.ancestral import ddpm_sample, respaced_sample
 from diffusion.core.sampling.common import SampleOutput, require_finite_start
 from diffusion.core.sampling.ddim import ddim_sample, euler_sample
@@ -111,6 +111,10 @@ SAMPLERS: dict[str, SamplerKind] = {
                         "DEIS tAB, exponential-integrator multistep of order <= 3, `steps` network calls (Zhang & "
                         "Chen 2023)", SOLVER_SPACINGS, orders=multistep.DEIS_ORDERS,
                         most_order=multistep.most_order(multistep.DEIS_ORDERS), finite_start=True, from_top=True),
+    "consistency": SamplerKind(consistency.consistency_sample, {"steps": 1, "spacing": "karras"},
+                               "consistency sampling, `steps` calls with re-noising between them (Song et al. 2023 "
+                               "Alg. 1; for objective=consistency)", SOLVER_SPACINGS, levels=consistency.levels_for,
+                               most_steps=consistency.most_steps, from_top=True),
 }
 
 
@@ -122,7 +126,8 @@ class SamplerSpec:
     """How images are drawn. Settings left null take the sampler's defaults (see SAMPLERS); a null name, the
     objective's own sampler (DDPM: ddpm, Algorithm 2; EDM: heun; flow: euler)."""
 
-    name: str | None = None  # ddpm | ddim | euler | respaced | dpmpp_2m | dpmpp_2m_sde | unipc | heun | ipndm | deis
+    name: str | None = None  # ddpm | ddim | euler | respaced | dpmpp_2m | dpmpp_2m_sde | unipc | heun | ipndm | deis |
+    # consistency
     steps: int | None = None  # budget of network calls (NFE); default 50 (ddim, euler), 20 (solvers)
     eta: float | None = None  # noise scale η (ddim: in [0, 1], default 0; dpmpp_2m_sde: >= 0, default 1)
     spacing: str | None = None  # linspace | leading | trailing | logsnr | karras: which noise levels
