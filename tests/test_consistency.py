@@ -19,6 +19,7 @@ from diffusion.core.objectives.consistency import Consistency
 from diffusion.core.sampling import SamplerSpec, draw
 from diffusion.core.sampling.consistency import consistency_sample
 from diffusion.errors import UserError
+from diffusion.lightning.callbacks import training_time
 from diffusion.run.commands.train import train as train_command
 from helpers import (
     EDM_SETTINGS,
@@ -268,3 +269,35 @@ def test_two_processes_tune_as_one_with_the_global_batch(trained, tmp_path):
     assert_two_processes_train_as_one(["experiment=digits_consistency", "debug=fast", f"init_from={trained}",
                                        "callbacks.samples=null", "objective.stage_steps=1",
                                        "validation.bpd_images=0"], tmp_path)
+
+
+@pytest.mark.slow
+def test_the_sampler_table_puts_the_tuned_rows_beside_the_solvers_with_their_tuning_seconds(trained, tmp_path):
+    tuned = tune(tmp_path / "cm", trained, "trainer.max_steps=2")
+    seconds, devices = training_time(tuned)
+    assert seconds > 0 and devices == "1× cpu"
+    out = tmp_path / "eval"
+    done = run_script("evaluate.py", f"ckpt={trained}", "logger=none", "num_samples=8", "bpd.enabled=false",
+                      "max_reference_images=48", "sampler.name=dpmpp_2m", "sampler.steps=5",
+                      "sampler_table.enabled=true",
+                      "sampler_table.samplers=[{name:dpmpp_2m,steps:5},{name:heun,steps:3}]",
+                      f"sampler_table.tuned_ckpt={tmp_path / 'cm' / 'checkpoints' / 'last.ckpt'}",
+                      "sampler_table.tuned_steps=[1,2]", f"hydra.run.dir={out}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((out / "report.json").read_text())["sampler_table"]
+    assert [(r["sampler"], r["nfe"]) for r in rows] == [("dpmpp_2m-5 karras", 5), ("heun-3", 3),
+                                                        ("consistency-1 (tuned)", 1), ("consistency-2 (tuned)", 2)]
+    assert [r.get("tuning_seconds") for r in rows] == [None, None, seconds, seconds]
+    table = (out / "samplers.md").read_text()
+    assert "| tuning s |" in table and "| consistency-2 (tuned) | 2 | " in table and f"{seconds:.0f} (1× cpu)" in table
+    assert "| heun-3 | 3 | " in table and (out / "samplers.png").is_file()
+
+
+@pytest.mark.slow
+def test_a_table_of_a_model_that_is_not_tuned_is_refused_in_one_line(trained, tmp_path):
+    done = run_script("evaluate.py", f"ckpt={trained}", "logger=none", "sampler_table.enabled=true",
+                      f"sampler_table.tuned_ckpt={trained}", f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        f"error: sampler_table.tuned_ckpt={trained} is a model of objective=edm, not a tuned one; give the checkpoint "
+        "of a `train.py objective=consistency init_from=<this ckpt>` run"]
+    assert not (tmp_path / "eval" / "report.json").exists()

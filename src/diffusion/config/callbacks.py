@@ -130,6 +130,14 @@ class RanksInSyncConfig:
 
 
 @dataclass
+class TrainingTimeConfig:
+    """The training seconds (summed over resumes) and devices in every checkpoint (Lightning's Timer, no limit):
+    the tuning cost the sampler table shows for a consistency-tuned model."""
+
+    _target_: str = "diffusion.lightning.callbacks.TrainingTime"
+
+
+@dataclass
 class CallbacksConfig:
     """Each callback may be switched off with `callbacks.<name>=null`."""
 
@@ -144,3 +152,4 @@ class CallbacksConfig:
     loss_by_t: LossByTConfig | None = field(default_factory=LossByTConfig)
     rng_state: RNGStateConfig | None = field(default_factory=RNGStateConfig)
     ddp_check: RanksInSyncConfig | None = field(default_factory=RanksInSyncConfig)
+    training_time: TrainingTimeConfig | None = field(default_factory=TrainingTimeConfig)

@@ -157,6 +157,10 @@ class SamplerTableConfig:
     num_samples: int | None = checked(None, optional(at_least(4)))  # None: evaluate's num_samples
     samplers: list[SamplerSpec] = checked(rule=each(Rule(lambda _: True, "a sampler")), factory=lambda: [
         SamplerSpec(name="ddpm"), *(SamplerSpec(name=name, steps=k) for name in TABLE_SAMPLERS for k in TABLE_NFE)])
+    # a consistency-tuned run of this model (train.py objective=consistency init_from=<ckpt>): its checkpoint's rows,
+    # consistency sampling at tuned_steps network calls, join the table with the seconds its tuning took
+    tuned_ckpt: str | None = None
+    tuned_steps: list[int] = checked(rule=each(between(1, 10_000)), factory=lambda: [1, 2, 4])
 
 
 @dataclass

@@ -448,6 +448,12 @@ def validate_entry(config_name: str, cfg: DictConfig, here: bool = True) -> None
     check_samplers(cfg)
     if "feature_extractor" in cfg:
         check_feature_extractor(cfg.feature_extractor, "feature_extractor")
+    table = cfg.get("sampler_table")
+    if table is not None and table.tuned_ckpt is not None:
+        if not table.enabled:
+            raise UserError(f"sampler_table.tuned_ckpt={table.tuned_ckpt} adds rows to the sampler table, which is "
+                            "off; set sampler_table.enabled=true, or drop sampler_table.tuned_ckpt")
+        check_source(table.tuned_ckpt, "sampler_table.tuned_ckpt")
     if "ema" in cfg:  # sample.py, figures.py, evaluate.py: the same choice of weights
         check_posthoc_sigma_rel(cfg.ema.sigma_rel)
         if cfg.ema.snapshot_dir and cfg.ema.sigma_rel is None:

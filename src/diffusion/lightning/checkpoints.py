@@ -76,7 +76,7 @@ def check_checkpoint(path, expected: dict | None = None, start_over: str = "star
     _check_kind(path, ckpt)
     ckpt["hyper_parameters"] = upgrade_hparams(ckpt["hyper_parameters"])
     if expected is not None:
-        _check_matches(path, ckpt["hyper_parameters"], expected, start_over)
+        check_matches(path, ckpt["hyper_parameters"], expected, start_over)
     return ckpt
 
 
@@ -151,7 +151,7 @@ def _check_kind(path: Path, ckpt: Any) -> None:
                         f"{absent}); give a .ckpt file written by train.py, {EXAMPLE}")
 
 
-def _check_matches(path: Path, hparams: dict, expected: dict, start_over: str | None = None,
+def check_matches(path: Path, hparams: dict, expected: dict, start_over: str | None = None,
                    option: str = "ckpt_path") -> None:
     """The checkpoint's network and objective against this run's (`option` names the setting that brought the
     checkpoint in: ckpt_path or init_from; `start_over` how to go without it)."""
@@ -278,7 +278,7 @@ def init_weights(source, expected: dict) -> dict[str, torch.Tensor]:
     """The U-Net weights a new run starts from (init_from): a checkpoint's EMA weights or a diffusers folder's,
     refused in one line unless they have this run's network and objective."""
     hparams, state = read_weights(source, "ema", key="init_from")
-    _check_matches(Path(source), hparams, expected, option="init_from")
+    check_matches(Path(source), hparams, expected, option="init_from")
     return state
 
 

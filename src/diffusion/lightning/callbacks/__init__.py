@@ -15,6 +15,8 @@ from diffusion.lightning.callbacks.rng import RNGState
 from diffusion.lightning.callbacks.sample_grid import SampleGrid
 from diffusion.lightning.callbacks.sample_quality import SampleQualityCallback
 from diffusion.lightning.callbacks.schedule_log import ScheduleLogger
+from diffusion.lightning.callbacks.training_time import TrainingTime, training_time
 
 __all__ = ["EMA", "GracefulInterrupt", "LossByTLog", "PaperFigures", "PostHocEMA", "RNGState", "RanksInSync",
-           "SampleGrid", "SampleQualityCallback", "ScheduleLogger", "StepProgressBar", "averaged_net"]
+           "SampleGrid", "SampleQualityCallback", "ScheduleLogger", "StepProgressBar", "TrainingTime", "averaged_net",
+           "training_time"]

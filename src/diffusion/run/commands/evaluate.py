@@ -3,6 +3,7 @@
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -14,7 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 from diffusion.core.sampling import SamplerSpec, check_guidance, sampler_label
 from diffusion.errors import UserError
 from diffusion.files import write_file
-from diffusion.lightning.checkpoints import load_weights
+from diffusion.lightning.callbacks import training_time
+from diffusion.lightning.checkpoints import check_checkpoint, check_matches, load_weights
 from diffusion.lightning.evaluation import Evaluator
 from diffusion.lightning.module import ODE_LEVELS
 from diffusion.metrics.quality import (
@@ -39,7 +41,16 @@ from diffusion.run.reports.guidance_table import (
     log_guidance_table,
     write_guidance_table,
 )
-from diffusion.run.reports.sampler_table import log_table, table_rows, table_samplers, write_table
+from diffusion.run.reports.sampler_table import log_table, table_rows, table_samplers, tuned_rows, write_table
+
+
+@dataclass
+class Tuned:
+    """The sampler table's consistency-tuned model: its module, its samplers, (training seconds, devices) or None."""
+
+    module: object
+    specs: list[SamplerSpec]
+    time: tuple[float, str] | None
 
 
 def _setup(cfg: DictConfig):
@@ -56,6 +67,7 @@ def _setup(cfg: DictConfig):
         raise UserError(f"bpd.method={cfg.bpd.method}: objective={module.objective.name} has only "
                         f"{list(module.objective.likelihoods)} (the bound is DDPM's Eq. 5); use bpd.method=ode")
     table = table_samplers(cfg.sampler_table, module.objective) if cfg.sampler_table.enabled else []
+    tuned = _tuned(cfg, module) if cfg.sampler_table.enabled and cfg.sampler_table.tuned_ckpt else None
     if cfg.guidance_table is not None:  # every scale checked before any sampling
         guidance_samplers(list(cfg.guidance_table), sampler, module.num_classes, module.cond_drop_prob)
     datamodule = instantiate(cfg.data)
@@ -64,7 +76,23 @@ def _setup(cfg: DictConfig):
     extractor = cfg.feature_extractor.name
     if extractor == "auto":
         extractor = datamodule.quality_extractor
-    return module, datamodule, extractor, table, weights, posthoc
+    return module, datamodule, extractor, (table, tuned), weights, posthoc
+
+
+def _tuned(cfg: DictConfig, module) -> Tuned:
+    """sampler_table.tuned_ckpt: a consistency-tuned run of this model (same network, tuned from this objective),
+    its module with the same choice of weights, its samplers checked, and the seconds its tuning took."""
+    path = cfg.sampler_table.tuned_ckpt
+    ckpt = check_checkpoint(path, key="sampler_table.tuned_ckpt")
+    tuned, _, _ = load_weights(path, cfg.weights, None)
+    if getattr(tuned.objective, "tunes", None) is None:
+        raise UserError(f"sampler_table.tuned_ckpt={path} is a model of objective={tuned.objective.name}, not a tuned "
+                        "one; give the checkpoint of a `train.py objective=consistency init_from=<this ckpt>` run")
+    check_matches(Path(path), ckpt["hyper_parameters"], {"net": module.hparams["net"], "objective":
+                  module.objective.spec()}, start_over="give a run tuned from ckpt", option="sampler_table.tuned_ckpt")
+    specs = [SamplerSpec(name="consistency", steps=k).check_for(tuned.objective, f"sampler_table.tuned_steps[{i}]")
+             for i, k in enumerate(cfg.sampler_table.tuned_steps)]
+    return Tuned(tuned, specs, training_time(ckpt))
 
 
 def _load(cfg: DictConfig):
@@ -183,10 +211,10 @@ def _nll_protocol(cfg: DictConfig, module) -> dict:
 
 
 def sampler_table(cfg: DictConfig, module, datamodule, metric: SampleQuality, weights: str,
-                  table: list[SamplerSpec], done: dict) -> list[dict]:
-    """The rows of the sampler table (diffusion.run.reports.sampler_table); `done` holds passes already made (the main
-    one), reused when sampler and sample count are the same."""
-    objective = module.objective
+                  table: tuple[list[SamplerSpec], Tuned | None], done: dict) -> list[dict]:
+    """The rows of the sampler table (diffusion.run.reports.sampler_table), then a tuned model's; `done` holds passes
+    already made (the main one), reused when sampler and sample count are the same."""
+    objective, (table, tuned) = module.objective, table
     n = cfg.sampler_table.num_samples or cfg.num_samples or datamodule.eval_num_samples
 
     def run(sampler: SamplerSpec) -> tuple[dict, dict]:
@@ -194,7 +222,15 @@ def sampler_table(cfg: DictConfig, module, datamodule, metric: SampleQuality, we
             done[_key(sampler, n, objective)] = _pass(cfg, module, datamodule, metric, weights, sampler, n, bpd=False)
         return done[_key(sampler, n, objective)]
 
-    return table_rows(table, run, n, objective)
+    rows = table_rows(table, run, n, objective)
+    if tuned is None:
+        return rows
+
+    def tuned_run(sampler: SamplerSpec) -> tuple[dict, dict]:
+        return _pass(cfg, tuned.module, datamodule, metric, weights, sampler, n, bpd=False)
+
+    seconds, devices = tuned.time or (None, None)
+    return rows + tuned_rows(table_rows(tuned.specs, tuned_run, n, tuned.module.objective), seconds, devices)
 
 
 def guidance_table(cfg: DictConfig, module, datamodule, metric: SampleQuality, weights: str, sampler: SamplerSpec,

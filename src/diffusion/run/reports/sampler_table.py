@@ -61,13 +61,30 @@ def table_rows(specs: list[SamplerSpec], run: Callable[[SamplerSpec], tuple[dict
     return rows
 
 
+def tuned_rows(rows: list[dict], seconds: float | None, devices: str | None) -> list[dict]:
+    """A consistency-tuned model's rows, marked as such and carrying the seconds its tuning took (None: its
+    checkpoint does not record them)."""
+    return [{**row, "sampler": f"{row['sampler']} (tuned)", "tuning_seconds": seconds, "tuning_devices": devices}
+            for row in rows]
+
+
+def _tuning(row: dict) -> str:
+    """The tuning-cost cell: 0 for a training-free sampler, the tuning's seconds and devices for a tuned model."""
+    if "tuning_seconds" not in row:
+        return "0"
+    if row["tuning_seconds"] is None:
+        return "not recorded"
+    return f"{row['tuning_seconds']:.0f} ({row['tuning_devices']})"
+
+
 def _table(rows: list[dict]) -> tuple[list[str], list[str], list[list]]:
-    """The columns (sampler, NFE, s / image, then the scores' short list as far as measured), their result keys
-    and each row's cells."""
+    """The columns (sampler, NFE, s / image, the tuning's seconds when a tuned model has rows, then the scores' short
+    list as far as measured), their result keys and each row's cells."""
     keys = [k for k in brief_keys() if any(k in row for row in rows)]
-    columns = ["sampler", "NFE", "s / image", *map(column_title, keys)]
+    tuned = any("tuning_seconds" in row for row in rows)
+    columns = ["sampler", "NFE", "s / image", *(["tuning s"] if tuned else []), *map(column_title, keys)]
     return columns, keys, [[row["sampler"], row["nfe"], round(row["seconds_per_image"], 5),
-                            *score_cells(row, keys)] for row in rows]
+                            *([_tuning(row)] if tuned else []), *score_cells(row, keys)] for row in rows]
 
 
 def write_table(rows: list[dict], num_samples: int, extractor: str, out: Path) -> tuple[Path, Path]:
@@ -79,12 +96,16 @@ def write_table(rows: list[dict], num_samples: int, extractor: str, out: Path) -
 
     out.mkdir(parents=True, exist_ok=True)
     columns, keys, cells = _table(rows)
+    tuned = any("tuning_seconds" in row for row in rows)
     lines = [f"Sampler comparison: {num_samples} samples each; NFE = network evaluations per image; scores in the "
              f"`{extractor}` feature space against the train split unless named (FD: Fréchet distance), IS of the "
-             "samples alone; s / image = sampling device-seconds per image.", "",
+             "samples alone; s / image = sampling device-seconds per image"
+             + ("; tuning s = the training seconds of a consistency-tuned model's tuning on its devices (0: "
+                "training-free)." if tuned else "."), "",
              "| " + " | ".join(columns) + " |", "|---|" + "---:|" * (len(columns) - 1)]
-    for sampler, nfe, seconds, *scores in cells:
-        lines.append(f"| {sampler} | {nfe} | {seconds:.4f} | " +
+    for sampler, nfe, seconds, *rest in cells:
+        extra, scores = rest[:len(rest) - len(keys)], rest[len(rest) - len(keys):]
+        lines.append(f"| {sampler} | {nfe} | {seconds:.4f} | " + "".join(f"{c} | " for c in extra) +
                      " | ".join(cell(k, v) for k, v in zip(keys, scores, strict=True)) + " |")
     md = out / "samplers.md"
     write_file(md, "\n".join(lines) + "\n")
