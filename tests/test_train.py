@@ -246,6 +246,15 @@ def test_multirun_over_two_schedules_gives_two_complete_runs(tmp_path):
     assert betas[0] != betas[1] and len(betas[0]) == len(betas[1]) == 20
 
 
+def test_a_path_in_the_overrides_names_one_folder():
+    """init_from=/runs/a/last.ckpt in a multirun made job folders nested along the path's parts."""
+    from diffusion.config import short_dirname
+
+    assert short_dirname("init_from=/runs/a/last.ckpt,seed=1") == "init_from=_runs_a_last.ckpt,seed=1"
+    long = short_dirname("init_from=/" + "d/" * 100 + "last.ckpt")
+    assert "/" not in long and len(long) == 120
+
+
 @pytest.mark.slow
 def test_a_sweep_over_many_overrides_names_its_job_folder_within_the_file_system_limit(tmp_path):
     """Hydra names a job's folder after its overrides; past 255 bytes the sweep died with "File name too long".

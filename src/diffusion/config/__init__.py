@@ -79,8 +79,9 @@ MAX_DIRNAME = 120  # characters of a job folder's name: file systems allow 255 b
 def short_dirname(name: str) -> str:
     """A multirun job's folder name from its overrides (Hydra's override_dirname): as is up to 120 characters,
     else its first 111 and a hash of the whole, so a sweep over many overrides does not fail with "File name
-    too long" (the overrides themselves stay in the job's .hydra/overrides.yaml)."""
-    name = str(name)
+    too long" (the overrides themselves stay in the job's .hydra/overrides.yaml). A path's "/" (init_from=...)
+    becomes "_": one folder per job, not a tree of the path's parts."""
+    name = str(name).replace("/", "_")
     if len(name) <= MAX_DIRNAME:
         return name
     return f"{name[:MAX_DIRNAME - 9]}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
