@@ -8,6 +8,10 @@ PYTEST_ARGS ?=
 CKPT ?=
 DIR ?=
 OUT  ?=
+ARGS ?=
+# make train's Hydra arguments: ARGS, then the digits recipe unless ARGS names another experiment (after ARGS, as
+# Hydra takes its flags, e.g. -m, before the overrides)
+TRAIN_ARGS = $(ARGS) $(if $(filter experiment=% +experiment=% ++experiment=%,$(ARGS)),,experiment=digits)
 
 .DEFAULT_GOAL := help
 .PHONY: help setup test lint bench train sample report export clean
@@ -39,8 +43,8 @@ bench: $(BENCH_STAMP)  ## Throughput vs diffusers, train.py's overhead, EMA/Adam
 	$(PY) bench/unet_throughput.py
 	$(PY) bench/checkpoint_stall.py
 
-train: $(STAMP)  ## Train on the bundled digits on CPU in minutes; prints the sample grid's path last
-	$(PY) train.py experiment=digits
+train: $(STAMP)  ## Train on the bundled digits in minutes; Hydra overrides in ARGS: make train ARGS="experiment=cifar10_ddpm trainer=ddp"
+	$(PY) train.py $(TRAIN_ARGS)
 
 sample: $(STAMP)  ## Sample from a checkpoint: make sample CKPT=path/to/last.ckpt
 	$(PY) sample.py ckpt=$(CKPT)

@@ -309,3 +309,31 @@ def test_train_script_ends_with_the_quality_line_that_status_and_wandb_hold(tmp_
     assert best == status["quality"]
     # metrics go through the trainer's callback_metrics, float32 tensors: the same number to float32 precision
     assert status["metrics"]["val/fid"] == pytest.approx(status["quality"]["val/fid"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_make_train_passes_hydra_overrides_through(tmp_path):
+    """`make train ARGS="..."`, as a cluster user types it: the digits recipe unless ARGS names an experiment,
+    ARGS's overrides reach train.py, and `-m` in ARGS makes a multirun."""
+    import shutil
+
+    make = shutil.which("make")
+    assert make, "make is needed: the README's two commands are make targets"
+
+    def make_train(args: str) -> subprocess.CompletedProcess:
+        # -o: the venv stamp counts as up to date, so make runs this interpreter's train.py and installs nothing
+        return subprocess.run([make, "-s", "-C", str(ROOT), "train", "-o", ".venv/.installed-dev",
+                               f"PY={sys.executable}", f"ARGS={args}"], capture_output=True, text=True, timeout=300)
+
+    tiny = "debug=fast trainer.max_steps=1 logger=none callbacks.samples=null"
+    other = make_train(f"experiment=digits_cond {tiny} hydra.run.dir={tmp_path / 'cond'}")
+    assert other.returncode == 0, other.stderr[-3000:]
+    cfg = OmegaConf.load(tmp_path / "cond" / ".hydra" / "config.yaml")
+    assert cfg.name == "digits_cond" and cfg.trainer.max_steps == 1
+    assert (tmp_path / "cond" / "checkpoints" / "last.ckpt").is_file()
+
+    sweep = make_train(f"-m {tiny} seed=1,2 hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert sweep.returncode == 0, sweep.stderr[-3000:]
+    jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir())
+    assert [OmegaConf.load(job / ".hydra" / "config.yaml").seed for job in jobs] == [1, 2]
+    assert all(OmegaConf.load(job / ".hydra" / "config.yaml").name == "digits" for job in jobs)
