@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from diffusion.config import CIFAR10DataConfig, validate
 from diffusion.data import EpochSampler
-from diffusion.data.loader import DeviceLoader, ResumableLoader, _ModelInputs
+from diffusion.data.loader import DeviceLoader, ResumableLoader, _ModelInputs, split_on_device
 from diffusion.errors import UserError
 from diffusion.run.commands.train import train
 from helpers import ROOT, build, compose_cfg, train_cfg
@@ -138,9 +138,43 @@ def test_on_device_training_equals_the_loader_path_and_resumes_mid_epoch(tmp_pat
         for key in ("state_dict", "current_model_state"):
             a, b = last["loader"][key], last[name][key]
             assert all(torch.equal(a[k], b[k]) for k in a), (name, key)
-    # so the digits, small enough for any accelerator, are on the device by default (make train's numbers stay)
-    assert compose_cfg("train", ["experiment=digits"], tmp_path / "cfg").data.on_device is True
-    assert compose_cfg("train", ["experiment=cifar10_ddpm"], tmp_path / "cfg").data.on_device is False
+    # so the data sets held in memory go on the device when they fit (null), the digits included (make train's
+    # numbers stay)
+    assert compose_cfg("train", ["experiment=digits"], tmp_path / "cfg").data.on_device is None
+    assert compose_cfg("train", ["experiment=cifar10_ddpm"], tmp_path / "cfg").data.on_device is None
+
+
+GIB = 2**30
+CUDA = torch.device("cuda", 0)
+
+
+@pytest.mark.parametrize(("on_device", "nbytes", "device", "free", "chosen"), [
+    (None, 150 * 2**20, CUDA, 70 * GIB, True),  # CIFAR-10's train split on an H100: on the device
+    (None, 20 * GIB, CUDA, 70 * GIB, False),  # over a quarter of the free memory: the DataLoader
+    (None, 20 * GIB, torch.device("cpu"), None, True),  # the CPU: in host memory already, nothing copied
+    (None, 1, torch.device("mps"), None, False),  # free memory unknown: the DataLoader
+    (True, 20 * GIB, CUDA, 70 * GIB, True),  # asked for, and it fits
+    (False, 1, CUDA, 70 * GIB, False)])
+def test_on_device_null_puts_the_split_on_the_device_when_it_fits(on_device, nbytes, device, free, chosen):
+    assert split_on_device(on_device, nbytes, device, free) is chosen
+
+
+def test_on_device_true_is_refused_in_one_line_when_the_split_does_not_fit():
+    with pytest.raises(UserError) as err:
+        split_on_device(True, 80 * GIB, CUDA, 70 * GIB)
+    assert str(err.value) == ("data.on_device=true: the train split takes 80.00 GiB and cuda:0 has 70.00 GiB free; "
+                              "set data.on_device=false (the DataLoader) or null (on the device only when it fits)")
+
+
+def test_cifar10_trains_from_the_device_by_default(tmp_path):
+    """CIFAR-10 with data.on_device left at null: the train loader draws from the device copy (here the CPU)."""
+    write_cifar(tmp_path, np.stack([cifar_pattern(i) for i in range(46)]), n_test=6)
+    cfg = compose_cfg("train", ["experiment=cifar10_ddpm", f"data.root={tmp_path}", "data.batch_size=4"],
+                      tmp_path / "cfg")
+    data = instantiate(cfg.data)
+    assert isinstance(data.train_dataloader(), DeviceLoader)
+    cfg.data.on_device = False
+    assert isinstance(instantiate(cfg.data).train_dataloader(), ResumableLoader)
 
 
 def test_optimizer_foreach_and_fused_are_checked_and_reach_torch(tmp_path, monkeypatch):

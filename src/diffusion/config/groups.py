@@ -154,6 +154,13 @@ class ValidationConfig:
 
 
 # --- data --------------------------------------------------------------------------------------------------
+def in_memory_on_device() -> Any:
+    """data.on_device of a data set held in memory: true puts the train split on the training device once and draws
+    batches and flips there (no DataLoader, no workers; the same batches bit for bit), false uses the DataLoader,
+    null (the default) puts it there when it fits (data/loader.py `split_on_device`)."""
+    return field(default=None)
+
+
 @dataclass
 class DataConfig:
     _target_: str = MISSING
@@ -174,7 +181,7 @@ class DigitsDataConfig(DataConfig):
     channels: int = 1
     image_size: int = 8
     val_size: int = checked(297, between(1, 1796))
-    on_device: bool = False  # train split on the accelerator once, batches and flips drawn there (no workers)
+    on_device: bool | None = in_memory_on_device()
 
 
 @dataclass
@@ -188,7 +195,7 @@ class MNISTDataConfig(FileDataConfig):
     _target_: str = "diffusion.data.MNISTDataModule"
     channels: int = 1
     image_size: int = checked(32, between(28, 4096))  # the 28×28 images padded with background
-    on_device: bool = False  # train split on the accelerator once, batches and flips drawn there (no workers)
+    on_device: bool | None = in_memory_on_device()
 
 
 @dataclass
@@ -197,7 +204,7 @@ class CIFAR10DataConfig(FileDataConfig):
     channels: int = 3
     image_size: int = 32
     random_flip: bool = True
-    on_device: bool = False  # train split on the accelerator once, batches and flips drawn there (no workers)
+    on_device: bool | None = in_memory_on_device()
 
 
 @dataclass

@@ -14,10 +14,19 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from diffusion.data.loader import DeviceLoader, EpochSampler, ResumableLoader, _ModelInputs
+from diffusion.data.loader import (
+    DEVICE_SHARE,
+    DeviceLoader,
+    EpochSampler,
+    ResumableLoader,
+    _ModelInputs,
+    free_memory,
+    split_on_device,
+)
 from diffusion.errors import UserError
 
 SPLITS = ("train", "val")
@@ -75,7 +84,7 @@ class ImageDataModule(L.LightningDataModule):
     fixed_shape: tuple[str, ...] = ()
 
     def __init__(self, root: str, batch_size: int, num_workers: int, download: bool, seed: int,
-                 random_flip: bool, *, channels: int, image_size: int, on_device: bool):
+                 random_flip: bool, *, channels: int, image_size: int, on_device: bool | None):
         """The arguments are a validated config's (config/groups.py: their defaults and rules); taken as given."""
         super().__init__()
         self.root, self.batch_size, self.num_workers = Path(root).expanduser(), batch_size, num_workers
@@ -179,11 +188,25 @@ class ImageDataModule(L.LightningDataModule):
         dataset = self._inputs("train")
         sampler = EpochSampler(dataset, self.seed, self.random_flip, num_replicas=trainer.world_size if trainer else 1,
                                rank=trainer.global_rank if trainer else 0)
-        if self.on_device:  # the same draws, gathered from a copy of the images on the training device
-            device = trainer.strategy.root_device if trainer else torch.device("cpu")
+        device = trainer.strategy.root_device if trainer else torch.device("cpu")
+        if self._on_device(device):  # the same draws, gathered from a copy of the images on the training device
             return DeviceLoader(self._split("train").images, sampler, self.batch_size, device,
                                 labels=self.labels("train") if self.with_labels else None)
         return ResumableLoader(dataset, sampler=sampler, drop_last=True, **self._loader_kwargs())
+
+    def _on_device(self, device: torch.device) -> bool:
+        """data.on_device's answer for this split and device (`split_on_device`), said once where it was asked."""
+        if self.on_device is False:  # also every data set read from files as it goes (image folders)
+            return False
+        images = self._split("train").images  # (N, C, H, W) uint8
+        nbytes = images.numel() * images.element_size()
+        chosen = split_on_device(self.on_device, nbytes, device, free_memory(device))
+        if self.on_device is None and device.type != "cpu":
+            where = f"on {device}" if chosen else "read by the DataLoader"
+            rank_zero_info(f"data: the {self.name} train split ({nbytes / 2**20:.0f} MiB) is {where} "
+                           f"(data.on_device=null: on the device when it takes at most {DEVICE_SHARE:.0%} of the "
+                           "free memory there)")
+        return chosen
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self._inputs("val"), **self._loader_kwargs())

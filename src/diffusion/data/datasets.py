@@ -38,7 +38,7 @@ class DigitsDataModule(ImageDataModule):
     fixed_shape = ("channels", "image_size")  # 1×8×8 (config/validation.py also refuses random_flip=true)
 
     def __init__(self, *, batch_size: int, num_workers: int, seed: int, random_flip: bool, val_size: int,
-                 channels: int, image_size: int, on_device: bool):
+                 channels: int, image_size: int, on_device: bool | None):
         super().__init__("", batch_size, num_workers, False, seed, random_flip, channels=channels,
                          image_size=image_size, on_device=on_device)
         self.val_size = val_size
@@ -73,7 +73,7 @@ class MNISTDataModule(ImageDataModule):
     fixed_shape = ("channels",)  # grey; image_size >= 28 (the schema's rule) pads them
 
     def __init__(self, *, root: str, batch_size: int, num_workers: int, download: bool, seed: int,
-                 random_flip: bool, image_size: int, channels: int, on_device: bool):
+                 random_flip: bool, image_size: int, channels: int, on_device: bool | None):
         super().__init__(root, batch_size, num_workers, download, seed, random_flip,
                          channels=channels, image_size=image_size, on_device=on_device)
         self._labels_read: dict[str, torch.Tensor] = {}
@@ -126,7 +126,7 @@ class CIFAR10DataModule(ImageDataModule):
     fixed_shape = ("channels", "image_size")  # 3×32×32
 
     def __init__(self, *, root: str, batch_size: int, num_workers: int, download: bool, seed: int,
-                 random_flip: bool, channels: int, image_size: int, on_device: bool):
+                 random_flip: bool, channels: int, image_size: int, on_device: bool | None):
         super().__init__(root, batch_size, num_workers, download, seed, random_flip, channels=channels,
                          image_size=image_size, on_device=on_device)
         self._labels_read: dict[str, torch.Tensor] = {}

@@ -12,6 +12,35 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from diffusion.core.images import to_model_range
+from diffusion.errors import UserError
+
+# data.on_device=null puts the train split on an accelerator when it takes at most this share of the memory free
+# there: the rest is the model's, the optimizer's and the activations'
+DEVICE_SHARE = 0.25
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free on a CUDA device; None where the split would not be copied (CPU: it is in host memory already)
+    or where torch does not say (other accelerators)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return None
+
+
+def split_on_device(on_device: bool | None, nbytes: int, device: torch.device, free: int | None) -> bool:
+    """Whether the train split (nbytes of uint8 images) goes on `device` (data.on_device: true, false or null).
+
+    null: on the CPU always (nothing is copied), on a CUDA device when it takes at most DEVICE_SHARE of the `free`
+    bytes there, elsewhere not (the DataLoader). true: refused in one line when the split exceeds the free memory."""
+    if on_device is False:
+        return False
+    if on_device is None:
+        return device.type == "cpu" or (free is not None and nbytes <= DEVICE_SHARE * free)
+    if free is not None and nbytes > free:
+        raise UserError(f"data.on_device=true: the train split takes {nbytes / 2**30:.2f} GiB and {device} has "
+                        f"{free / 2**30:.2f} GiB free; set data.on_device=false (the DataLoader) or null (on the "
+                        "device only when it fits)")
+    return True
 
 
 class _ModelInputs(Dataset):

@@ -8,6 +8,7 @@ one line. HYDRA_FULL_ERROR=1 shows every traceback instead.
 import difflib
 import os
 import re
+import typing
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
+from diffusion import config
 from diffusion.config import MOVED_KEYS, register_configs, validate_entry
 from diffusion.core.sampling import SamplerSpec
 from diffusion.errors import UserError
@@ -82,6 +84,9 @@ def explain(err: Exception, cfg_keys: Callable[[str], list[str]]) -> str:
     merging = re.search(r"Error merging override ([^=\s]+)=(\S*)", text)
     if merging and "is not a valid bool" in text:
         key, value = merging.groups()
+        if _allows_null(text, key):
+            return (f"{key} must be true, false or null, got {value or repr('')}; use {key}=true, {key}=false or "
+                    f"{key}=null")
         return f"{key} must be true or false, got {value or repr('')}; use {key}=true or {key}=false"
     if merging and "is not a ListConfig, list or tuple" in text:
         key, value = merging.groups()
@@ -97,6 +102,15 @@ def explain(err: Exception, cfg_keys: Callable[[str], list[str]]) -> str:
     if m:
         return f"{m.group(1)} has no value and is required; set {m.group(1)}=..."
     return " ".join(text.split())
+
+
+def _allows_null(text: str, key: str) -> bool:
+    """Whether the schema OmegaConf names (`object_type=...`) declares the key's field Optional."""
+    m = re.search(r"object_type=(\w+)", text)
+    schema = getattr(config, m.group(1), None) if m else None
+    fields = getattr(schema, "__dataclass_fields__", {})
+    leaf = key.rpartition(".")[2]
+    return leaf in fields and type(None) in typing.get_args(fields[leaf].type)
 
 
 def _type_mismatch(text: str) -> tuple[str, str, str] | None:
