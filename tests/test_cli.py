@@ -71,7 +71,7 @@ SAMPLER_CASES = [
                                                          "T=20 steps"]),
     ("sample.py", ["sampler.name=ddmi"], ["sampler.name=ddmi is not a sampler", "['ddpm', 'ddim', 'euler', "
                                           "'respaced', 'dpmpp_2m', 'dpmpp_2m_sde', 'unipc', 'heun', 'ipndm', 'deis', "
-                                          "'consistency']"]),
+                                          "'deis_logrho', 'consistency']"]),
     ("sample.py", ["sampler.name=ddpm", "sampler.steps=5", "sampler.eta=0.7", "sampler.spacing=trailing"],
      ["sampler.steps=5 is not used by sampler.name=ddpm", "use sampler.name=respaced sampler.steps=5"]),
     ("sample.py", ["sampler=ddim"], ["sampler is a group of settings; write sampler.name=ddim"]),

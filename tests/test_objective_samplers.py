@@ -20,6 +20,7 @@ from diffusion.core.sampling import (
     SAMPLERS,
     SamplerSpec,
     ddim_sample,
+    deis_logrho_sample,
     deis_sample,
     dpmpp_2m_sample,
     euler_sample,
@@ -118,6 +119,7 @@ RUN = {  # (denoiser, x_T, spacing, levels) -> samples; heun makes 2N − 1 call
     "unipc": lambda d, x, spacing, n: unipc_sample(d, x, num_steps=n, spacing=spacing, order=3).x0,
     "ipndm": lambda d, x, spacing, n: ipndm_sample(d, x, num_steps=n, spacing=spacing, order=4).x0,
     "deis": lambda d, x, spacing, n: deis_sample(d, x, num_steps=n, spacing=spacing, order=3).x0,
+    "deis_logrho": lambda d, x, spacing, n: deis_logrho_sample(d, x, num_steps=n, spacing=spacing, order=3).x0,
 }
 
 
@@ -167,6 +169,9 @@ CASES = [  # objective, sampler, spacing, level counts, lowest and highest slope
     ("edm", "deis", "karras", (32, 64, 128), 2.5, 3.2),  # 2.78
     ("flow", "ipndm", "karras", (32, 64, 128), 1.8, 2.6),  # 2.13
     ("flow", "deis", "karras", (32, 64, 128), 2.5, 3.2),  # 2.78
+    ("ddpm", "deis_logrho", "logsnr", (32, 64, 128), 2.5, 3.2),
+    ("edm", "deis_logrho", "karras", (32, 64, 128), 2.5, 3.2),  # 2.74 (logsnr: 3.9, 3.6 at 128-512, still falling)
+    ("flow", "deis_logrho", "karras", (32, 64, 128), 2.5, 3.2),  # 2.73
 ]
 
 
@@ -211,7 +216,7 @@ def test_flow_linspace_from_t1_works_with_euler_and_dpmpp_2m(sampler, tol):
     assert SamplerSpec(sampler, spacing="linspace").check_for(objective).spacing == "linspace"
 
 
-@pytest.mark.parametrize("sampler", ["heun", "unipc", "ipndm", "deis"])
+@pytest.mark.parametrize("sampler", ["heun", "unipc", "ipndm", "deis", "deis_logrho"])
 def test_heun_and_unipc_refuse_flows_linspace_grid_in_one_line(sampler):
     objective, d = exact_denoiser("flow")
     x_T = x_T_for(d.grid("linspace", 10))

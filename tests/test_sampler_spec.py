@@ -111,7 +111,8 @@ def test_describe_is_what_protocols_recorded_before_the_spec():
 @pytest.mark.parametrize("spec, fragments", [
     (SamplerSpec("ddmi"), ["callbacks.quality.sampler.name=ddmi is not a sampler", "did you mean "
                            "callbacks.quality.sampler.name=ddim?", "['ddpm', 'ddim', 'euler', 'respaced', "
-                           "'dpmpp_2m', 'dpmpp_2m_sde', 'unipc', 'heun', 'ipndm', 'deis', 'consistency']"]),
+                           "'dpmpp_2m', 'dpmpp_2m_sde', 'unipc', 'heun', 'ipndm', 'deis', 'deis_logrho', "
+                           "'consistency']"]),
     (SamplerSpec("ddpm", steps=5), ["callbacks.quality.sampler.steps=5 is not used by callbacks.quality.sampler."
                                     "name=ddpm", "callbacks.quality.sampler.name=respaced "
                                     "callbacks.quality.sampler.steps=5"]),

@@ -19,6 +19,7 @@ from diffusion.core.objectives.ddpm import DDPMDenoiser
 from diffusion.core.sampling import (
     SAMPLERS,
     ddim_sample,
+    deis_logrho_sample,
     deis_sample,
     dpmpp_2m_sample,
     dpmpp_2m_sde_sample,
@@ -40,7 +41,8 @@ AC = torch.from_numpy(np.cumprod(1 - BETAS.numpy()))  # ᾱ, by numpy
 X_STAR = torch.tensor([[-0.6, 0.2], [0.9, -1.0]], dtype=torch.float64).reshape(1, 1, 2, 2)
 MU, S = torch.tensor([0.3, -0.5, 0.1, 0.7], dtype=torch.float64).reshape(1, 1, 2, 2), 0.5
 DETERMINISTIC = ["dpmpp_2m", "unipc", "heun"]
-SOLVERS = ["dpmpp_2m", "dpmpp_2m_sde", "unipc", "heun", "ipndm", "deis"]  # the samplers whose grids start at x_T
+# the samplers whose grids start at x_T
+SOLVERS = ["dpmpp_2m", "dpmpp_2m_sde", "unipc", "heun", "ipndm", "deis", "deis_logrho"]
 
 
 def denoiser(model, parameterization="eps", variance="fixed_large", dtype=torch.float64, clip=True) -> DDPMDenoiser:
@@ -256,7 +258,8 @@ def _slope(nfes, errors):
     "name, low, high",
     [("ddim", 0.9, 1.1), ("dpmpp_2m", 1.7, 2.4), ("heun", 1.7, 2.4), ("unipc1", 1.7, 2.4), ("unipc2", 2.6, 4.5),
      ("unipc3", 2.6, 4.5), ("ipndm1", 0.9, 1.1), ("ipndm2", 1.7, 2.4), ("ipndm3", 2.0, 3.5), ("ipndm4", 2.0, 3.5),
-     ("deis1", 0.9, 1.1), ("deis2", 1.7, 2.4), ("deis3", 2.5, 3.3)],
+     ("deis1", 0.9, 1.1), ("deis2", 1.7, 2.4), ("deis3", 2.5, 3.3), ("deis_logrho1", 0.9, 1.1),
+     ("deis_logrho2", 1.7, 2.4), ("deis_logrho3", 2.5, 3.3)],
 )
 def test_error_falls_with_the_solver_order(name, low, high):
     """Slope of log error against log NFE with the exact Gaussian oracle: DDIM 1, DPM-Solver++(2M) and Heun 2,
@@ -277,7 +280,7 @@ def test_error_falls_with_the_solver_order(name, low, high):
         elif name == "dpmpp_2m":
             x0 = dpmpp_2m_sample(d, xT, spacing=_grid("logsnr", nfe)).x0
         elif name.startswith(("ipndm", "deis")):
-            fn = ipndm_sample if name.startswith("ipndm") else deis_sample
+            fn = {"ipndm": ipndm_sample, "deis": deis_sample, "deis_logrho": deis_logrho_sample}[name[:-1]]
             x0 = fn(d, xT, spacing=_grid("karras", nfe), order=int(name[-1])).x0
         else:
             x0 = unipc_sample(d, xT, spacing=_grid("logsnr", nfe), order=int(name[-1])).x0
@@ -286,7 +289,8 @@ def test_error_falls_with_the_solver_order(name, low, high):
 
 
 @pytest.mark.parametrize("name, nfe, tol", [("dpmpp_2m", 50, 5e-3), ("unipc", 30, 1e-3), ("heun", 99, 2e-2),
-                                            ("ipndm", 30, 2e-2), ("deis", 30, 5e-2)])
+                                            ("ipndm", 30, 2e-2), ("deis", 30, 5e-2),
+                                            ("deis_logrho", 30, 5e-2)])
 def test_full_grid_reaches_the_exact_endpoint(name, nfe, tol):
     """Down to σ=0 on the default grids, the result is near μ + s (x_T - sqrt(ᾱ)μ)/sqrt(ᾱs² + 1 - ᾱ)."""
     xT = x_T(n=16)
@@ -365,6 +369,32 @@ def test_unipc_matches_diffusers(spacing, order, N):
         ref.sigmas = torch.cat([sigmas, sigmas.new_zeros(1)]).float()
     ours = unipc_sample(denoiser(_diffusers_model, clip=False), xT, spacing=steps, order=order).x0
     torch.testing.assert_close(ours, _run_diffusers(ref, xT), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+@pytest.mark.parametrize(("order", "N"), [(1, 6), (2, 6), (2, 12), (3, 15), (3, 25)])
+def test_deis_logrho_matches_diffusers(order, N):
+    """DEISMultistepScheduler (logrho) on our logsnr steps, up to the last level: diffusers then steps to σ at t = 0
+    (it cannot reach σ = 0, where its log ρ ends), ours returns x̂0 there as every solver here. (N < 15 keeps
+    order 3 out: diffusers lowers the order of its last two steps below 15 steps.)"""
+    from diffusers import DEISMultistepScheduler
+
+    xT = torch.randn(8, 1, 2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    steps = space_timesteps(T, "logsnr", N, alphas_cumprod=AC)
+    ref = _with_exact_alphas_cumprod(DEISMultistepScheduler(
+        num_train_timesteps=T, trained_betas=BETAS.numpy(), solver_order=order, algorithm_type="deis",
+        solver_type="logrho", lower_order_final=True, prediction_type="epsilon"))
+    ref.set_timesteps(N)
+    ref.timesteps = torch.tensor(steps[::-1])
+    sigmas = ((1 - AC[steps[::-1]]) / AC[steps[::-1]]).sqrt()
+    ref.sigmas = torch.cat([sigmas, sigmas[-1:]])
+    x = xT.clone()
+    for t in ref.timesteps[:-1]:  # every step but the last
+        x = ref.step(_diffusers_model(x, t.expand(x.shape[0])), t, x).prev_sample
+    ours = deis_logrho_sample(denoiser(_diffusers_model, clip=False), xT, spacing=steps, order=order,
+                              record_steps=[steps[0]])
+    torch.testing.assert_close(ours.trajectory.x_t[0], x, rtol=1e-5, atol=1e-5)
 
 
 # --- the SDE's randomness ----------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from diffusion.core.sampling.guidance import (
     resolve_labels,
 )
 from diffusion.core.sampling.heun import heun_sample
-from diffusion.core.sampling.multistep import deis_sample, ipndm_sample
+from diffusion.core.sampling.multistep import deis_logrho_sample, deis_sample, ipndm_sample
 from diffusion.core.sampling.spec import (
     SAMPLERS,
     SamplerKind,
@@ -38,6 +38,7 @@ from diffusion.core.sampling.unipc import unipc_sample
 __all__ = ["GuidedModel", "balanced_labels", "check_guidance", "class_rows", "draw_labels", "guide", "num_classes_of",
            "resolve_labels", "SAMPLERS", "Chunk", "Drawn", "Recorder", "SampleOutput", "SamplerKind", "SamplerSpec",
            "Trajectory", "ancestral_loop", "as_sampler_spec", "chunk_bounds", "ddim_sample", "ddpm_sample",
-           "deis_sample", "draw", "dpmpp_2m_sample", "dpmpp_2m_sde_sample", "draw_chunk", "draw_chunks",
+           "deis_logrho_sample", "deis_sample", "draw", "dpmpp_2m_sample", "dpmpp_2m_sde_sample", "draw_chunk",
+           "draw_chunks",
            "euler_sample", "eval_mode", "gaussian_noise", "heun_sample", "ipndm_sample", "respace", "respaced_sample",
            "sampler_label", "sampler_spec", "unipc_sample"]

@@ -10,8 +10,12 @@ exist, and both need a finite first level.
 - DEIS tAB (Zhang & Chen 2023, Eq. 15 with the time-polynomial extrapolation): ε̂ is extrapolated by the
   Lagrange polynomial through its last p values in σ, and integrated exactly over [σ, σ']:
   x̃' = x̃ + Σ_j c_j ε̂_j, c_j = ∫_σ^σ' ℓ_j(s) ds, order p ≤ 3 on any grid (p = 1 is Euler, DDIM with η = 0).
+  `deis` takes the polynomial in σ (t = σ in the VE frame, as zju-pi/diff-sampler's tAB), `deis_logrho` in log σ
+  (diffusers' DEISMultistepScheduler, solver_type="logrho"): c_j = ∫_σ^σ' ℓ_j(log s) ds, the same steps on a
+  geometric grid's even spacing in log σ.
 """
 
+import math
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -46,12 +50,31 @@ def _lagrange(nodes: list[float], j: int) -> list[float]:
     return poly
 
 
-def deis_weights(g: Grid, order: int) -> list[tuple[float, ...]]:
-    """Per step i: c_j = ∫_{σ_i}^{σ_{i+1}} ℓ_j(s) ds over the Lagrange basis through σ_i, σ_{i−1}, ... (float64)."""
+def _log_integral(coefficients: list[float], a: float, b: float) -> float:
+    """∫_a^b P(log s) ds for P = Σ_k coefficients[k] u^k: with u = log s, ∫ P(u) e^u du = e^u (P − P' + P'' − ...)."""
+    terms, poly, sign = [0.0] * len(coefficients), list(coefficients), 1.0
+    while poly:
+        terms = [t + sign * c for t, c in zip(terms, poly + [0.0] * (len(terms) - len(poly)), strict=True)]
+        poly, sign = [k * c for k, c in enumerate(poly)][1:], -sign  # the derivative
+
+    def antiderivative(s: float) -> float:
+        return s * sum(c * math.log(s) ** k for k, c in enumerate(terms))
+
+    return antiderivative(b) - antiderivative(a)
+
+
+def deis_weights(g: Grid, order: int, log_basis: bool = False) -> list[tuple[float, ...]]:
+    """Per step i: c_j = ∫_{σ_i}^{σ_{i+1}} ℓ_j ds over the Lagrange basis through σ_i, σ_{i−1}, ... (float64), in σ
+    or (log_basis) in log σ. The last step, to σ = 0, is x̂0 (`_multistep`): its weights are never used."""
     weights = []
     for i in range(g.num_levels - 1):
         nodes = [g.sigma[i - j] for j in range(min(order, i + 1))]
-        weights.append(tuple(_integral(_lagrange(nodes, j), g.sigma[i], g.sigma[i + 1]) for j in range(len(nodes))))
+        a, b = g.sigma[i], g.sigma[i + 1]
+        if log_basis and b > 0:
+            logs = [math.log(n) for n in nodes]
+            weights.append(tuple(_log_integral(_lagrange(logs, j), a, b) for j in range(len(nodes))))
+        else:
+            weights.append(tuple(_integral(_lagrange(nodes, j), a, b) for j in range(len(nodes))))
     return weights
 
 
@@ -104,3 +127,14 @@ def deis_sample(denoiser: Denoiser, x_T: Tensor, *, num_steps: int | None = None
     require_finite_start(g, "deis")
     return _multistep(denoiser, x_T, g, deis_weights(g, _order("deis", order, DEIS_ORDERS, g.num_levels)),
                       record_steps)
+
+
+def deis_logrho_sample(denoiser: Denoiser, x_T: Tensor, *, num_steps: int | None = None,
+                       spacing: str | Sequence[int] = "logsnr", order: int | None = None,
+                       generator: torch.Generator | None = None,
+                       record_steps: Iterable[int] | None = None) -> SampleOutput:
+    """DEIS with ε̂'s Lagrange extrapolation in log σ (diffusers' DEISMultistepScheduler), order ≤ 3; NFE = N."""
+    g = denoiser.grid(spacing, num_steps, from_top=True)
+    require_finite_start(g, "deis_logrho")
+    weights = deis_weights(g, _order("deis_logrho", order, DEIS_ORDERS, g.num_levels), log_basis=True)
+    return _multistep(denoiser, x_T, g, weights, record_steps)

@@ -111,6 +111,11 @@ SAMPLERS: dict[str, SamplerKind] = {
                         "DEIS tAB, exponential-integrator multistep of order <= 3, `steps` network calls (Zhang & "
                         "Chen 2023)", SOLVER_SPACINGS, orders=multistep.DEIS_ORDERS,
                         most_order=multistep.most_order(multistep.DEIS_ORDERS), finite_start=True, from_top=True),
+    "deis_logrho": SamplerKind(multistep.deis_logrho_sample, {"steps": 10, "spacing": "logsnr", "order": 3},
+                               "DEIS with ε̂'s polynomial in log σ, order <= 3, `steps` network calls (diffusers' "
+                               "DEISMultistepScheduler)", SOLVER_SPACINGS, orders=multistep.DEIS_ORDERS,
+                               most_order=multistep.most_order(multistep.DEIS_ORDERS), finite_start=True,
+                               from_top=True),
     "consistency": SamplerKind(consistency.consistency_sample, {"steps": 1, "spacing": "karras"},
                                "consistency sampling, `steps` calls with re-noising between them (Song et al. 2023 "
                                "Alg. 1; for objective=consistency)", SOLVER_SPACINGS, levels=consistency.levels_for,
@@ -127,13 +132,13 @@ class SamplerSpec:
     objective's own sampler (DDPM: ddpm, Algorithm 2; EDM: heun; flow: euler)."""
 
     name: str | None = None  # ddpm | ddim | euler | respaced | dpmpp_2m | dpmpp_2m_sde | unipc | heun | ipndm | deis |
-    # consistency
+    # deis_logrho | consistency
     steps: int | None = None  # budget of network calls (NFE); default 50 (ddim, euler), 20 (solvers)
     eta: float | None = None  # noise scale η (ddim: in [0, 1], default 0; dpmpp_2m_sde: >= 0, default 1)
     spacing: str | None = None  # linspace | leading | trailing | logsnr | karras: which noise levels
     clip_denoised: bool = True  # clamp every predicted x0 to [-1, 1]
-    order: int | None = None  # unipc's, deis' order p in {1, 2, 3}, ipndm's in {1, 2, 3, 4} (default: the highest
-    # the steps allow)
+    order: int | None = None  # unipc's, deis's and deis_logrho's order p in {1, 2, 3}, ipndm's in {1, 2, 3, 4}
+    # (default: the highest the steps allow)
     guidance_scale: float | None = None  # classifier-free guidance w >= 0 (class-conditional models); null: 1
 
     def check(self, key: str = "sampler") -> "SamplerSpec":
