@@ -12,13 +12,15 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 from PIL import Image
 from torchvision.datasets import LSUN
 
 from diffusion.config import LSUNDataConfig, register_configs
+from diffusion.data import LSUNDataModule
 from diffusion.errors import UserError
 from diffusion.run.jobs.precheck import CONF_DIR, check_composed, explained
-from helpers import build, run_script
+from helpers import build, compose_cfg, run_script
 from test_data import rgb_pattern
 
 # (what the user has, a fragment of the one line it gets): collected for docs/bad_inputs.md
@@ -176,3 +178,11 @@ def test_a_database_that_is_not_lmdb_or_empty_or_a_missing_folder_is_one_line(tm
     write_database(root / "church_outdoor_val_lmdb", {})
     assert setup_error(root) == (f"LSUN database {root / 'church_outdoor_val_lmdb'} has 0 records; fetch the "
                                  "database again (fyu/lsun's download.py) and unzip it there")
+
+
+@pytest.mark.parametrize("experiment, category, random_flip", [("lsun_church_256", "church_outdoor", True),
+                                                                 ("lsun_bedroom_256", "bedroom", False)])
+def test_the_papers_lsun_recipes_read_the_released_databases(experiment, category, random_flip, tmp_path):
+    data = instantiate(compose_cfg("train", [f"experiment={experiment}"], tmp_path).data)
+    assert isinstance(data, LSUNDataModule) and (data.category, data.image_size, data.channels) == (category, 256, 3)
+    assert data.root == Path("data/lsun") and data.random_flip == random_flip
