@@ -35,9 +35,10 @@ def build_all(cfg, tmp_path: Path):
 
 EXTRA = {
     "schedule": {"explicit": ["schedule.betas=[0.01,0.5,0.999]"], "none": ["objective=edm"]},
-    "data": {"image_folder": ["data.root=/nonexistent", "data.image_size=32", "model=small32"]},
+    "data": {"image_folder": ["data.root=/nonexistent", "data.image_size=32", "model=small32"],
+             "lsun": ["data.category=church_outdoor", "data.image_size=32", "model=small32"]},
     "model": {"small32": ["data=mnist"], "unet256": ["data=image_folder", "data.root=/nonexistent"],
-              "image_folder": ["data=image_folder", "data.root=/nonexistent"]},
+              "image_folder": ["data=image_folder", "data.root=/nonexistent"], "lsun": ["data.category=bedroom"]},
 }
 
 

@@ -12,6 +12,8 @@ from omegaconf import II, MISSING
 from diffusion.config.rules import devices, strategy
 from diffusion.core import objectives
 from diffusion.core.objectives.base import ObjectiveConfig
+from diffusion.data.folder import PIL_MAX_PIXELS
+from diffusion.data.lsun import CATEGORIES as LSUN_CATEGORIES
 from diffusion.rules import at_least, between, checked, each, nonempty_text, one_of, optional, positive, seed
 
 MAX_TIMESTEPS = 100_000  # T beyond this is no schedule anyone trains (the bound alone costs T network passes)
@@ -215,7 +217,20 @@ class ImageFolderDataConfig(FileDataConfig):
     channels: int = checked(3, one_of(1, 3))
     val_fraction: float = checked(0.05, between(0, 1, low_open=True, high_open=True))
     # PIL's decompression-bomb limit; null: none
-    max_image_pixels: int | None = checked(89_478_485, optional(at_least(1)))
+    max_image_pixels: int | None = checked(PIL_MAX_PIXELS, optional(at_least(1)))
+
+
+@dataclass
+class LSUNDataConfig(DataConfig):
+    """An LSUN scene category as released: root/<category>_train_lmdb and root/<category>_val_lmdb (data/lsun.py)."""
+
+    _target_: str = "diffusion.data.LSUNDataModule"
+    root: str = checked(rule=nonempty_text())
+    category: str = checked(rule=one_of(*LSUN_CATEGORIES))
+    image_size: int = checked(256, between(1, 4096))
+    channels: int = checked(3, one_of(1, 3))
+    # PIL's decompression-bomb limit; null: none
+    max_image_pixels: int | None = checked(PIL_MAX_PIXELS, optional(at_least(1)))
 
 
 PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true")

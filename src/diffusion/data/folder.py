@@ -15,6 +15,8 @@ scan before training, and named in one line.
 """
 
 import hashlib
+import io
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 from pathlib import Path
@@ -75,11 +77,18 @@ def to_channels(image: Image.Image, mode: str) -> Image.Image:
     return image.convert(mode)
 
 
-def image_problem(path: Path, max_pixels: int | None = PIL_MAX_PIXELS) -> str | None:
-    """Why `path` cannot be used, with the fix, or None: its size against `max_pixels` (None: no limit),
-    PNGs by their checksums, others by a draft decode, 16/32-bit grey by their values."""
+def open_image(source: Path | bytes) -> Image.Image:
+    """PIL's image of a file, or of an encoded image held in memory (a database record)."""
+    return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+
+
+def image_problem(source: Path | bytes, max_pixels: int | None = PIL_MAX_PIXELS,
+                  repair: str = "remove such files or repair them") -> str | None:
+    """Why `source` (a file, or an encoded image's bytes) cannot be used, with the fix, or None: its size against
+    `max_pixels` (None: no limit), PNGs by their checksums, others by a draft decode, 16/32-bit grey by their
+    values. `repair` is the fix for an image that cannot be decoded."""
     try:
-        with Image.open(path) as image:
+        with open_image(source) as image:
             width, height, mode = image.width, image.height, image.mode
             if max_pixels is not None and width * height > max_pixels:
                 return (f"{width}x{height} = {width * height:,} pixels, more than data.max_image_pixels={max_pixels}"
@@ -91,25 +100,39 @@ def image_problem(path: Path, max_pixels: int | None = PIL_MAX_PIXELS) -> str | 
                 image.draft(None, (1, 1))  # JPEG: decode at 1/8 scale, still reads all the data
                 image.load()
         if mode == "F" or mode in _WIDE_INTEGER:
-            with Image.open(path) as image:
+            with open_image(source) as image:
                 to_8bit(image)  # their values must fit the 8-bit range
     except PixelRangeError as err:
         return str(err)
     except Image.DecompressionBombError as err:  # PIL's own guard, where the caller left it on
         return f"{err}; if you trust the file, raise data.max_image_pixels (null: no limit), else remove it"
     except (OSError, SyntaxError, ValueError) as err:
-        return f"unreadable ({type(err).__name__}: {err}); remove such files or repair them"
+        return f"unreadable ({type(err).__name__}: {err}); {repair}"
     return None
 
 
-def load_square(path: Path, mode: str, size: int, max_pixels: int | None = PIL_MAX_PIXELS) -> Tensor:
-    """One image file -> uint8 (C, size, size): converted to `mode`, center-cropped square, resized."""
-    Image.MAX_IMAGE_PIXELS = max_pixels  # the scan allowed this file; also in a freshly spawned worker
+def image_problems(sources: Sequence[Path | bytes], max_pixels: int | None, workers: int,
+                   repair: str = "remove such files or repair them") -> list[str | None]:
+    """`image_problem` of each source, on `workers` threads; then PIL's own guard is `max_pixels`, for loading."""
+    Image.MAX_IMAGE_PIXELS = None  # the scan compares sizes itself, and says how to raise the limit
     try:
-        with Image.open(path) as image:
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            return list(pool.map(lambda source: image_problem(source, max_pixels, repair), sources))
+    finally:
+        Image.MAX_IMAGE_PIXELS = max_pixels  # PIL's own guard while loading, as configured
+
+
+def load_square(source: Path | bytes, mode: str, size: int, max_pixels: int | None = PIL_MAX_PIXELS,
+                name: str | None = None) -> Tensor:
+    """One image (a file, or an encoded image's bytes called `name`) -> uint8 (C, size, size): converted to `mode`,
+    center-cropped square, resized."""
+    Image.MAX_IMAGE_PIXELS = max_pixels  # the scan allowed this image; also in a freshly spawned worker
+    try:
+        with open_image(source) as image:
             image = to_channels(image, mode)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise UserError(f"cannot read image {path} ({err}); remove it or replace it with a valid file") from err
+        raise UserError(f"cannot read image {name or source} ({err}); remove it or replace it with a valid "
+                        "one") from err
     width, height = image.size
     side = min(width, height)
     box = ((width - side) // 2, (height - side) // 2, (width - side) // 2 + side, (height - side) // 2 + side)
@@ -167,12 +190,7 @@ class ImageFolderDataModule(ImageDataModule):
         if not paths:
             raise UserError(f"image folder {root} has 0 images ({', '.join(IMG_EXTENSIONS)}); "
                             "set data.root=PATH to a folder of images")
-        Image.MAX_IMAGE_PIXELS = None  # the scan compares sizes itself, and says how to raise the limit
-        try:
-            with ThreadPoolExecutor(max(1, self.num_workers)) as pool:
-                problems = list(pool.map(lambda path: image_problem(path, self.max_image_pixels), paths))
-        finally:
-            Image.MAX_IMAGE_PIXELS = self.max_image_pixels  # PIL's own guard while loading, as configured
+        problems = image_problems(paths, self.max_image_pixels, self.num_workers)
         bad = [(path, why) for path, why in zip(paths, problems, strict=True) if why]
         if bad:
             raise UserError(f"{len(bad)} of {len(paths)} image files in {root} cannot be used, first "
