@@ -133,9 +133,11 @@ __all__ = [
     "ImageFolderDataConfig", "LinearScaledScheduleConfig", "LRMonitorConfig", "LossByTConfig", "MNISTDataConfig",
     "OptimConfig",
     "OptimizerConfig",
-    "PaperFiguresConfig", "PathsConfig", "PostHocEMAConfig", "PrepareConfig",
+    "PaperFiguresConfig", "PathsConfig", "PostHocEMAConfig",
+    "PrepareConfig",
     "RNGStateConfig", "RangeScheduleConfig", "RanksInSyncConfig", "SampleConfig", "SampleGridConfig",
     "SampleQualityConfig", "SamplerTableConfig", "ScheduleConfig", "ScheduleLogConfig", "SigmoidScheduleConfig",
-    "StreamingDataConfig", "TrainConfig", "TrainerConfig", "TrainingConfig", "UNetConfig", "ValidationConfig", "WandbConfig", "WarmupConfig",
+    "StreamingDataConfig", "TrainConfig", "TrainerConfig", "TrainingConfig", "UNetConfig", "ValidationConfig",
+    "WandbConfig", "WarmupConfig",
     "check_samplers", "logged_metrics", "objective_schemas", "register_configs", "run_id", "validate", "validate_entry",
 ]

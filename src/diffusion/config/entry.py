@@ -1,4 +1,5 @@
-"""Schemas of the entry points' top-level configs: train, sample, figures, evaluate, export, prepare (and logger, paths)."""
+"""Schemas of the entry points' top-level configs: train, sample, figures, evaluate, export, prepare (and logger,
+paths)."""
 
 from dataclasses import dataclass, field
 from typing import Any

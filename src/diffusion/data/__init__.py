@@ -14,7 +14,6 @@ from diffusion.data.loader import EpochSampler, ResumableLoader
 from diffusion.data.streaming import StreamingDataModule, check_input_dir, write_shards
 
 __all__ = ["CIFAR10DataModule", "DigitsDataModule", "EpochSampler", "FashionMNISTDataModule", "ImageDataModule",
-           "ImageFolderDataModule", "MNISTDataModule", "ResumableLoader", "SPLITS", "SPLIT_SEED", "StreamingDataModule", "check_input_dir",
-           "describe_data",
-           "find_images", "image_problem", "load_digits_split", "load_square", "require_files", "same_data",
-           "to_channels", "write_shards"]
+           "ImageFolderDataModule", "MNISTDataModule", "ResumableLoader", "SPLITS", "SPLIT_SEED",
+           "StreamingDataModule", "check_input_dir", "describe_data", "find_images", "image_problem",
+           "load_digits_split", "load_square", "require_files", "same_data", "to_channels", "write_shards"]

@@ -52,7 +52,8 @@ class _Item:
         self.images, self.labels = images, labels
 
     def __call__(self, index: int) -> dict:
-        return {"image": self.images[index].contiguous(), "label": -1 if self.labels is None else int(self.labels[index])}
+        label = -1 if self.labels is None else int(self.labels[index])
+        return {"image": self.images[index].contiguous(), "label": label}
 
 
 def write_shards(module: ImageDataModule, out: str | Path, chunk_bytes: str, num_workers: int) -> dict:
