@@ -83,7 +83,8 @@ def test_batches_are_model_inputs_reshuffled_and_flipped_each_epoch(shards):
 
 N = 5  # 1,280 images at batch 500: 2 steps an epoch; the stop at step 3 falls in the middle of epoch 2
 RUN = [*SHAPE, "data.batch_size=500", "data.random_flip=true", "callbacks.samples=null", "trainer.deterministic=true",
-       "trainer.val_check_interval=2", "callbacks.checkpoint.every_n_train_steps=1", "callbacks.checkpoint.save_top_k=0"]
+       "trainer.val_check_interval=2", "callbacks.checkpoint.every_n_train_steps=1",
+       "callbacks.checkpoint.save_top_k=0"]
 
 
 def run(out: Path, shards: Path, *overrides: str) -> dict:

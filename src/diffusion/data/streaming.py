@@ -120,7 +120,9 @@ class _Shards(StreamingDataset):
 
     def __init__(self, input_dir: str, *, shuffle: bool, seed: int, random_flip: bool, with_labels: bool,
                  raw: bool = False):
-        super().__init__(input_dir, shuffle=shuffle, seed=seed, drop_last=shuffle)
+        # batch_decode=False: LitData's batched decode deserializes a window of neighbours for every shuffled item
+        # (3x fewer images/s on the digits)
+        super().__init__(input_dir, shuffle=shuffle, seed=seed, drop_last=shuffle, batch_decode=False)
         self.random_flip, self.with_labels, self.raw = random_flip, with_labels, raw
 
     def __getitem__(self, index):
