@@ -14,7 +14,7 @@ ARGS ?=
 TRAIN_ARGS = $(ARGS) $(if $(filter experiment=% +experiment=% ++experiment=%,$(ARGS)),,experiment=digits)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test lint bench train sample report export clean
+.PHONY: help setup test lint bench train prepare sample report export clean
 
 help:  ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-8s %s\n", $$1, $$2}'
@@ -38,13 +38,17 @@ test: $(STAMP)  ## Run the whole test suite (sets up .venv first if needed)
 lint: $(STAMP)  ## Run ruff over the code
 	$(VENV)/bin/ruff check .
 
-bench: $(BENCH_STAMP)  ## Throughput vs diffusers, train.py's overhead, EMA/Adam kernels, checkpoint stall (bench/results/)
+bench: $(BENCH_STAMP)  ## Throughput vs diffusers, train.py's overhead, EMA/Adam kernels, checkpoint stall, data paths' images/s (bench/results/)
 	$(PY) bench/overhead.py
 	$(PY) bench/unet_throughput.py
 	$(PY) bench/checkpoint_stall.py
+	$(PY) bench/data_paths.py
 
 train: $(STAMP)  ## Train on the bundled digits in minutes; Hydra overrides in ARGS: make train ARGS="experiment=cifar10_ddpm trainer=ddp"
 	$(PY) train.py $(TRAIN_ARGS)
+
+prepare: $(STAMP)  ## Write a data set as LitData shards for data=streaming: make prepare ARGS="data=cifar10 data.root=PATH out=DIR"
+	$(PY) prepare.py $(ARGS)
 
 sample: $(STAMP)  ## Sample from a checkpoint: make sample CKPT=path/to/last.ckpt
 	$(PY) sample.py ckpt=$(CKPT)

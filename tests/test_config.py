@@ -47,6 +47,24 @@ def digits_pipeline(tmp_path_factory) -> Path:
     return save_digits_pipeline(tmp_path_factory.mktemp("pipe"))
 
 
+@pytest.fixture(scope="module")
+def rgb32_shards(tmp_path_factory) -> Path:
+    """Shards (prepare.py's format) of eight 3×32×32 PNGs: what data=streaming's defaults describe."""
+    import numpy as np
+    from PIL import Image
+
+    from diffusion.data import ImageFolderDataModule, write_shards
+
+    folder = tmp_path_factory.mktemp("rgb32")
+    for i in range(8):
+        Image.fromarray(np.full((32, 32, 3), 30 * i, np.uint8)).save(folder / f"{i}.png")
+    images = ImageFolderDataModule(root=str(folder), batch_size=1, num_workers=0, download=False, seed=0,
+                                   random_flip=False, image_size=32, channels=3, val_fraction=0.25,
+                                   max_image_pixels=None)
+    write_shards(images, folder / "shards", "1MB", 1)
+    return folder / "shards"
+
+
 def tuning(request, overrides: list[str]) -> list[str]:
     """The overrides, and for a consistency-tuning config a model to tune (init_from: diffusers' digits pipeline; its
     objective is what the config takes from it, its network is compared only when training starts)."""
@@ -62,6 +80,8 @@ def test_every_option_composes_and_instantiates(group, option, tmp_path, request
     overrides = tuning(request, [f"{group}={option}", *EXTRA.get(group, {}).get(option, [])])
     if group == "model" and option in options("data"):  # each data set's own network, with that data
         overrides.append(f"data={option}")
+    if "data=streaming" in overrides:  # shards to stream: prepare.py's format, of the default shape
+        overrides.append(f"data.input_dir={request.getfixturevalue('rgb32_shards')}")
     cfg = compose_cfg("train", overrides, tmp_path)
     if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
         with pytest.raises(UserError, match="accelerator=gpu but no CUDA GPU is visible; use trainer=cpu"):

@@ -33,6 +33,7 @@ from diffusion.config.entry import (
     ExportConfig,
     FiguresConfig,
     PathsConfig,
+    PrepareConfig,
     SampleConfig,
     SamplerTableConfig,
     TrainConfig,
@@ -55,6 +56,7 @@ from diffusion.config.groups import (
     RangeScheduleConfig,
     ScheduleConfig,
     SigmoidScheduleConfig,
+    StreamingDataConfig,
     TrainerConfig,
     TrainingConfig,
     UNetConfig,
@@ -101,6 +103,7 @@ def register_configs() -> None:
     cs.store(name="base_evaluate", node=EvaluateConfig)
     cs.store(name="base_figures", node=FiguresConfig)
     cs.store(name="base_export", node=ExportConfig)
+    cs.store(name="base_prepare", node=PrepareConfig)
     for group, name, node in [
         ("schedule", "base_schedule_range", RangeScheduleConfig),
         ("schedule", "base_schedule_linear_scaled", LinearScaledScheduleConfig),
@@ -113,6 +116,7 @@ def register_configs() -> None:
         ("data", "base_data_cifar10", CIFAR10DataConfig),
         ("data", "base_data_image_folder", ImageFolderDataConfig),
         ("data", "base_data_lsun", LSUNDataConfig),
+        ("data", "base_data_streaming", StreamingDataConfig),
         ("trainer", "base_trainer", TrainerConfig),
         ("callbacks", "base_callbacks", CallbacksConfig),
         ("logger", "base_logger", WandbConfig),
@@ -133,8 +137,10 @@ __all__ = [
     "OptimConfig",
     "OptimizerConfig",
     "PaperFiguresConfig", "PathsConfig", "PostHocEMAConfig",
+    "PrepareConfig",
     "RNGStateConfig", "RangeScheduleConfig", "RanksInSyncConfig", "SampleConfig", "SampleGridConfig",
     "SampleQualityConfig", "SamplerTableConfig", "ScheduleConfig", "ScheduleLogConfig", "SigmoidScheduleConfig",
-    "TrainConfig", "TrainerConfig", "TrainingConfig", "UNetConfig", "ValidationConfig", "WandbConfig", "WarmupConfig",
+    "StreamingDataConfig", "TrainConfig", "TrainerConfig", "TrainingConfig", "UNetConfig", "ValidationConfig",
+    "WandbConfig", "WarmupConfig",
     "check_samplers", "logged_metrics", "objective_schemas", "register_configs", "run_id", "validate", "validate_entry",
 ]

@@ -1,4 +1,5 @@
-"""Schemas of the entry points' top-level configs: train, sample, figures, evaluate, export (and logger, paths)."""
+"""Schemas of the entry points' top-level configs: train, sample, figures, evaluate, export, prepare (and logger,
+paths)."""
 
 from dataclasses import dataclass, field
 from typing import Any
@@ -100,6 +101,20 @@ class ExportConfig:
     ckpt: str = MISSING
     out: str = MISSING  # a new or empty folder
     weights: str = "ema"  # ema | raw
+
+
+@dataclass
+class PrepareConfig:
+    """prepare.py: a data set's train and val splits written once as LitData shards, for data=streaming."""
+
+    data: DataConfig = MISSING  # any data group (data=cifar10 data.root=...); its splits are what is written
+    paths: PathsConfig = MISSING
+    out: str = checked(rule=nonempty_text())  # a new or empty folder, then data.input_dir=out
+    chunk_mb: int = checked(64, between(1, 4096))  # LitData chunk size in MB (what a reader fetches at once)
+    num_workers: int = checked(1, between(1, 1024))  # processes that write chunks (LitData's optimize)
+    # what the data group's seed: ${seed} reads; the shards do not depend on it (splits are fixed by SPLIT_SEED,
+    # the training run's data.seed shuffles them)
+    seed: int = checked(0, seed())
 
 
 @dataclass

@@ -233,6 +233,17 @@ class LSUNDataConfig(DataConfig):
     max_image_pixels: int | None = checked(PIL_MAX_PIXELS, optional(at_least(1)))
 
 
+@dataclass
+class StreamingDataConfig(DataConfig):
+    """Shards prepare.py wrote (LitData chunks), streamed from a folder or object storage (data/streaming.py).
+    channels and image_size must be the shards' (checked before training; the error says which they are)."""
+
+    _target_: str = "diffusion.data.StreamingDataModule"
+    input_dir: str = checked(rule=nonempty_text())  # a folder, or s3://bucket/prefix (LitData reads it)
+    channels: int = checked(3, between(1, 64))
+    image_size: int = checked(32, between(1, 4096))
+
+
 PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
 
 

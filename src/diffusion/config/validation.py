@@ -27,7 +27,7 @@ from diffusion.core.schedules import (
     linear_beta_schedule,
     linear_scaled_beta_schedule,
 )
-from diffusion.data import DigitsDataModule, ImageFolderDataModule
+from diffusion.data import DigitsDataModule, ImageFolderDataModule, StreamingDataModule, check_input_dir
 from diffusion.errors import UserError
 from diffusion.formats.sources import check_source
 from diffusion.metrics.quality import logged_name, result_keys
@@ -261,7 +261,7 @@ def _check_unet(net: dict[str, Any]) -> None:
 
 def _check_data(data: DictConfig) -> None:
     """What a data set's images forbid: another shape than theirs (the keys its module's `fixed_shape` names, the
-    values its schema's defaults), flipped digits, downloading a folder."""
+    values its schema's defaults), flipped digits, downloading a folder, shards that are not there."""
     module, schema = _import(str(data._target_)), OmegaConf.get_type(data)
     if is_dataclass(schema):  # (a DDP worker's config, resolved and untyped, was checked by rank 0)
         for key in getattr(module, "fixed_shape", ()):
@@ -275,6 +275,8 @@ def _check_data(data: DictConfig) -> None:
         raise UserError("data.random_flip=true would mirror digits into other symbols; set data.random_flip=false")
     if issubclass(module, ImageFolderDataModule) and data.download:
         raise UserError("data.download=true: an image folder cannot be downloaded; set data.download=false")
+    if issubclass(module, StreamingDataModule):  # the shards are there, with a LitData index, of this shape
+        check_input_dir(data.input_dir, data.channels, data.image_size)
 
 
 def _schema_default(schema: type, key: str) -> Any:
@@ -301,6 +303,21 @@ def check_export(cfg: DictConfig) -> None:
         raise UserError(f"out={cfg.out} already exists and is not an empty folder; choose a new folder, e.g. "
                         f"out={cfg.out.rstrip('/')}-2, or remove it")
     check_source(cfg.ckpt, "ckpt")
+
+
+def check_prepare(cfg: DictConfig) -> None:
+    """prepare.py: the output folder is new or empty (and not the input), the data set's own checks pass."""
+    from pathlib import Path
+
+    out = Path(cfg.out).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"out={cfg.out} already exists and is not an empty folder; choose a new folder, e.g. "
+                        f"out={cfg.out.rstrip('/')}-2, or remove it")
+    if "input_dir" in cfg.data:
+        raise UserError(f"data=streaming reads shards, prepare.py writes them; choose the data they are made of, "
+                        f"e.g. data=cifar10 data.root=PATH out={cfg.out}")
+    check_targets(cfg)
+    _check_data(cfg.data)
 
 
 def _built(build: Callable[[], Any], key: str) -> Any:
@@ -443,6 +460,9 @@ def validate_entry(config_name: str, cfg: DictConfig, here: bool = True) -> None
     check_rules(cfg)
     if config_name == "export":
         check_export(cfg)
+        return
+    if config_name == "prepare":
+        check_prepare(cfg)
         return
     check_targets(cfg)
     check_samplers(cfg)

@@ -61,6 +61,13 @@ def _export(cfg: DictConfig):
     return guarded(export, cfg)
 
 
+@hydra.main(version_base="1.3", config_path=CONF, config_name="prepare")
+def _prepare(cfg: DictConfig):
+    from diffusion.run.commands.prepare import prepare
+
+    return guarded(prepare, cfg)
+
+
 def train_main() -> None:
     """Train a DDPM: train.py [experiment=digits] [group=option] [key=value] ... (-m to sweep)."""
     precheck("train", sys.argv[1:])
@@ -89,6 +96,12 @@ def export_main() -> None:
     """Export a trained model for diffusers: export.py ckpt=PATH out=DIR [weights=ema|raw]."""
     precheck("export", sys.argv[1:])
     _export()
+
+
+def prepare_main() -> None:
+    """Write a data set as LitData shards for data=streaming: prepare.py data=cifar10 data.root=PATH out=DIR."""
+    precheck("prepare", sys.argv[1:])
+    _prepare()
 
 
 REPORT_HELP = """Tabulate a sweep: report.py multirun/<name>/<time> [more folders] [--out DIR] [--no-wandb].
