@@ -2,15 +2,17 @@
 
 The full step is what `train.py experiment=<digits|cifar10_ddpm>` runs (Lightning's loop, EMA and post-hoc
 EMA, logging to W&B offline, the callbacks at their default cadence), with the sample grids and quality scores
-off, measured twice: with the DataLoader, and with the data on the device (the digits' default).
+off, measured with the DataLoader, and with the data on the device (the default where it fits).
 The bare loop has the same network, batch, loss, clipping, Adam, warm-up and the same
 EMA work (one foreach lerp per average: the EMA and post-hoc EMA's two), in plain PyTorch. A callback inside the
-run alternates: K Lightning steps, then K bare steps, ...; the median per-step times of both give the overhead.
+run alternates: K Lightning steps, then K bare steps, ...; a run's overhead is the median over its pairs of
+(chunk of the run / the bare chunk after it) − 1, so the machine's drift cancels within each pair, and the bench
+reports the median of `--repeats` runs (3) with their spread, each data path's runs back to back.
 
 Also: EMA as one foreach lerp against torch's AveragedModel per-tensor update (today's, before this bench), Adam
 one tensor at a time / foreach / fused, and the graph breaks of the compiled network (torch._dynamo.explain).
 
-    .venv/bin/python bench/overhead.py [--models digits cifar10] [--chunks 5] [--chunk 20]
+    .venv/bin/python bench/overhead.py [--models digits cifar10] [--repeats 3] [--threads N]
 
 Results go to bench/results/<machine>.json under "overhead-<model>-t<threads>".
 """
@@ -43,7 +45,7 @@ from helpers import compose_cfg  # noqa: E402
 from unet_throughput import environment, machine_name, save  # noqa: E402
 
 RECIPES = {  # model -> (train.py overrides, steps per chunk, chunks); CIFAR-10 at a CPU-sized batch
-    "digits": (["experiment=digits"], 20, 5),
+    "digits": (["experiment=digits"], 10, 15),
     "cifar10": (["experiment=cifar10_ddpm", "data.batch_size=8", "trainer.accelerator=cpu",
                  "trainer.limit_val_batches=0"], 2, 3),  # the full bound (T passes per image) is not a step
 }
@@ -146,9 +148,12 @@ def overhead(model: str, extra: list[str], out: Path) -> dict:
     start = time.perf_counter()
     train(cfg, extra_callbacks=(probe,))
     full, bare = statistics.median(probe.full), statistics.median(probe.bare)
+    # each chunk of the run against the bare chunk right after it: the machine's drift over the run (clock, other
+    # jobs) cancels within a pair, which a ratio of the two medians would keep
+    pairs = [f / b - 1 for f, b in zip(probe.full, probe.bare, strict=True)]
     return {"overrides": [*overrides, *extra], "chunk_steps": chunk, "full_s": probe.full, "bare_s": probe.bare,
-            "full_median_s": full, "bare_median_s": bare, "overhead": full / bare - 1,
-            "wall_s": time.perf_counter() - start}
+            "full_median_s": full, "bare_median_s": bare, "pair_overheads": pairs,
+            "overhead": statistics.median(pairs), "wall_s": time.perf_counter() - start}
 
 
 def interleaved(steps: dict, repeats: int) -> dict[str, float]:
@@ -199,15 +204,23 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     p.add_argument("--threads", type=int, default=None, help="torch threads for both sides (default: torch's)")
+    p.add_argument("--repeats", type=int, default=3, help="runs of each data path; the median of their overheads")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cpu")
     for model in args.models:
         record = {"settings": {**vars(args), "model": model}, **environment(device)}
-        with tempfile.TemporaryDirectory() as tmp:
-            record["loader"] = overhead(model, ["data.on_device=false"], Path(tmp) / "loader")
-            record["on_device"] = overhead(model, ["data.on_device=true"], Path(tmp) / "on_device")
+        for kind, extra in (("loader", ["data.on_device=false"]), ("on_device", ["data.on_device=true"])):
+            runs = []
+            for i in range(args.repeats):
+                with tempfile.TemporaryDirectory() as tmp:
+                    runs.append(overhead(model, extra, Path(tmp) / f"{kind}{i}"))
+            overheads = [r["overhead"] for r in runs]
+            record[kind] = {"runs": runs, "overheads": overheads, "overhead": statistics.median(overheads),
+                            "spread": max(overheads) - min(overheads),
+                            "full_median_s": statistics.median(r["full_median_s"] for r in runs),
+                            "bare_median_s": statistics.median(r["bare_median_s"] for r in runs)}
         record["updates"] = update_costs(model)
         record["compile"] = graph_breaks(model)
         print_summary(model, record)
@@ -218,7 +231,8 @@ def print_summary(model: str, r: dict) -> None:
     for kind in ("loader", "on_device"):
         o = r[kind]
         print(f"{model:8s} {kind:9s} train.py {o['full_median_s'] * 1e3:8.1f} ms/step  bare "
-              f"{o['bare_median_s'] * 1e3:8.1f} ms/step  overhead {o['overhead']:+.1%}")
+              f"{o['bare_median_s'] * 1e3:8.1f} ms/step  overhead {o['overhead']:+.1%} (median of "
+              f"{len(o['overheads'])} runs: {', '.join(f'{x:+.1%}' for x in o['overheads'])})")
     u = r["updates"]
     print(f"{model:8s} EMA: per-tensor {u['ema_s']['per_tensor_avg_fn'] * 1e3:.2f} ms, foreach "
           f"{u['ema_s']['foreach_lerp'] * 1e3:.2f} ms ({u['ema_foreach_speedup']:.1f}x); Adam "

@@ -50,6 +50,7 @@ class EMA(EMAWeightAveraging):
         self.decay, self.warmup = decay, warmup
         self._kwargs["avg_fn"] = ema_warmup_avg_fn(decay, warmup)  # what AveragedModel would use elsewhere
         self._num_averaged: int | None = None
+        self._pairs: tuple[list[Tensor], list[Tensor]] | None = None  # (averaged, current) parameters, per fit
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
@@ -59,8 +60,11 @@ class EMA(EMAWeightAveraging):
         averaged_model = self._average_model
         if self._num_averaged is None:  # the count restored with the averages: read once per fit
             self._num_averaged = int(averaged_model.n_averaged)
-        averaged = [p.detach() for p in averaged_model.parameters()]
-        current = [p.detach().to(a.device) for p, a in zip(pl_module.parameters(), averaged, strict=True)]
+        if self._pairs is None:  # the same tensors all through a fit (swaps and restores copy weights in place); the
+            # average lives on the module's device (EMAWeightAveraging's device=None)
+            self._pairs = ([p.detach() for p in averaged_model.parameters()],
+                           [p.detach() for p in pl_module.parameters()])
+        averaged, current = self._pairs
         if self._num_averaged == 0:
             torch._foreach_copy_(averaged, current)
         else:
@@ -71,7 +75,7 @@ class EMA(EMAWeightAveraging):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        self._num_averaged = None
+        self._num_averaged, self._pairs = None, None
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         super().on_load_checkpoint(trainer, pl_module, checkpoint)

@@ -54,9 +54,11 @@ class PostHocEMA(L.Callback):
         self.ema: PowerEMA | None = None
         self.snapshots: Path | None = None  # the folder, known once training starts
         self._restored: dict[str, Any] | None = None
+        self._params: list[torch.Tensor] | None = None  # the net's parameters, listed once per fit
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Here the net is on its device and global_step is restored (load_state_dict may run before either).
+        self._params = None
         self.snapshots = Path(self.dirpath) if self.dirpath else Path(trainer.default_root_dir) / "posthoc_ema"
         if self.every_n_steps is None:
             if trainer.max_steps is None or trainer.max_steps < 1:
@@ -78,7 +80,9 @@ class PostHocEMA(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.ema is None or self.ema.step >= trainer.global_step:
             return  # an accumulating micro-batch: no optimizer step yet
-        params = list(pl_module.net.parameters())
+        if self._params is None:  # the same tensors all through a fit
+            self._params = list(pl_module.net.parameters())
+        params = self._params
         while self.ema.step < trainer.global_step:  # one update per optimizer step (skipped steps: θ unchanged)
             self.ema.update(params)
         if self.ema.step % self.every == 0:
