@@ -218,11 +218,22 @@ class SampleQuality(Metric):
         if index is None:
             seen = sum(len(i) for i in self.gen_index)
             index = torch.arange(seen, seen + len(images))
+        self.add(self.extract(images, index))
+
+    def extract(self, images: Tensor, index: Tensor) -> dict[str, Tensor]:
+        """What the metric keeps of generated uint8 images numbered `index`: {state name: tensor with one row per
+        image}, e.g. gen_features (N, D), gen_index (N,), gen_logits (N, K) where the extractor classifies. A part
+        can be saved (evaluate.py's shards) and added later: update(images, index) is add(extract(images, index))."""
         features, logits = self.features(images)
-        self.gen_features.append(features)
-        self.gen_index.append(index.to(self.device, torch.int64))
+        parts = {"gen_features": features, "gen_index": index.to(self.device, torch.int64)}
         if logits is not None:
-            self.gen_logits.append(logits)
+            parts["gen_logits"] = logits
+        return parts
+
+    def add(self, parts: dict[str, Tensor]) -> None:
+        """Add the states of `extract` (made now or read back from a shard) to the generated set."""
+        for name, value in parts.items():
+            getattr(self, name).append(value.to(self.device))
 
     def set_reference(self, name: str, images: Tensor, batch_size: int = 256, shard: bool = True) -> None:
         """Features and statistics of a real set, kept across reset(). Under DDP (with shard) every rank must
