@@ -38,7 +38,7 @@ BASE = {  # what each entry point needs to compose; the checkpoint is read by th
     "export": [f"ckpt={_FILE}", f"out={_FILE.parent}/exported"],
 }
 SKIP = ("hydra.*", "*._partial_", "paper_card.*", "ckpt", "ckpt_path", "paths.*", "*output_dir", "*.save_dir", "out",
-        "*.dirpath", "data.root")  # paths: their existence and writability are checked when used (test_preflight)
+        "*.dirpath", "data.root", "shards.dir")  # paths: existence and writability checked when used (test_preflight)
 
 BY_TYPE = {
     "int": ["-1", "0", "10000000000000", "abc"],

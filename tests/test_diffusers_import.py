@@ -106,9 +106,9 @@ def test_the_released_cifar10_model_fine_tunes_under_the_papers_recipe(tmp_path)
 # --- sample.py and evaluate.py ckpt=<diffusers folder> ----------------------------------------------------------
 @pytest.mark.slow
 def test_sample_script_draws_what_diffusers_draws_from_the_same_noise(folder, tmp_path):
-    """Ancestral sampling over all T steps, x_T and every step's z from one generator seeded `seed`: the same draws
-    as DDPMPipeline's, so the same images (to the uint8 level)."""
-    result = run_script("sample.py", f"ckpt={folder}", "num_samples=4", "batch_size=4", "seed=3",
+    """Ancestral sampling over all T steps, x_T and every step's z of the 4 images from one generator seeded `seed`
+    (one noise block of 4): the same draws as DDPMPipeline's, so the same images (to the uint8 level)."""
+    result = run_script("sample.py", f"ckpt={folder}", "num_samples=4", "batch_size=4", "seed=3", "noise_block=4",
                         "sampler.name=ddpm", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     ours = torch.from_numpy(np.load(tmp_path / "samples.npz")["samples"]).permute(0, 3, 1, 2)  # (N, C, H, W) uint8

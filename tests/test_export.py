@@ -45,7 +45,8 @@ def diffusers_images(pipe, seed: int, **kwargs) -> torch.Tensor:
 
 
 def our_images(module, spec: SamplerSpec, seed: int) -> torch.Tensor:
-    return draw(module.net, module.objective, spec, 4, shape=module.net.image_shape, seed=seed, chunk_size=4).images
+    return draw(module.net, module.objective, spec, 4, shape=module.net.image_shape, seed=seed, chunk_size=4,
+                noise_block=4).images  # one block: one generator for the 4, as diffusers draws a batch
 
 
 @pytest.mark.slow

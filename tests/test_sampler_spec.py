@@ -1,4 +1,4 @@
-"""The sampler spec (one schema, defaults in one place, every mistake one line) and `draw` (chunks seeded seed + k)."""
+"""The sampler spec (one schema, defaults in one place, every mistake one line) and `draw` (per-image noise)."""
 
 import pytest
 import torch
@@ -7,6 +7,7 @@ from diffusion.core.objectives.ddpm import DDPM
 from diffusion.core.sampling import (
     SamplerSpec,
     as_sampler_spec,
+    check_index,
     chunk_bounds,
     ddim_sample,
     ddpm_sample,
@@ -227,18 +228,57 @@ def test_as_sampler_spec_takes_mappings_and_names_unknown_fields():
 
 
 # --- drawing N images -----------------------------------------------------------------------------------
-def test_chunk_k_starts_from_a_generator_seeded_seed_plus_k(net):
-    """Recomputed by hand: chunk k's x_T and its noise come from torch.Generator().manual_seed(seed + k)."""
+def test_a_chunk_that_is_one_noise_block_starts_from_a_generator_seeded_seed_plus_k(net):
+    """Recomputed by hand: with chunks of one noise block, chunk k's x_T and its noise come from
+    torch.Generator().manual_seed(seed + k), all of its images' rows (what every draw was before image seeds)."""
     d, spec = diffusion(), SamplerSpec("ddim", steps=6, eta=0.5)
-    drawn = draw(net, d, spec, 10, shape=(1, 4, 4), seed=7, chunk_size=4)
+    drawn = draw(net, d, spec, 10, shape=(1, 4, 4), seed=7, chunk_size=4, noise_block=4)
     assert drawn.index.tolist() == list(range(10)) and drawn.images.shape == (10, 1, 4, 4)
     net.eval()
     for k, start, stop in [(0, 0, 4), (1, 4, 8), (2, 8, 10)]:
         gen = torch.Generator().manual_seed(7 + k)
-        x_T = torch.randn(stop - start, 1, 4, 4, generator=gen)
+        x_T = torch.randn(4, 1, 4, 4, generator=gen)  # a whole block, the last one's rows 2 and 3 unused
         with torch.no_grad():
             expected = ddim_sample(d.denoiser(net, clip=True), x_T, num_steps=6, eta=0.5, generator=gen).x0.clamp(-1, 1)
-        torch.testing.assert_close(drawn.images[start:stop], expected, rtol=0, atol=0)
+        torch.testing.assert_close(drawn.images[start:stop], expected[:stop - start], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["ddpm", "ddim"])
+def test_image_i_is_the_same_whatever_the_chunk_size_device_count_or_other_images(name, net):
+    """Image i comes from row i mod B of draws seeded seed + i // B: any chunk size, any rank count, and any subset
+    of the image numbers give the same images (the network is run on other batches: to float tolerance)."""
+    d = diffusion()
+    spec = SamplerSpec(name, steps=6, eta=1.0) if name == "ddim" else SamplerSpec(name)
+    one = draw(net, d, spec, 10, shape=(1, 4, 4), seed=5, chunk_size=10, noise_block=4).images
+    for chunk_size, world in [(1, 1), (3, 1), (4, 2), (7, 3), (250, 1)]:
+        parts = [draw(net, d, spec, 10, shape=(1, 4, 4), seed=5, chunk_size=chunk_size, noise_block=4, rank=r,
+                      world_size=world) for r in range(world)]
+        images = torch.cat([p.images for p in parts])[torch.cat([p.index for p in parts]).argsort()]
+        torch.testing.assert_close(images, one, rtol=0, atol=1e-6)
+    some = draw(net, d, spec, 10, shape=(1, 4, 4), seed=5, chunk_size=3, noise_block=4, index=[9, 2, 5, 6])
+    assert some.index.tolist() == [2, 5, 6, 9]
+    torch.testing.assert_close(some.images, one[[2, 5, 6, 9]], rtol=0, atol=1e-6)
+    other = draw(net, d, spec, 10, shape=(1, 4, 4), seed=5, chunk_size=10, noise_block=5).images
+    assert not torch.allclose(other[:4], one[:4])  # the block is part of what an image is
+
+
+def test_noise_block_1_seeds_image_i_with_seed_plus_i(net):
+    """EDM's per-image seeds, recomputed by hand: image i alone, from torch.Generator().manual_seed(seed + i)."""
+    d, spec = diffusion(), SamplerSpec("ddim", steps=6, eta=0.5)
+    drawn = draw(net, d, spec, 5, shape=(1, 4, 4), seed=11, chunk_size=5, noise_block=1)
+    net.eval()
+    for i in range(5):
+        gen = torch.Generator().manual_seed(11 + i)
+        x_T = torch.randn(1, 1, 4, 4, generator=gen)
+        with torch.no_grad():
+            expected = ddim_sample(d.denoiser(net, clip=True), x_T, num_steps=6, eta=0.5, generator=gen).x0.clamp(-1, 1)
+        torch.testing.assert_close(drawn.images[i:i + 1], expected, rtol=0, atol=1e-6)
+
+
+def test_image_numbers_outside_the_draw_are_one_line():
+    with pytest.raises(UserError, match=r"seeds asks for images 3..12 of num_samples=10 \(numbered 0..9\); raise "
+                       "num_samples to 13"):
+        check_index([3, 12], 10)
 
 
 SOLVER_CALLS = {  # what each fast sampler's defaults must amount to, written out: num_steps=6 and the rest
@@ -252,14 +292,14 @@ SOLVER_CALLS = {  # what each fast sampler's defaults must amount to, written ou
 @pytest.mark.parametrize("name", FAST)
 def test_draw_runs_each_fast_sampler_with_its_defaults_and_seeds(name, net):
     d = diffusion()
-    drawn = draw(net, d, SamplerSpec(name, steps=6), 5, shape=(1, 4, 4), seed=4, chunk_size=3)
+    drawn = draw(net, d, SamplerSpec(name, steps=6), 5, shape=(1, 4, 4), seed=4, chunk_size=3, noise_block=3)
     net.eval()
     for k, start, stop in [(0, 0, 3), (1, 3, 5)]:
         gen = torch.Generator().manual_seed(4 + k)
-        x_T = torch.randn(stop - start, 1, 4, 4, generator=gen)
+        x_T = torch.randn(3, 1, 4, 4, generator=gen)  # the whole block of 3
         with torch.no_grad():
             expected = SOLVER_CALLS[name](d.denoiser(net, clip=True), x_T, generator=gen).x0.clamp(-1, 1)
-        torch.testing.assert_close(drawn.images[start:stop], expected, rtol=0, atol=0)
+        torch.testing.assert_close(drawn.images[start:stop], expected[:stop - start], rtol=0, atol=0)
 
 
 def counted(net):
@@ -277,11 +317,11 @@ def counted(net):
 def test_steps_is_a_budget_of_network_calls_and_nfe_counts_them(name, steps, net):
     model, calls = counted(net)
     spec = SamplerSpec(name, steps=steps)
-    draw_chunk(model, diffusion(), spec, 0, 2, shape=(1, 4, 4))
+    draw_chunk(model, diffusion(), spec, range(2), shape=(1, 4, 4))
     assert len(calls) == spec.nfe(diffusion()) <= steps
     assert len(calls) == (2 * ((steps + 1) // 2) - 1 if name == "heun" else steps)
     model, calls = counted(net)
-    draw_chunk(model, diffusion(), SamplerSpec("ddpm"), 0, 2, shape=(1, 4, 4))
+    draw_chunk(model, diffusion(), SamplerSpec("ddpm"), range(2), shape=(1, 4, 4))
     assert len(calls) == SamplerSpec("ddpm").nfe(diffusion()) == T
 
 
@@ -291,7 +331,7 @@ def test_ddim_and_respaced_step_on_the_snr_spacings(name, spacing, net):
     """The model sees exactly the indices space_timesteps picks from the schedule's ᾱ (T-1 first)."""
     d = diffusion()
     model, calls = counted(net)
-    draw_chunk(model, d, SamplerSpec(name, steps=6, spacing=spacing), 0, 2, shape=(1, 4, 4))
+    draw_chunk(model, d, SamplerSpec(name, steps=6, spacing=spacing), range(2), shape=(1, 4, 4))
     kept = space_timesteps(T, spacing, 6, alphas_cumprod=torch.cumprod(1 - linear_beta_schedule(T, 1e-3, 0.2), 0))
     assert calls == kept[::-1] and kept != space_timesteps(T, "linspace", 6)
 
@@ -325,7 +365,7 @@ def test_draw_samples_in_eval_mode_and_restores_the_mode(net):
 
 def test_trajectory_and_clamping(net):
     d = diffusion()
-    out = draw_chunk(net, d, SamplerSpec("ddpm", clip_denoised=False), 0, 3, shape=(1, 4, 4), seed=2,
+    out = draw_chunk(net, d, SamplerSpec("ddpm", clip_denoised=False), range(3), shape=(1, 4, 4), seed=2, noise_block=3,
                      record_steps=[0, 10, T - 1])
     assert out.trajectory.steps == [T - 1, 10, 0] and out.trajectory.x_t.shape == (3, 3, 1, 4, 4)
     assert out.x0.abs().max() <= 1

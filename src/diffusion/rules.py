@@ -80,3 +80,40 @@ def each(rule: Rule, *, size: int | None = None, nonempty: bool = True) -> Rule:
 def seed() -> Rule:
     return Rule(lambda x: isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= NUMPY_SEED_MAX,
                 f"an integer in [0, {NUMPY_SEED_MAX}] (numpy's seed range)")
+
+
+def parse_numbers(value: Any) -> list[int] | None:
+    """'0-49999', '0-9,20,30-39', 7 or [1, 2, 5] -> the integers they name, in order (ranges inclusive, EDM's
+    `--seeds` syntax); None stays None; anything else (a negative number, a range running down, text): ValueError."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError(value)
+    if isinstance(value, int):
+        parts = [value]
+    elif isinstance(value, str):
+        parts = []
+        for item in value.replace(" ", "").split(","):
+            low, dash, high = item.partition("-")
+            if not low.isdigit() or (dash and not high.isdigit()) or (dash and int(high) < int(low)):
+                raise ValueError(item)
+            parts += list(range(int(low), int(high) + 1)) if dash else [int(low)]
+    elif isinstance(value, Sequence) and all(isinstance(x, int) and not isinstance(x, bool) for x in value):
+        parts = list(value)
+    else:
+        raise ValueError(value)
+    if not parts or min(parts) < 0:
+        raise ValueError(value)
+    return parts
+
+
+def numbers() -> Rule:
+    """Image numbers as `parse_numbers` reads them, or null."""
+    def ok(x: Any) -> bool:
+        try:
+            parse_numbers(x)
+        except ValueError:
+            return False
+        return True
+
+    return Rule(ok, "null or image numbers >= 0 like 0-49999 or 0-9,20,30-39 (ranges inclusive)")

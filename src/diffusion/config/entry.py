@@ -18,8 +18,8 @@ from diffusion.config.groups import (
 )
 from diffusion.config.rules import device, devices, label_choice
 from diffusion.core.objectives.base import ObjectiveConfig
-from diffusion.core.sampling import SAMPLERS, SamplerSpec
-from diffusion.rules import Rule, at_least, between, checked, each, nonempty_text, one_of, optional, seed
+from diffusion.core.sampling import MAX_NOISE_BLOCK, NOISE_BLOCK, SAMPLERS, SamplerSpec
+from diffusion.rules import Rule, at_least, between, checked, each, nonempty_text, numbers, one_of, optional, seed
 
 # Keys that moved when objectives became a config group: a command line still spelling them gets the new key.
 MOVED_KEYS = {"diffusion.parameterization": "objective.parameterization", "diffusion.variance": "objective.variance",
@@ -83,9 +83,12 @@ class PostHocEMAChoice:
 class SampleConfig:
     ckpt: str = MISSING
     num_samples: int = checked(64, at_least(1))
-    batch_size: int = checked(256, at_least(1))  # images per chunk; chunk k is drawn from seed + k
+    batch_size: int = checked(256, at_least(1))  # images per chunk: the images do not depend on it
     sampler: SamplerSpec = field(default_factory=SamplerSpec)  # null name: the objective's own sampler
     seed: int = checked(0, seed())
+    # which of the images 0..num_samples-1 to draw (null: all): image i is the same in any draw that has it
+    seeds: Any = checked(None, numbers())
+    noise_block: int = checked(NOISE_BLOCK, between(1, MAX_NOISE_BLOCK))  # seed + i // noise_block; 1: EDM's
     weights: str = checked("ema", one_of("ema", "raw"))
     ema: PostHocEMAChoice = field(default_factory=PostHocEMAChoice)  # ema.sigma_rel=0.05: a post-hoc EMA
     device: str = checked("auto", device())
@@ -179,15 +182,28 @@ class SamplerTableConfig:
 
 
 @dataclass
+class ShardsConfig:
+    """Where evaluate.py keeps the generated images' features as it goes, one file per chunk, so that a killed or
+    requeued evaluation resumes from them and the parts of a SLURM array merge into one score (null: nowhere)."""
+
+    dir: str | None = None
+    images: bool = False  # also keep the uint8 images in each shard
+
+
+@dataclass
 class EvaluateConfig:
     name: str = checked("evaluate", nonempty_text())
     ckpt: str = MISSING
     weights: str = checked("ema", one_of("ema", "raw"))
     ema: PostHocEMAChoice = field(default_factory=PostHocEMAChoice)  # ema.sigma_rel=0.05: a post-hoc EMA
     num_samples: int | None = checked(None, optional(at_least(4)))  # None: the data set's (CIFAR-10: 50,000)
-    batch_size: int = checked(250, at_least(1))
+    batch_size: int = checked(250, at_least(1))  # images per chunk: the images do not depend on it
     sampler: SamplerSpec = field(default_factory=SamplerSpec)  # the paper's: ancestral, all T steps
     seed: int = checked(0, seed())
+    # which of the images 0..num_samples-1 to draw (null: all); a part (a SLURM array task's) needs shards.dir
+    seeds: Any = checked(None, numbers())
+    noise_block: int = checked(NOISE_BLOCK, between(1, MAX_NOISE_BLOCK))  # seed + i // noise_block; 1: EDM's
+    shards: ShardsConfig = field(default_factory=ShardsConfig)
     feature_extractor: FeatureExtractorConfig = field(default_factory=FeatureExtractorConfig)
     reference_splits: list[str] = checked(rule=each(one_of("train", "val")), factory=lambda: ["train", "val"])
     max_reference_images: int | None = checked(None, optional(at_least(4)))

@@ -79,7 +79,7 @@ def forward_process(diffusion: GaussianDiffusion, x0: Tensor, steps: Sequence[in
 def reverse_process(net: Model, objective: DDPM, num_chains: int, shape: tuple[int, int, int],
                     steps: Sequence[int], seed: int = 0) -> SampleOutput:
     """Algorithm 2 from x_T, num_chains chains, keeping x_t and the predicted x̂0 at `steps` (Fig. 6)."""
-    return draw_chunk(net, objective, SamplerSpec("ddpm"), 0, num_chains, shape=shape, seed=seed,
+    return draw_chunk(net, objective, SamplerSpec("ddpm"), range(num_chains), shape=shape, seed=seed,
                       record_steps=check_steps(objective.diffusion, steps))
 
 

@@ -27,7 +27,7 @@ from torchmetrics.utilities import dim_zero_cat
 from torchmetrics.utilities.distributed import gather_all_tensors
 
 from diffusion.core.objectives.base import Objective
-from diffusion.core.sampling import SamplerSpec, chunk_bounds, sampler_label
+from diffusion.core.sampling import NOISE_BLOCK, SamplerSpec, chunk_bounds, sampler_label
 from diffusion.errors import UserError
 from diffusion.metrics.features import FeatureExtractor, make_feature_extractor
 
@@ -213,27 +213,31 @@ class SampleQuality(Metric):
             features, logits = self.extractor(images)
         return features.double(), None if logits is None else logits.double()
 
-    def update(self, images: Tensor, index: Tensor | None = None) -> None:
-        """Add generated uint8 images; `index` (N,) are their sample numbers (default: in order of arrival)."""
-        if index is None:
-            seen = sum(len(i) for i in self.gen_index)
-            index = torch.arange(seen, seen + len(images))
-        self.add(self.extract(images, index))
+    def update(self, images: Tensor | None = None, index: Tensor | None = None, *,
+               parts: dict[str, Tensor] | None = None) -> None:
+        """Add generated uint8 images, `index` (N,) their sample numbers (default: in order of arrival); or `parts`,
+        the states `extract` made of some (now, or read back from a shard)."""
+        if parts is None:
+            if index is None:
+                seen = sum(len(i) for i in self.gen_index)
+                index = torch.arange(seen, seen + len(images))
+            parts = self.extract(images, index)
+        for name, value in parts.items():
+            getattr(self, name).append(value.to(self.device))
 
     def extract(self, images: Tensor, index: Tensor) -> dict[str, Tensor]:
         """What the metric keeps of generated uint8 images numbered `index`: {state name: tensor with one row per
         image}, e.g. gen_features (N, D), gen_index (N,), gen_logits (N, K) where the extractor classifies. A part
         can be saved (evaluate.py's shards) and added later: update(images, index) is add(extract(images, index))."""
         features, logits = self.features(images)
-        parts = {"gen_features": features, "gen_index": index.to(self.device, torch.int64)}
+        parts = {"gen_features": features, "gen_index": torch.as_tensor(index).to(self.device, torch.int64)}
         if logits is not None:
             parts["gen_logits"] = logits
         return parts
 
     def add(self, parts: dict[str, Tensor]) -> None:
         """Add the states of `extract` (made now or read back from a shard) to the generated set."""
-        for name, value in parts.items():
-            getattr(self, name).append(value.to(self.device))
+        self.update(parts=parts)
 
     def set_reference(self, name: str, images: Tensor, batch_size: int = 256, shard: bool = True) -> None:
         """Features and statistics of a real set, kept across reset(). Under DDP (with shard) every rank must
@@ -254,6 +258,10 @@ class SampleQuality(Metric):
         features = torch.cat([chunks[k] for k in sorted(chunks)])  # (N, D) in the images' order
         self.references[name] = Reference(features, features.mean(0), torch.cov(features.T),
                                           knn_radii(features, self.k))
+
+    def extraction(self) -> dict:
+        """What the generated states depend on besides the images: the extractor, by name and weights."""
+        return {"extractor": self.extractor.name, "extractor_sha256": self.extractor.weights_sha256}
 
     def is_splits_for(self, n: int) -> int:
         """IS splits: is_splits (10, the standard protocol) with at least 100 samples each, else fewer."""
@@ -308,10 +316,13 @@ def _nonempty(state: list[Tensor] | Tensor) -> bool:
 
 def make_protocol(*, num_generated: int, reference_sizes: dict[str, int], extractor: FeatureExtractor,
                   sampler: SamplerSpec, objective: Objective, weights: str, seed: int,
-                  settings: dict | None = None) -> dict:
+                  settings: dict | None = None, noise_block: int = NOISE_BLOCK) -> dict:
     """Everything a score depends on besides the network: scores with different protocols are not comparable.
-    The objective adds what it records (DDPM: num_timesteps and variance, as protocols always held)."""
-    return {
+    The objective adds what it records (DDPM: num_timesteps and variance, as protocols always held). The images are
+    0..num_generated-1 of `seed` (core/sampling/draw.py); their noise block is recorded where it is not the default
+    (250, what every protocol held before it could change)."""
+    block = {} if noise_block == NOISE_BLOCK else {"noise_block": noise_block}
+    return {**block,
         "num_generated": num_generated,
         "reference": {split: {"num_images": n, "augmentation": "none"} for split, n in reference_sizes.items()},
         "extractor": extractor.name, "extractor_sha256": extractor.weights_sha256[:12],

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from diffusion.core.gaussian import GaussianDiffusion
 from diffusion.core.objectives.ddpm import DDPMDenoiser
-from diffusion.core.sampling.common import Recorder, SampleOutput, gaussian_noise
+from diffusion.core.sampling.common import Generator, Recorder, SampleOutput, gaussian_noise
 from diffusion.core.schedules import respace_betas, space_timesteps
 
 Model = Callable[[Tensor, Tensor], Tensor]
@@ -49,7 +49,7 @@ def ancestral_loop(model: Model, diffusion: GaussianDiffusion, x: Tensor, *, sta
     return x
 
 
-def ddpm_sample(denoiser: DDPMDenoiser, x_T: Tensor, *, generator: torch.Generator | None = None,
+def ddpm_sample(denoiser: DDPMDenoiser, x_T: Tensor, *, generator: Generator = None,
                 record_steps: Iterable[int] | None = None) -> SampleOutput:
     """Ancestral sampling, Ho et al. 2020 Algorithm 2, with the diffusion's fixed or learned variance."""
     recorder = Recorder(record_steps)
@@ -78,7 +78,7 @@ def _mean_to_x0(model: Model, diffusion: GaussianDiffusion) -> Model:
 
 
 def respaced_sample(denoiser: DDPMDenoiser, x_T: Tensor, *, num_steps: int | None = None,
-                    spacing: str | Sequence[int] = "linspace", generator: torch.Generator | None = None,
+                    spacing: str | Sequence[int] = "linspace", generator: Generator = None,
                     record_steps: Iterable[int] | None = None) -> SampleOutput:
     """Ancestral sampling over K of T steps, each step going to the previous *kept* step (Nichol & Dhariwal 2021)."""
     diffusion, model = denoiser.diffusion, denoiser.model

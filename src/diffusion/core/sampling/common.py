@@ -2,7 +2,8 @@
 
 Every sampler takes a denoiser (core/denoiser.py), the starting x drawn at the grid's first level, and a
 generator; only the stochastic ones draw from it: one N(0, I) tensor shaped like x per noisy step, in step order,
-into a buffer reused at every step.
+into a buffer reused at every step (`fill_normal`). The generator is a torch.Generator, or a `BlockNoise` that
+gives each image of the batch its own stream of noise, whatever the batch (draw.py).
 """
 
 from collections.abc import Callable, Iterable
@@ -60,14 +61,57 @@ def level_names(denoiser: Denoiser, grid: Grid) -> list[int]:
     return steps_of(grid) if steps_of is not None else list(range(grid.num_levels))
 
 
-def gaussian_noise(generator: torch.Generator | None) -> Callable[[Tensor], Tensor]:
+class BlockNoise:
+    """N(0, I) noise for images numbered `index`, the same for an image whatever batch it is drawn in.
+
+    Image i's noise is row i mod `block` of every draw of shape (block, *x's shape) from a generator seeded
+    seed + ⌊i / block⌋, its block's; a batch draws every block it touches, in full, and keeps its rows. A batch that
+    is one whole block, in order, draws exactly what one generator seeded seed + k gives a batch of `block` images
+    (what draws of chunk k gave before image seeds); block=1 gives each image its own seed, seed + i (EDM's
+    `--seeds`). The cost is the noise of the whole blocks a batch touches, a network's batch of work a step at most.
+    """
+
+    def __init__(self, index: Tensor, seed: int, block: int, device: torch.device | str):
+        index = torch.as_tensor(index, dtype=torch.int64).cpu()
+        self.block, self.size, self.parts = block, len(index), []
+        for b in torch.unique(index // block).tolist():  # (generator, rows in the block, positions in the batch)
+            positions = (index // block == b).nonzero().flatten()
+            rows = index[positions] - b * block
+            whole = len(index) == block and torch.equal(rows, torch.arange(block))  # the batch is this block
+            self.parts.append((torch.Generator(device=device).manual_seed(seed + b), None if whole else rows.tolist(),
+                               positions.tolist()))
+
+    def fill_(self, out: Tensor) -> Tensor:
+        """out (len(index), ...) <- each image's next N(0, I) draw."""
+        if len(out) != self.size:
+            raise ValueError(f"BlockNoise for {self.size} images asked to fill {len(out)}")
+        for generator, rows, positions in self.parts:
+            if rows is None:
+                out.normal_(generator=generator)
+            else:
+                full = torch.empty(self.block, *out.shape[1:], device=out.device, dtype=out.dtype)
+                out[positions] = full.normal_(generator=generator)[rows]
+        return out
+
+
+Generator = torch.Generator | BlockNoise | None
+
+
+def fill_normal(buffer: Tensor, generator: Generator) -> Tensor:
+    """buffer <- z ~ N(0, I) from `generator` (a torch.Generator, a BlockNoise, or None: the global RNG)."""
+    if isinstance(generator, BlockNoise):
+        return generator.fill_(buffer)
+    return buffer.normal_(generator=generator)
+
+
+def gaussian_noise(generator: Generator) -> Callable[[Tensor], Tensor]:
     """z ~ N(0, I) shaped like x from `generator`, into one buffer reused at every step."""
     buffer: list[Tensor] = []
 
     def draw(like: Tensor) -> Tensor:
         if not buffer:
             buffer.append(torch.empty_like(like))
-        return buffer[0].normal_(generator=generator)
+        return fill_normal(buffer[0], generator)
 
     return draw
 

@@ -9,11 +9,10 @@ it is a valid but poor sampler (x̂0 at high noise is a blurred mean), which is 
 
 from collections.abc import Iterable, Sequence
 
-import torch
 from torch import Tensor
 
 from diffusion.core.denoiser import Denoiser
-from diffusion.core.sampling.common import Recorder, SampleOutput, gaussian_noise, level_names
+from diffusion.core.sampling.common import Generator, Recorder, SampleOutput, gaussian_noise, level_names
 
 
 def levels_for(steps: int) -> int:
@@ -26,7 +25,7 @@ def most_steps(num_levels: int) -> int:
 
 
 def consistency_sample(denoiser: Denoiser, x_T: Tensor, *, num_steps: int | None = None,
-                       spacing: str | Sequence[int] = "karras", generator: torch.Generator | None = None,
+                       spacing: str | Sequence[int] = "karras", generator: Generator = None,
                        record_steps: Iterable[int] | None = None) -> SampleOutput:
     """Song et al. 2023 Algorithm 1 on the grid's first `num_steps` levels; x_T is x at the first (the grid's
     prior_std), and each later level's noise is drawn from `generator`."""

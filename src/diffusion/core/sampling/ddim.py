@@ -14,12 +14,12 @@ import torch
 from torch import Tensor
 
 from diffusion.core.denoiser import Denoiser
-from diffusion.core.sampling.common import Recorder, SampleOutput, level_names
+from diffusion.core.sampling.common import Generator, Recorder, SampleOutput, fill_normal, level_names
 from diffusion.errors import UserError
 
 
 def ddim_sample(denoiser: Denoiser, x_T: Tensor, *, num_steps: int | None = None,
-                spacing: str | Sequence[int] = "linspace", eta: float = 0.0, generator: torch.Generator | None = None,
+                spacing: str | Sequence[int] = "linspace", eta: float = 0.0, generator: Generator = None,
                 record_steps: Iterable[int] | None = None) -> SampleOutput:
     """DDIM over num_steps levels of the denoiser's grid, Song et al. 2021 Eq. 12; η = 0 is deterministic."""
     if not 0.0 <= eta <= 1.0:
@@ -34,7 +34,7 @@ def ddim_sample(denoiser: Denoiser, x_T: Tensor, *, num_steps: int | None = None
         recorder(names[i], x, x0)
         x = c_x0[i] * x0 + c_eps[i] * eps  # Eq. 12: predicted x0, direction to x_t
         if eta > 0 and i < grid.num_levels - 1:
-            x = x + s[i] * noise.normal_(generator=generator)  # Eq. 12: random noise
+            x = x + s[i] * fill_normal(noise, generator)  # Eq. 12: random noise
     return recorder.output(x)
 
 
@@ -56,7 +56,7 @@ def _chain_coefficients(ac: Tensor, eta: float) -> tuple[Tensor, Tensor, Tensor]
 
 
 def euler_sample(denoiser: Denoiser, x_T: Tensor, *, num_steps: int | None = None,
-                 spacing: str | Sequence[int] = "linspace", generator: torch.Generator | None = None,
+                 spacing: str | Sequence[int] = "linspace", generator: Generator = None,
                  record_steps: Iterable[int] | None = None) -> SampleOutput:
     """Euler's method on the probability-flow ODE (Karras et al. 2022, Alg. 1 without its correction): DDIM, η = 0."""
     return ddim_sample(denoiser, x_T, num_steps=num_steps, spacing=spacing, eta=0.0, generator=generator,

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from diffusion.core.denoiser import Denoiser, Grid
-from diffusion.core.sampling.common import Recorder, SampleOutput, Update, apply, level_names
+from diffusion.core.sampling.common import Generator, Recorder, SampleOutput, Update, apply, fill_normal, level_names
 from diffusion.errors import UserError
 
 
@@ -40,7 +40,7 @@ def dpmpp_2m_updates(g: Grid, eta: float) -> list[Update]:
     return updates
 
 
-def _dpmpp_2m(denoiser: Denoiser, x: Tensor, g: Grid, eta: float, generator: torch.Generator | None,
+def _dpmpp_2m(denoiser: Denoiser, x: Tensor, g: Grid, eta: float, generator: Generator,
               recorder: Recorder) -> Tensor:
     """Run the multistep updates, one network call per level."""
     updates, names = dpmpp_2m_updates(g, eta), level_names(denoiser, g)
@@ -50,14 +50,14 @@ def _dpmpp_2m(denoiser: Denoiser, x: Tensor, g: Grid, eta: float, generator: tor
         recorder(names[i], x, x0s[0])
         x = apply(update, x, x0s)
         if update.c_z > 0:
-            x = x + update.c_z * noise.normal_(generator=generator)
+            x = x + update.c_z * fill_normal(noise, generator)
     x0 = denoiser(x, g.sigma[g.num_levels - 1])
     recorder(names[-1], x, x0)
     return x0
 
 
 def dpmpp_2m_sample(denoiser: Denoiser, x_T: Tensor, *, num_steps: int | None = None,
-                    spacing: str | Sequence[int] = "logsnr", generator: torch.Generator | None = None,
+                    spacing: str | Sequence[int] = "logsnr", generator: Generator = None,
                     record_steps: Iterable[int] | None = None) -> SampleOutput:
     """DPM-Solver++(2M), Lu et al. 2022 Algorithm 2: num_steps network calls."""
     recorder = Recorder(record_steps)
@@ -67,7 +67,7 @@ def dpmpp_2m_sample(denoiser: Denoiser, x_T: Tensor, *, num_steps: int | None = 
 
 def dpmpp_2m_sde_sample(denoiser: Denoiser, x_T: Tensor, *, num_steps: int | None = None,
                         spacing: str | Sequence[int] = "logsnr", eta: float = 1.0,
-                        generator: torch.Generator | None = None,
+                        generator: Generator = None,
                         record_steps: Iterable[int] | None = None) -> SampleOutput:
     """SDE-DPM-Solver++(2M), Lu et al. 2022, with noise scale η (η = 1: diffusers' sde-dpmsolver++; η = 0: ODE)."""
     if not (math.isfinite(eta) and eta >= 0):

@@ -5,15 +5,14 @@ N levels. The last step, to σ = 0, is Euler's: x̃ + (0 − σ)(x̃ − x̂0)/�
 
 from collections.abc import Iterable, Sequence
 
-import torch
 from torch import Tensor
 
 from diffusion.core.denoiser import Denoiser
-from diffusion.core.sampling.common import Recorder, SampleOutput, level_names, require_finite_start
+from diffusion.core.sampling.common import Generator, Recorder, SampleOutput, level_names, require_finite_start
 
 
 def heun_sample(denoiser: Denoiser, x_T: Tensor, *, num_steps: int | None = None,
-                spacing: str | Sequence[int] = "karras", generator: torch.Generator | None = None,
+                spacing: str | Sequence[int] = "karras", generator: Generator = None,
                 record_steps: Iterable[int] | None = None) -> SampleOutput:
     """Heun (Karras et al. 2022 Alg. 1): num_steps network calls on N = (num_steps + 1) // 2 levels."""
     g = denoiser.grid(spacing, None if num_steps is None else (num_steps + 1) // 2, from_top=True)

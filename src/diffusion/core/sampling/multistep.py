@@ -18,11 +18,10 @@ exist, and both need a finite first level.
 import math
 from collections.abc import Iterable, Sequence
 
-import torch
 from torch import Tensor
 
 from diffusion.core.denoiser import Denoiser, Grid
-from diffusion.core.sampling.common import Recorder, SampleOutput, level_names, require_finite_start
+from diffusion.core.sampling.common import Generator, Recorder, SampleOutput, level_names, require_finite_start
 from diffusion.errors import UserError
 
 IPNDM_ORDERS, DEIS_ORDERS = (1, 2, 3, 4), (1, 2, 3)
@@ -111,7 +110,7 @@ def _order(name: str, order: int | None, orders: tuple[int, ...], num_levels: in
 
 def ipndm_sample(denoiser: Denoiser, x_T: Tensor, *, num_steps: int | None = None,
                  spacing: str | Sequence[int] = "karras", order: int | None = None,
-                 generator: torch.Generator | None = None, record_steps: Iterable[int] | None = None) -> SampleOutput:
+                 generator: Generator = None, record_steps: Iterable[int] | None = None) -> SampleOutput:
     """iPNDM (Zhang & Chen 2023): Adams-Bashforth of order ≤ 4 on ε̂ in σ, warm-up from order 1; NFE = N."""
     g = denoiser.grid(spacing, num_steps, from_top=True)
     require_finite_start(g, "ipndm")
@@ -121,7 +120,7 @@ def ipndm_sample(denoiser: Denoiser, x_T: Tensor, *, num_steps: int | None = Non
 
 def deis_sample(denoiser: Denoiser, x_T: Tensor, *, num_steps: int | None = None,
                 spacing: str | Sequence[int] = "karras", order: int | None = None,
-                generator: torch.Generator | None = None, record_steps: Iterable[int] | None = None) -> SampleOutput:
+                generator: Generator = None, record_steps: Iterable[int] | None = None) -> SampleOutput:
     """DEIS tAB (Zhang & Chen 2023): ε̂'s Lagrange extrapolation in σ of order ≤ 3 integrated exactly; NFE = N."""
     g = denoiser.grid(spacing, num_steps, from_top=True)
     require_finite_start(g, "deis")
@@ -131,7 +130,7 @@ def deis_sample(denoiser: Denoiser, x_T: Tensor, *, num_steps: int | None = None
 
 def deis_logrho_sample(denoiser: Denoiser, x_T: Tensor, *, num_steps: int | None = None,
                        spacing: str | Sequence[int] = "logsnr", order: int | None = None,
-                       generator: torch.Generator | None = None,
+                       generator: Generator = None,
                        record_steps: Iterable[int] | None = None) -> SampleOutput:
     """DEIS with ε̂'s Lagrange extrapolation in log σ (diffusers' DEISMultistepScheduler), order ≤ 3; NFE = N."""
     g = denoiser.grid(spacing, num_steps, from_top=True)

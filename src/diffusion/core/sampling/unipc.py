@@ -14,7 +14,15 @@ import torch
 from torch import Tensor
 
 from diffusion.core.denoiser import Denoiser, Grid
-from diffusion.core.sampling.common import Recorder, SampleOutput, Update, apply, level_names, require_finite_start
+from diffusion.core.sampling.common import (
+    Generator,
+    Recorder,
+    SampleOutput,
+    Update,
+    apply,
+    level_names,
+    require_finite_start,
+)
 from diffusion.errors import UserError
 
 ORDERS = (1, 2, 3)
@@ -76,7 +84,7 @@ def _order(order: int | None, num_levels: int) -> int:
 
 def unipc_sample(denoiser: Denoiser, x_T: Tensor, *, num_steps: int | None = None,
                  spacing: str | Sequence[int] = "logsnr", order: int | None = None,
-                 generator: torch.Generator | None = None, record_steps: Iterable[int] | None = None) -> SampleOutput:
+                 generator: Generator = None, record_steps: Iterable[int] | None = None) -> SampleOutput:
     """UniPC-p, Zhao et al. 2023: UniP-p then UniC-p on each new network call, bh2, data prediction; NFE = N."""
     g = denoiser.grid(spacing, num_steps, from_top=True)
     require_finite_start(g, "unipc")

@@ -186,33 +186,38 @@ class GracefulInterrupt(L.Callback):
         raise Interrupted(message, int(code), None if path is None else str(path)) from exception
 
     def _requeue(self, trainer: L.Trainer, message: str, previous) -> tuple[str, int]:
-        """Hand over to the signal's previous handler (submitit's requeues and exits), else `scontrol requeue`."""
-        code = 128 + self.requeue_signal
         if isinstance(getattr(previous, "__self__", None), GracefulInterrupt):
             previous = None  # left behind by an earlier fit of this process that failed: not a requeue handler
-        if callable(previous):
-            name = getattr(previous, "__qualname__", repr(previous))
-            print(f"{message}; calling the previous {self.signal_name} handler ({name}) to requeue", file=sys.stderr,
-                  flush=True)
-            try:
-                previous(self.requeue_signal, None)
-            except SystemExit as done:  # submitit: requeued, now exits (its local executor restarts on 144)
-                code = done.code if isinstance(done.code, int) else 1
-                return f"{message}; requeued by the previous {self.signal_name} handler (exit {code})", code
-            return f"{message}; the previous {self.signal_name} handler returned (not rank 0, or no requeue)", code
-        job_id = slurm_job_id()
-        if job_id is None:
-            return f"{message}; not a SLURM job, nothing requeued", code
-        if not trainer.is_global_zero:
-            return f"{message}; rank 0 requeues SLURM job {job_id}", code
+        return requeue_job(self.requeue_signal, previous, message, trainer.is_global_zero)
+
+
+def requeue_job(signum: signal.Signals, previous, message: str, rank_zero: bool = True,
+                resumes: str = "this checkpoint") -> tuple[str, int]:
+    """After the requeue signal `signum`: hand over to its previous handler (submitit's requeues and exits), else
+    `scontrol requeue` this SLURM job (rank 0 only). (the line to print, the exit code)."""
+    code, name = 128 + signum, signal.Signals(signum).name
+    if callable(previous):
+        qualname = getattr(previous, "__qualname__", repr(previous))
+        print(f"{message}; calling the previous {name} handler ({qualname}) to requeue", file=sys.stderr, flush=True)
         try:
-            done = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
-            failure = None if done.returncode == 0 else f"exit {done.returncode}: {' '.join(done.stderr.split())}"
-        except (OSError, subprocess.TimeoutExpired) as err:
-            failure = str(err)
-        if failure is not None:
-            return f"{message}; `scontrol requeue {job_id}` failed ({failure}), resubmit the job", code
-        return f"{message}; requeued SLURM job {job_id} (scontrol requeue), it resumes from this checkpoint", code
+            previous(signum, None)
+        except SystemExit as done:  # submitit: requeued, now exits (its local executor restarts on 144)
+            code = done.code if isinstance(done.code, int) else 1
+            return f"{message}; requeued by the previous {name} handler (exit {code})", code
+        return f"{message}; the previous {name} handler returned (not rank 0, or no requeue)", code
+    job_id = slurm_job_id()
+    if job_id is None:
+        return f"{message}; not a SLURM job, nothing requeued", code
+    if not rank_zero:
+        return f"{message}; rank 0 requeues SLURM job {job_id}", code
+    try:
+        done = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
+        failure = None if done.returncode == 0 else f"exit {done.returncode}: {' '.join(done.stderr.split())}"
+    except (OSError, subprocess.TimeoutExpired) as err:
+        failure = str(err)
+    if failure is not None:
+        return f"{message}; `scontrol requeue {job_id}` failed ({failure}), resubmit the job", code
+    return f"{message}; requeued SLURM job {job_id} (scontrol requeue), it resumes from {resumes}", code
 
 
 def _validates_after_this_batch(trainer: L.Trainer) -> bool:

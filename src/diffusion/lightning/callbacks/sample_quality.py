@@ -1,8 +1,8 @@
 """FID (vs train and vs the held-out split), KID, IS and precision/recall of fresh samples during training.
 
 Every N steps and at the end, M samples are drawn with the EMA weights (`diffusion.core.sampling.draw`: chunks of
-`batch_size`, chunk k seeded seed + k, shared out over the ranks, so the score does not depend on the number
-of processes) and scored by `SampleQuality`. The reference features are extracted at the first evaluation only.
+`batch_size`, each image from its own noise, shared out over the ranks, so the score does not depend on the
+number of processes) and scored by `SampleQuality`. The reference features are extracted at the first evaluation only.
 Each of `extra_samplers` draws its own M samples, scored against the same reference features and logged with
 the suffix `@<sampler tag>`: `val/fid@dpmpp_2m-10`, `val/is@unipc-20`, ... (the printed line is the main one's).
 """
@@ -117,7 +117,7 @@ class SampleQualityCallback(L.Callback):
                              shape=net.image_shape, seed=self.seed, chunk_size=self.batch_size, rank=rank,
                              world_size=world_size, device=pl_module.device)
         for chunk in chunks:
-            metric.update(to_uint8(chunk.images), torch.arange(chunk.start, chunk.stop))
+            metric.update(to_uint8(chunk.images), chunk.index)
         if not metric.update_count:  # fewer chunks than ranks: this one still takes part in the gather
             metric.update(torch.zeros(0, *net.image_shape, dtype=torch.uint8), torch.zeros(0, dtype=torch.int64))
 

@@ -1,6 +1,8 @@
 """evaluate(cfg): sample quality and bits/dim of a checkpoint, a JSON report, W&B summary, a sampler table."""
 
 import json
+import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -12,13 +14,15 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion.core.sampling import SamplerSpec, check_guidance, sampler_label
+from diffusion.core.sampling import SamplerSpec, check_guidance, check_index, draw_labels, sampler_label
 from diffusion.errors import UserError
 from diffusion.files import write_file
 from diffusion.lightning.callbacks import training_time
+from diffusion.lightning.callbacks.interrupt import default_requeue_signal, requeue_job
 from diffusion.lightning.checkpoints import check_checkpoint, check_matches, load_weights
 from diffusion.lightning.evaluation import Evaluator
 from diffusion.lightning.module import ODE_LEVELS
+from diffusion.metrics.features import state_sha256
 from diffusion.metrics.quality import (
     PRIMARY,
     SampleQuality,
@@ -28,6 +32,8 @@ from diffusion.metrics.quality import (
     make_protocol,
     protocol_id,
 )
+from diffusion.metrics.shards import FeatureShards, tensor_sha256
+from diffusion.rules import parse_numbers
 from diffusion.run.commands.figures import check_data_fits
 from diffusion.run.jobs import status as job_status
 from diffusion.run.jobs.console import quiet_console
@@ -57,6 +63,8 @@ def _setup(cfg: DictConfig):
     """The checkpoint's module, the data it was trained on (checked by shape), the feature extractor's name and
     the sampler table's samplers (every sampler checked against the model's objective before anything is drawn)."""
     writable_dir(cfg.output_dir, "output_dir")
+    if cfg.shards.dir is not None:
+        writable_dir(cfg.shards.dir, "shards.dir")
     check_logger(cfg.logger)
     if cfg.accelerator in ("gpu", "cuda"):
         check_device("cuda", "accelerator")
@@ -76,7 +84,53 @@ def _setup(cfg: DictConfig):
     extractor = cfg.feature_extractor.name
     if extractor == "auto":
         extractor = datamodule.quality_extractor
-    return module, datamodule, extractor, (table, tuned), weights, posthoc
+    return module, datamodule, extractor, (table, tuned), weights, posthoc, _index(cfg, datamodule)
+
+
+def _index(cfg: DictConfig, datamodule):
+    """seeds: the image numbers to draw, None for all of them; a part of them only into shards.dir, and then
+    nothing else (the evaluation without seeds scores them all, and computes what is not per image)."""
+    num_samples = cfg.num_samples or datamodule.eval_num_samples
+    if cfg.seeds is None:
+        return None
+    index = check_index(parse_numbers(cfg.seeds), num_samples)
+    if len(index) == num_samples:
+        return None
+    part = f"seeds={cfg.seeds} draws {len(index)} of the num_samples={num_samples} images"
+    if cfg.shards.dir is None:
+        raise UserError(f"{part}: their features go into shards, give shards.dir=DIR (the same for every part); "
+                        "`evaluate.py shards.dir=DIR` without seeds then scores them all")
+    for key, on in (("bpd.enabled", cfg.bpd.enabled), ("sampler_table.enabled", cfg.sampler_table.enabled),
+                    ("guidance_table", cfg.guidance_table is not None)):
+        if on:
+            raise UserError(f"{part} (a part, into shards): {key} would be computed by every part; set "
+                            f"{key}={'null' if key == 'guidance_table' else 'false'} here, the evaluation without "
+                            "seeds computes it")
+    return index
+
+
+def shards_root(cfg: DictConfig) -> Path | None:
+    """shards.dir, else <output_dir>/shards in a SLURM job (its folder is named by the job id, kept across requeues:
+    a requeued evaluation finds them), else None."""
+    if cfg.shards.dir is not None:
+        return Path(cfg.shards.dir)
+    return Path(cfg.output_dir) / "shards" if os.environ.get("SLURM_JOB_ID") else None
+
+
+def _shards(cfg: DictConfig, module, metric: SampleQuality, sampler: SamplerSpec, num_samples: int):
+    """The feature shards of this draw (see metrics/shards.py), or None without shards.dir."""
+    root = shards_root(cfg)
+    if root is None:
+        return None
+    objective = module.objective
+    descriptor = {"net_sha256": state_sha256(module.net), "objective": objective.protocol(),
+                  "sampler": sampler.describe(objective), "seed": cfg.seed, "noise_block": cfg.noise_block,
+                  "num_samples": num_samples, "labels_sha256": tensor_sha256(draw_labels(module.net, sampler,
+                                                                                          num_samples)),
+                  **metric.extraction()}
+    shards = FeatureShards(root, descriptor, keep_images=cfg.shards.images)
+    shards.prepare()
+    return shards
 
 
 def _tuned(cfg: DictConfig, module) -> Tuned:
@@ -129,14 +183,21 @@ def _trainer(cfg: DictConfig) -> L.Trainer:
 
 
 def _pass(cfg, module, datamodule, metric: SampleQuality, weights: str, sampler: SamplerSpec, num_samples: int,
-          bpd: bool) -> tuple[dict, dict]:
+          bpd: bool, index=None) -> tuple[dict, dict]:
     """One test loop: scores (and bits/dim if asked) and the protocol they were made under. The metric keeps
-    the reference features of its first pass: one feature pass of the real images per run."""
+    the reference features of its first pass: one feature pass of the real images per run. `index`: only these
+    images, into the shards (see _index)."""
     refs = {split: datamodule.reference_images(split, cfg.max_reference_images or sys.maxsize)
-            for split in cfg.reference_splits}
+            for split in cfg.reference_splits} if index is None else {}
     bpd_images = datamodule.reference_images(cfg.bpd.split, cfg.bpd.num_images or sys.maxsize) if bpd else None
+    shards = _shards(cfg, module, metric, sampler, num_samples)
     evaluator = Evaluator(module, sampler, num_samples, cfg.batch_size, cfg.seed, metric, refs, bpd_images,
-                          cfg.bpd.batch_size, _bpd_method(cfg, module), cfg.bpd.ode_levels or ODE_LEVELS)
+                          cfg.bpd.batch_size, _bpd_method(cfg, module), cfg.bpd.ode_levels or ODE_LEVELS, index=index,
+                          noise_block=cfg.noise_block, shards=shards)
+    if shards is not None and rank_zero_only.rank == 0:
+        there = len(evaluator.asked) - len(evaluator.todo)
+        print(f"feature shards: {shards.dir} ({there} of the {len(evaluator.asked)} images asked for are there, "
+              f"{len(evaluator.todo)} to draw)", flush=True)
     trainer = _trainer(cfg)
     began = time.perf_counter()
     trainer.test(evaluator, verbose=False)
@@ -144,7 +205,10 @@ def _pass(cfg, module, datamodule, metric: SampleQuality, weights: str, sampler:
     protocol = make_protocol(
         num_generated=num_samples, reference_sizes={split: len(r) for split, r in refs.items()},
         extractor=metric.extractor, sampler=sampler, objective=module.objective, weights=weights, seed=cfg.seed,
-        settings=metric.settings(num_samples))
+        settings=metric.settings(num_samples), noise_block=cfg.noise_block)
+    if shards is not None:
+        results["shards"] = {"dir": str(shards.dir), "images": len(shards.load(with_states=False).index),
+                             "of": num_samples}
     return results, protocol
 
 
@@ -153,23 +217,33 @@ def evaluate(cfg: DictConfig) -> dict:
 
     SIGTERM or Ctrl-C stops it at once, saying whether the report was written (see run/stopping.py)."""
     quiet_console()
-    out, began = Path(cfg.output_dir), time.time()
+    out, began, root = Path(cfg.output_dir), time.time(), shards_root(cfg)
 
     def what_is_written() -> str:
         written = [p.name for p in written_since(out, began)]
+        shards = "" if root is None else \
+            f"; {len(list(root.glob('*/chunk-*.pt')))} chunks' features are in {root}, the same command resumes " \
+            "from them"
         if "report.json" in written:
-            return f"written to {out}: {', '.join(written)}"
+            return f"written to {out}: {', '.join(written)}{shards}"
         return f"the report ({out / 'report.json'}) was not written" + (
-            f"; written to {out}: {', '.join(written)}" if written else "")
+            f"; written to {out}: {', '.join(written)}" if written else "") + shards
 
-    with stop_on_signals(what_is_written):
+    requeue = None
+    if root is not None and os.environ.get("SLURM_JOB_ID"):  # SLURM's pre-timeout signal: requeue, then resume
+        signum = signal.Signals[default_requeue_signal()]
+        requeue = (signum, lambda line, previous: requeue_job(signum, previous, line, rank_zero_only.rank == 0,
+                                                              resumes=f"the feature shards in {root}"))
+    with stop_on_signals(what_is_written, requeue):
         return _evaluate(cfg)
 
 
 def _evaluate(cfg: DictConfig) -> dict:
-    module, datamodule, extractor, table, weights, posthoc = _setup(cfg)
+    module, datamodule, extractor, table, weights, posthoc, index = _setup(cfg)
     num_samples = cfg.num_samples or datamodule.eval_num_samples
     sampler = _sampler(cfg)
+    if index is not None:
+        return _evaluate_part(cfg, module, datamodule, extractor, weights, sampler, num_samples, index)
     if rank_zero_only.rank == 0:
         bpd = f", bits/dim on the {cfg.bpd.split} split" if cfg.bpd.enabled else ""
         print(f"evaluating {cfg.ckpt}: {num_samples} samples ({sampler.label(module.objective)}) "
@@ -195,6 +269,23 @@ def _evaluate(cfg: DictConfig) -> dict:
                       quality={f"eval/{k}": v for k, v in report["quality"].items()}, quality_protocol=protocol,
                       quality_protocol_id=report["protocol_id"])
     return report
+
+
+def _evaluate_part(cfg: DictConfig, module, datamodule, extractor: str, weights: str, sampler: SamplerSpec,
+                   num_samples: int, index) -> dict:
+    """seeds=a part of the images: their features into the shards, no score (see _index)."""
+    if rank_zero_only.rank == 0:
+        print(f"evaluating {cfg.ckpt}: images {cfg.seeds} ({len(index)} of {num_samples}, "
+              f"{sampler.label(module.objective)}) into feature shards", flush=True)
+    metric = SampleQuality({**OmegaConf.to_container(cfg.feature_extractor, resolve=True), "name": extractor})
+    results, protocol = _pass(cfg, module, datamodule, metric, weights, sampler, num_samples, bpd=False, index=index)
+    shards = results["shards"]
+    if rank_zero_only.rank == 0:
+        rest = "all of them: score them with the same command without seeds" if shards["images"] == num_samples \
+            else "the score needs all of them: run the other parts, then the same command without seeds"
+        print(f"shards: {shards['dir']} holds the features of {shards['images']} of the {num_samples} images; {rest}")
+    job_status.record(step=None, metrics={}, weights=weights)
+    return {"shards": shards, "protocol": protocol}
 
 
 def _key(sampler: SamplerSpec, n: int, objective) -> str:

@@ -57,9 +57,13 @@ def end_on_signals() -> None:
 
 
 @contextmanager
-def stop_on_signals(what_is_written: Callable[[], str]) -> Iterator[None]:
+def stop_on_signals(what_is_written: Callable[[], str],
+                    requeue: tuple[signal.Signals, Callable[[str, object], tuple[str, int]]] | None = None
+                    ) -> Iterator[None]:
     """Inside: SIGINT or SIGTERM raises Interrupted("stopped by <signal>; <what_is_written()>", 128 + signal)
-    where the program is (entry points print it as one line and exit with that code). Outside: as before."""
+    where the program is (entry points print it as one line and exit with that code). `requeue` = (signal, how):
+    that signal too stops it, and how(line, the signal's previous handler) requeues the job and gives the line and
+    the exit code (evaluate.py under SLURM). Outside: as before."""
     if threading.current_thread() is not threading.main_thread():  # handlers can only be installed there
         yield
         return
@@ -67,9 +71,13 @@ def stop_on_signals(what_is_written: Callable[[], str]) -> Iterator[None]:
     def stop(signum, frame) -> None:
         for other in previous:  # a second Ctrl-C must not cut the message short
             signal.signal(other, signal.SIG_IGN)
-        raise Interrupted(f"stopped by {signal.Signals(signum).name}; {what_is_written()}", 128 + signum, None)
+        line, code = f"stopped by {signal.Signals(signum).name}; {what_is_written()}", 128 + signum
+        if requeue is not None and signum == requeue[0]:
+            line, code = requeue[1](line, previous[signum])
+        raise Interrupted(line, code, None)
 
-    previous = {signum: signal.signal(signum, stop) for signum in SIGNALS}
+    signals = (*SIGNALS, requeue[0]) if requeue is not None else SIGNALS
+    previous = {signum: signal.signal(signum, stop) for signum in signals}
     try:
         yield
     finally:
