@@ -6,7 +6,7 @@ from typing import Any
 
 from omegaconf import MISSING
 
-from diffusion.config.callbacks import CallbacksConfig, FeatureExtractorConfig
+from diffusion.config.callbacks import CallbacksConfig, FDDINOv2Config, FeatureExtractorConfig
 from diffusion.config.groups import (
     DataConfig,
     OptimConfig,
@@ -189,6 +189,7 @@ class EvaluateConfig:
     sampler: SamplerSpec = field(default_factory=SamplerSpec)  # the paper's: ancestral, all T steps
     seed: int = checked(0, seed())
     feature_extractor: FeatureExtractorConfig = field(default_factory=FeatureExtractorConfig)
+    fd_dinov2: FDDINOv2Config = field(default_factory=FDDINOv2Config)  # enabled=true: FD-DINOv2 beside FID
     reference_splits: list[str] = checked(rule=each(one_of("train", "val")), factory=lambda: ["train", "val"])
     max_reference_images: int | None = checked(None, optional(at_least(4)))
     bpd: BpdConfig = field(default_factory=BpdConfig)

@@ -144,7 +144,7 @@ def _pass(cfg, module, datamodule, metric: SampleQuality, weights: str, sampler:
     protocol = make_protocol(
         num_generated=num_samples, reference_sizes={split: len(r) for split, r in refs.items()},
         extractor=metric.extractor, sampler=sampler, objective=module.objective, weights=weights, seed=cfg.seed,
-        settings=metric.settings(num_samples))
+        settings=metric.settings(num_samples), dinov2=metric.dinov2)
     return results, protocol
 
 
@@ -174,7 +174,8 @@ def _evaluate(cfg: DictConfig) -> dict:
         bpd = f", bits/dim on the {cfg.bpd.split} split" if cfg.bpd.enabled else ""
         print(f"evaluating {cfg.ckpt}: {num_samples} samples ({sampler.label(module.objective)}) "
               f"against {datamodule.name}{bpd}", flush=True)
-    metric = SampleQuality({**OmegaConf.to_container(cfg.feature_extractor, resolve=True), "name": extractor})
+    metric = SampleQuality({**OmegaConf.to_container(cfg.feature_extractor, resolve=True), "name": extractor},
+                           dinov2=OmegaConf.to_container(cfg.fd_dinov2, resolve=True))
     results, protocol = _pass(cfg, module, datamodule, metric, weights, sampler, num_samples, bpd=cfg.bpd.enabled)
     report = {"checkpoint": str(Path(cfg.ckpt).resolve()), "data": datamodule.name, "weights": weights,
               "posthoc_ema": posthoc, "protocol": protocol,
