@@ -170,12 +170,13 @@ def _evaluate(cfg: DictConfig) -> dict:
     module, datamodule, extractor, table, weights, posthoc = _setup(cfg)
     num_samples = cfg.num_samples or datamodule.eval_num_samples
     sampler = _sampler(cfg)
+    # the extractors first: a missing weights file is one line before anything is printed or sampled
+    metric = SampleQuality({**OmegaConf.to_container(cfg.feature_extractor, resolve=True), "name": extractor},
+                           dinov2=OmegaConf.to_container(cfg.fd_dinov2, resolve=True))
     if rank_zero_only.rank == 0:
         bpd = f", bits/dim on the {cfg.bpd.split} split" if cfg.bpd.enabled else ""
         print(f"evaluating {cfg.ckpt}: {num_samples} samples ({sampler.label(module.objective)}) "
               f"against {datamodule.name}{bpd}", flush=True)
-    metric = SampleQuality({**OmegaConf.to_container(cfg.feature_extractor, resolve=True), "name": extractor},
-                           dinov2=OmegaConf.to_container(cfg.fd_dinov2, resolve=True))
     results, protocol = _pass(cfg, module, datamodule, metric, weights, sampler, num_samples, bpd=cfg.bpd.enabled)
     report = {"checkpoint": str(Path(cfg.ckpt).resolve()), "data": datamodule.name, "weights": weights,
               "posthoc_ema": posthoc, "protocol": protocol,
