@@ -40,7 +40,8 @@ class SampleQualityCallback(L.Callback):
                  max_reference_images: int | None, weights: str, at_train_end: bool,
                  extra_samplers: "list[SamplerSpec | dict] | tuple", fd_dinov2: Mapping | bool | None):
         """A validated config's values (callbacks.quality: its schema's rules); samplers as SamplerSpecs or their
-        fields, the feature extractor as its settings (or a name); fd_dinov2 as its settings (None or enabled=false: off)."""
+        fields, the feature extractor as its settings (or a name); fd_dinov2 as its settings (None or enabled=false:
+        off)."""
         self.every_n_steps, self.num_samples, self.batch_size, self.seed = every_n_steps, num_samples, batch_size, seed
         self.sampler = sampler_spec(sampler)
         self.extra_samplers = [sampler_spec(spec) for spec in extra_samplers]
