@@ -104,6 +104,7 @@ ACCEPTED = [
     ("*feature_extractor.cache_dir", "typo_x", "a relative cache folder (created)"),
     ("*feature_extractor.cache_dir", "''", "'': the default cache folder ($XDG_CACHE_HOME/diffusion)"),
     ("*feature_extractor.weights_path", "''", "'': the default Inception weights file (torch hub's cache)"),
+    ("*fd_dinov2.weights_path", "''", "'': the default DINOv2 weights file (torch hub's cache), when enabled"),
     ("optim.lr_scheduler.end_factor", "0.0", "LinearLR may decay to 0"),
     ("optim.lr_scheduler.total_iters", "10000000000000", "a warm-up longer than the run: the rate rises throughout"),
     ("trainer.num_sanity_val_steps", "0", "0: no sanity check"),

@@ -68,6 +68,16 @@ class FeatureExtractorConfig:
 
 
 @dataclass
+class FDDINOv2Config:
+    """FD-DINOv2 (Stein et al. 2023) beside FID: the same Fréchet distance in DINOv2 ViT-L/14's features (images
+    resized to 224x224 as EDM2 and dgm-eval do), as fd_dinov2_<split> (logged val/fd_dinov2, val/fd_dinov2_test).
+    Off by default: it needs the weights file dinov2_vitl14_pretrain.pth (1.2 GB) and a ViT-L pass per image."""
+
+    enabled: bool = False
+    weights_path: str | None = None  # default <torch hub>/checkpoints/dinov2_vitl14_pretrain.pth
+
+
+@dataclass
 class SampleQualityConfig:
     """FID/IS/KID/precision/recall of EMA samples every N steps and at the end (val/fid, val/is, ...), and of
     each extra sampler's (val/fid@dpmpp_2m-10, ...) against the same reference features."""
@@ -79,6 +89,7 @@ class SampleQualityConfig:
     sampler: SamplerSpec = field(default_factory=lambda: SamplerSpec(name="ddim"))
     seed: int = checked(0, seed())
     feature_extractor: FeatureExtractorConfig = field(default_factory=FeatureExtractorConfig)
+    fd_dinov2: FDDINOv2Config = field(default_factory=FDDINOv2Config)
     reference_splits: list[str] = checked(rule=each(one_of("train", "val")), factory=lambda: ["train", "val"])
     max_reference_images: int | None = checked(None, optional(at_least(4)))  # None: the whole split
     weights: str = checked("ema", one_of("ema", "raw"))

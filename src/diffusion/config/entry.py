@@ -6,7 +6,7 @@ from typing import Any
 
 from omegaconf import MISSING
 
-from diffusion.config.callbacks import CallbacksConfig, FeatureExtractorConfig
+from diffusion.config.callbacks import CallbacksConfig, FDDINOv2Config, FeatureExtractorConfig
 from diffusion.config.groups import (
     DataConfig,
     OptimConfig,
@@ -205,6 +205,7 @@ class EvaluateConfig:
     noise_block: int = checked(NOISE_BLOCK, between(1, MAX_NOISE_BLOCK))  # seed + i // noise_block; 1: EDM's
     shards: ShardsConfig = field(default_factory=ShardsConfig)
     feature_extractor: FeatureExtractorConfig = field(default_factory=FeatureExtractorConfig)
+    fd_dinov2: FDDINOv2Config = field(default_factory=FDDINOv2Config)  # enabled=true: FD-DINOv2 beside FID
     reference_splits: list[str] = checked(rule=each(one_of("train", "val")), factory=lambda: ["train", "val"])
     max_reference_images: int | None = checked(None, optional(at_least(4)))
     bpd: BpdConfig = field(default_factory=BpdConfig)

@@ -55,6 +55,7 @@ def validate(cfg: DictConfig, here: bool = True) -> None:
     _check_callbacks_for(cfg, objective)
     if cfg.callbacks.get("quality") is not None:
         check_feature_extractor(cfg.callbacks.quality.feature_extractor, "callbacks.quality.feature_extractor")
+        check_fd_dinov2(cfg.callbacks.quality.fd_dinov2, "callbacks.quality.fd_dinov2")
     _check_builds(cfg)
 
 
@@ -214,7 +215,8 @@ def logged_metrics(cfg: DictConfig) -> set[str]:
         names |= {"val/bpd"} | ({"val/prior_bpd"} if "betas" in cfg.objective else set())  # L_T: DDPM's bound
     quality = cfg.callbacks.get("quality")
     if quality is not None and (quality.at_train_end or quality.every_n_steps > 0):
-        names |= {logged_name(key) for key in result_keys(quality.reference_splits, in_training=True)}
+        dinov2 = bool(quality.get("fd_dinov2") and quality.fd_dinov2.enabled)
+        names |= {logged_name(key) for key in result_keys(quality.reference_splits, in_training=True, dinov2=dinov2)}
     return names
 
 
@@ -446,6 +448,21 @@ def check_feature_extractor(fe: DictConfig, key: str) -> None:
                             "weights (weights-inception-2015-12-05-6726825d.pth), or drop the key for the default")
 
 
+def check_fd_dinov2(node: DictConfig, key: str) -> None:
+    """weights_path is read only with enabled=true, and is a file (the default file is checked when the network is
+    built, with the message saying where to get it)."""
+    if node.weights_path in (None, ""):
+        return
+    if not node.enabled:
+        raise UserError(f"{key}.weights_path={node.weights_path} is read only with {key}.enabled=true, got "
+                        f"{key}.enabled=false; set {key}.enabled=true, or drop {key}.weights_path")
+    from pathlib import Path
+
+    if not Path(node.weights_path).expanduser().is_file():
+        raise UserError(f"{key}.weights_path={node.weights_path} is not a file; give the path of DINOv2 ViT-L/14's "
+                        "weights (dinov2_vitl14_pretrain.pth), or drop the key for the default")
+
+
 def _fmt_value(value: Any) -> str:
     return "''" if value == "" else "null" if value is None else str(value)
 
@@ -468,6 +485,8 @@ def validate_entry(config_name: str, cfg: DictConfig, here: bool = True) -> None
     check_samplers(cfg)
     if "feature_extractor" in cfg:
         check_feature_extractor(cfg.feature_extractor, "feature_extractor")
+    if "fd_dinov2" in cfg:
+        check_fd_dinov2(cfg.fd_dinov2, "fd_dinov2")
     table = cfg.get("sampler_table")
     if table is not None and table.tuned_ckpt is not None:
         if not table.enabled:

@@ -3,11 +3,12 @@
 Each extractor has a `name`, `num_features`, and `weights_sha256` (over its state_dict), so that a score can
 say exactly which network made it. `DigitsFeatures` is a small CNN trained once on the digits train split
 and cached; `InceptionFeatures` is the standard FID/IS network (torch-fidelity's port of the 2015 TF graph);
-`ModuleFeatures` wraps any user module.
+`DINOv2Features` is DINOv2 ViT-L/14, FD-DINOv2's network (Stein et al. 2023); `ModuleFeatures` wraps any user module.
 """
 
 import hashlib
 import importlib
+import math
 import os
 import tempfile
 from collections.abc import Mapping
@@ -24,6 +25,9 @@ from diffusion.files import probe_writable
 DIGITS_CNN_VERSION = "v1"  # bump when the architecture or the training recipe changes: a new cache file
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's name in the torch hub cache
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
+DINOV2_FILE = "dinov2_vitl14_pretrain.pth"  # the official torch.hub checkpoint's name (torch hub cache)
+DINOV2_URL = f"https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/{DINOV2_FILE}"
+DINOV2_OPTION = "callbacks.quality.fd_dinov2.weights_path"  # train.py's key; evaluate.py's is fd_dinov2.weights_path
 
 
 def state_sha256(module: nn.Module) -> str:
@@ -256,6 +260,125 @@ def _missing_inception(path: Path, given: bool) -> str:
         return f"Inception weights {path} not found; fetch {INCEPTION_URL} and set {option}"
     return (f"Inception weights not found: put {INCEPTION_FILE} in {path.parent}/ (fetch it from {INCEPTION_URL} "
             f"on a machine with internet), or set {option}")
+
+
+class DINOv2Features(FeatureExtractor):
+    """DINOv2 ViT-L/14 (Oquab et al. 2023) as FD-DINOv2 uses it (Stein et al. 2023, dgm-eval; EDM2 reports it
+    beside FID): the CLS token after the final norm, 1024-d; no logits.
+
+    The architecture is timm's `vit_large_patch14_dinov2` (no download: pretrained=False), built for 224x224 input;
+    the weights come from a local file: the official torch.hub checkpoint `dinov2_vitl14_pretrain.pth` (converted
+    by timm's checkpoint filter) or the same network's timm state dict (.pth, or .safetensors as timm's hub
+    copy). Without `weights_path` the file is read from <torch hub>/checkpoints/, where torch.hub would put it.
+
+    Preprocessing follows EDM2's DINOv2 detector (`calculate_metrics.py`, its default resize_mode='torch', which
+    its authors note matches dgm-eval's PIL resize closely): grey repeated to RGB, a bicubic antialiased resize of
+    the 0-255 values to 224x224 in float32 (not re-quantized to uint8), /255, ImageNet mean/std normalisation.
+    The checkpoint's 37x37 position embedding is resampled to 16x16 once, exactly as the official model does at
+    every 224x224 forward (bicubic, scale factor (16 + 0.1) / 37, no antialias), so the features are those of
+    torch.hub's `dinov2_vitl14` that dgm-eval and EDM2 run, not timm's own (antialiased) resampling.
+    """
+
+    num_features = 1024
+    size = 224  # dgm-eval's and EDM2's input size
+    patch = 14
+    chunk = 128  # images per forward pass (bounds the attention's memory whatever batch the caller passes)
+
+    def __init__(self, weights_path: str | None = None):
+        super().__init__()
+        self.name = "dinov2-vitl14"
+        path = Path(weights_path).expanduser() if weights_path else dinov2_weights_path()
+        if not path.is_file():
+            raise UserError(_missing_dinov2(path, given=weights_path is not None))
+        self.net = _load_dinov2(path)
+        self.weights_sha256 = state_sha256(self.net)
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
+
+    def extract(self, images: Tensor) -> tuple[Tensor, None]:
+        if images.shape[1] not in (1, 3):
+            raise UserError(f"{self.name} takes grey or RGB images, got {images.shape[1]} channels")
+        return torch.cat([self._cls(part) for part in images.split(self.chunk)]), None
+
+    def _cls(self, images: Tensor) -> Tensor:
+        x = images.to(torch.float32).expand(-1, 3, -1, -1)  # grey -> RGB (RGB unchanged)
+        if tuple(x.shape[-2:]) != (self.size, self.size):
+            x = nn.functional.interpolate(x, size=(self.size, self.size), mode="bicubic", antialias=True)
+        x = (x / 255 - self.mean) / self.std
+        return self.net.forward_features(x)[:, 0]  # the CLS token after the final norm
+
+
+def dinov2_weights_path() -> Path:
+    """Where torch.hub keeps the official DINOv2 ViT-L/14 checkpoint: <torch hub dir>/checkpoints/<file>."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / DINOV2_FILE
+
+
+def _missing_dinov2(path: Path, given: bool) -> str:
+    option = f"{DINOV2_OPTION}=/path/to/{DINOV2_FILE} (evaluate.py: fd_dinov2.weights_path=...)"
+    if given:
+        return f"DINOv2 weights {path} not found; fetch {DINOV2_URL} and set {option}"
+    return (f"DINOv2 weights not found: put {DINOV2_FILE} in {path.parent}/ (fetch it from {DINOV2_URL} on a machine "
+            f"with internet), or set {option}; or turn FD-DINOv2 off with fd_dinov2.enabled=false")
+
+
+def _load_dinov2(path: Path) -> nn.Module:
+    """timm's ViT-L/14 (DINOv2) at 224x224 with the file's weights, every tensor of the network from the file."""
+    import timm
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    unreadable = f"cannot load DINOv2 weights {path}"
+    fix = f"fetch {DINOV2_URL} again (or give its timm state dict as {DINOV2_OPTION})"
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise UserError(f"{unreadable} ({type(err).__name__}); {fix}") from err
+    with torch.device("meta"):  # no random init of 300M parameters: every one is assigned from the file
+        net = timm.create_model("vit_large_patch14_dinov2", pretrained=False, num_classes=0,
+                                img_size=DINOv2Features.size)
+    try:
+        state = dict(state.get("model", state.get("state_dict", state)))
+        state["pos_embed"] = _official_pos_embed(state["pos_embed"], DINOv2Features.size // DINOv2Features.patch)
+        net.load_state_dict(checkpoint_filter_fn(state, net), strict=True, assign=True)
+    except Exception as err:
+        raise UserError(f"{unreadable}: not DINOv2 ViT-L/14 ({type(err).__name__}: {str(err)[:200]!r}); {fix}"
+                        ) from err
+    return net.float().eval().requires_grad_(False)
+
+
+def _official_pos_embed(pos_embed: Tensor, grid: int) -> Tensor:
+    """(1, 1 + M*M, D) -> (1, 1 + grid*grid, D) as DINOv2's `interpolate_pos_encoding` computes it (the torch.hub
+    models: interpolate_offset 0.1, interpolate_antialias False), so timm at a fixed size gives its features."""
+    m = math.isqrt(pos_embed.shape[1] - 1)
+    if m == grid:
+        return pos_embed
+    cls, patches = pos_embed[:, :1], pos_embed[:, 1:].float()
+    scale = (grid + 0.1) / m
+    patches = nn.functional.interpolate(patches.reshape(1, m, m, -1).permute(0, 3, 1, 2), scale_factor=(scale, scale),
+                                        mode="bicubic", antialias=False)
+    if tuple(patches.shape[-2:]) != (grid, grid):
+        raise ValueError(f"position embedding of {m}x{m} patches resampled to {tuple(patches.shape[-2:])}")
+    return torch.cat([cls, patches.permute(0, 2, 3, 1).reshape(1, grid * grid, -1).to(pos_embed.dtype)], dim=1)
+
+
+def make_dinov2(spec) -> "DINOv2Features | FeatureExtractor | None":
+    """FD-DINOv2's extractor from fd_dinov2's settings: None or {'enabled': false} -> None (off); True or
+    {'enabled': true, 'weights_path': ...} -> DINOv2Features; a FeatureExtractor as it is."""
+    if isinstance(spec, FeatureExtractor):
+        return spec
+    if spec is None or spec is False:
+        return None
+    options = {} if spec is True else dict(spec)
+    if not options.pop("enabled", True):
+        return None
+    unknown = set(options) - {"weights_path"}
+    if unknown:
+        raise UserError(f"fd_dinov2 takes enabled and weights_path, got {sorted(unknown)}; remove the others")
+    return DINOv2Features(options.get("weights_path"))
 
 
 def make_feature_extractor(spec) -> FeatureExtractor:

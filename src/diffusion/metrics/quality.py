@@ -9,6 +9,10 @@ Generated features are metric states reduced by concatenation, so torchmetrics g
 rank in `compute()`; each carries its sample index, and everything is computed in index order, so the scores
 do not depend on how the samples were spread over ranks. Reference features are computed once per run by
 `set_reference` and survive `reset()`.
+
+FD-DINOv2 (Stein et al. 2023), switched on with `dinov2=`, is the same Fréchet distance in the features of a second
+network, DINOv2 ViT-L/14: its features of generated images are one more state (gen_dinov2), of the real sets one
+more pair of statistics, and its score `fd_dinov2` one more entry of SCORES.
 """
 
 import hashlib
@@ -29,7 +33,7 @@ from torchmetrics.utilities.distributed import gather_all_tensors
 from diffusion.core.objectives.base import Objective
 from diffusion.core.sampling import NOISE_BLOCK, SamplerSpec, chunk_bounds, sampler_label
 from diffusion.errors import UserError
-from diffusion.metrics.features import FeatureExtractor, make_feature_extractor
+from diffusion.metrics.features import FeatureExtractor, make_dinov2, make_feature_extractor
 
 
 def knn_radii(features: Tensor, k: int, chunk: int = 1024) -> Tensor:
@@ -68,6 +72,7 @@ class Reference:
     mu: Tensor  # (D,)
     sigma: Tensor  # (D, D)
     radii: Tensor  # (N,) k-NN radii for precision
+    dinov2: tuple[Tensor, Tensor] | None = None  # (mu (D,), sigma (D, D)) of its DINOv2 features, with FD-DINOv2
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,7 @@ class Samples:
     radii: Tensor  # (M,) k-NN radii, for recall
     logits: Tensor | None  # (M, K) where the extractor classifies, else None
     asked: Tensor | None  # (M,) the labels the samples were asked for, where known (guidance), else None
+    dinov2: tuple[Tensor, Tensor] | None = None  # (mu, sigma) of their DINOv2 features, with FD-DINOv2
 
 
 @dataclass(frozen=True)
@@ -110,6 +116,8 @@ class Score:
 SCORES: tuple[Score, ...] = (
     Score("fid", "FD", lambda q, s, r: _compute_fid(r.mu, r.sigma, s.mu, s.sigma).item(), shown="all",
           headline=True, fmt=".4g"),
+    Score("fd_dinov2", "FD-DINOv2", lambda q, s, r: None if s.dinov2 is None or r.dinov2 is None else
+          _compute_fid(*r.dinov2, *s.dinov2).item(), shown="all", headline=True, fmt=".4g"),
     Score("kid", "KID", lambda q, s, r: q.kid(r.features, s.features), extras=("kid_std",)),
     Score("precision", "precision", lambda q, s, r: manifold_coverage(s.features, r.features, r.radii), fmt=".3f"),
     Score("recall", "recall", lambda q, s, r: manifold_coverage(r.features, s.features, s.radii), fmt=".3f"),
@@ -123,9 +131,10 @@ SPLITS = ("train", "val")  # the reference sets a run may score against (the dat
 PRIMARY = "fid_train"  # the score choices rank by and plots draw (the best guidance scale, FD against NFE)
 
 
-def result_keys(splits: "Sequence[str]", *, in_training: bool = False) -> list[str]:
-    """The keys SampleQuality.compute may return against these reference sets, in its order."""
-    scores = [s for s in SCORES if s.logged_in_training or not in_training]
+def result_keys(splits: "Sequence[str]", *, in_training: bool = False, dinov2: bool = True) -> list[str]:
+    """The keys SampleQuality.compute may return against these reference sets, in its order (fd_dinov2's only
+    with `dinov2`, FD-DINOv2 switched on)."""
+    scores = [s for s in SCORES if (s.logged_in_training or not in_training) and (dinov2 or s.name != "fd_dinov2")]
     return [f"{n}_{split}" for split in splits for s in scores if s.per_reference for n in (s.name, *s.extras)] + \
         [n for s in scores if not s.per_reference for n in (s.name, *s.extras)]
 
@@ -183,16 +192,18 @@ def column_title(key: str) -> str:
 
 
 class SampleQuality(Metric):
-    """FID, KID, IS and precision/recall (k-NN, k=3) of generated uint8 images against named real sets."""
+    """FID, KID, IS and precision/recall (k-NN, k=3) of generated uint8 images against named real sets; FD-DINOv2
+    too with `dinov2` (True, {'enabled': true, 'weights_path': ...} or a FeatureExtractor; default off)."""
 
     is_differentiable = False
     higher_is_better = None
     full_state_update = False
 
     def __init__(self, feature_extractor="digits", k: int = 3, kid_subsets: int = 100, kid_subset_size: int = 1000,
-                 is_splits: int = 10, kid_seed: int = 0, **kwargs):
+                 is_splits: int = 10, kid_seed: int = 0, dinov2=None, **kwargs):
         super().__init__(**kwargs)
         self.extractor: FeatureExtractor = make_feature_extractor(feature_extractor)
+        self.dinov2: FeatureExtractor | None = make_dinov2(dinov2)  # FD-DINOv2's network, None when off
         self.k, self.kid_subsets, self.kid_subset_size = k, kid_subsets, kid_subset_size
         self.is_splits, self.kid_seed = is_splits, kid_seed
         self.references: dict[str, Reference] = {}
@@ -202,15 +213,18 @@ class SampleQuality(Metric):
         self.add_state("gen_features", [], dist_reduce_fx="cat")
         self.add_state("gen_logits", [], dist_reduce_fx="cat")
         self.add_state("gen_index", [], dist_reduce_fx="cat")
+        self.add_state("gen_dinov2", [], dist_reduce_fx="cat")  # (N, 1024) with FD-DINOv2, else never filled
 
-    def features(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
-        """One extractor pass: uint8 (N, C, H, W) -> float64 features (N, D), logits (N, K) or None."""
+    def features(self, images: Tensor, extractor: FeatureExtractor | None = None) -> tuple[Tensor, Tensor | None]:
+        """One pass of the extractor (default the main one): uint8 (N, C, H, W) -> float64 features (N, D), logits
+        (N, K) or None."""
+        extractor = extractor or self.extractor
         images = images.to(self.device)
         if len(images) == 0:  # a rank without samples still sends (0, D) features when they are gathered
-            features, logits = self.extractor(images.new_zeros(1, *images.shape[1:]))
+            features, logits = extractor(images.new_zeros(1, *images.shape[1:]))
             features, logits = features[:0], None if logits is None else logits[:0]
         else:
-            features, logits = self.extractor(images)
+            features, logits = extractor(images)
         return features.double(), None if logits is None else logits.double()
 
     def update(self, images: Tensor | None = None, index: Tensor | None = None, *,
@@ -227,12 +241,15 @@ class SampleQuality(Metric):
 
     def extract(self, images: Tensor, index: Tensor) -> dict[str, Tensor]:
         """What the metric keeps of generated uint8 images numbered `index`: {state name: tensor with one row per
-        image}, e.g. gen_features (N, D), gen_index (N,), gen_logits (N, K) where the extractor classifies. A part
-        can be saved (evaluate.py's shards) and added later: update(images, index) is add(extract(images, index))."""
+        image}, e.g. gen_features (N, D), gen_index (N,), gen_logits (N, K) where the extractor classifies,
+        gen_dinov2 (N, 1024) with FD-DINOv2. A part can be saved (evaluate.py's shards) and added later:
+        update(images, index) is add(extract(images, index))."""
         features, logits = self.features(images)
         parts = {"gen_features": features, "gen_index": torch.as_tensor(index).to(self.device, torch.int64)}
         if logits is not None:
             parts["gen_logits"] = logits
+        if self.dinov2 is not None:
+            parts["gen_dinov2"] = self.features(images, self.dinov2)[0]
         return parts
 
     def add(self, parts: dict[str, Tensor]) -> None:
@@ -247,21 +264,30 @@ class SampleQuality(Metric):
                             "raise max_reference_images")
         distributed = shard and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-        mine = chunk_bounds(len(images), batch_size, rank, world)
-        local = [self.features(images[start:stop])[0] for _, start, stop in mine]
-        local = torch.cat(local) if local else self.features(images[:0])[0]
-        gathered = gather_all_tensors(local, self.process_group) if distributed else [local]
-        chunks = {}
-        for r, part in enumerate(gathered):
-            ks = chunk_bounds(len(images), batch_size, r, world)
-            chunks.update(zip([k for k, _, _ in ks], part.split([stop - start for _, start, stop in ks]), strict=True))
-        features = torch.cat([chunks[k] for k in sorted(chunks)])  # (N, D) in the images' order
+
+        def in_order(extractor: FeatureExtractor | None) -> Tensor:
+            """(N, D) features of every image, this rank's chunks extracted here, in the images' order."""
+            mine = chunk_bounds(len(images), batch_size, rank, world)
+            local = [self.features(images[start:stop], extractor)[0] for _, start, stop in mine]
+            local = torch.cat(local) if local else self.features(images[:0], extractor)[0]
+            gathered = gather_all_tensors(local, self.process_group) if distributed else [local]
+            chunks = {}
+            for r, part in enumerate(gathered):
+                ks = chunk_bounds(len(images), batch_size, r, world)
+                chunks.update(zip([k for k, _, _ in ks], part.split([stop - start for _, start, stop in ks]),
+                                  strict=True))
+            return torch.cat([chunks[k] for k in sorted(chunks)])
+
+        features = in_order(self.extractor)
+        dinov2 = None if self.dinov2 is None else in_order(self.dinov2)
         self.references[name] = Reference(features, features.mean(0), torch.cov(features.T),
-                                          knn_radii(features, self.k))
+                                          knn_radii(features, self.k),
+                                          None if dinov2 is None else (dinov2.mean(0), torch.cov(dinov2.T)))
 
     def extraction(self) -> dict:
         """What the generated states depend on besides the images: the extractor, by name and weights."""
-        return {"extractor": self.extractor.name, "extractor_sha256": self.extractor.weights_sha256}
+        dinov2 = None if self.dinov2 is None else {"name": self.dinov2.name, "sha256": self.dinov2.weights_sha256}
+        return {"extractor": self.extractor.name, "extractor_sha256": self.extractor.weights_sha256, "dinov2": dinov2}
 
     def is_splits_for(self, n: int) -> int:
         """IS splits: is_splits (10, the standard protocol) with at least 100 samples each, else fewer."""
@@ -286,11 +312,16 @@ class SampleQuality(Metric):
         logits = dim_zero_cat(self.gen_logits)[order] if _nonempty(self.gen_logits) else None
         asked = None if self.requested_labels is None or logits is None else \
             self.requested_labels.to(features.device)[index[order]]  # (M,) the label each sample was asked for
+        dinov2 = None
+        if _nonempty(self.gen_dinov2):
+            dinov2 = dim_zero_cat(self.gen_dinov2)[order]  # (M, 1024) float64
+            dinov2 = (dinov2.mean(0), torch.cov(dinov2.T))
         samples = Samples(features, features.mean(0), torch.cov(features.T), knn_radii(features, self.k), logits,
-                          asked)
+                          asked, dinov2)
         scores = {}
         for name, ref in self.references.items():
-            ref = Reference(*(t.to(features.device) for t in (ref.features, ref.mu, ref.sigma, ref.radii)))
+            ref = Reference(*(t.to(features.device) for t in (ref.features, ref.mu, ref.sigma, ref.radii)),
+                            None if ref.dinov2 is None else tuple(t.to(features.device) for t in ref.dinov2))
             for score in SCORES:
                 if score.per_reference:
                     scores.update({f"{k}_{name}": v for k, v in score.values(self, samples, ref).items()})
@@ -316,19 +347,26 @@ def _nonempty(state: list[Tensor] | Tensor) -> bool:
 
 def make_protocol(*, num_generated: int, reference_sizes: dict[str, int], extractor: FeatureExtractor,
                   sampler: SamplerSpec, objective: Objective, weights: str, seed: int,
-                  settings: dict | None = None, noise_block: int = NOISE_BLOCK) -> dict:
+                  settings: dict | None = None, dinov2: FeatureExtractor | None = None,
+                  noise_block: int = NOISE_BLOCK) -> dict:
     """Everything a score depends on besides the network: scores with different protocols are not comparable.
-    The objective adds what it records (DDPM: num_timesteps and variance, as protocols always held). The images are
-    0..num_generated-1 of `seed` (core/sampling/draw.py); their noise block is recorded where it is not the default
-    (250, what every protocol held before it could change)."""
-    block = {} if noise_block == NOISE_BLOCK else {"noise_block": noise_block}
-    return {**block,
+    The objective adds what it records (DDPM: num_timesteps and variance, as protocols always held). With FD-DINOv2
+    (`dinov2`, its extractor) a `fd_dinov2` entry names its network and weights; without, the protocol is as before.
+    The images are 0..num_generated-1 of `seed` (core/sampling/draw.py); their noise block is recorded where it is
+    not the default (250, what every protocol held before it could change)."""
+    protocol = {
         "num_generated": num_generated,
         "reference": {split: {"num_images": n, "augmentation": "none"} for split, n in reference_sizes.items()},
         "extractor": extractor.name, "extractor_sha256": extractor.weights_sha256[:12],
         "sampler": sampler.describe(objective), **objective.protocol(), "weights": weights, "seed": seed,
         "settings": settings or {},
     }
+    if dinov2 is not None:
+        protocol["fd_dinov2"] = {"extractor": dinov2.name, "extractor_sha256": dinov2.weights_sha256[:12],
+                                 "resize": "224x224 bicubic antialias"}
+    if noise_block != NOISE_BLOCK:
+        protocol["noise_block"] = noise_block
+    return protocol
 
 
 def protocol_id(protocol: dict) -> str:
@@ -353,7 +391,13 @@ def describe_measurement(protocol: dict) -> str:
     """'1000 samples ddim-50 η=0 vs train 1500/val 297, digits-cnn-v1 sha 0505ec54': how, whatever the weights."""
     refs = "/".join(f"{split} {r['num_images']}" for split, r in protocol["reference"].items())
     return (f"{protocol['num_generated']} samples {sampler_label(protocol['sampler'])} vs {refs}, "
-            f"{protocol['extractor']} sha {protocol['extractor_sha256'][:8]}")
+            f"{protocol['extractor']} sha {protocol['extractor_sha256'][:8]}{_dinov2_text(protocol)}")
+
+
+def _dinov2_text(protocol: dict) -> str:
+    """', dinov2-vitl14 sha 1a2b3c4d' where the protocol has FD-DINOv2, else ''."""
+    dinov2 = protocol.get("fd_dinov2")
+    return f", {dinov2['extractor']} sha {dinov2['extractor_sha256'][:8]}" if dinov2 else ""
 
 
 def describe(scores: dict[str, float], protocol: dict) -> str:
@@ -362,7 +406,8 @@ def describe(scores: dict[str, float], protocol: dict) -> str:
     sampler = sampler_label(protocol["sampler"])
     refs = "/".join(f"{split} {r['num_images']}" for split, r in protocol["reference"].items())
     return (f"{values} [protocol {protocol_id(protocol)}: {protocol['num_generated']} samples {sampler} "
-            f"{protocol['weights']} vs {refs}, {protocol['extractor']} sha {protocol['extractor_sha256'][:8]}]")
+            f"{protocol['weights']} vs {refs}, {protocol['extractor']} sha {protocol['extractor_sha256'][:8]}"
+            f"{_dinov2_text(protocol)}]")
 
 
 def _fmt(value: float) -> str:

@@ -38,15 +38,17 @@ class SampleQualityCallback(L.Callback):
     def __init__(self, *, every_n_steps: int, num_samples: int, batch_size: int, sampler: SamplerSpec | dict,
                  seed: int, feature_extractor: Mapping | str, reference_splits: "list[str] | tuple[str, ...]",
                  max_reference_images: int | None, weights: str, at_train_end: bool,
-                 extra_samplers: "list[SamplerSpec | dict] | tuple"):
+                 extra_samplers: "list[SamplerSpec | dict] | tuple", fd_dinov2: Mapping | bool | None):
         """A validated config's values (callbacks.quality: its schema's rules); samplers as SamplerSpecs or their
-        fields, the feature extractor as its settings (or a name)."""
+        fields, the feature extractor as its settings (or a name); fd_dinov2 as its settings (None or enabled=false:
+        off)."""
         self.every_n_steps, self.num_samples, self.batch_size, self.seed = every_n_steps, num_samples, batch_size, seed
         self.sampler = sampler_spec(sampler)
         self.extra_samplers = [sampler_spec(spec) for spec in extra_samplers]
         self.extra_tags: list[str] = []
         spec = feature_extractor
         self.feature_extractor = dict(spec) if isinstance(spec, Mapping) else spec  # plain values, picklable
+        self.fd_dinov2 = dict(fd_dinov2) if isinstance(fd_dinov2, Mapping) else fd_dinov2
         self.reference_splits, self.max_reference_images = tuple(reference_splits), max_reference_images
         self.weights, self.at_train_end = weights, at_train_end
         self.metric: SampleQuality | None = None
@@ -89,7 +91,7 @@ class SampleQualityCallback(L.Callback):
         if not hasattr(datamodule, "reference_images"):
             raise UserError("callbacks.quality needs a data module with reference_images() (fit(datamodule=...)); "
                             "or set callbacks.quality=null")
-        self.metric = SampleQuality(self.feature_extractor)
+        self.metric = SampleQuality(self.feature_extractor, dinov2=self.fd_dinov2)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Before the first step: the samplers against T, then preflight (a no-op when train() already ran it)."""
@@ -154,7 +156,7 @@ class SampleQualityCallback(L.Callback):
             num_generated=self.num_samples, extractor=metric.extractor, sampler=sampler, weights=weights,
             reference_sizes={split: len(ref.features) for split, ref in metric.references.items()},
             objective=pl_module.objective, seed=self.seed,
-            settings=metric.settings(self.num_samples))
+            settings=metric.settings(self.num_samples), dinov2=metric.dinov2)
 
     def _log(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         scores = {**self.last_scores, **self.extra_scores}

@@ -205,7 +205,7 @@ def _pass(cfg, module, datamodule, metric: SampleQuality, weights: str, sampler:
     protocol = make_protocol(
         num_generated=num_samples, reference_sizes={split: len(r) for split, r in refs.items()},
         extractor=metric.extractor, sampler=sampler, objective=module.objective, weights=weights, seed=cfg.seed,
-        settings=metric.settings(num_samples), noise_block=cfg.noise_block)
+        settings=metric.settings(num_samples), dinov2=metric.dinov2, noise_block=cfg.noise_block)
     if shards is not None:
         results["shards"] = {"dir": str(shards.dir), "images": len(shards.load(with_states=False).index),
                              "of": num_samples}
@@ -242,13 +242,15 @@ def _evaluate(cfg: DictConfig) -> dict:
     module, datamodule, extractor, table, weights, posthoc, index = _setup(cfg)
     num_samples = cfg.num_samples or datamodule.eval_num_samples
     sampler = _sampler(cfg)
+    # the extractors first: a missing weights file is one line before anything is printed or sampled
+    metric = SampleQuality({**OmegaConf.to_container(cfg.feature_extractor, resolve=True), "name": extractor},
+                           dinov2=OmegaConf.to_container(cfg.fd_dinov2, resolve=True))
     if index is not None:
-        return _evaluate_part(cfg, module, datamodule, extractor, weights, sampler, num_samples, index)
+        return _evaluate_part(cfg, module, datamodule, metric, weights, sampler, num_samples, index)
     if rank_zero_only.rank == 0:
         bpd = f", bits/dim on the {cfg.bpd.split} split" if cfg.bpd.enabled else ""
         print(f"evaluating {cfg.ckpt}: {num_samples} samples ({sampler.label(module.objective)}) "
               f"against {datamodule.name}{bpd}", flush=True)
-    metric = SampleQuality({**OmegaConf.to_container(cfg.feature_extractor, resolve=True), "name": extractor})
     results, protocol = _pass(cfg, module, datamodule, metric, weights, sampler, num_samples, bpd=cfg.bpd.enabled)
     report = {"checkpoint": str(Path(cfg.ckpt).resolve()), "data": datamodule.name, "weights": weights,
               "posthoc_ema": posthoc, "protocol": protocol,
@@ -271,13 +273,12 @@ def _evaluate(cfg: DictConfig) -> dict:
     return report
 
 
-def _evaluate_part(cfg: DictConfig, module, datamodule, extractor: str, weights: str, sampler: SamplerSpec,
+def _evaluate_part(cfg: DictConfig, module, datamodule, metric: SampleQuality, weights: str, sampler: SamplerSpec,
                    num_samples: int, index) -> dict:
     """seeds=a part of the images: their features into the shards, no score (see _index)."""
     if rank_zero_only.rank == 0:
         print(f"evaluating {cfg.ckpt}: images {cfg.seeds} ({len(index)} of {num_samples}, "
               f"{sampler.label(module.objective)}) into feature shards", flush=True)
-    metric = SampleQuality({**OmegaConf.to_container(cfg.feature_extractor, resolve=True), "name": extractor})
     results, protocol = _pass(cfg, module, datamodule, metric, weights, sampler, num_samples, bpd=False, index=index)
     shards = results["shards"]
     if rank_zero_only.rank == 0:
