@@ -12,9 +12,10 @@ reports the median of `--repeats` runs (3) with their spread, each data path's r
 Also: EMA as one foreach lerp against torch's AveragedModel per-tensor update (today's, before this bench), Adam
 one tensor at a time / foreach / fused, and the graph breaks of the compiled network (torch._dynamo.explain).
 
-    .venv/bin/python bench/overhead.py [--models digits cifar10] [--repeats 3] [--threads N]
+    .venv/bin/python bench/overhead.py [--models digits cifar10] [--repeats 3] [--threads N] [--paths on_device]
 
-Results go to bench/results/<machine>.json under "overhead-<model>-t<threads>".
+Results go to bench/results/<machine>.json under "overhead-<model>-t<threads>" (with --paths of one path:
+"overhead-<model>-t<threads>-<path>").
 """
 
 import argparse
@@ -49,6 +50,7 @@ RECIPES = {  # model -> (train.py overrides, steps per chunk, chunks); CIFAR-10 
     "cifar10": (["experiment=cifar10_ddpm", "data.batch_size=8", "trainer.accelerator=cpu",
                  "trainer.limit_val_batches=0"], 2, 3),  # the full bound (T passes per image) is not a step
 }
+PATHS = {"loader": ["data.on_device=false"], "on_device": ["data.on_device=true"]}  # the data paths measured
 QUIET = ["callbacks.samples=null", "callbacks.quality=null", "trainer.enable_progress_bar=true"]
 
 
@@ -205,13 +207,15 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     p.add_argument("--threads", type=int, default=None, help="torch threads for both sides (default: torch's)")
     p.add_argument("--repeats", type=int, default=3, help="runs of each data path; the median of their overheads")
+    p.add_argument("--paths", nargs="+", default=list(PATHS), choices=list(PATHS), help="data paths to measure")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cpu")
     for model in args.models:
         record = {"settings": {**vars(args), "model": model}, **environment(device)}
-        for kind, extra in (("loader", ["data.on_device=false"]), ("on_device", ["data.on_device=true"])):
+        for kind in args.paths:
+            extra = PATHS[kind]
             runs = []
             for i in range(args.repeats):
                 with tempfile.TemporaryDirectory() as tmp:
@@ -224,11 +228,12 @@ def main() -> None:
         record["updates"] = update_costs(model)
         record["compile"] = graph_breaks(model)
         print_summary(model, record)
-        save(machine_name(device), f"overhead-{model}-t{torch.get_num_threads()}", record)
+        some = "" if set(args.paths) == set(PATHS) else "-" + "-".join(args.paths)  # beside the full record
+        save(machine_name(device), f"overhead-{model}-t{torch.get_num_threads()}{some}", record)
 
 
 def print_summary(model: str, r: dict) -> None:
-    for kind in ("loader", "on_device"):
+    for kind in (k for k in PATHS if k in r):
         o = r[kind]
         print(f"{model:8s} {kind:9s} train.py {o['full_median_s'] * 1e3:8.1f} ms/step  bare "
               f"{o['bare_median_s'] * 1e3:8.1f} ms/step  overhead {o['overhead']:+.1%} (median of "
@@ -238,7 +243,7 @@ def print_summary(model: str, r: dict) -> None:
           f"{u['ema_s']['foreach_lerp'] * 1e3:.2f} ms ({u['ema_foreach_speedup']:.1f}x); Adam "
           + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in u["adam_s"].items()))
     print(f"{model:8s} compile: {r['compile']['graph_breaks']} graph breaks in {r['compile']['graphs']} graph(s)")
-    assert math.isfinite(r["loader"]["overhead"])
+    assert all(math.isfinite(r[k]["overhead"]) for k in PATHS if k in r)
 
 
 if __name__ == "__main__":

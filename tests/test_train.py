@@ -3,12 +3,16 @@
 import subprocess
 import sys
 
+import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from omegaconf import OmegaConf
 from PIL import Image
 
 from diffusion.core.gaussian import GaussianDiffusion
+from diffusion.lightning.callbacks import progress
+from diffusion.lightning.callbacks.progress import StepProgressBar
 from diffusion.lightning.checkpoints import load_module
 from diffusion.run.commands.train import build_module, resolve_ckpt_path, train
 from helpers import ROOT, build, paper_betas, train_cfg, wandb_history
@@ -50,6 +54,61 @@ def test_wandb_offline_run_holds_losses_images_and_config(trained):
     assert any(k.startswith("train_loss_by_t/t") for h in history for k in h)
     images = list(out.glob("wandb/offline-run-*/files/media/images/samples/*.png"))
     assert len(images) == 3
+
+
+class StepLosses(L.Callback):
+    """Each step's loss as training_step returned it, and the progress bar's postfix and count after each step (read
+    at the next batch's start and at the end: after the bar's own hooks, the epoch's end included)."""
+
+    def __init__(self):
+        self.loss, self.shown, self.count = {}, {}, {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.loss[trainer.global_step - 1] = float(outputs["loss"])
+
+    def _note(self, trainer):
+        bar = next(c for c in trainer.callbacks if isinstance(c, StepProgressBar)).train_progress_bar
+        self.shown[trainer.global_step] = dict(item.split("=") for item in (bar.postfix or "").split(", ") if item)
+        self.count[trainer.global_step] = bar.n
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._note(trainer)
+
+    def on_train_end(self, trainer, pl_module):
+        self._note(trainer)
+
+
+def test_the_step_loss_reaches_wandb_and_the_bar_at_their_steps(tmp_path, monkeypatch):
+    """Logged at the logging cadence only, train/loss and train/mse in W&B are still the loss of the step they are
+    logged at; the bar shows the loss of the latest step at which it reads one (every 4th step, an epoch's end: 3
+    batches of 500 digits, the last step), and train.py returns the last step's. The bar counts every step but,
+    between its timed redraws (here an hour apart), draws only when its loss changes."""
+    drawn, display = [], Tqdm.display
+
+    def recording(bar, *args, **kwargs):
+        if bar.desc.startswith("train"):
+            drawn.append(bar.n)
+        return display(bar, *args, **kwargs)
+
+    monkeypatch.setattr(Tqdm, "display", recording)
+    monkeypatch.setattr(progress, "REDRAW_S", 3600.0)
+    steps = StepLosses()
+    metrics = train(train_cfg(tmp_path, "data.batch_size=500", "trainer.max_steps=7", "trainer.log_every_n_steps=4",
+                              "trainer.enable_progress_bar=true", "trainer.val_check_interval=100",
+                              "callbacks.samples=null", "callbacks.checkpoint.every_n_train_steps=100"),
+                    extra_callbacks=(steps,))
+    assert sorted(steps.loss) == list(range(7))
+    logged = {int(h["trainer/global_step"]): h for h in wandb_history(tmp_path) if "train/loss" in h}
+    assert sorted(logged) == [3]  # (step + 1) % log_every_n_steps == 0
+    for step, record in logged.items():
+        assert record["train/loss"] == record["train/mse"] == steps.loss[step]  # DDPM's simple loss is the MSE
+    bar = Tqdm.format_num  # how the bar writes a number
+    read_at = {3: 2, 4: 3, 5: 3, 6: 5, 7: 6}  # after step g: the loss of step ...
+    assert {g: shown.get("train/loss") for g, shown in steps.shown.items()} == \
+        {0: None, 1: None, 2: None, **{g: bar(steps.loss[s]) for g, s in read_at.items()}}
+    assert metrics["train/loss"] == steps.loss[6]
+    assert steps.count == {g: g for g in range(8)}
+    assert sorted(set(drawn)) == [0, 3, 4, 6, 7]
 
 
 def test_checkpoint_loads_in_a_fresh_process_without_config(trained):

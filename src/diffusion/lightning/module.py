@@ -104,12 +104,28 @@ class DiffusionModule(L.LightningModule):
             self._watch_nonfinite(loss)
         # Logged as the mean over ranks: the global batch's loss, comparable across device counts. Not prog_bar:
         # Lightning reads those on the host after every batch; StepProgressBar shows it at the logging cadence.
-        self.log("train/loss", loss, sync_dist=True)
-        self.log("train/mse", out.mse.mean(), sync_dist=True)
-        if out.vlb is not None:
-            self.log("train/vlb_bpd_term", out.vlb.mean())
+        if self._logs_this_step():
+            self.log("train/loss", loss, sync_dist=True)
+            self.log("train/mse", out.mse.mean(), sync_dist=True)
+            if out.vlb is not None:
+                self.log("train/vlb_bpd_term", out.vlb.mean())
         self._log_binned(levels, out.mse.detach())
         return loss
+
+    def _logs_this_step(self) -> bool:
+        """Whether this batch's training scalars are read: at the steps whose metrics Lightning writes to the loggers
+        (trainer.log_every_n_steps, Lightning's own test), at an epoch's last batch and at the last step (the bar's
+        loss then, and train.py's final metrics).
+
+        self.log costs Lightning's bookkeeping (and, with sync_dist, an all-reduce) at every call; a value logged
+        between those steps would only be overwritten unread. Every rank answers the same (the same step counts).
+        """
+        if self._trainer is None:
+            return True
+        trainer = self.trainer
+        last_step = 0 < trainer.max_steps <= self.global_step + 1
+        return bool(trainer._logger_connector.should_update_logs or trainer.fast_dev_run or last_step
+                    or trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
 
     def _draw(self, x0: Tensor, batch_idx: int) -> tuple[Tensor, ...]:
         """Noise levels, importance weights and ε (and, for a class-conditional model, whether each label is

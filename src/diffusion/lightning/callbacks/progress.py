@@ -4,11 +4,14 @@ Lightning's TQDM bar counts the batches of each epoch and names the epoch out of
 budgeted in steps (max_epochs=-1) reads "Epoch 36/-2". Runs here are budgeted in steps, so one bar goes
 from the step the run starts at (a resumed run: its checkpoint's) to max_steps; validation keeps its own bar.
 The loss beside it is read (a host-device sync) at the logging cadence, trainer.log_every_n_steps, not every step.
+The step count is redrawn at most every REDRAW_S seconds (tqdm's mininterval), and whenever the loss changes: each
+redraw is a write to the terminal, which W&B's console capture also copies to its service.
 """
 
 import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
-from lightning.pytorch.callbacks.progress.tqdm_progress import _update_n
+
+REDRAW_S = 0.5  # tqdm's default 0.1 s is every step of a run at up to 10 steps/s
 
 
 class StepProgressBar(TQDMProgressBar):
@@ -20,6 +23,7 @@ class StepProgressBar(TQDMProgressBar):
         self.train_progress_bar.initial = trainer.global_step
         self.train_progress_bar.unit = "step"
         self.train_progress_bar.set_description("train")
+        self.train_progress_bar.mininterval = REDRAW_S
 
     def on_train_epoch_start(self, trainer: L.Trainer, *_) -> None:
         """One bar for the whole run: nothing restarts at an epoch."""
@@ -28,7 +32,7 @@ class StepProgressBar(TQDMProgressBar):
                            batch_idx: int) -> None:
         bar, step = self.train_progress_bar, trainer.global_step
         if bar is not None and self._should_update(step, bar.total):
-            _update_n(bar, step)
+            bar.update(step - bar.n)  # tqdm redraws once mininterval has passed (Lightning's _update_n: always)
             if step % trainer.log_every_n_steps == 0 or step == bar.total:  # reading the loss syncs the device
                 bar.set_postfix(self.get_metrics(trainer, pl_module))
 
