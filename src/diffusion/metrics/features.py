@@ -234,7 +234,8 @@ class InceptionFeatures(FeatureExtractor):
         self.name = "inception-v3-compat"
         path = Path(weights_path).expanduser() if weights_path else inception_weights_path()
         if not path.is_file():
-            raise UserError(_missing_inception(path, given=weights_path is not None))
+            raise UserError(missing_weights("Inception", path, weights_path is not None, INCEPTION_FILE, INCEPTION_URL,
+                                            f"callbacks.quality.feature_extractor.weights_path=/path/to/{INCEPTION_FILE}"))
         try:
             self.net = NoTrainInceptionV3(self.name, ["2048", "logits_unbiased"], str(path))
         except Exception as err:
@@ -249,17 +250,21 @@ class InceptionFeatures(FeatureExtractor):
         return features, logits
 
 
+def hub_checkpoint(file: str) -> Path:
+    """Where torch.hub (and torch-fidelity) keep a downloaded checkpoint: <torch hub dir>/checkpoints/<file>."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / file
+
+
 def inception_weights_path() -> Path:
-    """Where torch-fidelity downloads its Inception weights: <torch hub dir>/checkpoints/<file>."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+    return hub_checkpoint(INCEPTION_FILE)
 
 
-def _missing_inception(path: Path, given: bool) -> str:
-    option = f"callbacks.quality.feature_extractor.weights_path=/path/to/{INCEPTION_FILE}"
+def missing_weights(network: str, path: Path, given: bool, file: str, url: str, option: str, off: str = "") -> str:
+    """The one line for a weights file that is not there: the file, where to fetch it and the option that names it."""
     if given:
-        return f"Inception weights {path} not found; fetch {INCEPTION_URL} and set {option}"
-    return (f"Inception weights not found: put {INCEPTION_FILE} in {path.parent}/ (fetch it from {INCEPTION_URL} "
-            f"on a machine with internet), or set {option}")
+        return f"{network} weights {path} not found; fetch {url} and set {option}"
+    return (f"{network} weights not found: put {file} in {path.parent}/ (fetch it from {url} on a machine with "
+            f"internet), or set {option}{off}")
 
 
 class DINOv2Features(FeatureExtractor):
@@ -289,7 +294,10 @@ class DINOv2Features(FeatureExtractor):
         self.name = "dinov2-vitl14"
         path = Path(weights_path).expanduser() if weights_path else dinov2_weights_path()
         if not path.is_file():
-            raise UserError(_missing_dinov2(path, given=weights_path is not None))
+            raise UserError(missing_weights(
+                "DINOv2", path, weights_path is not None, DINOV2_FILE, DINOV2_URL,
+                f"{DINOV2_OPTION}=/path/to/{DINOV2_FILE} (evaluate.py: fd_dinov2.weights_path=...)",
+                off="; or turn FD-DINOv2 off with fd_dinov2.enabled=false"))
         self.net = _load_dinov2(path)
         self.weights_sha256 = state_sha256(self.net)
         self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
@@ -309,16 +317,7 @@ class DINOv2Features(FeatureExtractor):
 
 
 def dinov2_weights_path() -> Path:
-    """Where torch.hub keeps the official DINOv2 ViT-L/14 checkpoint: <torch hub dir>/checkpoints/<file>."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / DINOV2_FILE
-
-
-def _missing_dinov2(path: Path, given: bool) -> str:
-    option = f"{DINOV2_OPTION}=/path/to/{DINOV2_FILE} (evaluate.py: fd_dinov2.weights_path=...)"
-    if given:
-        return f"DINOv2 weights {path} not found; fetch {DINOV2_URL} and set {option}"
-    return (f"DINOv2 weights not found: put {DINOV2_FILE} in {path.parent}/ (fetch it from {DINOV2_URL} on a machine "
-            f"with internet), or set {option}; or turn FD-DINOv2 off with fd_dinov2.enabled=false")
+    return hub_checkpoint(DINOV2_FILE)
 
 
 def _load_dinov2(path: Path) -> nn.Module:
