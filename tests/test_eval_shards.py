@@ -2,6 +2,7 @@
 from the parts of a SLURM array, it scores exactly as the one-shot evaluation does."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -92,6 +93,36 @@ def test_a_killed_evaluation_says_what_it_kept_and_the_same_command_finishes_it(
     assert f"({kept} of the 24 images asked for are there, {24 - kept} to draw)" in again.stdout
     report = json.loads((out / "report.json").read_text())
     assert report["quality"] == json.loads((tmp_path / "plain" / "report.json").read_text())["quality"]
+
+
+def test_slurms_time_limit_signal_requeues_an_evaluation_that_resumes_from_its_shards(ckpt, tmp_path):
+    """Under SLURM the shards go to the job's folder (named by the job id, the same after a requeue); SIGUSR2 stops
+    the evaluation, `scontrol requeue <job>` (a fake that records its call), exit 140; the requeued job resumes."""
+    calls, bin_dir = tmp_path / "scontrol_calls", tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    env = {**os.environ, "SLURM_JOB_ID": "6161", "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "evaluate",
+           "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("SUBMITIT_PREEMPT_SIGNAL", None)
+    shards = tmp_path / "outputs" / "evaluate" / "slurm-6161" / "shards"
+    cmd = [sys.executable, str(ROOT / "evaluate.py"), f"ckpt={ckpt}", *EVAL, "batch_size=1"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not shard_files(shards) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGUSR2)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGUSR2, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("error: stopped by SIGUSR2; the report") and last.endswith(
+        f"requeued SLURM job 6161 (scontrol requeue), it resumes from the feature shards in {shards}"), last
+    assert calls.read_text().split() == ["requeue", "6161"]
+    kept = len(shard_files(shards))
+    requeued = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert requeued.returncode == 0, requeued.stderr[-3000:]
+    assert f"({kept} of the 24 images asked for are there, {24 - kept} to draw)" in requeued.stdout
+    assert (shards.parent / "report.json").is_file()
 
 
 def test_the_parts_of_an_array_over_seed_ranges_merge_into_the_one_shot_score(ckpt, one_shot, tmp_path):
